@@ -149,3 +149,23 @@ def test_bad_construction_is_refused():
     with pytest.raises(DDKitError, match="one label per image"):
         DistilledSet(images=torch.rand(3, 1, 4, 4), labels=torch.tensor([0, 1]), class_names=["a", "b"],
                      dataset="digits", mean=(0.5,), std=(0.5,))
+
+
+def test_extra_tensors_round_trip_and_count_as_soft_label_bytes(tmp_path, tiny_set):
+    tiny_set.extras = {"relabel.logits": torch.randn(4, 6, 3).half(),
+                       "relabel.crop": torch.zeros(4, 6, 4, dtype=torch.int16)}
+    assert tiny_set.has_soft_labels
+    loaded = load(tiny_set.save(tmp_path / "set"))
+    assert set(loaded.extras) == {"relabel.logits", "relabel.crop"}
+    assert torch.equal(loaded.extras["relabel.logits"], tiny_set.extras["relabel.logits"])
+    assert loaded.extras["relabel.crop"].dtype == torch.int16
+    assert json.loads((tmp_path / "set" / "manifest.json").read_text())["has_soft_labels"] is True
+    sizes = loaded.stored_bytes()
+    assert sizes["soft_labels"] == 4 * 6 * 3 * 2 + 4 * 6 * 4 * 2
+    assert sizes["images"] == 6 * 1 * 8 * 8 * 4 and sizes["other"] == 0
+
+
+def test_reserved_extra_names_are_refused(tiny_set):
+    with pytest.raises(DDKitError, match="reserved"):
+        DistilledSet(tiny_set.images, tiny_set.labels, tiny_set.class_names, "digits", (0.5,), (0.25,),
+                     extras={"images": torch.zeros(1)})

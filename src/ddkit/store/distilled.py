@@ -40,6 +40,8 @@ FORMAT_VERSION = 1
 DATA_FILE = "data.safetensors"
 MANIFEST_FILE = "manifest.json"
 GRID_FILE = "grid.png"
+#: tensor names of data.safetensors with a fixed meaning; everything else is an extra
+RESERVED_TENSORS = ("images", "labels", "soft_labels")
 
 
 def runtime_versions() -> dict:
@@ -67,7 +69,9 @@ class DistilledSet:
         method: the method that made it ("random", "dm", ...).
         decode: how stored images become training images: ``{"kind": "identity"}`` or
             ``{"kind": "partition", "factor": 2}`` (IDM).
-        soft_labels: optional float [N, K] teacher logits.
+        soft_labels: optional float [N, K] teacher logits (one fixed label per stored image).
+        extras: further named tensors stored beside the images, e.g. the per-(epoch, sample)
+            soft-label replay records of the statistics-matching family (keys ``relabel.*``).
         meta: everything else of the manifest: config, seeds, timings, evaluations, ...
         path: directory it was loaded from or saved to, if any.
     """
@@ -81,6 +85,7 @@ class DistilledSet:
     method: str = "unknown"
     decode: dict = field(default_factory=lambda: {"kind": "identity"})
     soft_labels: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -92,6 +97,9 @@ class DistilledSet:
                 f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}; give one label per image"
             )
         self.labels = self.labels.to(torch.int64)
+        clash = set(self.extras) & set(RESERVED_TENSORS)
+        if clash:
+            raise DDKitError(f"extra tensor names {sorted(clash)} are reserved; rename them")
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
 
@@ -141,6 +149,23 @@ class DistilledSet:
             return torch.utils.data.TensorDataset(images, labels, self.soft_labels.float())
         return torch.utils.data.TensorDataset(images, labels)
 
+    @property
+    def has_soft_labels(self) -> bool:
+        """True when the set carries soft labels: fixed ``soft_labels`` or relabel records."""
+        return self.soft_labels is not None or any(k.startswith("relabel.") for k in self.extras)
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors as stored: ``{"images": .., "labels": .., "soft_labels": ..}``.
+
+        ``soft_labels`` counts the fixed soft labels and every ``relabel.*`` record (crop, flip and
+        mix parameters and logits); other extras count under ``other``.
+        """
+        size = lambda t: int(t.numel() * t.element_size())  # noqa: E731
+        soft = (size(self.soft_labels) if self.soft_labels is not None else 0) + sum(
+            size(t) for k, t in self.extras.items() if k.startswith("relabel."))
+        other = sum(size(t) for k, t in self.extras.items() if not k.startswith("relabel."))
+        return {"images": size(self.images), "labels": size(self.labels), "soft_labels": soft, "other": other}
+
     # ---- persistence -------------------------------------------------------------------------
     def manifest(self, sha256: str | None = None) -> dict:
         """The manifest dictionary as written to ``manifest.json``."""
@@ -157,7 +182,7 @@ class DistilledSet:
             "ipc": self.ipc,
             "decode": self.decode,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
-            "has_soft_labels": self.soft_labels is not None,
+            "has_soft_labels": self.has_soft_labels,
             "sha256": {DATA_FILE: sha256},
         }
         manifest.setdefault("created", meta.pop("created", _dt.datetime.now(_dt.timezone.utc).isoformat()))
@@ -188,6 +213,8 @@ class DistilledSet:
             tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.cpu().contiguous()}
             if self.soft_labels is not None:
                 tensors["soft_labels"] = self.soft_labels.detach().cpu().contiguous()
+            for name, tensor in self.extras.items():
+                tensors[name] = tensor.detach().cpu().contiguous()
             save_file(tensors, str(staging / DATA_FILE), metadata={"format": FORMAT_NAME})
             digest = sha256_of(staging / DATA_FILE)
             write_json_atomic(staging / MANIFEST_FILE, self.manifest(sha256=digest))
@@ -283,6 +310,7 @@ def load(directory: str | Path) -> DistilledSet:
             method=manifest.get("method", "unknown"),
             decode=manifest.get("decode") or {"kind": "identity"},
             soft_labels=tensors.get("soft_labels"),
+            extras={k: v for k, v in tensors.items() if k not in RESERVED_TENSORS},
             meta=meta,
             path=directory,
         )
