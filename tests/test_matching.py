@@ -171,9 +171,9 @@ def test_pretrained_pool_is_cached_and_reused(digits, isolated_data, monkeypatch
     first = PretrainedPool(config, digits, CPU)
     files = list(isolated_data.glob("pretrained/digits/*/model.safetensors"))
     assert len(files) == 1 and (files[0].parent / "manifest.json").is_file()
-    import ddkit.methods.sources as sources
+    import ddkit.methods.squeeze as squeeze_module
 
-    monkeypatch.setattr(sources, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached net"))
+    monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached net"))
     second = PretrainedPool(config, digits, CPU)
     for a, b in zip(first.nets[0].state_dict().values(), second.nets[0].state_dict().values()):
         assert torch.equal(a, b)

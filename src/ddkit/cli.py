@@ -130,9 +130,61 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_squeeze(args) -> int:
+    from ddkit.data import load_dataset
+    from ddkit.methods.squeeze import squeeze
+    from ddkit.models import available
+    from ddkit.utils import _split_pair, resolve_device
+
+    if args.arch not in available():
+        raise DDKitError(f"unknown architecture {args.arch!r}; choose one of: {', '.join(available())}")
+    real = load_dataset(args.dataset, image_size=args.image_size)
+    model = {"arch": args.arch}
+    for text in args.model_options:
+        key, value = _split_pair(text)
+        model[key.replace("-", "_")] = value
+    teacher = squeeze(real, model, preset=args.preset, overrides=args.set_options, seed=args.seed,
+                      device=resolve_device(args.device), show_progress=not args.quiet)
+    print(f"teacher {teacher.name} for {args.dataset}: test accuracy {teacher.test_accuracy:.2f} % -> {teacher.path}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    args.func_relabel = False
+    return cmd_distill(args)
+
+
+def cmd_relabel(args) -> int:
+    import ddkit
+    from ddkit.data import load_dataset
+    from ddkit.methods import stats_family
+    from ddkit.methods.squeeze import load_teacher
+    from ddkit.utils import resolve_device
+
+    distilled = ddkit.load(args.set)
+    device = resolve_device(args.device)
+    real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
+    config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options)
+    if args.teacher_paths:
+        teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
+    else:
+        teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
+    result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
+    result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
+    out = result.save(args.out or args.set)
+    sizes = result.stored_bytes()
+    print(f"relabelled {distilled.images.shape[0]} images with {len(teachers)} teacher(s) for "
+          f"{config['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) -> {out}")
+    return 0
+
+
 def _method_flags(args) -> dict:
-    """Flags that only the matching family knows (``--terms``, ``--weight``)."""
+    """Flags that only one family knows (``--terms``, ``--weight``; ``--teacher``, recover only)."""
     extra = {}
+    if getattr(args, "teacher_paths", None):
+        extra["teacher_paths"] = args.teacher_paths
+    if getattr(args, "func_relabel", True) is False:
+        extra["relabel"] = False
     for name in ("terms", "weights"):
         value = getattr(args, name, None)
         if value:
@@ -170,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distill a dataset with a method",
                        description="Distill a real dataset into IPC synthetic images per class.")
-    p.add_argument("method", help="method name: dm, idm, iid, idm-iid, ddm, random")
+    p.add_argument("method", help="method name: dm, idm, iid, idm-iid, ddm (matching); sre2l, cda, gvbsm "
+                                  "(statistics: squeeze -> recover -> relabel); random")
     p.add_argument("--dataset", required=True, help="real dataset name (see `ddkit data list`)")
     p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
     p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
@@ -184,17 +237,69 @@ def build_parser() -> argparse.ArgumentParser:
                         "at their default weights, e.g. --terms cc,cm")
     p.add_argument("--weight", dest="weights", action="append", default=[], metavar="TERM=W",
                    help="matching family: set a term's weight, e.g. --weight style=1e4 (0 turns it off; repeatable)")
+    p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
+                   help="statistics family: use this squeezed teacher folder instead of the preset's pool (repeatable)")
     _add_common(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("squeeze", help="train (or load the cached) teacher for a dataset",
+                       description="Train a teacher on the real data and cache it under $DDKIT_DATA/teachers, "
+                                   "keyed by dataset, architecture and recipe; prints its folder and test accuracy.")
+    p.add_argument("--dataset", required=True, help="real dataset name")
+    p.add_argument("--arch", required=True, help="model name, e.g. resnet18_bn, convnet, mobilenetv2, wrn16_2, shufflenetv2")
+    p.add_argument("--model", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. --model width=32 --model norm=batch (repeatable)")
+    p.add_argument("--preset", default="quick", help="teacher recipe: smoke | quick | paper (default quick)")
+    p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe option: epochs, lr, momentum, weight_decay, batch_size, train_subset, ...")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    _add_common(p)
+    p.set_defaults(func=cmd_squeeze)
+
+    p = sub.add_parser("recover", help="statistics family: recover images from the teachers (no relabel)",
+                       description="Run squeeze (cached) and recover of sre2l, cda or gvbsm and save the images with "
+                                   "hard labels only; add soft labels later with `ddkit relabel`.")
+    p.add_argument("method", help="sre2l | cda | gvbsm")
+    p.add_argument("--dataset", required=True, help="real dataset name")
+    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
+    p.add_argument("--out", required=True, help="output directory of the set")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an option: recover ones bare (lr=0.1) or qualified (relabel.epochs=50)")
+    p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
+                   help="use this squeezed teacher folder instead of the preset's pool (repeatable)")
+    _add_common(p)
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("relabel", help="add soft-label records to a set (any set, e.g. the random baseline)",
+                       description="Store per-(epoch, sample) crop, flip and mix parameters and the teacher pool's "
+                                   "fp16 logits in a set, as a statistics-family method would, for "
+                                   "`ddkit eval --protocol soft`.")
+    p.add_argument("set", help="distilled-set directory")
+    p.add_argument("--like", default="sre2l", help="take teachers and relabel options from this method: sre2l | cda | gvbsm")
+    p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
+    p.add_argument("--out", default=None, help="write the relabelled set here (default: in place)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crop, flip and mix draws (default 0)")
+    p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a relabel option, e.g. --set relabel.epochs=50 --set relabel.topk=5")
+    p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
+                   help="use this squeezed teacher folder instead of the method's pool (repeatable)")
+    _add_common(p)
+    p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("eval", help="evaluate a distilled set",
                        description="Train fresh networks on a distilled set and report final-epoch test accuracy "
                                    "(mean +- std over runs); results are stored in the set's manifest.")
     p.add_argument("set", help="distilled-set directory")
-    p.add_argument("--protocol", default="hard", help="hard (hard labels, SPEC 1.3)")
+    p.add_argument("--protocol", default="hard",
+                   help="hard (hard labels, SPEC 1.3) | soft (replays the set's relabel records: KL or MSE+CE)")
     p.add_argument("--preset", default="quick", help="paper (1000 epochs) | quick (300) | smoke (seconds)")
     p.add_argument("--runs", type=int, default=3, help="networks per architecture (default 3)")
-    p.add_argument("--arch", default="convnet", help="comma-separated architectures, e.g. convnet,alexnet,vgg11,resnet18")
+    p.add_argument("--arch", default="convnet",
+                   help="comma-separated (student) architectures, e.g. convnet,alexnet,vgg11,resnet18")
     p.add_argument("--seed", type=int, default=0, help="seed of the first run; run r uses seed+r")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol option, e.g. --set epochs=500 --set lr=0.02 (repeatable)")

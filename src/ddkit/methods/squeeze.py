@@ -1,0 +1,211 @@
+"""Squeeze: train a teacher on the real data once and cache it by (dataset, architecture, recipe).
+
+The statistics-matching family (SRe2L, CDA, G-VBSM) recovers images from a frozen teacher's
+BatchNorm / Conv2d statistics and relabels them with its logits; IID's class centralization uses
+the same kind of pretrained network. Every trained network lives in
+``$DDKIT_DATA/<kind>/<dataset>/<name>/`` as ``model.safetensors`` (weights only, so loading never
+executes code) plus ``manifest.json`` (dataset, shape, classes, architecture, recipe, test
+accuracy). The folder name holds a hash of everything that determines the weights, so a changed
+recipe trains and caches a new network and an unchanged one is loaded in well under a second.
+
+The training recipe is the generic classifier schedule of :func:`ddkit.models.training.train_classifier`
+(SGD with momentum, lr x ``decay_factor`` at ``decay_at`` of the epochs), optionally on a random
+subset of the training split; the papers train their teachers the standard way, and no teacher
+recipe for MNIST-sized sets is published, so the paper tier uses a conventional one (see
+:data:`SQUEEZE_PRESETS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ddkit.data import data_root
+from ddkit.errors import DDKitError
+from ddkit.models import create, default_depth
+from ddkit.models.training import test_accuracy, train_classifier
+from ddkit.utils import apply_overrides, make_generator, normalize, seeded_global_rng, write_json_atomic
+
+#: Teacher training recipes per tier (every key overridable).
+SQUEEZE_PRESETS: dict[str, dict] = {
+    "paper": {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
+              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 0},
+    "quick": {"epochs": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
+              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 20000},
+    "smoke": {"epochs": 6, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64,
+              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 1500},
+}
+#: Recipe keys that change the trained weights (and so the cache key).
+RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "decay_at", "decay_factor", "train_subset")
+
+
+def build_net(model_config: dict, real, seed: int, device) -> torch.nn.Module:
+    """A network for ``real`` from ``{"arch": ..., **options}``, initialised from ``seed``.
+
+    ``depth: None`` of a ConvNet means the SPEC 1.1 default for the image size; other None
+    options are dropped (the factory's default applies).
+    """
+    options = dict(model_config)
+    arch = options.pop("arch", "convnet")
+    channels, size, _ = real.image_shape
+    if arch == "convnet" and options.get("depth") is None:
+        options["depth"] = default_depth(size)
+    options = {k: v for k, v in options.items() if v is not None}
+    with seeded_global_rng(seed):
+        net = create(arch, in_channels=channels, num_classes=real.num_classes, image_size=size, **options)
+    return net.to(device)
+
+
+def frozen(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with every parameter's ``requires_grad`` off (its gradients are never needed)."""
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    return net
+
+
+@dataclass
+class Teacher:
+    """A trained, frozen network in eval mode (BatchNorm uses its running statistics).
+
+    Attributes:
+        model: maps normalised images ``[B, C, H, W]`` to logits ``[B, K]``.
+        model_config: ``{"arch": ..., **options}`` it was built from.
+        recipe: the training recipe (:data:`RECIPE_KEYS`) plus dataset facts and seed.
+        test_accuracy: top-1 on the real test split, percent.
+        path: its cache folder.
+    """
+
+    model: torch.nn.Module
+    model_config: dict
+    recipe: dict
+    test_accuracy: float
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """``arch`` plus its non-default options, e.g. ``convnet(norm=batch,width=32)``."""
+        options = {k: v for k, v in self.model_config.items() if k != "arch" and v is not None}
+        inner = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+        return f"{self.model_config.get('arch', 'convnet')}({inner})" if inner else self.model_config.get("arch", "convnet")
+
+    def info(self) -> dict:
+        """JSON-able identity recorded in manifests of sets made with this teacher."""
+        return {"name": self.name, "model": self.model_config, "test_accuracy": round(self.test_accuracy, 3),
+                "key": self.path.name}
+
+
+def recipe_for(real, model_config: dict, schedule: dict, seed: int) -> dict:
+    """Everything that determines a trained network's weights (hashed into its cache key)."""
+    return {"dataset": real.name, "image_shape": list(real.image_shape), "num_classes": real.num_classes,
+            "model": dict(model_config), "seed": int(seed), **{k: schedule[k] for k in RECIPE_KEYS if k in schedule}}
+
+
+def cache_folder(kind: str, real, recipe: dict) -> Path:
+    """``$DDKIT_DATA/<kind>/<dataset>/<arch>-<hash of recipe>``."""
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return data_root() / kind / real.name / f"{recipe['model'].get('arch', 'convnet')}-{key}"
+
+
+def _check_teacher_manifest(manifest: dict, real, where: Path) -> None:
+    if manifest.get("dataset") != real.name or int(manifest.get("num_classes", -1)) != real.num_classes or list(
+            manifest.get("image_shape", [])) != list(real.image_shape):
+        raise DDKitError(
+            f"the teacher in {where} was trained for {manifest.get('dataset')!r} "
+            f"({manifest.get('num_classes')} classes, shape {manifest.get('image_shape')}) but this run uses "
+            f"{real.name!r} ({real.num_classes} classes, shape {list(real.image_shape)}); "
+            f"squeeze a teacher for {real.name} (ddkit squeeze --dataset {real.name})"
+        )
+
+
+def load_teacher(path: str | Path, real, device="cpu") -> Teacher:
+    """Load a cached or user-given teacher folder and check that it fits ``real``.
+
+    Raises:
+        DDKitError: not a teacher folder, damaged weights, or trained for another dataset,
+            class count or image shape.
+    """
+    path = Path(path)
+    manifest_path, weights = path / "manifest.json", path / "model.safetensors"
+    if not manifest_path.is_file() or not weights.is_file():
+        raise DDKitError(f"{path} is not a teacher folder (needs manifest.json and model.safetensors); "
+                         "make one with ddkit squeeze")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise DDKitError(f"{manifest_path} is not valid JSON; delete {path} and squeeze again") from None
+    _check_teacher_manifest(manifest, real, path)
+    net = build_net(manifest["model"], real, seed=0, device="cpu")
+    try:
+        net.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DDKitError(f"{weights} does not fit {manifest['model']} ({str(exc).splitlines()[0]}); "
+                         f"delete {path} and squeeze again") from None
+    return Teacher(frozen(net.to(device)).eval(), dict(manifest["model"]), manifest.get("recipe", {}),
+                   float(manifest.get("test_accuracy", float("nan"))), path)
+
+
+def train_cached(real, model_config: dict, schedule: dict, seed: int, device, kind: str = "teachers",
+                 show_progress: bool = False, desc: str = "squeeze") -> Teacher:
+    """Train ``model_config`` on ``real``'s training split with ``schedule`` (or load it from cache).
+
+    Args:
+        real: a :class:`ddkit.data.RealDataset`.
+        model_config: ``{"arch": ..., **options}``.
+        schedule: the :data:`RECIPE_KEYS` (epochs, lr, ...; ``train_subset`` 0 = all images).
+        seed: initialisation, subset and batch-order seed.
+        kind: cache sub-folder ("teachers", or "pretrained" for IID's feature extractors).
+
+    Returns:
+        A frozen :class:`Teacher` in eval mode on ``device``.
+    """
+    recipe = recipe_for(real, model_config, schedule, seed)
+    folder = cache_folder(kind, real, recipe)
+    if (folder / "model.safetensors").is_file() and (folder / "manifest.json").is_file():
+        try:
+            return load_teacher(folder, real, device)
+        except DDKitError:
+            pass  # damaged or stale cache entry: train again and overwrite it
+    started = time.perf_counter()
+    net = build_net(model_config, real, seed=seed, device=device)
+    generator = make_generator(seed)
+    images, labels = real.train.images, real.train.labels
+    subset = int(schedule.get("train_subset", 0) or 0)
+    if 0 < subset < labels.numel():
+        pick = torch.randperm(labels.numel(), generator=generator)[:subset]
+        images, labels = images[pick], labels[pick]
+    inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
+    config = {"reset_momentum": True, **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset"}}
+    train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
+                     desc=desc)
+    test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
+    accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    write_json_atomic(folder / "manifest.json", {
+        "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
+        "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),
+        "train_seconds": round(time.perf_counter() - started, 2)})
+    return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
+
+
+def squeeze_config(preset: str, overrides=None) -> dict:
+    """The teacher recipe of ``preset`` with ``overrides`` (dict or ``key=value`` strings)."""
+    if preset not in SQUEEZE_PRESETS:
+        raise DDKitError(f"unknown squeeze preset {preset!r}; choose one of: {', '.join(SQUEEZE_PRESETS)}")
+    return apply_overrides(SQUEEZE_PRESETS[preset], overrides, what="squeeze option")
+
+
+def squeeze(real, model_config: dict, preset: str = "quick", overrides=None, seed: int = 0, device="cpu",
+            show_progress: bool = True) -> Teacher:
+    """Train (or load the cached) teacher ``model_config`` for ``real`` with the ``preset`` recipe."""
+    schedule = squeeze_config(preset, overrides)
+    return train_cached(real, model_config, schedule, seed, device, kind="teachers", show_progress=show_progress,
+                        desc=f"squeeze {model_config.get('arch', 'convnet')}")

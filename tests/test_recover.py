@@ -1,0 +1,177 @@
+"""Squeeze, recover and the statistics-matching presets (SRe2L, CDA, G-VBSM) on real digits."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ddkit
+from ddkit.cli import main
+from ddkit.errors import DDKitError
+from ddkit.losses.statistics import bn_statistics
+from ddkit.methods import stats_family
+from ddkit.methods.recover import RecoverEngine, capture_inputs, item_order, patch_cells_for, real_conv_targets
+from ddkit.methods.squeeze import load_teacher, squeeze
+from ddkit.utils import normalize
+
+CPU = torch.device("cpu")
+TEACHER = {"arch": "convnet", "width": 8, "norm": "batch", "depth": None}
+
+
+@pytest.fixture(scope="module")
+def teacher(digits, tmp_path_factory):
+    import os
+
+    old = os.environ.get("DDKIT_DATA")
+    os.environ["DDKIT_DATA"] = str(tmp_path_factory.mktemp("teachers"))
+    try:
+        yield squeeze(digits, TEACHER, preset="smoke", show_progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("DDKIT_DATA")
+        else:
+            os.environ["DDKIT_DATA"] = old
+
+
+def config(method="sre2l", **recover):
+    cfg = stats_family.resolve_preset(method, "digits", "smoke")
+    cfg["recover"].update(recover)
+    return cfg
+
+
+def test_squeeze_trains_caches_and_reloads(teacher, digits, monkeypatch):
+    assert teacher.test_accuracy > 80  # a real teacher, not chance (10 %)
+    manifest = json.loads((teacher.path / "manifest.json").read_text())
+    assert manifest["dataset"] == "digits" and manifest["num_classes"] == 10 and manifest["model"] == TEACHER
+    import ddkit.methods.squeeze as squeeze_module
+
+    monkeypatch.setenv("DDKIT_DATA", str(teacher.path.parents[2]))
+    monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached teacher"))
+    again = squeeze(digits, TEACHER, preset="smoke", show_progress=False)
+    assert again.path == teacher.path
+    for a, b in zip(teacher.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_teacher_for_another_dataset_is_refused(teacher, digits, tmp_path):
+    import shutil
+
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.update(dataset="mnist", num_classes=10, image_shape=[1, 28, 28])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDKitError, match="trained for 'mnist'.*squeeze a teacher for digits"):
+        load_teacher(copy, digits)
+    manifest.update(dataset="digits", num_classes=3, image_shape=[1, 8, 8])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDKitError, match="3 classes"):
+        load_teacher(copy, digits)
+    with pytest.raises(DDKitError, match="not a teacher folder"):
+        load_teacher(tmp_path, digits)
+
+
+def test_capture_inputs_sees_every_bn_input_and_leaves_no_hooks(teacher, digits):
+    x = normalize(digits.train.images[:16].float() / 255, digits.mean, digits.std)
+    with capture_inputs(teacher.model, (nn.BatchNorm2d,)) as taps:
+        teacher.model(x)
+    bns = [m for m in teacher.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [m for m, _ in taps] == bns and taps[0][1].shape[1] == 8
+    assert all(not m._forward_pre_hooks for m in teacher.model.modules())
+
+
+def test_item_order_spread_and_class_major():
+    spread = item_order(3, 2, "spread")
+    assert spread.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
+    major = item_order(3, 2, "class-major")
+    assert major.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]]
+    with pytest.raises(DDKitError, match="batch_mode"):
+        item_order(3, 2, "random")
+
+
+def test_patch_cells_fit_and_strict():
+    assert patch_cells_for(torch.Size([2, 3, 8, 8]), 4, "fit") == 4
+    assert patch_cells_for(torch.Size([2, 3, 6, 6]), 4, "fit") is None
+    with pytest.raises(DDKitError, match="patch_cells=4 does not fit a 6x6"):
+        patch_cells_for(torch.Size([2, 3, 6, 6]), 4, "strict")
+
+
+def test_conv_targets_are_exact_pooled_statistics_and_cached(teacher, digits, monkeypatch):
+    cfg = config("gvbsm", crop=False, flip=False, conv_target_images=0, patch_cells=2)["recover"]
+    targets = real_conv_targets(teacher, digits, cfg, CPU)
+    x = normalize(digits.train.images.float() / 255, digits.mean, digits.std)
+    with torch.no_grad(), capture_inputs(teacher.model, (nn.Conv2d,)) as taps:
+        teacher.model(x)
+    assert len(targets) == len(taps)
+    for target, (_, inputs) in zip(targets, taps):
+        mean, var = bn_statistics(inputs.double())
+        assert torch.allclose(target.mean.double(), mean, atol=1e-5)
+        assert torch.allclose(target.var.double(), var, atol=1e-4)
+        assert (target.patch_mean is None) == (inputs.shape[-1] % 2 != 0)
+    import ddkit.methods.recover as recover_module
+
+    monkeypatch.setattr(recover_module, "capture_inputs", lambda *a: pytest.fail("recomputed cached targets"))
+    cached = real_conv_targets(teacher, digits, cfg, CPU)
+    assert all(torch.equal(a.var, b.var) for a, b in zip(cached, targets))
+
+
+def test_recover_lowers_both_losses_and_the_teacher_recognises_the_images(teacher, digits):
+    cfg = config(iterations=60, lr=0.1, r_bn=0.1, crop=False, jitter=1)
+    images, labels, record = RecoverEngine(digits, 2, cfg["recover"], [teacher], 0, CPU, False).run()
+    assert images.shape == (20, 1, 8, 8) and labels.tolist() == torch.arange(10).repeat_interleave(2).tolist()
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+    log = record["loss_log"]
+    assert log[-1]["ce"] < 0.5 * log[0]["ce"] and log[-1]["bn"] < log[0]["bn"]
+    with torch.no_grad():
+        predicted = teacher.model(normalize(images, digits.mean, digits.std)).argmax(1)
+    assert float((predicted == labels).float().mean()) >= 0.8
+
+
+def test_recover_is_seeded(teacher, digits):
+    cfg = config("cda", iterations=5)["recover"]
+    a = RecoverEngine(digits, 1, cfg, [teacher], 3, CPU, False).run()[0]
+    b = RecoverEngine(digits, 1, cfg, [teacher], 3, CPU, False).run()[0]
+    assert torch.equal(a, b)
+
+
+def test_cda_curriculum_reaches_the_floor(teacher, digits):
+    cfg = config("cda", iterations=10, log_every=1)["recover"]
+    log = RecoverEngine(digits, 1, cfg, [teacher], 0, CPU, False).run()[2]["loss_log"]
+    assert log[0]["crop_min"] == pytest.approx(1.0) and log[-1]["crop_min"] < 0.2
+    assert all(a["crop_min"] >= b["crop_min"] for a, b in zip(log, log[1:]))
+
+
+def test_gvbsm_uses_every_term_round_robin(teacher, digits):
+    cfg = config("gvbsm", iterations=4, log_every=1, conv_drop=0.0)["recover"]
+    log = RecoverEngine(digits, 2, cfg, [teacher, teacher], 0, CPU, False).run()[2]["loss_log"]
+    assert all(row["conv"] > 0 and row["bn"] > 0 and row["dense"] > 0 for row in log)
+
+
+def test_bad_recover_options(teacher, digits):
+    with pytest.raises(DDKitError, match="curriculum"):
+        RecoverEngine(digits, 1, config(curriculum="exp")["recover"], [teacher], 0, CPU, False)
+    with pytest.raises(DDKitError, match="larger than the 8px"):
+        RecoverEngine(digits, 1, config("gvbsm", patch_cells=9)["recover"], [teacher], 0, CPU, False)
+    no_bn = squeeze(digits, {"arch": "convnet", "width": 8, "norm": "instance", "depth": None}, preset="smoke",
+                    overrides={"epochs": 1}, show_progress=False)
+    with pytest.raises(DDKitError, match="no teacher has a BatchNorm2d"):
+        RecoverEngine(digits, 1, config()["recover"], [no_bn], 0, CPU, False)
+
+
+def test_preset_overrides_bare_and_qualified():
+    cfg = stats_family.resolve_preset("gvbsm", "digits", "quick", ["lr=0.2", "relabel.epochs=7"])
+    assert cfg["recover"]["lr"] == 0.2 and cfg["relabel"]["epochs"] == 7
+    assert cfg["recover"]["ema_alpha"] == 0.8 and cfg["relabel"]["eval_loss"] == "mse_ce"
+    assert len(cfg["teachers"]) == 4
+    with pytest.raises(DDKitError, match="unknown gvbsm option"):
+        stats_family.resolve_preset("gvbsm", "digits", "quick", ["nope=1"])
+    assert stats_family.resolve_preset("sre2l", "cifar100", "paper")["recover"]["crop"] is False
+
+
+def test_cli_cell_size_that_does_not_fit_exits_2(isolated_data, capsys):
+    code = main(["recover", "gvbsm", "--dataset", "digits", "--ipc", "1", "--preset", "smoke", "--out",
+                 str(isolated_data / "x"), "--set", "patch_cells=3", "--set", "patch_policy=strict", "-q"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddkit: error: patch_cells=3 does not fit") and "Traceback" not in err
