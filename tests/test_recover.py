@@ -175,3 +175,23 @@ def test_cli_cell_size_that_does_not_fit_exits_2(isolated_data, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("ddkit: error: patch_cells=3 does not fit") and "Traceback" not in err
+
+
+def test_cli_sre2l_end_to_end_then_soft_eval_and_a_set_without_soft_labels(isolated_data, capsys):
+    out = isolated_data / "sre2l"
+    assert main(["distill", "sre2l", "--dataset", "digits", "--ipc", "2", "--preset", "smoke", "--out", str(out),
+                 "-q", "--set", "relabel.epochs=3"]) == 0
+    distilled = ddkit.load(out)
+    assert distilled.has_soft_labels and distilled.extras["relabel.logits"].shape == (3, 20, 10)
+    assert distilled.meta["teachers"][0]["test_accuracy"] > 50
+    assert main(["eval", str(out), "--protocol", "soft", "--preset", "smoke", "--runs", "1", "-q",
+                 "--set", "epochs=3"]) == 0
+    assert ddkit.load(out).meta["evaluations"][-1]["protocol"] == "soft"
+    random_set = isolated_data / "random"
+    assert main(["baseline", "random", "--dataset", "digits", "--ipc", "2", "--out", str(random_set)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(random_set), "--protocol", "soft", "--preset", "smoke", "--runs", "1", "-q"]) == 2
+    assert "no relabel records" in capsys.readouterr().err
+    assert main(["relabel", str(random_set), "--like", "sre2l", "--preset", "smoke", "-q",
+                 "--set", "relabel.epochs=2"]) == 0
+    assert ddkit.load(random_set).extras["relabel.logits"].shape == (2, 20, 10)

@@ -68,7 +68,8 @@ def apply_overrides(config: dict, overrides: dict | Iterable[str] | None, what: 
     Args:
         config: the preset's resolved options.
         overrides: a dict, or strings ``key=value`` (value parsed as YAML); dotted keys reach into
-            nested dicts (``model.width=64``).
+            nested dicts (``model.width=64``); inside a ``model`` dict new keys are allowed (they are
+            the architecture's factory options, checked when the model is built).
 
     Raises:
         DDKitError: for an unknown key (listing the known ones) or a string without '='.
@@ -84,7 +85,8 @@ def apply_overrides(config: dict, overrides: dict | Iterable[str] | None, what: 
             if not isinstance(target.get(part), dict):
                 raise DDKitError(f"unknown {what} {key!r}; known: {', '.join(sorted(result))}")
             target = target[part]
-        if parts[-1] not in target:
+        # a "model" dict holds free-form factory options (model.norm=batch adds one)
+        if parts[-1] not in target and not (len(parts) > 1 and parts[-2] == "model"):
             raise DDKitError(f"unknown {what} {key!r}; known: {', '.join(sorted(target))}")
         target[parts[-1]] = value
     return result

@@ -19,6 +19,7 @@ from .crops import (
     sample_flips,
     sample_jitter,
 )
+from .replay import MIX_MODES, ReplayPlan, replay_inputs, sample_replay_plan
 from .dsa import (
     DEFAULT_STRATEGY,
     DIGITS_STRATEGY,
@@ -47,4 +48,8 @@ __all__ = [
     "sample_crops",
     "sample_flips",
     "sample_jitter",
+    "MIX_MODES",
+    "ReplayPlan",
+    "replay_inputs",
+    "sample_replay_plan",
 ]

@@ -7,6 +7,9 @@ momentum), and the FINAL-epoch test accuracy. Nothing is ever selected on the te
 
 Runs differ only in their seed (network initialisation, batch order, augmentation draws). The
 reported spread is the population standard deviation over runs, as the reference scripts print.
+
+The soft-label protocol (SPEC 3.1, 3.3; ``protocol="soft"``) lives in :mod:`ddkit.evaluate.soft`;
+:func:`evaluate` dispatches to it and stores its results the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from ddkit.errors import DDKitError
+from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, train_soft
 from ddkit.models.training import test_accuracy, train_classifier
 from ddkit.utils import apply_overrides, make_generator, normalize, resolve_device, seeded_global_rng
 
@@ -40,17 +44,21 @@ HARD_PRESETS: dict[str, dict] = {
         "dsa_strategy": "auto", "model": {"width": 32}, "eval_batch_size": 1000,
     },
 }
-PROTOCOLS = ("hard",)
+PROTOCOLS = ("hard", "soft")
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18", "resnet18_bn", "mlp")
 
 
 def resolve_config(protocol: str, preset: str, overrides=None) -> dict:
-    """The protocol's preset with overrides applied. Unknown protocol/preset/key -> DDKitError."""
+    """The protocol's preset with overrides applied. Unknown protocol/preset/key -> DDKitError.
+
+    ``protocol`` "hard" reads :data:`HARD_PRESETS`, "soft" :data:`ddkit.evaluate.soft.SOFT_PRESETS`.
+    """
     if protocol not in PROTOCOLS:
         raise DDKitError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
-    if preset not in HARD_PRESETS:
-        raise DDKitError(f"unknown evaluation preset {preset!r}; choose one of: {', '.join(HARD_PRESETS)}")
-    return apply_overrides(HARD_PRESETS[preset], overrides, what="evaluation option")
+    presets = SOFT_PRESETS if protocol == "soft" else HARD_PRESETS
+    if preset not in presets:
+        raise DDKitError(f"unknown evaluation preset {preset!r}; choose one of: {', '.join(presets)}")
+    return apply_overrides(presets[preset], overrides, what="evaluation option")
 
 
 def default_model_options(arch: str, image_size: int) -> dict:
@@ -136,12 +144,15 @@ def evaluate(
     real=None,
     record: bool = True,
     reuse: bool = False,
+    teachers=None,
+    teacher_info=None,
 ) -> dict[str, EvalResult]:
     """Evaluate a distilled set: train ``runs`` fresh networks per architecture, test on real data.
 
     Args:
         distilled: a :class:`ddkit.DistilledSet` (or a path to one).
-        protocol: "hard" (SPEC 1.3).
+        protocol: "hard" (SPEC 1.3) or "soft" (relabel records, SPEC 3.1/3.3; see
+            :mod:`ddkit.evaluate.soft`).
         preset: "paper" (1000 epochs), "quick" (300), "smoke" (seconds).
         runs: networks per architecture; run r uses seed ``seed + r``.
         archs: model names (``ddkit.models.available()``), e.g. ("convnet", "resnet18").
@@ -150,6 +161,10 @@ def evaluate(
         record: append the results to the set's manifest (rewritten on disk when it was saved).
         reuse: return an evaluation already stored in the manifest with the same protocol, preset,
             architecture, resolved config and seeds instead of training again.
+        teachers: protocol "soft" only: modules (normalised images -> logits) giving the soft
+            targets online on the same replayed inputs, instead of the stored records (put in
+            eval mode and moved to ``device``).
+        teacher_info: JSON-able description of ``teachers``, stored in the result's config.
 
     Returns:
         {arch: EvalResult}; accuracies in percent.
@@ -163,6 +178,12 @@ def evaluate(
     if runs < 1:
         raise DDKitError(f"--runs must be at least 1, got {runs}")
     config = resolve_config(protocol, preset, overrides)
+    soft = None
+    if protocol == "soft":
+        soft = SoftProtocol(distilled, config, teachers=teachers, teacher_info=teacher_info)
+        config = soft.config
+    elif teachers is not None:
+        raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
     device = resolve_device(device)
     if real is None:
         real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
@@ -171,13 +192,20 @@ def evaluate(
             f"the set has {distilled.num_classes} classes of shape {distilled.image_shape} but {real.name} has "
             f"{real.num_classes} of shape {real.image_shape}; evaluate it against the dataset it was distilled from"
         )
-    train_images, train_labels = distilled.decoded()
-    train_images = normalize(train_images, distilled.mean, distilled.std).to(device)
-    train_labels = train_labels.to(device)
+    if soft is None:
+        train_images, train_labels = distilled.decoded()
+        train_images = normalize(train_images, distilled.mean, distilled.std).to(device)
+        train_labels = train_labels.to(device)
+        num_train = int(train_images.shape[0])
+    else:
+        soft_source, train_labels = soft.source(device)
+        num_train = soft.num_images
     test_images = normalize(real.test.images.float().div_(255.0), real.mean, real.std).to(device)
     test_labels = real.test.labels.to(device)
-    strategy = dsa_strategy_for(real.name) if config["dsa_strategy"] == "auto" else config["dsa_strategy"]
-    dsa = DSA(strategy) if config["dsa"] else None
+    dsa = None
+    if soft is None:
+        strategy = dsa_strategy_for(real.name) if config["dsa_strategy"] == "auto" else config["dsa_strategy"]
+        dsa = DSA(strategy) if config["dsa"] else None
     channels, height, _ = distilled.image_shape
 
     results = {}
@@ -192,13 +220,17 @@ def evaluate(
             started = time.perf_counter()
             model = build_model(arch, channels, distilled.num_classes, height, dict(config["model"]), run_seed, device)
             generator = make_generator(run_seed)
-            train_classifier(model, train_images, train_labels, config, generator, dsa=dsa,
-                             show_progress=show_progress, desc=f"eval {arch} seed {run_seed}")
+            if soft is None:
+                train_classifier(model, train_images, train_labels, config, generator, dsa=dsa,
+                                 show_progress=show_progress, desc=f"eval {arch} seed {run_seed}")
+            else:
+                train_soft(model, soft_source, train_labels, config, generator, show_progress=show_progress,
+                           desc=f"soft {arch} seed {run_seed}")
             accuracy = 100.0 * test_accuracy(model, test_images, test_labels, int(config["eval_batch_size"]))
             accuracies.append(accuracy)
             seconds.append(time.perf_counter() - started)
         results[arch] = EvalResult(protocol, preset, arch, accuracies, float(np.mean(seconds)), config, seeds,
-                                   str(device), int(train_images.shape[0]))
+                                   str(device), num_train)
         if record:
             distilled.record_evaluation(results[arch].to_record())
     return results

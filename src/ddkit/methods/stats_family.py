@@ -132,8 +132,8 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
                      crop_scale=(float(options["crop_scale_min"]), 1.0), mix=options["mix"],
                      mix_beta=float(options["mix_beta"]), topk=options["topk"],
                      equalize_norm=bool(options["equalize_norm"]), batch_size=int(options["batch_size"]),
-                     device=device, teacher_info=[t.info() for t in teachers], show_progress=show_progress)
-    result.meta.setdefault("relabel", {})["eval_loss"] = options["eval_loss"]
+                     device=device, teacher_info=[t.info() for t in teachers], eval_loss=options["eval_loss"],
+                     show_progress=show_progress)
     return result
 
 

@@ -1,0 +1,374 @@
+"""The soft-label evaluation protocol of the statistics-matching family (SPEC 3.1, 3.3).
+
+A fresh student is trained from scratch on the replayed views of a relabelled set
+(:func:`ddkit.methods.relabel.relabel`) against the teacher logits recorded for exactly those
+views, then tested on the real test split; the FINAL-epoch accuracy is reported.
+
+Per student epoch ``t``: the order is ``torch.randperm(N, generator)``, cut into batches of
+``batch_size``; each batch's inputs are :func:`ddkit.augment.replay.replay_inputs` of record epoch
+``t % E``. When the student trains for more epochs than were recorded it cycles through the
+records (epoch ``E`` replays record epoch 0 again, in a new order), as FKD reuses its soft labels.
+The learning rate follows a per-step cosine from ``lr`` to 0 (``schedule="cosine"``) or stays
+constant (``"constant"``).
+
+Losses (``loss``):
+
+* ``"kl"``: ``KL(softmax(t / T) || softmax(s / T))``, summed over classes and averaged over the
+  batch, times ``T**2`` when ``t2`` (SRe2L: ImageNet plain with T = 20; Tiny-ImageNet ``T**2``).
+* ``"mse_ce"``: ``MSE(s, t)`` (raw logits, mean over all ``B * K`` entries) ``+ gamma *`` the
+  mixed hard-label cross-entropy ``lam * CE(s, y_i) + (1 - lam) * CE(s, y_partner)`` (G-VBSM).
+* ``"auto"``: the set's ``meta["relabel"]["eval_loss"]`` when present, else ``"kl"``.
+
+Top-k records (``relabel.topk_values`` / ``relabel.topk_indices``) keep only ``k`` of ``K`` teacher
+logits. They are reconstructed as follows: KL compares against a teacher distribution that is the
+softmax over the kept logits only, with probability 0 on every other class (the student's
+log-softmax still spans all ``K`` classes, so mass it puts on dropped classes is penalised); MSE
+is taken over the kept entries only (mean over ``B * k``).
+
+Online-teacher mode (``evaluate(..., protocol="soft", teachers=[...])``): the targets are computed
+on the fly by the teachers on the SAME replayed inputs, rounded to fp16 like stored records
+(``online.fp16``). The inputs come from the set's records when it has them, else from a plan drawn
+like :func:`~ddkit.methods.relabel.relabel` would with the ``online.*`` settings (``online.epochs``
+None = the student's epochs), so online training sees exactly the inputs of the stored-record run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
+from ddkit.errors import DDKitError
+from ddkit.utils import normalize, progress
+
+__all__ = [
+    "SOFT_PRESETS", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss", "train_soft",
+]
+
+_ONLINE = {
+    "epochs": None, "seed": 0, "crop_scale": [0.08, 1.0], "flip_prob": None, "mix": "cutmix", "mix_beta": 1.0,
+    "equalize_norm": False, "norm_scope": "sample", "fp16": True,
+}
+_PAPER = {
+    "epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9, "schedule": "cosine",
+    "batch_size": 64, "loss": "auto", "temperature": 20.0, "t2": False, "gamma": 0.15, "model": {},
+    "eval_batch_size": 1000, "online": _ONLINE,
+}
+# A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``); ``momentum`` is
+# used by ``optimizer="sgd"`` only (SRe2L's Tiny-ImageNet recipe: optimizer=sgd lr=0.2
+# weight_decay=1e-4 t2=true epochs=100); ``online.*`` only by the online-teacher mode.
+SOFT_PRESETS: dict[str, dict] = {
+    "paper": {**_PAPER, "online": dict(_ONLINE)},
+    "quick": {**_PAPER, "epochs": 300, "online": dict(_ONLINE)},
+    "smoke": {**_PAPER, "epochs": 20, "model": {"width": 32}, "online": dict(_ONLINE)},
+}
+SOFT_LOSSES = ("auto", "kl", "mse_ce")
+_OPTIMIZERS = ("adamw", "sgd")
+_SCHEDULES = ("cosine", "constant")
+
+
+def soft_loss(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    *,
+    loss: str = "kl",
+    temperature: float = 1.0,
+    t2: bool = False,
+    gamma: float = 0.15,
+    labels: torch.Tensor | None = None,
+    partner_labels: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The soft-label loss of a batch (see the module docstring for the formulas).
+
+    Args:
+        student: student logits float ``[B, K]``.
+        values: teacher logits float ``[B, K]``, or ``[B, k]`` kept logits with ``indices``.
+        indices: int ``[B, k]`` classes of the kept logits (top-k records), or None.
+        loss: ``"kl"`` or ``"mse_ce"``.
+        temperature: ``T`` of the KL softmaxes (> 0).
+        t2: multiply the KL by ``T**2``.
+        gamma: weight of the hard-label CE in ``"mse_ce"``.
+        labels, partner_labels: int64 ``[B]`` classes of the sample and of its mixing partner
+            (``"mse_ce"`` only; partner defaults to ``labels``).
+        lam: float ``[B]`` weight of ``labels`` (default 1).
+
+    Returns:
+        a scalar tensor.
+    """
+    if loss == "kl":
+        t = float(temperature)
+        log_student = F.log_softmax(student / t, dim=1)
+        if indices is not None:
+            log_student = log_student.gather(1, indices.long())
+        teacher = F.softmax(values.float() / t, dim=1)
+        kl = F.kl_div(log_student, teacher, reduction="batchmean")
+        return kl * (t * t) if t2 else kl
+    if loss == "mse_ce":
+        if labels is None:
+            raise DDKitError("the mse_ce soft loss needs the hard labels; pass labels=")
+        picked = student if indices is None else student.gather(1, indices.long())
+        mse = F.mse_loss(picked, values.float())
+        partner_labels = labels if partner_labels is None else partner_labels
+        ce_own = F.cross_entropy(student, labels, reduction="none")
+        if lam is None:
+            ce = ce_own.mean()
+        else:
+            lam = lam.to(student.dtype)
+            ce = (lam * ce_own + (1.0 - lam) * F.cross_entropy(student, partner_labels, reduction="none")).mean()
+        return mse + float(gamma) * ce
+    raise DDKitError(f"unknown soft loss {loss!r}; choose one of: kl, mse_ce (or auto)")
+
+
+@dataclass
+class SoftBatch:
+    """One training batch of the soft protocol.
+
+    Attributes:
+        inputs: float ``[B, C, H, W]`` replayed (normalised) inputs.
+        partner: int64 ``[B]`` sample mixed into each input.
+        lam: float32 ``[B]`` hard-label weight of the sample itself.
+        values: float32 ``[B, K]`` teacher logits, or ``[B, k]`` kept logits.
+        indices: int64 ``[B, k]`` classes of the kept logits, or None for full logits.
+    """
+
+    inputs: torch.Tensor
+    partner: torch.Tensor
+    lam: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor | None = None
+
+
+class ReplaySource:
+    """Replayed inputs and their targets, from stored records or from online teachers.
+
+    Args:
+        images: normalised float ``[N, C, H, W]`` on the compute device.
+        plan: the :class:`~ddkit.augment.replay.ReplayPlan` (kept where it is, e.g. the CPU).
+        logits: float16 ``[E, N, K]`` stored logits, or None.
+        topk_values, topk_indices: ``[E, N, k]`` stored top-k records, or None.
+        teachers: modules (normalised images -> logits) for online targets, or None; they are put
+            in eval mode and run without gradients. Online targets take precedence over records.
+        equalize_norm, norm_scope: ensemble options (:func:`ddkit.methods.relabel.ensemble_logits`).
+        fp16: round online targets to float16, as stored records are.
+    """
+
+    def __init__(self, images, plan: ReplayPlan, logits=None, topk_values=None, topk_indices=None, teachers=None,
+                 equalize_norm: bool = False, norm_scope: str = "sample", fp16: bool = True):
+        self.images, self.plan = images, plan
+        self.logits, self.topk_values, self.topk_indices = logits, topk_values, topk_indices
+        self.teachers = None if teachers is None else list(teachers)
+        self.equalize_norm, self.norm_scope, self.fp16 = bool(equalize_norm), norm_scope, bool(fp16)
+        if self.teachers is None and logits is None and topk_values is None:
+            raise DDKitError("a replay source needs stored logits or teachers")
+        for teacher in self.teachers or []:
+            teacher.eval()
+
+    @property
+    def epochs(self) -> int:
+        """Record epochs ``E`` of the plan."""
+        return self.plan.epochs
+
+    @property
+    def num_samples(self) -> int:
+        """Samples ``N`` per epoch."""
+        return self.plan.num_samples
+
+    def batch(self, epoch: int, index: torch.Tensor) -> SoftBatch:
+        """The inputs and targets of samples ``index`` (int64 ``[B]``) at record epoch ``epoch``
+        (in ``[0, E)``)."""
+        inputs, partner, lam = replay_inputs(self.images, self.plan, epoch, index)
+        dev = inputs.device
+        if self.teachers is not None:
+            from ddkit.methods.relabel import ensemble_logits
+
+            with torch.no_grad():
+                values = ensemble_logits(self.teachers, inputs, self.equalize_norm, self.norm_scope)
+            if self.fp16:
+                values = values.half().float()
+            return SoftBatch(inputs, partner, lam, values)
+        rec = torch.as_tensor(index).to(self.plan.crop.device, torch.long).reshape(-1)
+        if self.logits is not None:
+            return SoftBatch(inputs, partner, lam, self.logits[epoch, rec.to(self.logits.device)].to(dev).float())
+        rec = rec.to(self.topk_values.device)
+        return SoftBatch(inputs, partner, lam, self.topk_values[epoch, rec].to(dev).float(),
+                         self.topk_indices[epoch, rec].to(dev).long())
+
+
+def _check_config(config: dict) -> None:
+    if config["loss"] not in SOFT_LOSSES:
+        raise DDKitError(f"unknown soft loss {config['loss']!r}; choose one of: {', '.join(SOFT_LOSSES)}")
+    if config["optimizer"] not in _OPTIMIZERS:
+        raise DDKitError(f"unknown optimizer {config['optimizer']!r}; choose one of: {', '.join(_OPTIMIZERS)}")
+    if config["schedule"] not in _SCHEDULES:
+        raise DDKitError(f"unknown schedule {config['schedule']!r}; choose one of: {', '.join(_SCHEDULES)}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DDKitError(f"evaluation option {key}={value!r} is not valid; give an integer >= 1")
+    if not isinstance(config["temperature"], (int, float)) or not config["temperature"] > 0:
+        raise DDKitError(f"evaluation option temperature={config['temperature']!r} is not valid; give a number > 0")
+
+
+def train_soft(
+    model: torch.nn.Module,
+    source: ReplaySource,
+    labels: torch.Tensor,
+    config: dict,
+    generator: torch.Generator,
+    show_progress: bool = False,
+    desc: str = "soft",
+) -> list[float]:
+    """Train ``model`` on the replayed views of ``source`` against its soft targets.
+
+    Args:
+        model: the student, on the compute device.
+        source: a :class:`ReplaySource` (inputs and targets by ``(record epoch, index)``).
+        labels: int64 ``[N]`` hard labels on the compute device (used by ``"mse_ce"``).
+        config: a resolved soft config (``loss`` already "kl" or "mse_ce", not "auto").
+        generator: CPU generator; drives the batch order only (the views are in the records).
+
+    Returns:
+        The mean training loss of each epoch.
+    """
+    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
+    n = source.num_samples
+    lr = float(config["lr"])
+    if config["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(config["weight_decay"]))
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=float(config["momentum"]),
+                                    weight_decay=float(config["weight_decay"]))
+    total_steps = epochs * math.ceil(n / batch_size)
+    step, losses = 0, []
+    loss_name = config["loss"]
+    bar = progress(range(epochs), desc=desc, enabled=show_progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        record_epoch = epoch % source.epochs
+        total, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            if config["schedule"] == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            index = order[start:start + batch_size]
+            batch = source.batch(record_epoch, index)
+            own = labels[index.to(labels.device)]
+            mixed_in = labels[batch.partner.to(labels.device)]
+            loss = soft_loss(model(batch.inputs), batch.values, batch.indices, loss=loss_name,
+                             temperature=float(config["temperature"]), t2=bool(config["t2"]),
+                             gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += float(loss.detach()) * index.numel()
+            count += index.numel()
+        losses.append(total / max(1, count))
+        if show_progress:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+class SoftProtocol:
+    """The soft protocol for one distilled set: validates early, then trains students.
+
+    Construction checks everything that needs no real data (records or teachers present, config
+    values, loss), so a bad request fails before the dataset is loaded. :attr:`config` is the
+    config stored with the results: the resolved preset with ``loss`` resolved from ``"auto"``,
+    plus ``targets`` (``"records"`` or ``"online"``); records mode drops the unused ``online``
+    block, online mode adds ``online.plan`` (``"records"`` or ``"sampled"``) and
+    ``teacher_info`` (what the caller said the teachers are; a reused result is matched on it).
+
+    Args:
+        distilled: the :class:`ddkit.DistilledSet`.
+        config: from ``resolve_config("soft", preset, overrides)``.
+        teachers: online teachers (module or list), or None to use the set's records.
+        teacher_info: JSON-able description of the online teachers, stored in the config.
+    """
+
+    def __init__(self, distilled, config: dict, teachers=None, teacher_info=None):
+        _check_config(config)
+        self.distilled = distilled
+        extras = distilled.extras
+        self.has_records = any(k.startswith(RECORD_PREFIX) for k in extras)
+        if teachers is not None:
+            from ddkit.methods.relabel import _as_teacher_list
+
+            teachers = _as_teacher_list(teachers)
+        self.teachers = teachers
+        if teachers is None and not self.has_records:
+            raise DDKitError(
+                "this set has no relabel records for the soft protocol; relabel it first "
+                "(ddkit relabel SET --like sre2l) or pass teachers= for online soft labels"
+            )
+        relabel_meta = distilled.meta.get("relabel") or {}
+        config = dict(config)
+        if config["loss"] == "auto":
+            config["loss"] = relabel_meta.get("eval_loss", "kl")
+            if config["loss"] not in ("kl", "mse_ce"):
+                raise DDKitError(
+                    f"unknown soft loss {config['loss']!r} in the set's relabel metadata; pass loss=kl or mse_ce"
+                )
+        self.plan = None
+        if self.has_records:
+            if distilled.decode_factor != 1:
+                raise DDKitError("relabel records on a partition-decoded set are not supported; re-create the records")
+            self.plan = ReplayPlan.from_extras(extras)
+            if self.plan.num_samples != distilled.images.shape[0]:
+                raise DDKitError(
+                    f"the relabel records cover {self.plan.num_samples} images but the set has "
+                    f"{distilled.images.shape[0]}; the set is damaged, relabel it again"
+                )
+            has_targets = RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
+            if teachers is None and not has_targets:
+                raise DDKitError("the set's relabel records have no logits; relabel it again or pass teachers=")
+        if teachers is None:
+            config.pop("online", None)
+            config["targets"] = "records"
+        else:
+            online = dict(config["online"])
+            online["plan"] = "records" if self.has_records else "sampled"
+            config["online"] = online
+            config["targets"] = "online"
+            config["teacher_info"] = teacher_info if teacher_info is not None else f"{len(teachers)} teacher(s)"
+        self.config = config
+
+    @property
+    def num_images(self) -> int:
+        """Training images per epoch ``N``."""
+        return int(self.distilled.images.shape[0]) * self.distilled.decode_factor
+
+    def source(self, device) -> tuple[ReplaySource, torch.Tensor]:
+        """The :class:`ReplaySource` and int64 hard labels ``[N]`` on ``device``."""
+        from ddkit.methods.relabel import plan_for
+
+        distilled, config = self.distilled, self.config
+        if self.has_records:
+            images, labels = distilled.images.float(), distilled.labels
+        else:
+            images, labels = distilled.decoded()
+        images = normalize(images, distilled.mean, distilled.std).to(device)
+        labels = labels.to(device)
+        if self.teachers is not None:
+            online = config["online"]
+            plan = self.plan
+            if plan is None:
+                epochs = online["epochs"] if online["epochs"] is not None else config["epochs"]
+                plan = plan_for(distilled.dataset, int(images.shape[0]), tuple(images.shape[2:]), int(epochs),
+                                int(online["seed"]), online["crop_scale"], online["flip_prob"], online["mix"],
+                                online["mix_beta"])
+            for teacher in self.teachers:
+                teacher.to(device)
+            src = ReplaySource(images, plan, teachers=self.teachers, equalize_norm=online["equalize_norm"],
+                               norm_scope=online["norm_scope"], fp16=online["fp16"])
+            return src, labels
+        extras = distilled.extras
+        return ReplaySource(images, self.plan, logits=extras.get(RECORD_PREFIX + "logits"),
+                            topk_values=extras.get(RECORD_PREFIX + "topk_values"),
+                            topk_indices=extras.get(RECORD_PREFIX + "topk_indices")), labels

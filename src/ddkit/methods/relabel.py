@@ -1,0 +1,288 @@
+"""Relabel a distilled set with a teacher ensemble: FKD-style per-(epoch, sample) soft labels.
+
+SRe2L, CDA and G-VBSM (SPEC 3.1, 3.3) train their students on soft labels that a teacher gives
+to randomly cropped, flipped and mixed views of the synthetic images. :func:`relabel` draws those
+views once for ``E`` record epochs (a :class:`ddkit.augment.replay.ReplayPlan`), runs the teacher
+ensemble on exactly each view and stores the logits (fp16) beside the images, in
+``DistilledSet.extras``:
+
+============================== ============ ===============================================
+name                           dtype        shape / meaning
+============================== ============ ===============================================
+``relabel.crop``               int16        ``[E, N, 4]`` crop box (top, left, h, w), input px
+``relabel.flip``               uint8        ``[E, N]`` 1 = mirrored
+``relabel.partner``            int32        ``[E, N]`` sample mixed into ``i`` (``i``: none)
+``relabel.mix_box``            int16        ``[E, N, 4]`` CutMix box (cutmix only)
+``relabel.mix_lam``            float32      ``[E, N]`` mixup weight (mixup only)
+``relabel.logits``             float16      ``[E, N, K]`` ensemble logits on that input
+``relabel.topk_values``        float16      ``[E, N, k]`` (instead of logits, with ``topk``)
+``relabel.topk_indices``       int16        ``[E, N, k]`` class of each kept logit
+============================== ============ ===============================================
+
+The evaluation side is :mod:`ddkit.evaluate.soft` (``evaluate(..., protocol="soft")``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Sequence
+
+import torch
+
+from ddkit.augment.dsa import dsa_strategy_for
+from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
+from ddkit.errors import DDKitError
+from ddkit.utils import make_generator, normalize, progress, resolve_device
+
+__all__ = ["NORM_SCOPES", "ensemble_logits", "auto_flip_prob", "plan_for", "relabel", "EVAL_LOSSES"]
+
+#: how :func:`ensemble_logits` measures a teacher's logit norm when equalising
+NORM_SCOPES = ("sample", "batch")
+#: evaluation losses a relabelled set may ask for (``meta["relabel"]["eval_loss"]``)
+EVAL_LOSSES = ("kl", "mse_ce")
+
+
+def _as_teacher_list(teachers) -> list[torch.nn.Module]:
+    if isinstance(teachers, torch.nn.Module):
+        teachers = [teachers]
+    teachers = list(teachers) if teachers is not None else []
+    if not teachers or not all(isinstance(t, torch.nn.Module) for t in teachers):
+        raise DDKitError("teachers must be one torch.nn.Module or a non-empty list of them (images -> logits)")
+    return teachers
+
+
+def ensemble_logits(
+    teachers: Sequence[torch.nn.Module] | torch.nn.Module,
+    inputs: torch.Tensor,
+    equalize_norm: bool = False,
+    norm_scope: str = "sample",
+) -> torch.Tensor:
+    """The mean of the teachers' logits on ``inputs`` (G-VBSM's soft labels, SPEC 3.3).
+
+    With ``equalize_norm`` (G-VBSM's ImageNet variant) each teacher's logits are first rescaled to
+    a common norm, the mean of the teachers' norms, so no teacher dominates by logit scale:
+    ``z_t <- z_t * mean_s(||z_s||) / ||z_t||``. ``norm_scope`` says what ``||.||`` covers:
+
+    * ``"sample"`` (default): the L2 norm of each sample's logit row ``[K]`` (the Frobenius norm
+      of a ``[1, K]`` batch). Each sample's target then depends on that sample alone, so stored
+      records and online targets agree whatever the batch size. (ddkit's default; documented
+      deviation.)
+    * ``"batch"``: the Frobenius norm of the whole ``[B, K]`` logit matrix, the literal reading
+      of G-VBSM; targets then depend on how the inputs were batched.
+
+    Runs the teachers as they are (no mode change, gradients as the caller's context says);
+    :func:`relabel` wraps this in ``eval()`` and ``no_grad``.
+
+    Args:
+        teachers: modules mapping normalised images ``[B, C, H, W]`` to logits ``[B, K]``.
+        inputs: float ``[B, C, H, W]`` on the teachers' device.
+
+    Returns:
+        float32 ``[B, K]`` ensemble logits.
+    """
+    teachers = _as_teacher_list(teachers)
+    if norm_scope not in NORM_SCOPES:
+        raise DDKitError(f"norm_scope={norm_scope!r} is not valid; choose one of: {', '.join(NORM_SCOPES)}")
+    outputs = []
+    for teacher in teachers:
+        out = teacher(inputs)
+        if out.dim() != 2 or (outputs and out.shape != outputs[0].shape):
+            raise DDKitError(
+                f"teacher {type(teacher).__name__} returned logits of shape {tuple(out.shape)}; every teacher must "
+                "return [B, K] with the same K"
+            )
+        outputs.append(out.float())
+    stacked = torch.stack(outputs)  # [T, B, K]
+    if equalize_norm:
+        if norm_scope == "sample":
+            norms = stacked.norm(dim=2, keepdim=True)  # [T, B, 1]
+        else:
+            norms = stacked.flatten(1).norm(dim=1).view(-1, 1, 1)  # [T, 1, 1]
+        target = norms.mean(dim=0, keepdim=True)
+        stacked = stacked * (target / norms.clamp_min(1e-12))
+    return stacked.mean(dim=0)
+
+
+def auto_flip_prob(dataset: str, flip_prob: float | None) -> float:
+    """``flip_prob`` itself, or for None 0.5 when the dataset's DSA strategy flips and 0.0 when it
+    does not (digits: MNIST, SVHN, digits; SPEC 1.2)."""
+    if flip_prob is not None:
+        return float(flip_prob)
+    return 0.5 if "flip" in dsa_strategy_for(dataset).split("_") else 0.0
+
+
+def plan_for(
+    dataset: str,
+    n: int,
+    image_size: tuple[int, int],
+    epochs: int,
+    seed: int = 0,
+    crop_scale=(0.08, 1.0),
+    flip_prob: float | None = None,
+    mix: str = "cutmix",
+    mix_beta: float = 1.0,
+) -> ReplayPlan:
+    """The replay plan :func:`relabel` draws for these settings: ``sample_replay_plan`` with a
+    generator seeded by ``seed`` and flips chosen by :func:`auto_flip_prob`. The soft protocol's
+    online-teacher mode calls it too, so the same settings give the same inputs.
+
+    Args:
+        dataset: the real dataset's name (decides flips when ``flip_prob`` is None).
+        n: number of images; image_size: ``(H, W)`` in pixels; epochs: record epochs ``E``.
+    """
+    return sample_replay_plan(n, int(epochs), tuple(int(v) for v in image_size), make_generator(seed),
+                              scale=tuple(float(v) for v in crop_scale), flip_prob=auto_flip_prob(dataset, flip_prob),
+                              mix=mix, beta=float(mix_beta))
+
+
+def relabel(
+    distilled,
+    teachers: Sequence[torch.nn.Module] | torch.nn.Module,
+    epochs: int,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip_prob: float | None = None,
+    mix: str = "cutmix",
+    mix_beta: float = 1.0,
+    topk: int | None = None,
+    equalize_norm: bool = False,
+    norm_scope: str = "sample",
+    batch_size: int = 256,
+    device: str | torch.device | None = "cpu",
+    teacher_info: list | None = None,
+    eval_loss: str | None = None,
+    show_progress: bool = True,
+):
+    """Store FKD-style soft-label records of a teacher ensemble on ``epochs`` replayed views.
+
+    For each record epoch ``e`` and stored image ``i`` the view of
+    :func:`ddkit.augment.replay.replay_inputs` (crop, flip, mix with a partner) is built and the
+    ensemble's logits on it (:func:`ensemble_logits`) are stored as fp16. The ``E * N`` views are
+    processed in chunks of ``batch_size`` (flattened over epochs, so small sets still fill a
+    chunk), with the teachers in eval mode and without gradients; their train/eval flags are
+    restored afterwards. The teachers are moved to ``device`` (``Module.to`` acts in place).
+
+    Args:
+        distilled: a :class:`ddkit.DistilledSet` (identity-decoded; images pixel space [0, 1]).
+        teachers: one module or a list, each mapping NORMALISED images ``[B, C, H, W]`` (the set's
+            mean/std) to logits ``[B, K]`` with ``K == distilled.num_classes``.
+        epochs: record epochs ``E`` (the student cycles through them).
+        seed: seeds the plan's generator (crops, flips, partners, mixing).
+        crop_scale: RandomResizedCrop area range (SRe2L: 0.08..1).
+        flip_prob: horizontal-flip probability; None = automatic (0.5, or 0 for digit datasets).
+        mix: ``"cutmix"`` (SRe2L/FKD), ``"mixup"`` or ``"none"``.
+        mix_beta: the Beta(beta, beta) parameter of the mixing weight.
+        topk: keep only the ``k`` largest logits per view (``relabel.topk_values`` /
+            ``relabel.topk_indices``) instead of all ``K``; None keeps all.
+        equalize_norm, norm_scope: see :func:`ensemble_logits` (G-VBSM ImageNet: True).
+        batch_size: views per teacher pass.
+        device: where the teachers run ("cpu", "cuda", "auto").
+        teacher_info: a JSON-able description of the teachers (arch names, checkpoint keys),
+            stored in ``meta["relabel"]["teacher_info"]``.
+        eval_loss: the loss the soft protocol should use for this set ("kl" or "mse_ce"; stored
+            as ``meta["relabel"]["eval_loss"]``, read by ``loss="auto"``); None leaves it unset
+            (the protocol then uses "kl").
+        show_progress: tqdm bar over the chunks.
+
+    Returns:
+        A new DistilledSet: the same images, labels and metadata (deep-copied; earlier soft-protocol
+        evaluations dropped, as they judged other records), the records in ``extras`` (earlier
+        ``relabel.*`` extras replaced) and ``meta["relabel"]``, a JSON-able dict of every setting.
+
+    Raises:
+        DDKitError: bad settings, a partition-decoded set, or teachers whose class count differs
+            from the set's.
+    """
+    from ddkit.store import DistilledSet
+
+    if not isinstance(distilled, DistilledSet):
+        raise DDKitError("relabel expects a ddkit.DistilledSet; load it with ddkit.load(path) first")
+    if distilled.decode_factor != 1:
+        raise DDKitError(
+            f"relabel works on stored images used as training images, but this set decodes each stored image into "
+            f"{distilled.decode_factor} (decode {distilled.decode}); relabel an identity-decoded set"
+        )
+    teachers = _as_teacher_list(teachers)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise DDKitError(f"epochs={epochs!r} is not valid; give the number of record epochs (>= 1)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DDKitError(f"batch_size={batch_size!r} is not valid; give an integer >= 1")
+    if mix not in MIX_MODES:
+        raise DDKitError(f"mix={mix!r} is not valid; choose one of: {', '.join(MIX_MODES)}")
+    if norm_scope not in NORM_SCOPES:
+        raise DDKitError(f"norm_scope={norm_scope!r} is not valid; choose one of: {', '.join(NORM_SCOPES)}")
+    if eval_loss is not None and eval_loss not in EVAL_LOSSES:
+        raise DDKitError(f"eval_loss={eval_loss!r} is not valid; choose one of: {', '.join(EVAL_LOSSES)} or None")
+    num_classes = distilled.num_classes
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes
+                             or num_classes > 32767):
+        raise DDKitError(
+            f"topk={topk!r} is not valid; give an integer in [1, {num_classes}] or None to keep all logits"
+        )
+    device = resolve_device(device)
+    started = time.perf_counter()
+
+    n = int(distilled.images.shape[0])
+    height, width = distilled.image_shape[1:]
+    flip = auto_flip_prob(distilled.dataset, flip_prob)
+    plan = plan_for(distilled.dataset, n, (height, width), epochs, seed, crop_scale, flip, mix, mix_beta)
+    images = normalize(distilled.images.float(), distilled.mean, distilled.std).to(device)
+    device_plan = plan.to(device)
+
+    total = epochs * n
+    keep = num_classes if topk is None else topk
+    values = torch.empty(total, keep, dtype=torch.float16)
+    indices = torch.empty(total, keep, dtype=torch.int16) if topk is not None else None
+    modes = [t.training for t in teachers]
+    for teacher in teachers:
+        teacher.to(device).eval()
+    try:
+        with torch.no_grad():
+            chunks = range(0, total, batch_size)
+            for start in progress(chunks, total=len(chunks), desc="relabel", enabled=show_progress):
+                flat = torch.arange(start, min(start + batch_size, total), device=device)
+                inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n)
+                logits = ensemble_logits(teachers, inputs, equalize_norm, norm_scope)
+                if logits.shape[1] != num_classes:
+                    raise DDKitError(
+                        f"the teachers give {logits.shape[1]} logits but the set has {num_classes} classes; use "
+                        f"teachers trained on {distilled.dataset}"
+                    )
+                if topk is None:
+                    values[start:start + flat.numel()] = logits.cpu().half()
+                else:
+                    top_v, top_i = logits.topk(topk, dim=1)
+                    values[start:start + flat.numel()] = top_v.cpu().half()
+                    indices[start:start + flat.numel()] = top_i.cpu().to(torch.int16)
+    finally:
+        for teacher, mode in zip(teachers, modes):
+            teacher.train(mode)
+
+    extras = {k: v.clone() for k, v in distilled.extras.items() if not k.startswith(RECORD_PREFIX)}
+    extras.update(plan.to_extras())
+    if topk is None:
+        extras[RECORD_PREFIX + "logits"] = values.view(epochs, n, num_classes)
+    else:
+        extras[RECORD_PREFIX + "topk_values"] = values.view(epochs, n, topk)
+        extras[RECORD_PREFIX + "topk_indices"] = indices.view(epochs, n, topk)
+    meta = copy.deepcopy(distilled.meta)
+    meta["evaluations"] = [e for e in meta.get("evaluations", []) if e.get("protocol") != "soft"]
+    settings = {
+        "epochs": epochs, "seed": int(seed), "crop_scale": [float(v) for v in crop_scale],
+        "flip_prob": flip, "flip_auto": flip_prob is None, "mix": mix,
+        "mix_beta": float(mix_beta) if mix != "none" else None, "topk": topk, "equalize_norm": bool(equalize_norm),
+        "norm_scope": norm_scope, "batch_size": batch_size, "teachers": len(teachers),
+        "teacher_info": copy.deepcopy(teacher_info) if teacher_info is not None else None,
+        "logits_dtype": "float16", "seconds": round(time.perf_counter() - started, 3),
+    }
+    if eval_loss is not None:
+        settings["eval_loss"] = eval_loss
+    meta["relabel"] = settings
+    return DistilledSet(
+        images=distilled.images.clone(), labels=distilled.labels.clone(), class_names=list(distilled.class_names),
+        dataset=distilled.dataset, mean=distilled.mean, std=distilled.std, method=distilled.method,
+        decode=copy.deepcopy(distilled.decode),
+        soft_labels=None if distilled.soft_labels is None else distilled.soft_labels.clone(),
+        extras=extras, meta=meta,
+    )
