@@ -222,7 +222,7 @@ def test_relabel_and_soft_errors(digits, tiny_set):
                                          decode={"kind": "partition", "factor": 2})
         relabel(partitioned, _teacher(num_classes=2), epochs=1, show_progress=False)
     relabelled = relabel(subset, _teacher(), epochs=1, show_progress=False)
-    with pytest.raises(DDKitError, match="unknown soft loss"):
+    with pytest.raises(DDKitError, match="loss=.l1. is not valid"):
         evaluate(relabelled, protocol="soft", preset="smoke", overrides={"loss": "l1"}, real=digits)
     with pytest.raises(DDKitError, match="unknown evaluation preset"):
         evaluate(relabelled, protocol="soft", preset="huge", real=digits)

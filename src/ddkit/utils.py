@@ -92,6 +92,13 @@ def apply_overrides(config: dict, overrides: dict | Iterable[str] | None, what: 
     return result
 
 
+def check_option(what: str, name: str, value: object, choices) -> str:
+    """``value`` if it is one of ``choices``; else DDKitError ``"<what> option name=value is not valid; choose one of: ..."``."""
+    if not isinstance(value, str) or value not in choices:
+        raise DDKitError(f"{what} option {name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    return value
+
+
 def _split_pair(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise DDKitError(f"--set expects key=value, got {text!r}")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
 from ddkit.errors import DDKitError
-from ddkit.utils import normalize, progress
+from ddkit.utils import check_option, normalize, progress
 
 __all__ = [
     "SOFT_PRESETS", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss", "train_soft",
@@ -200,12 +200,8 @@ class ReplaySource:
 
 
 def _check_config(config: dict) -> None:
-    if config["loss"] not in SOFT_LOSSES:
-        raise DDKitError(f"unknown soft loss {config['loss']!r}; choose one of: {', '.join(SOFT_LOSSES)}")
-    if config["optimizer"] not in _OPTIMIZERS:
-        raise DDKitError(f"unknown optimizer {config['optimizer']!r}; choose one of: {', '.join(_OPTIMIZERS)}")
-    if config["schedule"] not in _SCHEDULES:
-        raise DDKitError(f"unknown schedule {config['schedule']!r}; choose one of: {', '.join(_SCHEDULES)}")
+    for name, choices in (("loss", SOFT_LOSSES), ("optimizer", _OPTIMIZERS), ("schedule", _SCHEDULES)):
+        check_option("evaluation", name, config[name], choices)
     for key in ("epochs", "batch_size", "eval_batch_size"):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -51,7 +51,7 @@ from ddkit.losses.statistics import (
     ema_statistic,
 )
 from ddkit.methods.matching import NonFiniteLoss
-from ddkit.utils import denormalize, make_generator, normalize, progress
+from ddkit.utils import check_option, denormalize, make_generator, normalize, progress
 
 BATCH_MODES = ("spread", "class-major")
 CURRICULA = ("none", "cosine", "linear", "step")
@@ -250,12 +250,9 @@ class RecoverEngine:
         for name in ("r_bn", "r_conv", "densify_weight", "lr", "jitter"):
             if float(c[name]) < 0:
                 raise DDKitError(f"{name} must be non-negative, got {c[name]}")
-        if c["curriculum"] not in CURRICULA:
-            raise DDKitError(f"curriculum={c['curriculum']!r} is not valid; choose one of: {', '.join(CURRICULA)}")
-        if c["patch_policy"] not in PATCH_POLICIES:
-            raise DDKitError(f"patch_policy={c['patch_policy']!r} is not valid; choose one of: {', '.join(PATCH_POLICIES)}")
-        if c["batch_mode"] not in BATCH_MODES:
-            raise DDKitError(f"batch_mode={c['batch_mode']!r} is not valid; choose one of: {', '.join(BATCH_MODES)}")
+        for name, choices in (("curriculum", CURRICULA), ("patch_policy", PATCH_POLICIES), ("batch_mode", BATCH_MODES),
+                              ("stat_norm", ("l2", "l2sq", "mse"))):
+            check_option("recover", name, c[name], choices)
         size = self.real.image_shape[1]
         if int(c["patch_cells"]) > size:
             raise DDKitError(f"patch_cells={c['patch_cells']} is larger than the {size}px images; pick a cell count "
