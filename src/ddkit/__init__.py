@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 # The layer package ddkit.evaluate is imported first, then the name is rebound to the function, so
 # `ddkit.evaluate(...)` is the function while `from ddkit.evaluate import ...` still reaches the layer.
 import ddkit.evaluate as _evaluate_layer  # noqa: E402
-from ddkit.api import distill  # noqa: E402
+from ddkit.api import distill, resume  # noqa: E402
 from ddkit.errors import DDKitError  # noqa: E402
 from ddkit.store import DistilledSet, load  # noqa: E402
 
 evaluate = _evaluate_layer.evaluate
 
-__all__ = ["distill", "evaluate", "load", "DistilledSet", "DDKitError", "__version__"]
+__all__ = ["distill", "resume", "evaluate", "load", "DistilledSet", "DDKitError", "__version__"]

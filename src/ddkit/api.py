@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from ddkit.errors import DDKitError
+
+CHECKPOINT_DIR = "checkpoint"
+PARTS_DIR = ".parts"
 
 
 def distill(
@@ -19,6 +23,9 @@ def distill(
     show_progress: bool = True,
     out: str | Path | None = None,
     image_size: int | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_seconds: float = 180.0,
+    resume: bool = False,
     **flags,
 ):
     """Distill ``dataset`` into ``ipc`` synthetic images per class with ``method``.
@@ -29,42 +36,127 @@ def distill(
         ipc: synthetic images per class.
         preset: "smoke" | "quick" | "paper".
         seed: seeds every random draw of the run.
-        device: "cpu", "cuda", "auto".
+        device: "cpu", "cuda", "auto" (one GPU per process in a torchrun job: ``cuda:LOCAL_RANK``).
         overrides: dict or ``key=value`` strings over the preset's options.
-        out: when given, the set is saved there (atomically).
+        out: when given, the set is saved there (atomically); checkpoints go to ``out/checkpoint``.
+        checkpoint_every: iterations between checkpoints (matching family, needs ``out``); 0 = about
+            every ``checkpoint_seconds`` of work, measured over the first iterations.
+        resume: continue from the latest checkpoint in ``out`` (same tensors as an uninterrupted run).
         flags: method-specific switches (e.g. ``terms=``, ``weights=`` for the matching family).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each process distils its share of the classes, writes
+    its part to ``out/.parts`` and rank 0 merges the parts into the set; see docs/scaling.md.
 
     Raises:
         DDKitError: bad input; or a NaN/infinite loss, after saving the last good images to ``out``.
 
     Returns:
-        A :class:`ddkit.DistilledSet` (images float32 [K*ipc, C, H, W] in [0, 1]).
+        A :class:`ddkit.DistilledSet` (images float32 [K*ipc, C, H, W] in [0, 1]); under torchrun
+        every rank returns the merged set once rank 0 has saved it.
     """
+    from ddkit import distributed
     from ddkit.data import load_dataset
     from ddkit.methods import get_method
+    from ddkit.methods.matching import NonFiniteLoss
     from ddkit.utils import peak_memory_bytes, resolve_device
 
     fn = get_method(method)
     device = resolve_device(device)
-    real = load_dataset(dataset, image_size=image_size)
-    from ddkit.methods.matching import NonFiniteLoss
+    world = distributed.setup(device)
+    if world.distributed and device.type == "cuda":
+        import torch
 
-    started = time.perf_counter()
+        device = torch.device("cuda", world.local_rank)
     try:
-        result = fn(real, ipc, preset=preset, overrides=overrides, seed=seed, device=device,
-                    show_progress=show_progress, **flags)
-    except NonFiniteLoss as exc:
-        if exc.partial is not None and out is not None:
-            exc.partial.save(out)
-            raise DDKitError(f"{exc}; the last good images were saved in {out}") from None
-        raise
-    result.meta.setdefault("timings", {})["distill_seconds"] = round(time.perf_counter() - started, 3)
-    result.meta["peak_memory_bytes"] = peak_memory_bytes(device)
-    result.meta.setdefault("preset", preset)
-    result.meta.setdefault("device", str(device))
-    if image_size:
-        result.meta["dataset_options"] = {"image_size": image_size}
-    if out is not None:
-        result.save(out)
-    return result
+        if world.distributed and out is None:
+            raise DDKitError("a multi-process run needs --out (the ranks exchange their parts through it)")
+        if world.distributed and not getattr(fn, "supports_checkpoints", False):
+            raise DDKitError(f"{method} does not split across processes yet; run it in one process")
+        checkpoint = _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size,
+                                      checkpoint_every, checkpoint_seconds, resume, flags)
+        if checkpoint is not None:
+            flags["checkpoint"] = checkpoint
+        real = load_dataset(dataset, image_size=image_size)
+        started = time.perf_counter()
+        try:
+            result = fn(real, ipc, preset=preset, overrides=overrides, seed=seed, device=device,
+                        show_progress=show_progress and world.is_main, **flags)
+        except NonFiniteLoss as exc:
+            kept = f"; the last checkpoint is kept in {out}/{CHECKPOINT_DIR}" if checkpoint else ""
+            if exc.partial is not None and out is not None and not world.distributed:
+                exc.partial.save(out)
+                raise DDKitError(f"{exc}; the last good images were saved in {out}{kept}") from None
+            raise DDKitError(f"{exc}{kept}") from None
+        result.meta.setdefault("timings", {})["distill_seconds"] = round(time.perf_counter() - started, 3)
+        result.meta["peak_memory_bytes"] = peak_memory_bytes(device)
+        result.meta.setdefault("preset", preset)
+        result.meta.setdefault("device", str(device))
+        if world.distributed:
+            result.meta["processes"] = world.size
+            _merge_parts(result, Path(out), world)
+        if image_size:
+            result.meta["dataset_options"] = {"image_size": image_size}
+        if out is not None and world.is_main:
+            result.save(out)
+            shutil.rmtree(Path(out) / CHECKPOINT_DIR, ignore_errors=True)
+        distributed.barrier()
+        return result
+    finally:
+        distributed.teardown()
 
+
+def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size, every, seconds, resume,
+                     flags) -> dict | None:
+    """The engine's checkpoint settings, or None where checkpoints do not apply."""
+    if out is None or not getattr(fn, "supports_checkpoints", False):
+        if resume:
+            raise DDKitError(f"--resume needs --out and a method that checkpoints (the matching family); "
+                             f"{method} does not checkpoint yet")
+        return None
+    root = Path(out) / CHECKPOINT_DIR
+    if not resume and (root / "latest.json").is_file():
+        raise DDKitError(f"{out} holds a checkpoint of an unfinished run; continue it with --resume {out} "
+                         f"or remove {root}")
+    if isinstance(overrides, dict):
+        options = dict(overrides)
+    else:
+        options = list(overrides or [])
+    run = {"method": method, "dataset": dataset, "ipc": ipc, "preset": preset, "seed": seed, "overrides": options,
+           "image_size": image_size, "flags": {k: v for k, v in flags.items() if k in ("terms", "weights")}}
+    return {"dir": str(root), "every": int(every), "seconds": float(seconds), "resume": bool(resume), "run": run}
+
+
+def _merge_parts(result, out: Path, world) -> None:
+    """Every rank writes its classes' images to ``out/.parts`` (atomically); rank 0 merges them."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ddkit import distributed
+
+    parts = out / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    classes = torch.tensor(world.share(result.num_classes))
+    rows = torch.nonzero(torch.isin(result.labels, classes)).flatten()
+    tmp = parts / f".rank{world.rank}.tmp"
+    save_file({"images": result.images[rows].contiguous(), "rows": rows}, str(tmp))
+    os.replace(tmp, parts / f"rank{world.rank}.safetensors")
+    distributed.barrier()
+    for rank in range(world.size):
+        part = load_file(str(parts / f"rank{rank}.safetensors"))
+        result.images[part["rows"]] = part["images"]
+    distributed.barrier()
+    if world.is_main:
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+def resume(out: str | Path, device: str | None = None, show_progress: bool = True, **options):
+    """Continue the interrupted run whose checkpoint is in ``out`` (its method, dataset, IPC, preset,
+    seed and options are read from the checkpoint). Returns the finished set."""
+    from ddkit.checkpoint import read_run
+
+    run = read_run(Path(out) / CHECKPOINT_DIR)
+    return distill(run["method"], dataset=run["dataset"], ipc=run["ipc"], preset=run["preset"], seed=run["seed"],
+                   device=device or "cpu", overrides=run["overrides"], show_progress=show_progress, out=out,
+                   image_size=run.get("image_size"), resume=True, **run.get("flags", {}), **options)

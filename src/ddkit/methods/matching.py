@@ -46,7 +46,10 @@ from ddkit.losses import (
     class_centralization_loss, gram_loss, icd_neighbours, intra_class_kl_loss, local_covariance_loss,
     mean_feature_loss, moment_loss,
 )
+from ddkit import distributed
+from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets
+from ddkit.methods.squeeze import build_net
 from ddkit.utils import denormalize, make_generator, normalize, progress
 
 TERMS = ("mean", "cm", "cc", "style", "gram", "icd", "ce")
@@ -128,11 +131,15 @@ class RealSampler:
     def _prepare(self, index: torch.Tensor) -> torch.Tensor:
         return normalize(self.images[index].float().div_(255.0), self.mean, self.std)
 
-    def per_class(self, count: int) -> torch.Tensor:
-        """``count`` distinct random images of every class, class-major, normalised: [K*count, C, H, W]."""
-        picks = [idx[torch.randperm(idx.numel(), generator=self.generator)[:count].to(self.device)]
-                 for idx in self.class_indices]
-        return self._prepare(torch.cat(picks))
+    def per_class(self, count: int, kept: list[int] | None = None) -> torch.Tensor:
+        """``count`` distinct random images of every class, class-major, normalised: [K*count, C, H, W].
+
+        ``kept``: only these classes' images are gathered (a class-split run), while the draws of
+        every class are made as in an unsplit run, so each class gets the same images anywhere.
+        """
+        picks = [torch.randperm(idx.numel(), generator=self.generator)[:count] for idx in self.class_indices]
+        classes = range(len(picks)) if kept is None else kept
+        return self._prepare(torch.cat([self.class_indices[c][picks[c].to(self.device)] for c in classes]))
 
     def mixed(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` random images from all classes (no augmentation): (images, labels)."""
@@ -153,6 +160,10 @@ class MatchingEngine:
 
     def __init__(self, real, ipc: int, config: dict, seed: int, device, show_progress: bool = True):
         check_config(config, real, ipc)
+        distributed.check_supported(config)
+        self.world = distributed.current()
+        # this process's classes; every rank still makes every random draw (see docs/scaling.md)
+        self.classes = self.world.share(real.num_classes)
         self.real, self.ipc, self.config, self.seed, self.device = real, ipc, config, seed, device
         self.show_progress = show_progress
         self.weights = {t: float(w) for t, w in config["weights"].items() if w}
@@ -194,7 +205,7 @@ class MatchingEngine:
             parts = [net.forward_taps(real_aug[i:i + chunk], taps) for i in range(0, real_aug.shape[0], chunk)]
         return {name: torch.cat([part[name] for part in parts]) for name in taps}
 
-    def _class_losses(self, net, accuracy: float, real_aug, syn_aug, syn_labels, classes: int) -> dict:
+    def _class_losses(self, net, accuracy: float, real_aug, syn_aug, syn_labels, classes: int, extractor) -> dict:
         """Weighted terms for ``classes`` class-major groups already augmented."""
         blocks, real_taps, syn_taps = self._taps(net)
         real_out = self._real_taps(net, real_aug, real_taps)
@@ -222,7 +233,6 @@ class MatchingEngine:
             ce = F.cross_entropy(syn_out["logits"], syn_labels, reduction="sum") / per_class
             terms["ce"] = ce * accuracy * float(self.config["ce_accuracy_scale"])
         if "cc" in self.weights:
-            extractor = self.pool.next(self.generator)
             cc_config = self.config["cc"]
             terms["cc"] = class_centralization_loss(grouped(extractor.embed(syn_aug)), form=cc_config["form"],
                                                     beta=float(cc_config["beta"]),
@@ -232,11 +242,15 @@ class MatchingEngine:
     def step(self, iteration: int) -> dict[str, float]:
         """One matching iteration; returns the unweighted value of each term and the total."""
         net, accuracy = self.source.next(iteration)
-        k = self.real.num_classes
-        real = self.sampler.per_class(int(self.config["batch_real"]))
-        syn = partition_expand(torch.cat(self.synthetic), self.factor)
-        syn_labels = torch.arange(k, device=self.device).repeat_interleave(self.expanded_per_class)
-        real_aug, syn_aug = siamese_per_class(self.dsa, real, syn, k, self.generator)
+        split = self.world.distributed
+        k = len(self.classes)
+        real = self.sampler.per_class(int(self.config["batch_real"]), kept=self.classes if split else None)
+        syn = partition_expand(torch.cat([self.synthetic[c] for c in self.classes]), self.factor)
+        syn_labels = torch.tensor(self.classes, device=self.device).repeat_interleave(self.expanded_per_class)
+        real_aug, syn_aug = siamese_per_class(self.dsa, real, syn, k, self.generator, self.real.num_classes,
+                                              self.classes if split else None)
+        # one extractor per iteration, drawn before any forward, whatever the forward mode or split
+        extractor = self.pool.next(self.generator) if self.pool is not None else None
         self.optimizer.zero_grad(set_to_none=not self.config.get("legacy_step_per_class"))
         values: dict[str, float] = {}
         total_value = 0.0
@@ -252,11 +266,11 @@ class MatchingEngine:
             syn_input = syn_aug.detach().requires_grad_(True)
         for real_part, syn_part, classes in groups:
             terms = self._class_losses(net, accuracy, real_aug[real_part], syn_input[syn_part],
-                                       syn_labels[syn_part], classes)
+                                       syn_labels[syn_part], classes, extractor)
             total = sum(self.weights[name] * value for name, value in terms.items())
             if not torch.isfinite(total):
                 bad = {name: float(value.detach()) for name, value in terms.items()}
-                raise NonFiniteLoss(f"the loss became {float(total)} at iteration {iteration} (terms {bad}); "
+                raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {iteration} (terms {bad}); "
                                     "lower the image learning rate (--set lr_img=...) or a term's weight")
             total.backward()
             for name, value in terms.items():
@@ -283,13 +297,73 @@ class MatchingEngine:
         with torch.no_grad():
             return denormalize(torch.cat(self.synthetic).detach(), self.real.mean, self.real.std).cpu()
 
-    def run(self, method: str):
-        """All iterations; returns a DistilledSet (or raises NonFiniteLoss with the last good one)."""
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_part(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """This rank's share of the run state: its classes' images and momentum, the RNG and (rank 0)
+        the model queue. Every rank holds the same RNG and queue, so one copy is enough."""
+        tensors = {"generator": generator_state(self.generator)}
+        for c in self.classes:
+            tensors[f"syn.{c}"] = self.synthetic[c].detach()
+            buffer = self.optimizer.state.get(self.synthetic[c], {}).get("momentum_buffer")
+            if buffer is not None:
+                tensors[f"momentum.{c}"] = buffer
+        state = {"classes": self.classes, "log": self.log}
+        if isinstance(self.source, ModelQueue) and self.world.is_main:
+            for i, net in enumerate(self.source.nets):
+                tensors.update({f"queue.{i}.{name}": value for name, value in net.state_dict().items()})
+            state["queue_accuracies"] = self.source.accuracies
+        return tensors, state
+
+    def restore(self, parts: list[tuple[dict, dict]]) -> None:
+        """Load the state of every part of a checkpoint (written by any number of processes)."""
+        restore_generator(self.generator, parts[0][0]["generator"])
+        for tensors, _ in parts:
+            for name, value in tensors.items():
+                kind, _, index = name.partition(".")
+                if kind == "syn":
+                    with torch.no_grad():
+                        self.synthetic[int(index)].copy_(value.to(self.device))
+                elif kind == "momentum":
+                    self.optimizer.state[self.synthetic[int(index)]]["momentum_buffer"] = value.to(self.device).clone()
+        main_tensors, main_state = parts[0]
+        self.log = list(main_state["log"])
+        if isinstance(self.source, ModelQueue):
+            accuracies = main_state["queue_accuracies"]
+            nets = []
+            for i in range(len(accuracies)):
+                net = build_net(self.config["model"], self.real, seed=0, device=self.device)
+                prefix = f"queue.{i}."
+                net.load_state_dict({k[len(prefix):]: v for k, v in main_tensors.items() if k.startswith(prefix)})
+                nets.append(net.train())
+            self.source.nets, self.source.accuracies = nets, list(accuracies)
+
+    def _checkpoint(self, checkpoint: dict, next_iteration: int) -> None:
+        tensors, state = self.state_part()
+        write_part(checkpoint["dir"], next_iteration, self.world.rank, tensors, state)
+        distributed.barrier()
+        if self.world.is_main:
+            commit(checkpoint["dir"], next_iteration, self.world.size, checkpoint["run"])
+
+    def run(self, method: str, checkpoint: dict | None = None):
+        """All iterations; returns a DistilledSet (or raises NonFiniteLoss with the last good one).
+
+        Args:
+            checkpoint: ``{"dir": path, "every": iterations (0 = about every ``seconds``),
+                "seconds": float, "resume": bool, "run": JSON record of how the run started}``,
+                or None for no checkpoints.
+        """
         iterations = int(self.config["iterations"])
         log_every = max(1, int(self.config["log_every"]))
+        start = 0
+        if checkpoint and checkpoint.get("resume"):
+            start, parts = load_latest(checkpoint["dir"])
+            self.restore(parts)
+        every = int(checkpoint.get("every") or 0) if checkpoint else 0
         started = time.perf_counter()
-        bar = progress(range(iterations), desc=method, enabled=self.show_progress)
+        bar = progress(range(start, iterations), desc=method, enabled=self.show_progress, initial=start,
+                       total=iterations)
         for iteration in bar:
+            distributed.maybe_inject_fault(iteration)
             try:
                 values = self.step(iteration)
             except NonFiniteLoss as exc:
@@ -297,9 +371,15 @@ class MatchingEngine:
                                           status=f"stopped at iteration {iteration}: non-finite loss")
                 raise
             if iteration % log_every == 0 or iteration == iterations - 1:
+                values = distributed.all_reduce_sum(values)
                 self.log.append({"iteration": iteration, **{k: round(v, 6) for k, v in values.items()}})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
-        return self.result(method, time.perf_counter() - started, iterations, status="complete")
+            if checkpoint and not every and iteration == start + 2:
+                per_iteration = (time.perf_counter() - started) / 3
+                every = distributed.broadcast_int(max(1, int(float(checkpoint.get("seconds", 180)) / per_iteration)))
+            if checkpoint and every and (iteration + 1) % every == 0 and iteration + 1 < iterations:
+                self._checkpoint(checkpoint, iteration + 1)
+        return self.result(method, time.perf_counter() - started, iterations - start, status="complete")
 
     def result(self, method: str, seconds: float, iterations_done: int, status: str):
         """The current synthetic images as a DistilledSet with the run's record."""

@@ -204,7 +204,9 @@ class DistilledSet:
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        if directory.exists() and not (directory / MANIFEST_FILE).exists() and any(directory.iterdir()):
+        run_state = {"checkpoint", ".parts"}  # written into --out while a run is in progress
+        if directory.exists() and not (directory / MANIFEST_FILE).exists() and any(
+                item.name not in run_state for item in directory.iterdir()):
             raise DDKitError(
                 f"{directory} exists and is not a distilled set; choose another --out or remove it"
             )

@@ -1,0 +1,139 @@
+"""Process groups for scale-out runs, and the fault hook the resilience tests use.
+
+A run started by ``torchrun --nproc-per-node N -m ddkit distill ...`` (or ``ddkit distill --nproc
+N``, which starts exactly that) sees ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` in its environment.
+:func:`setup` then joins the process group: backend ``nccl`` when the run's device is CUDA,
+``gloo`` otherwise. One process per GPU: rank r uses ``cuda:LOCAL_RANK``.
+
+Work is split so that the result does not depend on the number of processes: every rank draws the
+same random stream as a single process would, and only the expensive part (forward and backward
+passes of its own classes) is divided. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+
+from ddkit.errors import DDKitError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: ``rank`` of ``size`` (a single process is 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, count: int) -> list[int]:
+        """This rank's contiguous share of ``count`` items (e.g. class indices), as balanced as
+        possible; the shares of all ranks partition ``range(count)`` in order."""
+        base, extra = divmod(count, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return list(range(start, start + base + (1 if self.rank < extra else 0)))
+
+
+_WORLD = World()
+
+
+def current() -> World:
+    """The world of this process (0 of 1 unless :func:`setup` joined a group)."""
+    return _WORLD
+
+
+def setup(device: torch.device | str | None = None) -> World:
+    """Join the process group described by torchrun's environment variables (no-op without them).
+
+    Returns:
+        The :class:`World`; with CUDA the process is bound to ``cuda:LOCAL_RANK``.
+    """
+    global _WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        _WORLD = World()
+        return _WORLD
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    _WORLD = World(rank, size, local_rank)
+    return _WORLD
+
+
+def teardown() -> None:
+    """Leave the process group (after a final barrier)."""
+    global _WORLD
+    if _WORLD.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    _WORLD = World()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if _WORLD.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum scalar ``values`` over ranks (same keys on every rank; unchanged for one process)."""
+    if not _WORLD.distributed or not values:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if not _WORLD.distributed:
+        return int(value)
+    import torch.distributed as dist
+
+    tensor = torch.tensor([int(value)], dtype=torch.int64)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def maybe_inject_fault(iteration: int) -> None:
+    """Fault injection for the resilience tests: with ``DDKIT_FAULT_AT_ITERATION=N`` (and
+    optionally ``DDKIT_FAULT_RANK=r``) the process SIGKILLs itself when iteration N starts."""
+    at = os.environ.get("DDKIT_FAULT_AT_ITERATION")
+    if at is None or int(at) != iteration:
+        return
+    rank = os.environ.get("DDKIT_FAULT_RANK")
+    if rank is not None and int(rank) != _WORLD.rank:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_supported(config: dict) -> None:
+    """Refuse options whose result would depend on the class split."""
+    if _WORLD.distributed and config.get("legacy_step_per_class"):
+        raise DDKitError("legacy_step_per_class steps every class's images once per class, so its result depends on "
+                         "the class split; run it in one process")

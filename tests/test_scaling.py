@@ -1,0 +1,101 @@
+"""Scale-out and resilience: class-split torchrun runs, checkpoints, SIGKILL and dying-rank recovery."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.cli import main
+from ddkit.distributed import World
+from ddkit.errors import DDKitError
+
+RUN = ["dm", "--dataset", "digits", "--ipc", "2", "--preset", "smoke", "--set", "iterations=12", "-q"]
+
+
+@pytest.fixture
+def env(isolated_data, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("DDKIT_FAULT_AT_ITERATION", "DDKIT_FAULT_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return isolated_data
+
+
+@pytest.fixture
+def uninterrupted(env):
+    """The reference: the same run in one process, never interrupted."""
+    return ddkit.distill("dm", dataset="digits", ipc=2, preset="smoke", overrides=["iterations=12"],
+                         show_progress=False).images
+
+
+def test_shares_partition_the_classes_in_order():
+    for size in (1, 2, 3, 4):
+        shares = [World(rank, size).share(10) for rank in range(size)]
+        assert sum(shares, []) == list(range(10))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_two_gloo_processes_give_the_one_process_result(env, uninterrupted):
+    out = env / "two"
+    assert main(["distill", *RUN, "--out", str(out), "--nproc", "2"]) == 0
+    merged = ddkit.load(out)
+    assert torch.equal(merged.images, uninterrupted)  # instance norm: the class split is exact
+    assert merged.meta["processes"] == 2 and not (out / ".parts").exists() and not (out / "checkpoint").exists()
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing(env, uninterrupted):
+    out = env / "killed"
+    command = [sys.executable, "-m", "ddkit", "distill", *RUN, "--out", str(out), "--checkpoint-every", "3"]
+    killed = subprocess.run(command, env={**os.environ, "DDKIT_FAULT_AT_ITERATION": "8"}, capture_output=True)
+    assert killed.returncode == -9  # SIGKILL: no handler, no cleanup
+    latest = json.loads((out / "checkpoint" / "latest.json").read_text())
+    assert latest["iteration"] == 6 and not (out / "manifest.json").exists()
+    with pytest.raises(DDKitError, match="unfinished run; continue it with --resume"):
+        ddkit.distill("dm", dataset="digits", ipc=2, preset="smoke", overrides=["iterations=12"], out=out,
+                      show_progress=False)
+    assert main(["distill", "--resume", str(out), "-q"]) == 0
+    assert torch.equal(ddkit.load(out).images, uninterrupted)
+    assert not (out / "checkpoint").exists()
+
+
+def test_a_dying_rank_fails_the_job_and_resume_completes_it(env, uninterrupted, monkeypatch, capsys):
+    out = env / "dying"
+    monkeypatch.setenv("DDKIT_FAULT_AT_ITERATION", "7")
+    monkeypatch.setenv("DDKIT_FAULT_RANK", "1")
+    assert main(["distill", *RUN, "--out", str(out), "--nproc", "2", "--checkpoint-every", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "ddkit: error: a worker of the 2-process run failed" in err and f"--resume {out}" in err
+    assert json.loads((out / "checkpoint" / "latest.json").read_text())["world_size"] == 2
+    monkeypatch.delenv("DDKIT_FAULT_AT_ITERATION")
+    # resumed with a different process count: every part of the checkpoint is read
+    assert main(["distill", "--resume", str(out), "-q"]) == 0
+    assert torch.equal(ddkit.load(out).images, uninterrupted)
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(env, monkeypatch):
+    import ddkit.methods.matching as matching
+
+    calls = {"n": 0}
+    real_loss = matching.mean_feature_loss
+
+    def explode_at_the_sixth(*args, **kwargs):
+        calls["n"] += 1
+        value = real_loss(*args, **kwargs)
+        return value * float("inf") if calls["n"] == 6 else value
+
+    monkeypatch.setattr(matching, "mean_feature_loss", explode_at_the_sixth)
+    out = env / "nan"
+    with pytest.raises(DDKitError, match="iteration 5.*last checkpoint is kept"):
+        ddkit.distill("dm", dataset="digits", ipc=2, preset="smoke", overrides=["iterations=12"], out=out,
+                      checkpoint_every=2, show_progress=False)
+    assert json.loads((out / "checkpoint" / "latest.json").read_text())["iteration"] == 4
+
+
+def test_resume_needs_a_checkpoint_and_a_checkpointing_method(env):
+    with pytest.raises(DDKitError, match="no checkpoint in"):
+        ddkit.resume(env / "nothing")
+    with pytest.raises(DDKitError, match="does not checkpoint yet"):
+        ddkit.distill("sre2l", dataset="digits", ipc=1, preset="smoke", out=env / "x", resume=True)
