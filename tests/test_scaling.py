@@ -99,3 +99,13 @@ def test_resume_needs_a_checkpoint_and_a_checkpointing_method(env):
         ddkit.resume(env / "nothing")
     with pytest.raises(DDKitError, match="does not checkpoint yet"):
         ddkit.distill("sre2l", dataset="digits", ipc=1, preset="smoke", out=env / "x", resume=True)
+
+
+def test_recover_batches_split_across_two_processes_give_the_one_process_set(env):
+    options = ["--dataset", "digits", "--ipc", "2", "--preset", "smoke", "--set", "batch_size=5",
+               "--set", "relabel.epochs=2", "-q"]
+    assert main(["distill", "sre2l", *options, "--out", str(env / "one")]) == 0
+    assert main(["distill", "sre2l", *options, "--out", str(env / "two"), "--nproc", "2"]) == 0
+    one, two = ddkit.load(env / "one"), ddkit.load(env / "two")
+    assert torch.equal(one.images, two.images)  # 4 batches, 2 per rank, each with its own generator
+    assert torch.equal(one.extras["relabel.logits"], two.extras["relabel.logits"])

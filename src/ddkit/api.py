@@ -70,12 +70,21 @@ def distill(
     try:
         if world.distributed and out is None:
             raise DDKitError("a multi-process run needs --out (the ranks exchange their parts through it)")
-        if world.distributed and not getattr(fn, "supports_checkpoints", False):
-            raise DDKitError(f"{method} does not split across processes yet; run it in one process")
+        if world.distributed and not getattr(fn, "splits_work", False):
+            raise DDKitError(f"{method} does not split across processes; run it in one process")
         checkpoint = _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size,
                                       checkpoint_every, checkpoint_seconds, resume, flags)
         if checkpoint is not None:
             flags["checkpoint"] = checkpoint
+        merged = False
+        if world.distributed and not getattr(fn, "supports_checkpoints", False):
+            # methods that finish with a stage on the whole set (relabel) merge the parts themselves
+            def merge(partial):
+                nonlocal merged
+                _merge_parts(partial, Path(out), world)
+                merged = True
+
+            flags["merge_parts"] = merge
         real = load_dataset(dataset, image_size=image_size)
         started = time.perf_counter()
         try:
@@ -93,7 +102,8 @@ def distill(
         result.meta.setdefault("device", str(device))
         if world.distributed:
             result.meta["processes"] = world.size
-            _merge_parts(result, Path(out), world)
+            if not merged:
+                _merge_parts(result, Path(out), world)
         if image_size:
             result.meta["dataset_options"] = {"image_size": image_size}
         if out is not None and world.is_main:
@@ -137,8 +147,10 @@ def _merge_parts(result, out: Path, world) -> None:
 
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
-    classes = torch.tensor(world.share(result.num_classes))
-    rows = torch.nonzero(torch.isin(result.labels, classes)).flatten()
+    rows = getattr(result, "computed_rows", None)
+    if rows is None:  # the matching family: this rank's share of the classes
+        classes = torch.tensor(world.share(result.num_classes))
+        rows = torch.nonzero(torch.isin(result.labels, classes)).flatten()
     tmp = parts / f".rank{world.rank}.tmp"
     save_file({"images": result.images[rows].contiguous(), "rows": rows}, str(tmp))
     os.replace(tmp, parts / f"rank{world.rank}.safetensors")

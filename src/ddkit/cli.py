@@ -116,17 +116,59 @@ def cmd_show(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    import os
+
     import ddkit
 
-    distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset,
-                              seed=args.seed, device=args.device, overrides=args.set_options,
-                              show_progress=not args.quiet, out=args.out,
-                              **({"image_size": args.image_size} if args.image_size else {}),
-                              **_method_flags(args))
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _launch_torchrun(args)
+    options = dict(device=args.device, show_progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                   checkpoint_seconds=60.0 * args.checkpoint_minutes)
+    if args.resume:
+        distilled = ddkit.resume(args.resume, **options)
+        method, dataset = distilled.method, distilled.dataset
+    else:
+        missing = [flag for flag, value in (("METHOD", args.method), ("--dataset", args.dataset),
+                                            ("--ipc", args.ipc), ("--out", args.out)) if value is None]
+        if missing:
+            raise DDKitError(f"distill needs {', '.join(missing)} (or --resume DIR to continue a run)")
+        distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset,
+                                  seed=args.seed, overrides=args.set_options, out=args.out,
+                                  **({"image_size": args.image_size} if args.image_size else {}),
+                                  **_method_flags(args), **options)
+        method, dataset = args.method, args.dataset
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     timings = distilled.meta.get("timings", {})
-    print(f"{args.method}: {distilled.ipc} images per class of {args.dataset} in "
+    print(f"{method}: {distilled.ipc} images per class of {dataset} in "
           f"{timings.get('distill_seconds', float('nan')):.1f} s -> {distilled.path}")
     print(f"grid: {distilled.path / 'grid.png'}")
+    return 0
+
+
+def _launch_torchrun(args) -> int:
+    """``ddkit distill --nproc N ...``: run the same command under torchrun on this machine."""
+    import subprocess
+
+    argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
+    cleaned, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        cleaned.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "ddkit", *cleaned]
+    code = subprocess.call(command)
+    if code != 0:
+        where = args.resume or args.out
+        raise DDKitError(f"a worker of the {args.nproc}-process run failed (exit code {code}; see its messages above); "
+                         f"continue from the last checkpoint with: ddkit distill --resume {where} --nproc {args.nproc}")
     return 0
 
 
@@ -151,6 +193,7 @@ def cmd_squeeze(args) -> int:
 
 def cmd_recover(args) -> int:
     args.func_relabel = False
+    args.resume, args.checkpoint_every, args.checkpoint_minutes = None, 0, 3.0
     return cmd_distill(args)
 
 
@@ -222,12 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distill a dataset with a method",
                        description="Distill a real dataset into IPC synthetic images per class.")
-    p.add_argument("method", help="method name: dm, idm, iid, idm-iid, ddm (matching); sre2l, cda, gvbsm "
-                                  "(statistics: squeeze -> recover -> relabel); random")
-    p.add_argument("--dataset", required=True, help="real dataset name (see `ddkit data list`)")
-    p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    p.add_argument("method", nargs="?", help="method name: dm, idm, iid, idm-iid, ddm (matching); sre2l, cda, gvbsm "
+                                             "(statistics: squeeze -> recover -> relabel); random")
+    p.add_argument("--dataset", help="real dataset name (see `ddkit data list`)")
+    p.add_argument("--ipc", type=int, help="synthetic images per class")
     p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
-    p.add_argument("--out", required=True, help="output directory of the distilled set")
+    p.add_argument("--out", help="output directory of the distilled set (checkpoints go to OUT/checkpoint)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted run whose checkpoint is in DIR (method, dataset and options are "
+                        "read from it); at the same seed on CPU the result equals an uninterrupted run")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (torchrun; gloo on CPU, nccl with --device cuda, one GPU each); "
+                        "the matching family splits the classes across them")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="matching family: checkpoint every N iterations (default 0: about every --checkpoint-minutes)")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0, metavar="M",
+                   help="with --checkpoint-every 0: minutes of work between checkpoints (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
@@ -271,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an option: recover ones bare (lr=0.1) or qualified (relabel.epochs=50)")
     p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
                    help="use this squeezed teacher folder instead of the preset's pool (repeatable)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (torchrun); the recover batches are split across them")
     _add_common(p)
     p.set_defaults(func=cmd_recover)
 
@@ -334,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set", help="distilled-set directory")
     p.add_argument("--columns", type=int, default=20, help="images per row at most (default 20)")
     p.set_defaults(func=cmd_show)
+    from ddkit.bench.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -341,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ddkit`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.version:
         import ddkit
 

@@ -183,6 +183,7 @@ def distill_matching(method: str):
 
     run.__doc__ = f"Distill with {method} (matching engine; preset per SPEC section 2)."
     run.supports_checkpoints = True
+    run.splits_work = True
     return run
 
 

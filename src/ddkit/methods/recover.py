@@ -337,23 +337,38 @@ class RecoverEngine:
         return x.detach()
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Recover every batch. Returns (pixel images float [K*ipc, C, H, W] on the CPU in class
-        order, labels int64 [K*ipc], record with timings and the loss log)."""
+        """Recover every batch (this rank's batches under torchrun).
+
+        Batch ``b`` draws from its own generator (seeded from the run seed and ``b``), so its images
+        do not depend on which process recovers it; ranks take the batches round-robin.
+
+        Returns:
+            (pixel images float [K*ipc, C, H, W] on the CPU in class order, labels int64 [K*ipc],
+            record with timings, the loss log and ``rows``: int64 indices of the images recovered here).
+        """
+        from ddkit import distributed
+
+        world = distributed.current()
         k = self.real.num_classes
         items = item_order(k, self.ipc, self.config["batch_mode"])
         size = int(self.config["batch_size"])
         batches = [items[s:s + size] for s in range(0, items.shape[0], size)]
+        mine = [b for b in range(len(batches)) if b % world.size == world.rank]
         images = torch.zeros((k * self.ipc, *self.real.image_shape))
+        rows = []
         started = time.perf_counter()
-        total_steps = len(batches) * int(self.config["iterations"])
+        total_steps = len(mine) * int(self.config["iterations"])
         with progress(total=total_steps, desc="recover", enabled=self.show_progress) as bar:
-            for b, batch in enumerate(batches):
-                labels = batch[:, 0].to(self.device)
-                x = self._recover_batch(labels, bar, b)
+            for b in mine:
+                batch = batches[b]
+                self.generator = make_generator(self.seed * 100003 + b)
+                x = self._recover_batch(batch[:, 0].to(self.device), bar, b)
                 pixels = denormalize(x, self.real.mean, self.real.std).clamp(0, 1).cpu()
-                images[batch[:, 0] * self.ipc + batch[:, 1]] = pixels
+                index = batch[:, 0] * self.ipc + batch[:, 1]
+                images[index] = pixels
+                rows.append(index)
         seconds = time.perf_counter() - started
         labels = torch.arange(k).repeat_interleave(self.ipc)
         record = {"recover_seconds": round(seconds, 3), "seconds_per_iteration": round(seconds / max(1, total_steps), 4),
-                  "loss_log": self.log}
+                  "loss_log": self.log, "rows": torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)}
         return images, labels, record

@@ -144,7 +144,7 @@ def recover_set(method: str, real, ipc: int, config: dict, teachers, seed: int, 
 
     engine = RecoverEngine(real, ipc, config["recover"], teachers, seed, device, show_progress)
     images, labels, record = engine.run()
-    return DistilledSet(
+    result = DistilledSet(
         images=images, labels=labels, class_names=list(real.class_names), dataset=real.name, mean=real.mean,
         std=real.std, method=method,
         meta={"config": config, "seeds": {"run": seed}, "teachers": [t.info() for t in teachers],
@@ -152,14 +152,18 @@ def recover_set(method: str, real, ipc: int, config: dict, teachers, seed: int, 
                           "seconds_per_iteration": record["seconds_per_iteration"]},
               "status": "complete", "loss_log": record["loss_log"]},
     )
+    result.computed_rows = record["rows"]  # transient: which images this process recovered
+    return result
 
 
 def distill_statistics(method: str):
     """The registered entry point of one statistics-matching method (all three stages)."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True, relabel=True,
-            teacher_paths=None):
+            teacher_paths=None, merge_parts=None):
         import time
+
+        from ddkit import distributed
 
         config = resolve_preset(method, real.name, preset, overrides)
         started = time.perf_counter()
@@ -167,10 +171,17 @@ def distill_statistics(method: str):
             teachers = [load_teacher(path, real, device) for path in teacher_paths]
             config["teachers"] = [t.model_config for t in teachers]
         else:
-            teachers = method_teachers(real, config, seed, device, show_progress)
+            # under torchrun rank 0 trains (and caches) the teachers while the others wait, then load them
+            if distributed.current().is_main:
+                teachers = method_teachers(real, config, seed, device, show_progress)
+            distributed.barrier()
+            if not distributed.current().is_main:
+                teachers = method_teachers(real, config, seed, device, False)
         squeeze_seconds = time.perf_counter() - started
         result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress)
-        if relabel:
+        if merge_parts is not None:
+            merge_parts(result)  # every rank now holds every recovered image
+        if relabel and distributed.current().is_main:  # one process labels the merged set
             started = time.perf_counter()
             result = relabel_with(result, teachers, config, seed, device, show_progress)
             result.meta["timings"]["relabel_seconds"] = round(time.perf_counter() - started, 3)
@@ -178,6 +189,7 @@ def distill_statistics(method: str):
         return result
 
     run.__doc__ = f"Distill with {method}: squeeze (cached) -> recover -> relabel (SPEC section 3)."
+    run.splits_work = True
     return run
 
 

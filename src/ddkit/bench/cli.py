@@ -1,0 +1,97 @@
+"""The ``ddkit bench`` and ``ddkit report`` commands; ``ddkit.cli.build_parser`` adds them."""
+
+from __future__ import annotations
+
+from ddkit.errors import DDKitError
+
+DEFAULT_DATASETS = "fashion-mnist,mnist"
+DEFAULT_IPCS = "1,10,50"
+
+
+def _names(text: str, option: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise DDKitError(f"{option} is empty; give a comma-separated list")
+    return names
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    values = []
+    for part in _names(text, option):
+        try:
+            value = int(part)
+        except ValueError:
+            raise DDKitError(f"{option} expects comma-separated positive integers, got {part!r}") from None
+        if value < 1:
+            raise DDKitError(f"{option} expects positive integers, got {value}")
+        values.append(value)
+    return values
+
+
+def default_methods() -> list[str]:
+    """Every registered method except the random baseline (which the bench always adds)."""
+    from ddkit.methods import METHODS
+
+    return [name for name in METHODS if name != "random"]
+
+
+def cmd_bench(args) -> int:
+    from ddkit.bench.grid import TABLE_FILE, run_bench
+
+    methods = _names(args.methods, "--methods") if args.methods else default_methods()
+    lines = run_bench(args.tier, _names(args.datasets, "--datasets"), methods, _positive_ints(args.ipc, "--ipc"),
+                      runs=args.runs, out=args.out, seed=args.seed, device=args.device,
+                      show_progress=not args.quiet, archs=_names(args.arch, "--arch"))
+    failed = [line for line in lines if "error" in line]
+    print(f"{len(lines) - len(failed)} of {len(lines)} cells done; table: {args.out}/{TABLE_FILE}")
+    for line in failed:
+        print(f"failed: {line['dataset']} {line['method']} ipc {line['ipc']} ({line['arch']}): "
+              f"{str(line['error']).splitlines()[0]}")
+    if failed:
+        print("run the same command again to retry the failed cells")
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from ddkit.bench.report import write_report
+
+    print(write_report(args.dir, args.out))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add ``bench`` and ``report`` to the ``ddkit`` command line's subparsers."""
+    p = subparsers.add_parser(
+        "bench", help="distill and evaluate a grid of datasets x methods x IPC (resumable)",
+        description="Distill every (dataset, method, IPC) once at the tier's preset and evaluate it with the "
+                    "protocol the method calls for (hard labels for the matching family and the random subset, "
+                    "soft labels for sre2l, cda and gvbsm). The random subset is always included, and for every "
+                    "statistics method M also random+M, the random subset relabelled with M's teachers. Results "
+                    "go to OUT/results.jsonl (one line per cell), OUT/table.md and OUT/plots/; running the same "
+                    "command again skips finished cells and retries failed ones.")
+    p.add_argument("--tier", default="quick",
+                   help="distillation and evaluation preset: smoke | quick | paper (default quick)")
+    p.add_argument("--datasets", default=DEFAULT_DATASETS,
+                   help=f"comma-separated dataset names (default {DEFAULT_DATASETS})")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: every registered method except random; random is "
+                        "always added)")
+    p.add_argument("--ipc", default=DEFAULT_IPCS, help=f"comma-separated images per class (default {DEFAULT_IPCS})")
+    p.add_argument("--runs", type=int, default=3,
+                   help="evaluation runs per cell, seeds SEED .. SEED+RUNS-1 (default 3)")
+    p.add_argument("--out", required=True, help="bench directory (created; reused to resume)")
+    p.add_argument("--seed", type=int, default=0, help="distillation seed and first evaluation seed (default 0)")
+    p.add_argument("--arch", default="convnet",
+                   help="comma-separated evaluation architectures, e.g. convnet,resnet18 (default convnet)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no per-cell lines")
+    p.set_defaults(func=cmd_bench)
+
+    p = subparsers.add_parser(
+        "report", help="write one self-contained HTML page for a set or a bench directory",
+        description="Write an HTML report (images embedded, no external resources): for a set directory its "
+                    "manifest summary, evaluations, image grid and loss curve; for a bench directory its table, "
+                    "plots and every set's grid.")
+    p.add_argument("dir", help="a distilled-set directory or a bench directory")
+    p.add_argument("--out", default=None, help="the HTML file to write (default DIR/report.html)")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,440 @@
+"""The benchmark grid: distill every (dataset, method, IPC) once, evaluate it, record one line per cell.
+
+A bench directory holds
+
+- ``sets/<dataset>-<method>-ipc<N>/``: the distilled sets (the ordinary set format);
+- ``results.jsonl``: one JSON line per finished (cell, architecture), appended and fsync'ed, so a
+  crash loses at most the cell that was running;
+- ``table.md`` and ``plots/``: rewritten after every cell from ``results.jsonl``;
+- ``bench.json``: the parameters of the latest ``run_bench`` call.
+
+Resuming: a cell whose line (same dataset, method, IPC, tier, architecture, runs and seed) is
+already in ``results.jsonl`` without an error is skipped; a set already saved is not distilled
+again, and stored evaluations are reused (``ddkit.evaluate(..., reuse=True)``). A failed cell is
+recorded with ``"error"`` and tried again on the next run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddkit.errors import DDKitError
+
+TIERS = ("smoke", "quick", "paper")
+BASELINE = "random"
+RESULTS_FILE = "results.jsonl"
+TABLE_FILE = "table.md"
+PLOTS_DIR = "plots"
+SETS_DIR = "sets"
+SPEC_FILE = "bench.json"
+#: The fields that name a result line; a new line with the same key replaces an older one.
+KEY_FIELDS = ("dataset", "method", "ipc", "tier", "arch", "runs", "seed")
+
+
+def statistics_methods() -> tuple[str, ...]:
+    """The statistics-family methods (soft-label protocol): ``ddkit.methods.stats_family.METHODS``."""
+    from ddkit.methods import stats_family
+
+    return tuple(stats_family.METHODS)
+
+
+def relabelled_baseline(method: str) -> str:
+    """The name of the cell holding the random subset relabelled with ``method``'s teachers."""
+    return f"{BASELINE}+{method}"
+
+
+def is_baseline(method: str) -> bool:
+    """True for ``random`` and every ``random+M``."""
+    return method == BASELINE or method.startswith(BASELINE + "+")
+
+
+def protocol_for(method: str) -> str:
+    """"soft" for the statistics family and its relabelled baselines, "hard" for everything else."""
+    if method.startswith(BASELINE + "+"):
+        return "soft"
+    return "soft" if method in statistics_methods() else "hard"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a dataset name (``imagefolder:/a/b`` -> ``imagefolder_a_b``)."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", text)).strip("_.") or "dataset"
+
+
+def set_name(dataset: str, method: str, ipc: int) -> str:
+    """``<dataset>-<method>-ipc<N>``: the folder name of a cell's set under ``sets/``."""
+    return f"{slug(dataset)}-{method}-ipc{ipc}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset, method, IPC) of the grid; ``protocol`` follows from the method."""
+
+    dataset: str
+    method: str
+    ipc: int
+
+    @property
+    def protocol(self) -> str:
+        return protocol_for(self.method)
+
+    @property
+    def name(self) -> str:
+        return set_name(self.dataset, self.method, self.ipc)
+
+
+# ---- input checks ----------------------------------------------------------------------------------
+def _as_list(value) -> list:
+    """A comma-separated string or an iterable as a list (``"dm,ddm"`` -> ``["dm", "ddm"]``)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, int):
+        return [value]
+    return list(value)
+
+
+def check_tier(tier: str) -> str:
+    if tier not in TIERS:
+        raise DDKitError(f"unknown tier {tier!r}; choose one of: {', '.join(TIERS)}")
+    return tier
+
+
+def check_datasets(datasets) -> list[str]:
+    """Canonical dataset names; an unknown name raises DDKitError (the data need not be fetched yet)."""
+    from ddkit.data.registry import resolve_name
+
+    names = [resolve_name(name)[0] for name in datasets]
+    if not names:
+        raise DDKitError("no dataset given; pass e.g. --datasets fashion-mnist,mnist")
+    return list(dict.fromkeys(names))
+
+
+def check_methods(methods) -> list[str]:
+    """Registered method names (``random+M`` accepted for a statistics method M); unknown -> DDKitError."""
+    from ddkit.methods import METHODS
+
+    known, stats = list(METHODS), statistics_methods()
+    checked = []
+    for method in methods:
+        base = method[len(BASELINE) + 1:] if method.startswith(BASELINE + "+") else None
+        if base is not None and base not in stats:
+            raise DDKitError(f"{method!r}: only statistics methods have a relabelled baseline; "
+                             f"choose random+ one of: {', '.join(stats)}")
+        if base is None and method not in known:
+            raise DDKitError(f"unknown method {method!r}; choose from: {', '.join(known)}")
+        checked.append(method)
+    return list(dict.fromkeys(checked))
+
+
+def check_ipcs(ipcs) -> list[int]:
+    values = []
+    for ipc in ipcs:
+        if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+            raise DDKitError(f"IPC values must be positive integers, got {ipc!r}; pass e.g. --ipc 1,10,50")
+        values.append(ipc)
+    if not values:
+        raise DDKitError("no IPC given; pass e.g. --ipc 1,10,50")
+    return list(dict.fromkeys(values))
+
+
+def check_archs(archs) -> list[str]:
+    from ddkit.models import available
+
+    archs = list(dict.fromkeys(archs))
+    unknown = [a for a in archs if a not in available()]
+    if unknown or not archs:
+        raise DDKitError(f"unknown architecture {(unknown or [''])[0]!r}; choose from: {', '.join(available())}")
+    return archs
+
+
+def plan_cells(datasets: list[str], methods: list[str], ipcs: list[int]) -> list[Cell]:
+    """The grid in run order: per dataset and IPC, the baselines first, then the methods.
+
+    ``random`` is always included; every statistics method M adds ``random+M``.
+    """
+    stats = statistics_methods()
+    ordered = [BASELINE] + [relabelled_baseline(m) for m in methods if m in stats]
+    ordered += [m for m in methods if is_baseline(m)] + [m for m in methods if not is_baseline(m)]
+    ordered = list(dict.fromkeys(ordered))
+    return [Cell(dataset, method, ipc) for dataset in datasets for ipc in ipcs for method in ordered]
+
+
+# ---- results.jsonl -----------------------------------------------------------------------------------
+def line_key(line: dict) -> tuple:
+    return tuple(line.get(name) for name in KEY_FIELDS)
+
+
+def read_results(directory: str | Path) -> list[dict]:
+    """Every line of ``results.jsonl`` in file order; a torn or foreign line is skipped."""
+    path = Path(directory) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and all(name in line for name in ("dataset", "method", "ipc")):
+            lines.append(line)
+    return lines
+
+
+def latest_results(lines: list[dict]) -> list[dict]:
+    """The last line of every key (a retried cell replaces its error line), in first-seen order."""
+    latest: dict[tuple, dict] = {}
+    for line in lines:
+        latest[line_key(line)] = line
+    return list(latest.values())
+
+
+def append_result(directory: str | Path, line: dict) -> None:
+    """Append one JSON line, flushed and fsync'ed; a torn last line is closed off first."""
+    path = Path(directory) / RESULTS_FILE
+    text = json.dumps(line, sort_keys=False) + "\n"
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                text = "\n" + text
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename; the file gets the usual 0666 & ~umask."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---- one cell ------------------------------------------------------------------------------------------
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _reset_peak_memory(device) -> None:
+    """Best effort: restart the peak-memory counter so a cell's peak is its own, not the process's.
+
+    On Linux, writing 5 to ``/proc/self/clear_refs`` resets the resident-set high-water mark that
+    ``ru_maxrss`` reports; elsewhere the peak stays the process's maximum so far.
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _stored_seed(manifest: dict):
+    seeds = manifest.get("seeds") or {}
+    return seeds.get("run", seeds.get("selection"))
+
+
+def _load_existing(path: Path, cell: Cell, tier: str, seed: int):
+    """The set saved at ``path`` if there is one (refusing a set made for another tier or seed)."""
+    import ddkit
+
+    if not (path / "manifest.json").is_file():
+        return None
+    distilled = ddkit.load(path)
+    stored_seed = _stored_seed(distilled.meta)
+    if stored_seed is not None and stored_seed != seed:
+        raise DDKitError(f"{path} was made with seed {stored_seed}, this bench asks for seed {seed}; "
+                         "use another --out")
+    made_at = (distilled.meta.get("relabelled_like") or {}).get("preset", distilled.meta.get("preset"))
+    if cell.method != BASELINE and made_at is not None and made_at != tier:
+        raise DDKitError(f"{path} was made at tier {made_at}, this bench asks for {tier}; use another --out")
+    status = distilled.meta.get("status", "complete")
+    if status != "complete":
+        raise DDKitError(f"{path} is not complete ({status}); remove it to distill again")
+    return distilled
+
+
+def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_progress: bool):
+    """Load the cell's set, or make and save it; returns the DistilledSet (saved, ``path`` set)."""
+    import ddkit
+
+    path = sets / cell.name
+    existing = _load_existing(path, cell, tier, seed)
+    if existing is not None:
+        return existing
+    if not cell.method.startswith(BASELINE + "+"):
+        _reset_peak_memory(device)
+        ddkit.distill(cell.method, dataset=cell.dataset, ipc=cell.ipc, preset=tier, seed=seed, device=device,
+                      show_progress=show_progress, out=path)
+        return ddkit.load(path)
+    # random+M: the random subset of this cell, relabelled with M's teachers and relabel options.
+    method = cell.method[len(BASELINE) + 1:]
+    base = _distilled_set(Cell(cell.dataset, BASELINE, cell.ipc), sets, tier, seed, device, show_progress)
+    return _relabel_random(base, method, path, tier, seed, device, show_progress)
+
+
+def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device, show_progress: bool):
+    """Save ``base`` relabelled like ``method`` at ``tier`` to ``path`` and return it."""
+    from ddkit.data import load_dataset
+    from ddkit.methods import stats_family
+    from ddkit.utils import peak_memory_bytes
+
+    _reset_peak_memory(device)
+    real = load_dataset(base.dataset, **base.meta.get("dataset_options", {}))
+    config = stats_family.resolve_preset(method, real.name, tier)
+    started = time.perf_counter()
+    teachers = stats_family.method_teachers(real, config, seed, device, show_progress)
+    squeezed = time.perf_counter()
+    result = stats_family.relabel_with(base, teachers, config, seed, device, show_progress)
+    finished = time.perf_counter()
+    timings = result.meta.setdefault("timings", {})
+    made = float(timings.get("distill_seconds") or 0.0)
+    timings["squeeze_seconds"] = round(squeezed - started, 3)
+    timings["relabel_seconds"] = round(finished - squeezed, 3)
+    # The time to make this set: the random selection, the teachers (cached ones load fast), the relabel.
+    timings["distill_seconds"] = round(made + finished - started, 3)
+    result.meta["relabelled_like"] = {"method": method, "preset": tier}
+    result.meta["peak_memory_bytes"] = peak_memory_bytes(device)
+    result.save(path)
+    return result
+
+
+def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, archs: list[str],
+             show_progress: bool) -> list[dict]:
+    """Distill (or load) and evaluate one cell; returns one result line per architecture."""
+    import ddkit
+
+    distilled = _distilled_set(cell, out / SETS_DIR, tier, seed, device, show_progress)
+    manifest = distilled.meta
+    sizes = distilled.stored_bytes()
+    lines = []
+    for arch in archs:
+        result = ddkit.evaluate(distilled, protocol=cell.protocol, preset=tier, runs=runs, archs=[arch], seed=seed,
+                                device=device, show_progress=show_progress, reuse=True)[arch]
+        lines.append({
+            "dataset": cell.dataset, "method": cell.method, "ipc": cell.ipc, "tier": tier,
+            "protocol": cell.protocol, "arch": arch, "runs": runs, "seed": seed,
+            "accuracies": [round(float(a), 4) for a in result.accuracies],
+            "mean": round(result.mean, 4), "std": round(result.std, 4),
+            "distill_seconds": (manifest.get("timings") or {}).get("distill_seconds"),
+            "eval_seconds_per_run": round(float(result.seconds_per_run), 2),
+            "peak_memory_bytes": manifest.get("peak_memory_bytes"),
+            "image_bytes": sizes["images"], "soft_label_bytes": sizes["soft_labels"],
+            "set": f"{SETS_DIR}/{cell.name}", "date": _now(), "device": str(device),
+        })
+    return lines
+
+
+def _error_line(cell: Cell, arch: str, tier: str, runs: int, seed: int, device, exc: BaseException) -> dict:
+    line = {"dataset": cell.dataset, "method": cell.method, "ipc": cell.ipc, "tier": tier,
+            "protocol": cell.protocol, "arch": arch, "runs": runs, "seed": seed,
+            "error": str(exc) if isinstance(exc, DDKitError) else f"{type(exc).__name__}: {exc}",
+            "set": f"{SETS_DIR}/{cell.name}", "date": _now(), "device": str(device)}
+    if not isinstance(exc, DDKitError):
+        line["traceback"] = "".join(traceback.format_exception(exc))[-4000:]
+    return line
+
+
+# ---- the grid ------------------------------------------------------------------------------------------
+def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, device: str = "cpu",
+              show_progress: bool = True, archs=("convnet",)) -> list[dict]:
+    """Run (or resume) the grid of (dataset, method, IPC) cells into the bench directory ``out``.
+
+    Args:
+        tier: "smoke" | "quick" | "paper": the distillation preset and the evaluation preset.
+        datasets: dataset names; methods: method names (``random`` is always added, and
+            ``random+M`` for every statistics method M); ipcs: images per class.
+        runs: evaluation runs per cell and architecture (seeds ``seed`` .. ``seed + runs - 1``).
+        out: the bench directory (created if needed).
+        seed: the distillation seed and the first evaluation seed.
+        archs: evaluation (student) architectures.
+
+    Returns:
+        The latest result line of every cell of this grid (failed cells carry ``"error"``), in
+        grid order.
+
+    Raises:
+        DDKitError: bad input (unknown tier, dataset, method or architecture; a bad IPC or runs).
+    """
+    from ddkit.bench.plots import write_plots
+    from ddkit.bench.table import write_table
+    from ddkit.utils import resolve_device, write_json_atomic
+
+    tier = check_tier(tier)
+    datasets, methods = check_datasets(_as_list(datasets)), check_methods(_as_list(methods))
+    ipcs, archs = check_ipcs(_as_list(ipcs)), check_archs(_as_list(archs))
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise DDKitError(f"runs must be a positive integer, got {runs!r}")
+    device = resolve_device(device)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DDKitError(f"{out} exists and is not a directory; choose another --out")
+    if (out / "manifest.json").is_file():
+        raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
+    (out / SETS_DIR).mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(datasets, methods, ipcs)
+    write_json_atomic(out / SPEC_FILE, {"tier": tier, "datasets": datasets, "methods": methods, "ipcs": ipcs,
+                                        "runs": runs, "seed": seed, "archs": archs, "device": str(device),
+                                        "cells": len(cells), "started": _now()})
+    done = {line_key(line) for line in latest_results(read_results(out)) if "error" not in line}
+
+    def key(cell, arch):
+        return (cell.dataset, cell.method, cell.ipc, tier, arch, runs, seed)
+
+    def say(text):
+        if show_progress:
+            print(text, file=sys.stderr, flush=True)
+
+    for number, cell in enumerate(cells, 1):
+        pending = [arch for arch in archs if key(cell, arch) not in done]
+        label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
+        if not pending:
+            say(f"{label}: done before, skipped")
+            continue
+        started = time.perf_counter()
+        try:
+            lines = run_cell(cell, out, tier, runs, seed, device, pending, show_progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # a failing cell is recorded; the bench goes on
+            lines = [_error_line(cell, arch, tier, runs, seed, device, exc) for arch in pending]
+        for line in lines:
+            append_result(out, line)
+        summary = "; ".join(f"{line['arch']} {line['mean']:.2f} +- {line['std']:.2f}" if "error" not in line
+                            else f"{line['arch']} FAILED: {line['error'].splitlines()[0]}" for line in lines)
+        say(f"{label}: {summary} ({time.perf_counter() - started:.0f} s)")
+        write_table(out)
+        write_plots(out)
+    if not (out / TABLE_FILE).exists():
+        write_table(out)
+        write_plots(out)
+    order = {key(cell, arch): index for index, (cell, arch) in enumerate((c, a) for c in cells for a in archs)}
+    lines = [line for line in latest_results(read_results(out)) if line_key(line) in order]
+    return sorted(lines, key=lambda line: order[line_key(line)])

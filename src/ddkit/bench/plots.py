@@ -1,0 +1,203 @@
+"""Bench plots (PNG, matplotlib's Agg canvas; pyplot and the global backend are never touched).
+
+- ``plots/accuracy-<dataset>-<protocol>-<arch>-<tier>.png``: accuracy against IPC, one line per
+  method with the standard deviation as error bars; the baselines are dashed (``random`` black,
+  ``random+M`` in M's colour).
+- ``plots/loss-<set>.png``: the loss terms of a set's ``loss_log`` against the iteration (the
+  statistics family's batches are concatenated, with a dotted line where a batch starts).
+- every set of the bench gets its ``grid.png`` back if it is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ddkit.bench.grid import BASELINE, PLOTS_DIR, latest_results, read_results, slug
+from ddkit.bench.table import method_order
+from ddkit.errors import DDKitError
+
+#: loss_log fields that are bookkeeping, not loss terms
+NOT_LOSS_TERMS = frozenset({"iteration", "batch", "acc", "accuracy", "crop_min", "lr", "seconds"})
+
+
+def new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write the figure as a PNG atomically (temporary name, then rename)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(png_bytes(figure))
+    os.replace(tmp, path)
+    return path
+
+
+def _colours(methods: list[str]) -> dict[str, object]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    plain = sorted({m.split("+", 1)[1] if m.startswith(BASELINE + "+") else m for m in methods} - {BASELINE})
+    colours = {m: palette(i % 10) for i, m in enumerate(plain)}
+    colours[BASELINE] = "black"
+    for method in methods:
+        if method.startswith(BASELINE + "+"):
+            colours[method] = colours.get(method.split("+", 1)[1], "grey")
+    return colours
+
+
+def accuracy_figure(lines: list[dict], title: str) -> Figure:
+    """Accuracy (mean, std error bars) against IPC for each method in ``lines`` (successful lines)."""
+    figure = new_figure()
+    axes = figure.add_subplot(1, 1, 1)
+    methods = sorted({line["method"] for line in lines}, key=method_order)
+    colours = _colours(methods)
+    ipcs = sorted({int(line["ipc"]) for line in lines})
+    for method in methods:
+        points = sorted((int(l["ipc"]), float(l["mean"]), float(l["std"])) for l in lines if l["method"] == method)
+        baseline = method == BASELINE or method.startswith(BASELINE + "+")
+        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                      label=method + (" (baseline)" if baseline else ""), color=colours[method],
+                      linestyle="--" if baseline else "-", marker="s" if baseline else "o",
+                      linewidth=2.0 if baseline else 1.5, capsize=4, markersize=6)
+    if ipcs and ipcs[-1] / ipcs[0] >= 5:
+        axes.set_xscale("log")
+    axes.set_xticks(ipcs)
+    axes.set_xticklabels([str(i) for i in ipcs])
+    axes.minorticks_off()
+    axes.set_xlabel("images per class (IPC)")
+    axes.set_ylabel("test accuracy %")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    return figure
+
+
+def loss_series(loss_log: list[dict]) -> tuple[list[float], dict[str, list[float]], list[float]]:
+    """(x, {term: values}, batch starts) of a ``loss_log``; batches are laid end to end.
+
+    Terms are the numeric fields other than :data:`NOT_LOSS_TERMS`; a term that is zero (or
+    missing) on every row is dropped. Rows lacking a term get NaN there.
+    """
+    rows = [row for row in loss_log or [] if isinstance(row, dict) and isinstance(row.get("iteration"), (int, float))]
+    spans: dict[object, float] = {}
+    for row in rows:
+        batch = row.get("batch", 0)
+        spans[batch] = max(spans.get(batch, 0.0), float(row["iteration"]) + 1)
+    offsets, total = {}, 0.0
+    for batch, span in spans.items():
+        offsets[batch] = total
+        total += span
+    x = [offsets[row.get("batch", 0)] + float(row["iteration"]) for row in rows]
+    names = []
+    for row in rows:
+        for name, value in row.items():
+            if name not in NOT_LOSS_TERMS and name not in names and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                names.append(name)
+    series = {}
+    for name in names:
+        values = [float(row[name]) if isinstance(row.get(name), (int, float)) else math.nan for row in rows]
+        if any(v != 0 and not math.isnan(v) for v in values):
+            series[name] = values
+    terms = [name for name in series if name != "total"]
+    if len(terms) == 1 and "total" in series:
+        series.pop("total")  # one term: the total repeats it (times its weight)
+    starts = list(offsets.values())[1:] if len(offsets) > 1 else []
+    return x, series, starts
+
+
+def loss_figure(loss_log: list[dict], title: str) -> Figure | None:
+    """The loss terms against the iteration; None when the log holds no loss term."""
+    x, series, starts = loss_series(loss_log)
+    if not series:
+        return None
+    figure = new_figure()
+    axes = figure.add_subplot(1, 1, 1)
+    for name, values in series.items():
+        style = {"color": "black", "linewidth": 2.0} if name == "total" else {"linewidth": 1.2}
+        axes.plot(x, values, label=name, marker="." if len(x) <= 40 else None, **style)
+    for start in starts:
+        axes.axvline(start, color="grey", linestyle=":", linewidth=0.8)
+    finite = [v for values in series.values() for v in values if not math.isnan(v)]
+    if finite and min(finite) > 0:
+        axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("iteration" + (" (batches laid end to end)" if starts else ""))
+    axes.set_ylabel("loss (terms unweighted; total weighted)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    return figure
+
+
+def accuracy_groups(lines: list[dict]) -> dict[tuple, list[dict]]:
+    """Successful lines grouped by (dataset, protocol, arch, tier)."""
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        if "error" in line or line.get("mean") is None:
+            continue
+        key = (line["dataset"], line["protocol"], line.get("arch", "convnet"), line.get("tier", "-"))
+        groups.setdefault(key, []).append(line)
+    return groups
+
+
+def accuracy_plot_name(dataset: str, protocol: str, arch: str, tier: str) -> str:
+    return f"accuracy-{slug(dataset)}-{protocol}-{arch}-{tier}.png"
+
+
+def write_plots(directory: str | Path) -> list[Path]:
+    """(Re)write the bench directory's plots and missing grids; returns the plot paths, sorted."""
+    import ddkit
+    from ddkit.store import save_grid
+
+    directory = Path(directory)
+    plots = directory / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = latest_results(read_results(directory))
+    written = []
+    for (dataset, protocol, arch, tier), group in sorted(accuracy_groups(lines).items()):
+        title = f"{dataset}: {protocol}-label protocol, {arch}, {tier} tier"
+        figure = accuracy_figure(group, title)
+        written.append(save_figure(figure, plots / accuracy_plot_name(dataset, protocol, arch, tier)))
+    for set_path in sorted({line["set"] for line in lines if line.get("set")}):
+        set_dir = directory / set_path
+        manifest_path = set_dir / "manifest.json"
+        if not manifest_path.is_file():
+            continue
+        if not (set_dir / "grid.png").is_file():
+            try:
+                distilled = ddkit.load(set_dir)
+            except DDKitError:
+                continue  # a damaged set: its cell's evaluation says so; the plots go on without it
+            save_grid(distilled.images, distilled.labels, distilled.class_names, set_dir / "grid.png")
+        target = plots / f"loss-{set_dir.name}.png"
+        if target.is_file() and target.stat().st_mtime >= manifest_path.stat().st_mtime:
+            written.append(target)
+            continue
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        figure = loss_figure(manifest.get("loss_log") or [], f"{set_dir.name}: loss terms")
+        if figure is not None:
+            written.append(save_figure(figure, target))
+    return sorted(written)

@@ -1,0 +1,99 @@
+"""The bench table: the latest line of every cell of ``results.jsonl``, as rows and as markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddkit.bench.grid import BASELINE, TABLE_FILE, latest_results, read_results, write_text_atomic
+
+MIB = 1024 * 1024
+#: Column titles of the table, in order; "arch" and "tier" are added when the results mix several.
+COLUMNS = ("dataset", "IPC", "method", "protocol", "runs", "accuracy % (mean +- std)", "distill s", "eval s/run",
+           "peak memory MiB", "image bytes", "soft-label bytes")
+
+
+def method_order(method: str) -> tuple:
+    """Sort key: the random subset first, then its relabelled forms, then the methods by name."""
+    if method == BASELINE:
+        return (0, method)
+    if method.startswith(BASELINE + "+"):
+        return (1, method)
+    return (2, method)
+
+
+def sorted_lines(lines: list[dict]) -> list[dict]:
+    """Lines sorted by dataset, IPC and method (baselines first), then protocol, architecture, tier."""
+    def key(line):
+        return (str(line.get("dataset")), int(line.get("ipc") or 0), method_order(str(line.get("method"))),
+                str(line.get("protocol")), str(line.get("arch")), str(line.get("tier")))
+
+    return sorted(lines, key=key)
+
+
+def _number(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{float(value):.{digits}f}"
+
+
+def accuracy_text(line: dict) -> str:
+    """``"80.76 +- 0.09"``, or ``"failed: <first line of the error>"``."""
+    if "error" in line:
+        first = str(line["error"]).strip().splitlines()[0] if str(line["error"]).strip() else "error"
+        return f"failed: {first[:160]}"
+    return f"{float(line['mean']):.2f} +- {float(line['std']):.2f}"
+
+
+def row_cells(line: dict, extra: tuple[str, ...] = ()) -> list[str]:
+    """One table row as strings, in :data:`COLUMNS` order followed by ``extra`` fields."""
+    failed = "error" in line
+    peak = line.get("peak_memory_bytes")
+    cells = [
+        str(line.get("dataset")), str(line.get("ipc")), str(line.get("method")), str(line.get("protocol")),
+        str(line.get("runs", "-")), accuracy_text(line),
+        "-" if failed else _number(line.get("distill_seconds")),
+        "-" if failed else _number(line.get("eval_seconds_per_run")),
+        "-" if failed or peak is None else f"{peak / MIB:.0f}",
+        "-" if failed else str(line.get("image_bytes", "-")),
+        "-" if failed else str(line.get("soft_label_bytes", "-")),
+    ]
+    return cells + [str(line.get(name, "-")) for name in extra]
+
+
+def extra_columns(lines: list[dict]) -> tuple[str, ...]:
+    """``arch`` and ``tier`` when the lines hold more than one of them."""
+    return tuple(name for name in ("arch", "tier") if len({line.get(name) for line in lines}) > 1)
+
+
+def table_rows(directory: str | Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the bench directory's table, from ``results.jsonl``."""
+    lines = sorted_lines(latest_results(read_results(directory)))
+    extra = extra_columns(lines)
+    return list(COLUMNS) + list(extra), [row_cells(line, extra) for line in lines]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_table(directory: str | Path) -> Path:
+    """(Re)write ``table.md`` of a bench directory atomically; returns its path."""
+    directory = Path(directory)
+    header, rows = table_rows(directory)
+    text = "\n".join([
+        "# ddkit bench",
+        "",
+        "Final-epoch test accuracy, mean +- population std over the runs. `random` is the random real "
+        "subset (hard labels); `random+M` is that subset relabelled with method M's teachers, the fair "
+        "baseline for the soft-label methods. Peak memory is the resident set (CPU) or the allocated "
+        "CUDA memory while the set was made.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ])
+    return write_text_atomic(directory / TABLE_FILE, text)

@@ -1,0 +1,273 @@
+"""`ddkit bench` and `ddkit report`: the grid, resuming, failures, the table, plots and the HTML page.
+
+Every grid here is tiny (digits, smoke tier, one evaluation run) so the whole file takes seconds.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import ddkit
+from ddkit.bench import plan_cells, protocol_for, read_results, run_bench, write_report
+from ddkit.bench.plots import loss_series
+from ddkit.cli import main
+from ddkit.errors import DDKitError
+
+LINE_FIELDS = ("dataset", "method", "ipc", "tier", "protocol", "arch", "accuracies", "mean", "std", "distill_seconds",
+               "eval_seconds_per_run", "peak_memory_bytes", "image_bytes", "soft_label_bytes", "set", "date", "device")
+
+
+def small_grid(out, methods=("dm",), ipcs=(1, 2)):
+    return run_bench("smoke", ["digits"], list(methods), list(ipcs), runs=1, out=out, show_progress=False)
+
+
+def table_rows(out):
+    """{(ipc, method): [cells]} parsed from table.md."""
+    rows = {}
+    for text in (out / "table.md").read_text().splitlines():
+        if text.startswith("| digits |"):
+            cells = [cell.strip() for cell in text.strip("|").split("|")]
+            rows[(int(cells[1]), cells[2])] = cells
+    return rows
+
+
+# ---- planning ---------------------------------------------------------------------------------------
+def test_plan_puts_baselines_first_and_adds_relabelled_baselines():
+    cells = plan_cells(["digits"], ["dm", "sre2l"], [1, 10])
+    assert [c.method for c in cells if c.ipc == 1] == ["random", "random+sre2l", "dm", "sre2l"]
+    assert {c.ipc for c in cells} == {1, 10}
+    assert [protocol_for(m) for m in ("random", "dm", "idm", "ddm", "sre2l", "cda", "gvbsm", "random+gvbsm")] == \
+        ["hard", "hard", "hard", "hard", "soft", "soft", "soft", "soft"]
+    assert cells[2].name == "digits-dm-ipc1"
+
+
+def test_loss_series_concatenates_batches_and_keeps_only_loss_terms():
+    log = [{"batch": 0, "iteration": 0, "ce": 2.0, "bn": 1.0, "conv": 0.0, "total": 3.0, "acc": 0.1, "crop_min": 0.08},
+           {"batch": 0, "iteration": 4, "ce": 1.0, "bn": 0.5, "conv": 0.0, "total": 1.5, "acc": 0.5, "crop_min": 0.08},
+           {"batch": 1, "iteration": 0, "ce": 2.5, "bn": 1.5, "conv": 0.0, "total": 4.0, "acc": 0.0, "crop_min": 0.08},
+           {"batch": 1, "iteration": 4, "ce": 0.9, "bn": 0.4, "conv": 0.0, "total": 1.3, "acc": 0.6, "crop_min": 0.08}]
+    x, series, starts = loss_series(log)
+    assert x == [0.0, 4.0, 5.0, 9.0]
+    assert starts == [5.0]
+    assert sorted(series) == ["bn", "ce", "total"]  # conv is zero throughout; acc and crop_min are no losses
+    x, series, starts = loss_series([{"iteration": 0, "mean": 0.2, "total": 0.2},
+                                     {"iteration": 1, "mean": 0.1, "total": 0.1}])
+    assert (x, sorted(series), starts) == ([0.0, 1.0], ["mean"], [])
+
+
+# ---- the grid ---------------------------------------------------------------------------------------
+def test_grid_writes_results_table_plots_matching_the_manifests(isolated_data, tmp_path):
+    out = tmp_path / "bench"
+    lines = small_grid(out)
+    assert [(l["method"], l["ipc"]) for l in lines] == [("random", 1), ("dm", 1), ("random", 2), ("dm", 2)]
+    stored = read_results(out)
+    assert len(stored) == 4
+    for line in stored:
+        assert "error" not in line
+        assert all(field in line for field in LINE_FIELDS), line
+        assert (line["tier"], line["protocol"], line["arch"], line["device"]) == ("smoke", "hard", "convnet", "cpu")
+        assert len(line["accuracies"]) == 1
+    plots = out / "plots"
+    assert (plots / "accuracy-digits-hard-convnet-smoke.png").stat().st_size > 1000
+    assert (plots / "loss-digits-dm-ipc1.png").is_file() and (plots / "loss-digits-dm-ipc2.png").is_file()
+    assert not (plots / "loss-digits-random-ipc1.png").exists()  # the random subset has no loss log
+
+    rows = table_rows(out)
+    assert list(rows) == [(1, "random"), (1, "dm"), (2, "random"), (2, "dm")]  # baselines first
+    for line in stored:
+        set_dir = out / line["set"]
+        assert (set_dir / "grid.png").is_file()
+        distilled = ddkit.load(set_dir)
+        manifest = json.loads((set_dir / "manifest.json").read_text())
+        evaluation = [e for e in manifest["evaluations"] if e["preset"] == "smoke" and e["protocol"] == "hard"][-1]
+        assert line["accuracies"] == evaluation["accuracies"]
+        assert line["distill_seconds"] == manifest["timings"]["distill_seconds"]
+        assert line["peak_memory_bytes"] == manifest["peak_memory_bytes"]
+        sizes = distilled.stored_bytes()
+        assert (line["image_bytes"], line["soft_label_bytes"]) == (sizes["images"], sizes["soft_labels"])
+        cells = rows[(line["ipc"], line["method"])]
+        assert cells[3] == "hard"
+        assert cells[5] == f"{evaluation['mean']:.2f} +- {evaluation['std']:.2f}"
+        assert cells[6] == f"{manifest['timings']['distill_seconds']:.1f}"
+        assert cells[7] == f"{evaluation['seconds_per_run']:.1f}"
+        assert cells[8] == f"{manifest['peak_memory_bytes'] / 2**20:.0f}"
+        assert (cells[9], cells[10]) == (str(sizes["images"]), str(sizes["soft_labels"]))
+
+
+def test_second_run_skips_finished_cells_and_saved_sets(isolated_data, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    first = small_grid(out, ipcs=(1,))
+    results = (out / "results.jsonl").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(ddkit, "distill", refuse)
+    monkeypatch.setattr(ddkit, "evaluate", refuse)
+    assert small_grid(out, ipcs=(1,)) == first
+    assert (out / "results.jsonl").read_text() == results
+
+    # Lost results but kept sets: nothing is distilled again and the stored evaluations are reused.
+    (out / "results.jsonl").unlink()
+    monkeypatch.undo()
+    monkeypatch.setattr(ddkit, "distill", refuse)
+    trained = []
+    protocols = sys.modules["ddkit.evaluate.protocols"]
+    real_train = protocols.train_classifier
+    monkeypatch.setattr(protocols, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    again = small_grid(out, ipcs=(1,))
+    assert trained == []
+    assert [(l["method"], l["accuracies"]) for l in again] == [(l["method"], l["accuracies"]) for l in first]
+
+
+def test_failing_cell_is_recorded_the_rest_continue_and_a_rerun_retries_it(isolated_data, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    real_distill = ddkit.distill
+
+    def flaky(method, **kwargs):
+        if method == "dm" and kwargs["ipc"] == 1:
+            raise RuntimeError("boom <b>in dm</b>")
+        return real_distill(method, **kwargs)
+
+    monkeypatch.setattr(ddkit, "distill", flaky)
+    lines = small_grid(out)
+    failed = [l for l in lines if "error" in l]
+    assert [(l["method"], l["ipc"]) for l in failed] == [("dm", 1)]
+    assert failed[0]["error"] == "RuntimeError: boom <b>in dm</b>" and "Traceback" in failed[0]["traceback"]
+    assert sum("error" not in l for l in lines) == 3
+    assert table_rows(out)[(1, "dm")][5].startswith("failed: RuntimeError: boom")
+    assert main(["bench", "--tier", "smoke", "--datasets", "digits", "--methods", "dm", "--ipc", "1,2", "--runs", "1",
+                 "--out", str(out), "--quiet"]) == 1  # still failing: exit 1, the failure listed
+
+    monkeypatch.setattr(ddkit, "distill", real_distill)
+    lines = small_grid(out)
+    assert all("error" not in l for l in lines)
+    assert len(read_results(out)) == 6  # 4 + the failure again + the retried cell
+    assert not table_rows(out)[(1, "dm")][5].startswith("failed")
+
+
+def test_soft_label_cell_with_its_relabelled_random_baseline(isolated_data, tmp_path):
+    out = tmp_path / "bench"
+    lines = small_grid(out, methods=("sre2l",), ipcs=(1,))
+    assert [(l["method"], l["protocol"]) for l in lines] == [("random", "hard"), ("random+sre2l", "soft"),
+                                                             ("sre2l", "soft")]
+    assert all("error" not in l for l in lines), lines
+    by_method = {l["method"]: l for l in lines}
+    assert by_method["random"]["soft_label_bytes"] == 0
+    assert by_method["random+sre2l"]["soft_label_bytes"] > 0 and by_method["sre2l"]["soft_label_bytes"] > 0
+    relabelled = ddkit.load(out / by_method["random+sre2l"]["set"])
+    random_set = ddkit.load(out / by_method["random"]["set"])
+    assert relabelled.meta["relabelled_like"] == {"method": "sre2l", "preset": "smoke"}
+    assert relabelled.images.equal(random_set.images)
+    assert relabelled.meta["timings"]["relabel_seconds"] >= 0
+    assert (out / "plots" / "accuracy-digits-soft-convnet-smoke.png").is_file()
+    assert (out / "plots" / "loss-digits-sre2l-ipc1.png").is_file()
+
+
+# ---- the command line -------------------------------------------------------------------------------
+@pytest.mark.parametrize("words, match", [
+    (["bench", "--methods", "nomethod"], "unknown method"),
+    (["bench", "--datasets", "no-such-set"], "unknown"),
+    (["bench", "--tier", "huge"], "unknown tier"),
+    (["bench", "--ipc", "1,ten"], "positive integers"),
+    (["bench", "--ipc", "0"], "positive integers"),
+    (["bench", "--arch", "nonet"], "unknown architecture"),
+    (["report", "EMPTY"], "neither a distilled set"),
+    (["report", "MISSING"], "not a directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(words, match, capsys, tmp_path, isolated_data):
+    (tmp_path / "empty").mkdir()
+    if words[0] == "bench":  # a valid tiny grid, then the bad option (argparse keeps the last value)
+        words = ["bench", "--out", str(tmp_path / "bench"), "--tier", "smoke", "--datasets", "digits",
+                 "--methods", "dm", "--ipc", "1", "--runs", "1", "--quiet", *words[1:]]
+    else:
+        words = [{"EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "missing")}.get(w, w) for w in words]
+    code = main(words)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("ddkit: error:") and err.count("\n") == 1 and match in err, err
+    assert not (tmp_path / "bench" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert "usage: ddkit" in capsys.readouterr().out
+
+
+def test_run_bench_refuses_a_set_directory_as_out(isolated_data, tmp_path):
+    ddkit.distill("random", dataset="digits", ipc=1, out=tmp_path / "set")
+    with pytest.raises(DDKitError, match="is a distilled set"):
+        small_grid(tmp_path / "set")
+
+
+# ---- the HTML report --------------------------------------------------------------------------------
+def chromium_binary():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def image_check(page, profile):
+    """(number of <img>, number loaded) as the page's own script reports them in headless Chromium."""
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("Chromium not installed: apt-get install chromium (Debian) to run the report rendering test")
+    done = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                           f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    span = re.search(r'<span[^>]*id="image-check"[^>]*>', done.stdout)
+    assert span, f"no image check in Chromium's DOM (exit {done.returncode}): {done.stderr[-2000:]}"
+    images = re.search(r'data-images="(\d+)"', span.group(0))
+    loaded = re.search(r'data-loaded="(\d+)"', span.group(0))
+    assert images and loaded, span.group(0)
+    return int(images.group(1)), int(loaded.group(1))
+
+
+def assert_self_contained(text):
+    assert "<img" in text
+    assert not re.search(r'(src|href)\s*=\s*"(?!data:)', text), "a resource outside the page"
+    assert "<link" not in text and "@import" not in text
+
+
+def test_report_renders_in_headless_chromium_with_every_image_loaded(isolated_data, tmp_path):
+    out = tmp_path / "bench"
+    small_grid(out, ipcs=(1,))
+    # A hostile error message must come out as text, not as markup (an <img> here would fail to load).
+    with open(out / "results.jsonl", "a") as handle:
+        handle.write(json.dumps({"dataset": "digits", "method": "dm", "ipc": 7, "tier": "smoke", "protocol": "hard",
+                                 "arch": "convnet", "runs": 1, "seed": 0, "error": '<img src="nowhere.png">',
+                                 "set": "sets/digits-dm-ipc7", "date": "-", "device": "cpu"}) + "\n")
+    page = write_report(out)
+    assert page == out / "report.html"
+    text = page.read_text()
+    assert_self_contained(text)
+    assert "&lt;img src=&quot;nowhere.png&quot;&gt;" in text
+    images = text.count("<img ")
+    assert images == 4  # the accuracy plot, two grids (random, dm) and dm's loss curve
+
+    set_page = write_report(out / "sets" / "digits-dm-ipc1", tmp_path / "set.html")
+    set_text = set_page.read_text()
+    assert_self_contained(set_text)
+    assert "Evaluations" in set_text and "hard" in set_text and set_text.count("<img ") == 2
+
+    for path, expected in ((page, images), (set_page, 2)):
+        count, loaded = image_check(path, tmp_path / "chromium-profile")
+        assert count == expected > 0
+        assert loaded == count
+
+
+def test_report_command_prints_the_page(isolated_data, tmp_path, capsys):
+    ddkit.distill("random", dataset="digits", ipc=1, out=tmp_path / "set")
+    assert main(["report", str(tmp_path / "set")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "set" / "report.html")
+    text = (tmp_path / "set" / "report.html").read_text()
+    assert "No evaluation stored yet" in text and "ddkit set: set" in text
