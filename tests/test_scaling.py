@@ -109,3 +109,15 @@ def test_recover_batches_split_across_two_processes_give_the_one_process_set(env
     one, two = ddkit.load(env / "one"), ddkit.load(env / "two")
     assert torch.equal(one.images, two.images)  # 4 batches, 2 per rank, each with its own generator
     assert torch.equal(one.extras["relabel.logits"], two.extras["relabel.logits"])
+
+
+def test_squeeze_and_evaluation_under_two_processes_with_ddp(env, digits):
+    assert main(["squeeze", "--dataset", "digits", "--arch", "convnet", "--model", "width=8", "--model", "norm=batch",
+                 "--preset", "smoke", "--set", "epochs=3", "--nproc", "2", "-q"]) == 0
+    manifests = list(env.glob("teachers/digits/*/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["test_accuracy"] > 30
+    out = env / "random"
+    assert main(["baseline", "random", "--dataset", "digits", "--ipc", "5", "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--preset", "smoke", "--runs", "1", "--nproc", "2", "-q"]) == 0
+    records = ddkit.load(out).meta["evaluations"]
+    assert len(records) == 1 and records[0]["mean"] > 30  # one record, written by rank 0 only

@@ -66,14 +66,30 @@ def _print_results(results) -> None:
 
 def cmd_eval(args) -> int:
     import ddkit
+    from ddkit import distributed
 
+    if _needs_launch(args):
+        return _launch_torchrun(args)
     distilled = ddkit.load(args.set)
-    results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
-                             archs=_csv(args.arch), seed=args.seed, device=args.device,
-                             overrides=args.set_options, show_progress=not args.quiet, reuse=args.reuse)
-    _print_results(results)
-    print(f"results stored in {Path(args.set) / 'manifest.json'}")
+    world = distributed.setup(args.device)
+    try:
+        device = f"cuda:{world.local_rank}" if world.distributed and "cuda" in str(args.device) else args.device
+        results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
+                                 archs=_csv(args.arch), seed=args.seed, device=device, overrides=args.set_options,
+                                 show_progress=not args.quiet and world.is_main, reuse=args.reuse)
+    finally:
+        distributed.teardown()
+    if world.is_main:
+        _print_results(results)
+        print(f"results stored in {Path(args.set) / 'manifest.json'}")
     return 0
+
+
+def _needs_launch(args) -> bool:
+    """``--nproc N`` given and not already inside a torchrun worker."""
+    import os
+
+    return getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
 
 def cmd_baseline(args) -> int:
@@ -120,7 +136,7 @@ def cmd_distill(args) -> int:
 
     import ddkit
 
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _needs_launch(args):
         return _launch_torchrun(args)
     options = dict(device=args.device, show_progress=not args.quiet, checkpoint_every=args.checkpoint_every,
                    checkpoint_seconds=60.0 * args.checkpoint_minutes)
@@ -166,14 +182,21 @@ def _launch_torchrun(args) -> int:
                "-m", "ddkit", *cleaned]
     code = subprocess.call(command)
     if code != 0:
-        where = args.resume or args.out
-        raise DDKitError(f"a worker of the {args.nproc}-process run failed (exit code {code}; see its messages above); "
-                         f"continue from the last checkpoint with: ddkit distill --resume {where} --nproc {args.nproc}")
+        hint = ""
+        if args.command == "distill":
+            hint = (f"; continue from the last checkpoint with: ddkit distill --resume {args.resume or args.out} "
+                    f"--nproc {args.nproc}")
+        raise DDKitError(f"a worker of the {args.nproc}-process run failed (exit code {code}; see its messages "
+                         f"above){hint}")
     return 0
 
 
 def cmd_squeeze(args) -> int:
+    from ddkit import distributed
     from ddkit.data import load_dataset
+
+    if _needs_launch(args):
+        return _launch_torchrun(args)
     from ddkit.methods.squeeze import squeeze
     from ddkit.models import available
     from ddkit.utils import _split_pair, resolve_device
@@ -185,8 +208,15 @@ def cmd_squeeze(args) -> int:
     for text in args.model_options:
         key, value = _split_pair(text)
         model[key.replace("-", "_")] = value
-    teacher = squeeze(real, model, preset=args.preset, overrides=args.set_options, seed=args.seed,
-                      device=resolve_device(args.device), show_progress=not args.quiet)
+    world = distributed.setup(args.device)
+    try:
+        device = f"cuda:{world.local_rank}" if world.distributed and "cuda" in str(args.device) else args.device
+        teacher = squeeze(real, model, preset=args.preset, overrides=args.set_options, seed=args.seed,
+                          device=resolve_device(device), show_progress=not args.quiet and world.is_main)
+    finally:
+        distributed.teardown()
+    if not world.is_main:
+        return 0
     print(f"teacher {teacher.name} for {args.dataset}: test accuracy {teacher.test_accuracy:.2f} % -> {teacher.path}")
     return 0
 
@@ -307,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe option: epochs, lr, momentum, weight_decay, batch_size, train_subset, ...")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (torchrun): the teacher trains with DistributedDataParallel; rank 0 writes the cache")
     _add_common(p)
     p.set_defaults(func=cmd_squeeze)
 
@@ -360,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a protocol option, e.g. --set epochs=500 --set lr=0.02 (repeatable)")
     p.add_argument("--reuse", action="store_true",
                    help="print an identical evaluation already stored in the manifest instead of training again")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (torchrun): hard-label training uses DistributedDataParallel, each rank taking a "
+                        "share of every batch; rank 0 writes the manifest")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -173,8 +173,11 @@ def evaluate(
     from ddkit.data import load_dataset
     from ddkit.store import DistilledSet, load
 
+    from ddkit import distributed
+
     if not isinstance(distilled, DistilledSet):
         distilled = load(distilled)
+    record = record and distributed.current().is_main  # under torchrun, rank 0 writes the manifest
     if runs < 1:
         raise DDKitError(f"--runs must be at least 1, got {runs}")
     config = resolve_config(protocol, preset, overrides)

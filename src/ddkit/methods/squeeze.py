@@ -185,6 +185,11 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
                      desc=desc)
     test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
     accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
+    from ddkit import distributed
+
+    if not distributed.current().is_main:  # under torchrun (DDP training), rank 0 writes the cache
+        distributed.barrier()
+        return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
@@ -193,6 +198,7 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
         "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),
         "train_seconds": round(time.perf_counter() - started, 2)})
+    distributed.barrier()
     return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
 
 

@@ -171,12 +171,8 @@ def distill_statistics(method: str):
             teachers = [load_teacher(path, real, device) for path in teacher_paths]
             config["teachers"] = [t.model_config for t in teachers]
         else:
-            # under torchrun rank 0 trains (and caches) the teachers while the others wait, then load them
-            if distributed.current().is_main:
-                teachers = method_teachers(real, config, seed, device, show_progress)
-            distributed.barrier()
-            if not distributed.current().is_main:
-                teachers = method_teachers(real, config, seed, device, False)
+            # under torchrun the ranks train missing teachers together (DDP); rank 0 writes the cache
+            teachers = method_teachers(real, config, seed, device, show_progress)
         squeeze_seconds = time.perf_counter() - started
         result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress)
         if merge_parts is not None:

@@ -39,9 +39,23 @@ def train_classifier(
         generator: drives batch order and augmentation (CPU generator; draws are moved to the device).
         dsa: a :class:`ddkit.augment.DSA` applied per sample on every batch, or None.
 
+    Under torchrun (``ddkit.distributed`` set up with several processes) the model is wrapped in
+    DistributedDataParallel: every rank draws the same batch order and augmentation, trains on its
+    contiguous share of each batch, and the gradients are averaged across ranks. BatchNorm
+    statistics are then per process, as in the papers' multi-GPU training.
+
     Returns:
-        The mean training loss of each epoch.
+        The mean training loss of each epoch (this rank's share).
     """
+    from ddkit import distributed
+
+    world = distributed.current()
+    ddp = world.distributed and int(config["batch_size"]) >= world.size
+    trained = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model)
     epochs = int(config["epochs"])
     decay_epoch = int(round(epochs * float(config["decay_at"]))) if config.get("decay_at") else -1
     lr = float(config["lr"])
@@ -71,7 +85,12 @@ def train_classifier(
             batch = images[index]
             if dsa is not None:
                 batch = dsa(batch, generator, per_sample=True)
-            loss = F.cross_entropy(model(batch), labels[index])
+            if ddp:
+                share = world.share(index.numel())
+                if not share:
+                    share = [index.numel() - 1]  # every rank must take part in the gradient all-reduce
+                index, batch = index[share[0]:share[-1] + 1], batch[share[0]:share[-1] + 1]
+            loss = F.cross_entropy(trained(batch), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
