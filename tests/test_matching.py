@@ -39,7 +39,7 @@ def test_one_dm_step_matches_the_formula(digits, monkeypatch):
     monkeypatch.setattr(engine.source, "next", lambda iteration: (net, 1.0))
     real = []
     original = engine.sampler.per_class
-    monkeypatch.setattr(engine.sampler, "per_class", lambda n: real.append(original(n)) or real[-1])
+    monkeypatch.setattr(engine.sampler, "per_class", lambda n, kept=None: real.append(original(n, kept)) or real[-1])
     before = torch.cat(engine.synthetic).detach().clone()
     values = engine.step(0)
 
