@@ -63,10 +63,7 @@ def distill(
     fn = get_method(method)
     device = resolve_device(device)
     world = distributed.setup(device)
-    if world.distributed and device.type == "cuda":
-        import torch
-
-        device = torch.device("cuda", world.local_rank)
+    device = distributed.process_device(device)
     try:
         if world.distributed and out is None:
             raise DDKitError("a multi-process run needs --out (the ranks exchange their parts through it)")

@@ -6,7 +6,6 @@ Every user error is one line on stderr and exit code 2 (no traceback); Ctrl-C ex
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,12 @@ from ddkit.errors import DDKitError
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
+                        help="statistics family: use this squeezed teacher folder instead of the method's "
+                             "teacher pool (repeatable)")
 
 
 def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -73,9 +78,9 @@ def cmd_eval(args) -> int:
     distilled = ddkit.load(args.set)
     world = distributed.setup(args.device)
     try:
-        device = f"cuda:{world.local_rank}" if world.distributed and "cuda" in str(args.device) else args.device
         results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
-                                 archs=_csv(args.arch), seed=args.seed, device=device, overrides=args.set_options,
+                                 archs=_csv(args.arch), seed=args.seed, device=distributed.process_device(args.device),
+                                 overrides=args.set_options,
                                  show_progress=not args.quiet and world.is_main, reuse=args.reuse)
     finally:
         distributed.teardown()
@@ -199,7 +204,7 @@ def cmd_squeeze(args) -> int:
         return _launch_torchrun(args)
     from ddkit.methods.squeeze import squeeze
     from ddkit.models import available
-    from ddkit.utils import _split_pair, resolve_device
+    from ddkit.utils import _split_pair
 
     if args.arch not in available():
         raise DDKitError(f"unknown architecture {args.arch!r}; choose one of: {', '.join(available())}")
@@ -210,9 +215,8 @@ def cmd_squeeze(args) -> int:
         model[key.replace("-", "_")] = value
     world = distributed.setup(args.device)
     try:
-        device = f"cuda:{world.local_rank}" if world.distributed and "cuda" in str(args.device) else args.device
         teacher = squeeze(real, model, preset=args.preset, overrides=args.set_options, seed=args.seed,
-                          device=resolve_device(device), show_progress=not args.quiet and world.is_main)
+                          device=distributed.process_device(args.device), show_progress=not args.quiet and world.is_main)
     finally:
         distributed.teardown()
     if not world.is_main:
@@ -320,8 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "at their default weights, e.g. --terms cc,cm")
     p.add_argument("--weight", dest="weights", action="append", default=[], metavar="TERM=W",
                    help="matching family: set a term's weight, e.g. --weight style=1e4 (0 turns it off; repeatable)")
-    p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
-                   help="statistics family: use this squeezed teacher folder instead of the preset's pool (repeatable)")
+    _add_teacher_option(p)
     _add_common(p)
     p.set_defaults(func=cmd_distill)
 
@@ -354,8 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override an option: recover ones bare (lr=0.1) or qualified (relabel.epochs=50)")
-    p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
-                   help="use this squeezed teacher folder instead of the preset's pool (repeatable)")
+    _add_teacher_option(p)
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (torchrun); the recover batches are split across them")
     _add_common(p)
@@ -372,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the crop, flip and mix draws (default 0)")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a relabel option, e.g. --set relabel.epochs=50 --set relabel.topk=5")
-    p.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
-                   help="use this squeezed teacher folder instead of the method's pool (repeatable)")
+    _add_teacher_option(p)
     _add_common(p)
     p.set_defaults(func=cmd_relabel)
 

@@ -77,6 +77,17 @@ def setup(device: torch.device | str | None = None) -> World:
     return _WORLD
 
 
+def process_device(device: torch.device | str | None) -> torch.device:
+    """``device`` for this process: under torchrun a CUDA device becomes ``cuda:LOCAL_RANK`` (one
+    GPU per process); anything else is returned as it resolves."""
+    from ddkit.utils import resolve_device
+
+    resolved = resolve_device(device)
+    if _WORLD.distributed and resolved.type == "cuda":
+        return torch.device("cuda", _WORLD.local_rank)
+    return resolved
+
+
 def teardown() -> None:
     """Leave the process group (after a final barrier)."""
     global _WORLD

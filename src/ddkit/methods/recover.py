@@ -49,8 +49,10 @@ from ddkit.losses.statistics import (
     conv_statistics_loss,
     densification_loss,
     ema_statistic,
+    patch_statistics,
 )
 from ddkit.methods.matching import NonFiniteLoss
+from ddkit.methods.relabel import auto_flip_prob
 from ddkit.utils import check_option, denormalize, make_generator, normalize, progress
 
 BATCH_MODES = ("spread", "class-major")
@@ -147,7 +149,6 @@ def real_conv_targets(teacher, real, config: dict, device, show_progress: bool =
     if 0 < spec["images"] < images.shape[0]:
         images = images[torch.randperm(images.shape[0], generator=generator)[:spec["images"]]]
     totals, counts, cells_of = None, None, None
-    size = real.image_shape[1:]
     bar = progress(range(0, images.shape[0], 256), desc="conv targets", enabled=show_progress)
     with torch.no_grad():
         for start in bar:
@@ -183,10 +184,9 @@ def real_conv_targets(teacher, real, config: dict, device, show_progress: bool =
 
 
 def _flip_prob(config: dict, real) -> float:
+    """``flip: auto`` follows the dataset's DSA strategy, as relabelling does; true/false = 0.5/0."""
     if config["flip"] == "auto":
-        from ddkit.augment import dsa_strategy_for
-
-        return 0.5 if "flip" in dsa_strategy_for(real.name) else 0.0
+        return auto_flip_prob(real.name, None)
     return 0.5 if config["flip"] else 0.0
 
 
@@ -288,8 +288,6 @@ class RecoverEngine:
                 mean, var = bn_statistics(x)
                 fields = [mean, var]
                 if cells:
-                    from ddkit.losses.statistics import patch_statistics
-
                     fields += list(patch_statistics(x, cells))
                 fields = [maybe_ema(("conv", t_index, i, j), f) for j, f in enumerate(fields)]
                 stats.append(ConvStatistics(*fields))
