@@ -43,6 +43,9 @@ def test_plan_puts_baselines_first_and_adds_relabelled_baselines():
     assert [protocol_for(m) for m in ("random", "dm", "idm", "ddm", "sre2l", "cda", "gvbsm", "random+gvbsm")] == \
         ["hard", "hard", "hard", "hard", "soft", "soft", "soft", "soft"]
     assert cells[2].name == "digits-dm-ipc1"
+    two = plan_cells(["digits", "mnist"], ["dm"], [10, 1])
+    assert [(c.ipc, c.dataset) for c in two] == [(1, "digits"), (1, "digits"), (1, "mnist"), (1, "mnist"),
+                                                 (10, "digits"), (10, "digits"), (10, "mnist"), (10, "mnist")]
 
 
 def test_loss_series_concatenates_batches_and_keeps_only_loss_terms():

@@ -155,15 +155,16 @@ def check_archs(archs) -> list[str]:
 
 
 def plan_cells(datasets: list[str], methods: list[str], ipcs: list[int]) -> list[Cell]:
-    """The grid in run order: per dataset and IPC, the baselines first, then the methods.
+    """The grid in run order: smallest IPC first (every dataset), and per (IPC, dataset) the baselines first.
 
-    ``random`` is always included; every statistics method M adds ``random+M``.
+    ``random`` is always included; every statistics method M adds ``random+M``. IPC-major order
+    makes an interrupted bench hold a complete small-IPC table before the costly large-IPC cells.
     """
     stats = statistics_methods()
     ordered = [BASELINE] + [relabelled_baseline(m) for m in methods if m in stats]
     ordered += [m for m in methods if is_baseline(m)] + [m for m in methods if not is_baseline(m)]
     ordered = list(dict.fromkeys(ordered))
-    return [Cell(dataset, method, ipc) for dataset in datasets for ipc in ipcs for method in ordered]
+    return [Cell(dataset, method, ipc) for ipc in sorted(ipcs) for dataset in datasets for method in ordered]
 
 
 # ---- results.jsonl -----------------------------------------------------------------------------------
