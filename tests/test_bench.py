@@ -274,3 +274,14 @@ def test_report_command_prints_the_page(isolated_data, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "set" / "report.html")
     text = (tmp_path / "set" / "report.html").read_text()
     assert "No evaluation stored yet" in text and "ddkit set: set" in text
+
+
+def test_a_set_without_a_numeric_peak_memory_gets_none_not_a_crash():
+    from ddkit.bench.grid import _peak_memory
+    from ddkit.bench.table import row_cells
+
+    assert _peak_memory({"peak_memory_bytes": {}}) is None  # what sets of an earlier version recorded
+    assert _peak_memory({}) is None and _peak_memory({"peak_memory_bytes": 2**20}) == 2**20
+    line = {"dataset": "mnist", "ipc": 1, "method": "random", "protocol": "hard", "runs": 1, "mean": 50.0,
+            "std": 0.0, "peak_memory_bytes": None}
+    assert row_cells(line)[8] == "-"

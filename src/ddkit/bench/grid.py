@@ -282,6 +282,12 @@ def _load_existing(path: Path, cell: Cell, tier: str, seed: int):
     return distilled
 
 
+def _peak_memory(manifest: dict):
+    """The set's recorded peak memory in bytes, or None where none was recorded (older sets wrote ``{}``)."""
+    peak = manifest.get("peak_memory_bytes")
+    return peak if isinstance(peak, (int, float)) and not isinstance(peak, bool) else None
+
+
 def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_progress: bool):
     """Load the cell's set, or make and save it; returns the DistilledSet (saved, ``path`` set)."""
     import ddkit
@@ -346,7 +352,7 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
             "mean": round(result.mean, 4), "std": round(result.std, 4),
             "distill_seconds": (manifest.get("timings") or {}).get("distill_seconds"),
             "eval_seconds_per_run": round(float(result.seconds_per_run), 2),
-            "peak_memory_bytes": manifest.get("peak_memory_bytes"),
+            "peak_memory_bytes": _peak_memory(manifest),
             "image_bytes": sizes["images"], "soft_label_bytes": sizes["soft_labels"],
             "set": f"{SETS_DIR}/{cell.name}", "date": _now(), "device": str(device),
         })
