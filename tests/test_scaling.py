@@ -97,8 +97,90 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(env, monkeypatch):
 def test_resume_needs_a_checkpoint_and_a_checkpointing_method(env):
     with pytest.raises(DDKitError, match="no checkpoint in"):
         ddkit.resume(env / "nothing")
-    with pytest.raises(DDKitError, match="does not checkpoint yet"):
-        ddkit.distill("sre2l", dataset="digits", ipc=1, preset="smoke", out=env / "x", resume=True)
+    with pytest.raises(DDKitError, match="random does not checkpoint"):
+        ddkit.distill("random", dataset="digits", ipc=1, out=env / "x", resume=True)
+
+
+# ---- the statistics family: per-batch recover checkpoints ---------------------------------------------
+# 4 batches of 5 images, 8 iterations each; rank-local steps count on across batches (batch 1 starts at 8).
+RECOVER = ["sre2l", "--dataset", "digits", "--ipc", "2", "--preset", "smoke", "--set", "batch_size=5",
+           "--set", "iterations=8", "--set", "ema_alpha=0.5", "--set", "relabel.epochs=2", "-q"]  # EMA: more state
+
+
+@pytest.fixture
+def recovered(env):
+    """The reference SRe2L set: one process, never interrupted."""
+    assert main(["distill", *RECOVER, "--out", str(env / "reference")]) == 0
+    return ddkit.load(env / "reference")
+
+
+def assert_same_set(got, want):
+    assert torch.equal(got.images, want.images)
+    assert torch.equal(got.extras["relabel.logits"], want.extras["relabel.logits"])
+    assert got.meta["loss_log"] == want.meta["loss_log"]
+
+
+def test_recover_killed_mid_batch_resumes_the_batch_exactly(env, recovered):
+    out = env / "killed"
+    command = [sys.executable, "-m", "ddkit", "distill", *RECOVER, "--out", str(out), "--checkpoint-every", "3"]
+    killed = subprocess.run(command, env={**os.environ, "DDKIT_FAULT_AT_ITERATION": "13"}, capture_output=True)
+    assert killed.returncode == -9
+    root = out / "checkpoint"
+    assert json.loads((root / "latest.json").read_text())["kind"] == "batches"
+    assert sorted(p.name for p in (root / "done").iterdir()) == ["batch-000000.safetensors"]
+    assert sorted(p.name for p in (root / "running").iterdir()) == ["batch-000001.safetensors"]
+    with pytest.raises(DDKitError, match="unfinished run; continue it with --resume"):
+        ddkit.distill("sre2l", dataset="digits", ipc=2, preset="smoke", out=out,
+                      overrides=["batch_size=5", "iterations=8", "ema_alpha=0.5", "relabel.epochs=2"], show_progress=False)
+    assert main(["distill", "--resume", str(out), "-q"]) == 0  # x, Adam, RNG, EMA and log from iteration 3
+    assert_same_set(ddkit.load(out), recovered)
+    assert not root.exists()
+
+
+def test_recover_dying_rank_then_resume_in_one_process(env, recovered, monkeypatch, capsys):
+    out = env / "dying"
+    monkeypatch.setenv("DDKIT_FAULT_AT_ITERATION", "13")  # rank 1: batches 1 and 3; dies in batch 3
+    monkeypatch.setenv("DDKIT_FAULT_RANK", "1")
+    assert main(["distill", *RECOVER, "--out", str(out), "--nproc", "2", "--checkpoint-every", "2"]) == 2
+    assert f"ddkit distill --resume {out} --nproc 2" in capsys.readouterr().err
+    assert (out / "checkpoint" / "done" / "batch-000001.safetensors").is_file()
+    monkeypatch.delenv("DDKIT_FAULT_AT_ITERATION")
+    assert main(["distill", "--resume", str(out), "-q"]) == 0  # batches keyed by number, not by process
+    assert_same_set(ddkit.load(out), recovered)
+
+
+def test_recover_only_resumes_without_relabelling(env, monkeypatch):
+    out = env / "recover-only"
+    command = [sys.executable, "-m", "ddkit", "recover", *RECOVER, "--out", str(out), "--checkpoint-every", "4"]
+    killed = subprocess.run(command, env={**os.environ, "DDKIT_FAULT_AT_ITERATION": "20"}, capture_output=True)
+    assert killed.returncode == -9
+    assert main(["recover", "--resume", str(out), "-q"]) == 0
+    resumed = ddkit.load(out)
+    assert not resumed.has_soft_labels and resumed.images.shape == (20, 1, 8, 8)
+    assert main(["recover", *RECOVER, "--out", str(env / "whole")]) == 0
+    assert torch.equal(resumed.images, ddkit.load(env / "whole").images)
+
+
+def test_recover_non_finite_loss_keeps_the_batch_checkpoint(env, monkeypatch):
+    import ddkit.methods.recover as recover
+
+    calls = {"n": 0}
+    real_loss = recover.densification_loss
+
+    def explode_at_the_sixth(*args, **kwargs):
+        calls["n"] += 1
+        value = real_loss(*args, **kwargs)
+        return value * float("inf") if calls["n"] == 6 else value
+
+    monkeypatch.setattr(recover, "densification_loss", explode_at_the_sixth)
+    out = env / "nan"
+    with pytest.raises(DDKitError, match="iteration 5 of batch 0.*last checkpoint is kept"):
+        ddkit.distill("sre2l", dataset="digits", ipc=2, preset="smoke", out=out, checkpoint_every=2,
+                      overrides=["batch_size=5", "iterations=8", "densify_weight=1"], show_progress=False)
+    state = (out / "checkpoint" / "running" / "batch-000000.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(state), framework="pt") as handle:
+        assert json.loads(handle.metadata()["state"])["iteration"] == 4
 
 
 def test_recover_batches_split_across_two_processes_give_the_one_process_set(env):
@@ -109,6 +191,7 @@ def test_recover_batches_split_across_two_processes_give_the_one_process_set(env
     one, two = ddkit.load(env / "one"), ddkit.load(env / "two")
     assert torch.equal(one.images, two.images)  # 4 batches, 2 per rank, each with its own generator
     assert torch.equal(one.extras["relabel.logits"], two.extras["relabel.logits"])
+    assert one.meta["loss_log"] == two.meta["loss_log"]  # every rank's batches, merged in batch order
 
 
 def test_squeeze_and_evaluation_under_two_processes_with_ddp(env, digits):

@@ -10,6 +10,8 @@ from ddkit.errors import DDKitError
 
 CHECKPOINT_DIR = "checkpoint"
 PARTS_DIR = ".parts"
+#: Method flags a checkpoint records so that ``resume`` runs the same thing (all JSON values).
+RESUMED_FLAGS = ("terms", "weights", "teacher_paths", "relabel")
 
 
 def distill(
@@ -39,8 +41,9 @@ def distill(
         device: "cpu", "cuda", "auto" (one GPU per process in a torchrun job: ``cuda:LOCAL_RANK``).
         overrides: dict or ``key=value`` strings over the preset's options.
         out: when given, the set is saved there (atomically); checkpoints go to ``out/checkpoint``.
-        checkpoint_every: iterations between checkpoints (matching family, needs ``out``); 0 = about
-            every ``checkpoint_seconds`` of work, measured over the first iterations.
+        checkpoint_every: iterations between checkpoints (needs ``out``; every method but random);
+            0 = about every ``checkpoint_seconds`` of work, measured over the first iterations. The
+            statistics family also stores every finished recover batch.
         resume: continue from the latest checkpoint in ``out`` (same tensors as an uninterrupted run).
         flags: method-specific switches (e.g. ``terms=``, ``weights=`` for the matching family).
 
@@ -74,8 +77,8 @@ def distill(
         if checkpoint is not None:
             flags["checkpoint"] = checkpoint
         merged = False
-        if world.distributed and not getattr(fn, "supports_checkpoints", False):
-            # methods that finish with a stage on the whole set (relabel) merge the parts themselves
+        if world.distributed and getattr(fn, "merges_parts", False):
+            # methods that finish with a stage on the whole set (relabel) merge the parts before it
             def merge(partial):
                 nonlocal merged
                 _merge_parts(partial, Path(out), world)
@@ -117,8 +120,8 @@ def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, ima
     """The engine's checkpoint settings, or None where checkpoints do not apply."""
     if out is None or not getattr(fn, "supports_checkpoints", False):
         if resume:
-            raise DDKitError(f"--resume needs --out and a method that checkpoints (the matching family); "
-                             f"{method} does not checkpoint yet")
+            raise DDKitError(f"--resume needs --out and a method that checkpoints (every method but random); "
+                             f"{method} does not checkpoint")
         return None
     root = Path(out) / CHECKPOINT_DIR
     if not resume and (root / "latest.json").is_file():
@@ -128,16 +131,21 @@ def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, ima
         options = dict(overrides)
     else:
         options = list(overrides or [])
+    if flags.get("teacher_paths"):  # a resume may start from another directory
+        flags["teacher_paths"] = [str(Path(path).resolve()) for path in flags["teacher_paths"]]
     run = {"method": method, "dataset": dataset, "ipc": ipc, "preset": preset, "seed": seed, "overrides": options,
-           "image_size": image_size, "flags": {k: v for k, v in flags.items() if k in ("terms", "weights")}}
+           "image_size": image_size, "flags": {k: v for k, v in flags.items() if k in RESUMED_FLAGS}}
     return {"dir": str(root), "every": int(every), "seconds": float(seconds), "resume": bool(resume), "run": run}
 
 
 def _merge_parts(result, out: Path, world) -> None:
-    """Every rank writes its classes' images to ``out/.parts`` (atomically); rank 0 merges them."""
+    """Every rank writes its images (and, for per-batch work, its loss log) to ``out/.parts``
+    (atomically); every rank reads all parts, so each holds the merged images; rank 0 saves them."""
+    import json
     import os
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from ddkit import distributed
@@ -145,16 +153,25 @@ def _merge_parts(result, out: Path, world) -> None:
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     rows = getattr(result, "computed_rows", None)
-    if rows is None:  # the matching family: this rank's share of the classes
+    per_batch_log = rows is not None  # the recover family logs each batch where it ran
+    if rows is None:  # the matching family: this rank's share of the classes (its log is all-reduced)
         classes = torch.tensor(world.share(result.num_classes))
         rows = torch.nonzero(torch.isin(result.labels, classes)).flatten()
     tmp = parts / f".rank{world.rank}.tmp"
-    save_file({"images": result.images[rows].contiguous(), "rows": rows}, str(tmp))
+    log = result.meta.get("loss_log") or []
+    save_file({"images": result.images[rows].contiguous(), "rows": rows}, str(tmp),
+              metadata={"log": json.dumps(log if per_batch_log else [])})
     os.replace(tmp, parts / f"rank{world.rank}.safetensors")
     distributed.barrier()
+    merged_log = []
     for rank in range(world.size):
-        part = load_file(str(parts / f"rank{rank}.safetensors"))
+        path = str(parts / f"rank{rank}.safetensors")
+        part = load_file(path)
         result.images[part["rows"]] = part["images"]
+        with safe_open(path, framework="pt") as handle:
+            merged_log += json.loads((handle.metadata() or {}).get("log", "[]"))
+    if per_batch_log:
+        result.meta["loss_log"] = sorted(merged_log, key=lambda entry: (entry.get("batch", 0), entry["iteration"]))
     distributed.barrier()
     if world.is_main:
         shutil.rmtree(parts, ignore_errors=True)

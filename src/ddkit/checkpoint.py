@@ -1,6 +1,10 @@
 """Atomic, multi-process checkpoints of a running distillation (no pickle anywhere).
 
-Layout under a run's output directory::
+Two layouts share ``OUT/checkpoint/latest.json`` (the run record ``ddkit distill --resume`` reads):
+iteration checkpoints for the matching family, whose processes step together, below; and
+:class:`BatchCheckpoints` for the recover step, whose batches are independent.
+
+Iteration checkpoints, under a run's output directory::
 
     checkpoint/
       latest.json            the commit marker: iteration, world size, folder, how the run started
@@ -100,3 +104,71 @@ def generator_state(generator: torch.Generator) -> torch.Tensor:
 def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
     """Set ``generator`` to a state from :func:`generator_state`."""
     generator.set_state(state.to(torch.uint8).cpu())
+
+
+# ---- per-batch checkpoints (the recover family) ------------------------------------------------------
+class BatchCheckpoints:
+    """Checkpoints of work that comes in independent batches (the recover step), keyed by batch.
+
+    Layout under ``root`` (``OUT/checkpoint``)::
+
+        latest.json                    {"kind": "batches", "run": ...}: marks an unfinished run
+        done/batch-000012.safetensors  a finished batch: its pixels and rows, its loss log (metadata)
+        running/batch-000013.safetensors   a batch in progress: optimiser state, RNG, ... (metadata:
+                                       the next iteration and the log so far)
+
+    Every file is one ``safetensors`` file renamed into place, so each is whole or absent. Files are
+    keyed by batch, not by process, and each batch is recovered by one process at a time, so the
+    processes never wait for each other to checkpoint and a resumed run may use another process
+    count: a process takes over any batch from the files its predecessor left.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def mark(self, run: dict) -> None:
+        """Record how the run started (``ddkit distill --resume`` reads it); call once, on rank 0."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.root / LATEST, {"kind": "batches", "run": run})
+
+    def _path(self, kind: str, batch: int) -> Path:
+        return self.root / kind / f"batch-{int(batch):06d}.safetensors"
+
+    def _write(self, kind: str, batch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        path = self._path(kind, batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"state": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    def _read(self, kind: str, batch: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        from safetensors import safe_open
+
+        path = self._path(kind, batch)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})["state"])
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (OSError, SafetensorError, ValueError, KeyError) as exc:
+            raise DDKitError(f"checkpoint file {path} is damaged ({exc}); delete it to redo that batch") from None
+        return tensors, meta
+
+    def save_running(self, batch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Store the state of ``batch`` in progress (replacing the previous one)."""
+        self._write("running", batch, tensors, meta)
+
+    def save_done(self, batch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Store the finished ``batch`` and drop its in-progress state."""
+        self._write("done", batch, tensors, meta)
+        self._path("running", batch).unlink(missing_ok=True)
+
+    def done(self, batch: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, meta) of the finished ``batch``, or None."""
+        return self._read("done", batch)
+
+    def running(self, batch: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, meta) of ``batch`` in progress, or None."""
+        return self._read("running", batch)

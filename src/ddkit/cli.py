@@ -188,9 +188,9 @@ def _launch_torchrun(args) -> int:
     code = subprocess.call(command)
     if code != 0:
         hint = ""
-        if args.command == "distill":
-            hint = (f"; continue from the last checkpoint with: ddkit distill --resume {args.resume or args.out} "
-                    f"--nproc {args.nproc}")
+        if args.command in ("distill", "recover"):
+            hint = (f"; continue from the last checkpoint with: ddkit {args.command} --resume "
+                    f"{args.resume or args.out} --nproc {args.nproc}")
         raise DDKitError(f"a worker of the {args.nproc}-process run failed (exit code {code}; see its messages "
                          f"above){hint}")
     return 0
@@ -226,9 +226,20 @@ def cmd_squeeze(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    args.func_relabel = False
-    args.resume, args.checkpoint_every, args.checkpoint_minutes = None, 0, 3.0
+    args.func_relabel = False  # recorded in the checkpoint, so --resume does not relabel either
     return cmd_distill(args)
+
+
+def _add_checkpoint_options(p) -> None:
+    """--resume, --checkpoint-every and --checkpoint-minutes (distill and recover)."""
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted run whose checkpoint is in DIR (method, dataset and options are "
+                        "read from it); at the same seed on CPU the result equals an uninterrupted run")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N iterations (statistics family: of the recover batch in progress; every "
+                        "finished batch is kept too); default 0: about every --checkpoint-minutes")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0, metavar="M",
+                   help="with --checkpoint-every 0: minutes of work between checkpoints (default 3)")
 
 
 def cmd_relabel(args) -> int:
@@ -305,16 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, help="synthetic images per class")
     p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
     p.add_argument("--out", help="output directory of the distilled set (checkpoints go to OUT/checkpoint)")
-    p.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the interrupted run whose checkpoint is in DIR (method, dataset and options are "
-                        "read from it); at the same seed on CPU the result equals an uninterrupted run")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (torchrun; gloo on CPU, nccl with --device cuda, one GPU each); "
-                        "the matching family splits the classes across them")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="matching family: checkpoint every N iterations (default 0: about every --checkpoint-minutes)")
-    p.add_argument("--checkpoint-minutes", type=float, default=3.0, metavar="M",
-                   help="with --checkpoint-every 0: minutes of work between checkpoints (default 3)")
+                        "the matching family splits the classes across them, the statistics family its recover "
+                        "batches")
+    _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
@@ -348,11 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recover", help="statistics family: recover images from the teachers (no relabel)",
                        description="Run squeeze (cached) and recover of sre2l, cda or gvbsm and save the images with "
                                    "hard labels only; add soft labels later with `ddkit relabel`.")
-    p.add_argument("method", help="sre2l | cda | gvbsm")
-    p.add_argument("--dataset", required=True, help="real dataset name")
-    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("method", nargs="?", help="sre2l | cda | gvbsm")
+    p.add_argument("--dataset", help="real dataset name")
+    p.add_argument("--ipc", type=int, help="images per class")
     p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
-    p.add_argument("--out", required=True, help="output directory of the set")
+    p.add_argument("--out", help="output directory of the set (checkpoints go to OUT/checkpoint)")
+    _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import time
 
 import torch
@@ -40,7 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ddkit import distributed
 from ddkit.augment.crops import apply_crops, apply_flips, apply_jitter, cda_min_scale, sample_crops, sample_flips, sample_jitter
+from ddkit.checkpoint import BatchCheckpoints, generator_state, restore_generator
 from ddkit.errors import DDKitError
 from ddkit.losses.statistics import (
     ConvStatistics,
@@ -239,6 +242,7 @@ class RecoverEngine:
         if float(config["r_conv"]) > 0:
             self.conv_targets = [real_conv_targets(t, real, config, device, show_progress) for t in teachers]
         self.log: list[dict] = []
+        self._store, self._checkpoint, self._every = None, {}, None
 
     def _check(self) -> None:
         c = self.config
@@ -294,16 +298,62 @@ class RecoverEngine:
             conv_loss = conv_statistics_loss(stats, targets, c["stat_norm"], float(c["conv_drop"]), self.generator)
         return bn_loss, conv_loss
 
-    def _recover_batch(self, labels: torch.Tensor, bar, batch_index: int) -> torch.Tensor:
+    def _start_batch(self, labels: torch.Tensor, batch_index: int, saved=None):
+        """The optimisation state of a batch: fresh (noise from the batch's own generator) or as
+        ``saved`` (a :meth:`_batch_state` from a checkpoint). Returns (x, optimizer, ema, log, next
+        iteration)."""
         c = self.config
-        iterations = int(c["iterations"])
+        self.generator = make_generator(self.seed * 100003 + batch_index)
         shape = (labels.numel(), *self.real.image_shape)
         x = torch.randn(shape, generator=self.generator).to(self.device).requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"]))
+        if saved is None:
+            return x, optimizer, {}, [], 0
+        tensors, meta = saved
+        with torch.no_grad():
+            x.copy_(tensors["x"].to(self.device))
+        optimizer.state[x] = {name: tensors[f"adam.{name}"].to(self.device if name != "step" else "cpu").clone()
+                              for name in ("step", "exp_avg", "exp_avg_sq")}
+        restore_generator(self.generator, tensors["generator"])
+        ema = {tuple(json.loads(name[len("ema."):])): value.to(self.device)
+               for name, value in tensors.items() if name.startswith("ema.")}
+        return x, optimizer, ema, list(meta["log"]), int(meta["iteration"])
+
+    def _batch_state(self, x, optimizer, ema: dict) -> dict[str, torch.Tensor]:
+        """Everything :meth:`_start_batch` needs to continue a batch exactly: the images, Adam's
+        moments and step, the batch generator and the EMA statistics."""
+        state = optimizer.state[x]
+        tensors = {"x": x.detach(), "generator": generator_state(self.generator)}
+        tensors.update({f"adam.{name}": state[name] for name in ("step", "exp_avg", "exp_avg_sq")})
+        tensors.update({"ema." + json.dumps(list(key)): value.detach() for key, value in ema.items()})
+        return tensors
+
+    def _checkpoint_interval(self, started: float, steps: int) -> int:
+        """Iterations between checkpoints: the given count, or about ``seconds`` of work measured
+        over this process's first iterations (0 while still measuring)."""
+        if self._every is None:
+            if self._checkpoint.get("every"):
+                self._every = int(self._checkpoint["every"])
+            elif steps >= 3:
+                per_iteration = (time.perf_counter() - started) / steps
+                self._every = max(1, int(float(self._checkpoint.get("seconds", 180)) / per_iteration))
+        return self._every or 0
+
+    def _recover_batch(self, labels: torch.Tensor, bar, batch_index: int, saved=None,
+                       first_step: int = 0) -> tuple[torch.Tensor, list[dict]]:
+        """Optimise one batch (from ``saved`` state if given); returns (normalised x, its loss log).
+
+        ``first_step`` is this process's step count before the batch (fault injection counts in it).
+        """
+        c = self.config
+        iterations = int(c["iterations"])
+        x, optimizer, ema, log, start = self._start_batch(labels, batch_index, saved)
         base_lr = float(c["lr"])
-        ema: dict = {}
         log_every = max(1, int(c["log_every"]))
-        for it in range(iterations):
+        bar.update(start)
+        started = time.perf_counter()
+        for it in range(start, iterations):
+            distributed.maybe_inject_fault(first_step + it)
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * it / iterations))
             t_index = it % len(self.teachers)
@@ -317,7 +367,7 @@ class RecoverEngine:
                                        bool(c["densify_normalize"])) if float(c["densify_weight"]) > 0 else ce * 0.0
             total = ce + float(c["r_bn"]) * bn_loss + float(c["r_conv"]) * conv_loss + float(c["densify_weight"]) * dense
             if not torch.isfinite(total):
-                raise NonFiniteLoss(f"the loss became {float(total)} at iteration {it} of batch {batch_index}; "
+                raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {it} of batch {batch_index}; "
                                     "lower the learning rate (--set lr=...) or r_bn/r_conv")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -329,44 +379,75 @@ class RecoverEngine:
                           (("ce", ce), ("bn", bn_loss), ("conv", conv_loss), ("dense", dense), ("total", total))}
                 values.update({"crop_min": low,
                                "acc": float((logits.argmax(1) == labels).float().mean())})
-                self.log.append({"batch": batch_index, "iteration": it, **{k: round(v, 6) for k, v in values.items()}})
+                log.append({"batch": batch_index, "iteration": it, **{k: round(v, 6) for k, v in values.items()}})
                 bar.set_postfix({"ce": f"{values['ce']:.3g}", "bn": f"{values['bn']:.3g}", "acc": f"{values['acc']:.2f}"})
             bar.update(1)
-        return x.detach()
+            if self._store is not None and it + 1 < iterations:
+                every = self._checkpoint_interval(started, it + 1 - start)
+                if every and (it + 1) % every == 0:
+                    self._store.save_running(batch_index, self._batch_state(x, optimizer, ema),
+                                             {"iteration": it + 1, "log": log})
+        return x.detach(), log
 
-    def run(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def run(self, checkpoint: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Recover every batch (this rank's batches under torchrun).
 
         Batch ``b`` draws from its own generator (seeded from the run seed and ``b``), so its images
         do not depend on which process recovers it; ranks take the batches round-robin.
 
+        Args:
+            checkpoint: ``{"dir", "every" (iterations; 0 = about every ``seconds``), "seconds",
+                "resume", "run"}`` or None. With it, every finished batch and, every ``every``
+                iterations, the batch in progress are stored (:class:`ddkit.checkpoint.BatchCheckpoints`);
+                with ``resume`` a finished batch is loaded and a batch in progress continues exactly
+                where it stopped, so the result equals an uninterrupted run's.
+
         Returns:
             (pixel images float [K*ipc, C, H, W] on the CPU in class order, labels int64 [K*ipc],
             record with timings, the loss log and ``rows``: int64 indices of the images recovered here).
         """
-        from ddkit import distributed
-
         world = distributed.current()
         k = self.real.num_classes
         items = item_order(k, self.ipc, self.config["batch_mode"])
         size = int(self.config["batch_size"])
         batches = [items[s:s + size] for s in range(0, items.shape[0], size)]
         mine = [b for b in range(len(batches)) if b % world.size == world.rank]
+        resume = bool(checkpoint and checkpoint.get("resume"))
+        self._checkpoint, self._every = checkpoint or {}, None
+        self._store = BatchCheckpoints(checkpoint["dir"]) if checkpoint else None
+        if self._store is not None and not resume:
+            if world.is_main:  # a new run: nothing left from an earlier one may be taken over later
+                for kind in ("done", "running"):
+                    shutil.rmtree(self._store.root / kind, ignore_errors=True)
+                self._store.mark(checkpoint["run"])
+            distributed.barrier()
         images = torch.zeros((k * self.ipc, *self.real.image_shape))
         rows = []
+        iterations = int(self.config["iterations"])
         started = time.perf_counter()
-        total_steps = len(mine) * int(self.config["iterations"])
+        total_steps, computed_steps = len(mine) * iterations, 0
         with progress(total=total_steps, desc="recover", enabled=self.show_progress) as bar:
-            for b in mine:
+            for position, b in enumerate(mine):
                 batch = batches[b]
-                self.generator = make_generator(self.seed * 100003 + b)
-                x = self._recover_batch(batch[:, 0].to(self.device), bar, b)
-                pixels = denormalize(x, self.real.mean, self.real.std).clamp(0, 1).cpu()
                 index = batch[:, 0] * self.ipc + batch[:, 1]
-                images[index] = pixels
                 rows.append(index)
+                finished = self._store.done(b) if resume else None
+                if finished is not None:
+                    images[index] = finished[0]["pixels"]
+                    self.log.extend(finished[1]["log"])
+                    bar.update(iterations)
+                    continue
+                saved = self._store.running(b) if resume else None
+                x, log = self._recover_batch(batch[:, 0].to(self.device), bar, b, saved, position * iterations)
+                computed_steps += iterations - (int(saved[1]["iteration"]) if saved else 0)
+                pixels = denormalize(x, self.real.mean, self.real.std).clamp(0, 1).cpu()
+                images[index] = pixels
+                self.log.extend(log)
+                if self._store is not None:
+                    self._store.save_done(b, {"pixels": pixels}, {"log": log})
         seconds = time.perf_counter() - started
         labels = torch.arange(k).repeat_interleave(self.ipc)
-        record = {"recover_seconds": round(seconds, 3), "seconds_per_iteration": round(seconds / max(1, total_steps), 4),
+        record = {"recover_seconds": round(seconds, 3),
+                  "seconds_per_iteration": round(seconds / max(1, computed_steps), 4),
                   "loss_log": self.log, "rows": torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)}
         return images, labels, record

@@ -137,13 +137,16 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
     return result
 
 
-def recover_set(method: str, real, ipc: int, config: dict, teachers, seed: int, device, show_progress: bool = True):
-    """Recover ``ipc`` images per class (no soft labels yet) as a DistilledSet."""
+def recover_set(method: str, real, ipc: int, config: dict, teachers, seed: int, device, show_progress: bool = True,
+                checkpoint: dict | None = None):
+    """Recover ``ipc`` images per class (no soft labels yet) as a DistilledSet.
+
+    ``checkpoint``: per-batch checkpoints and resume, see :meth:`RecoverEngine.run`."""
     from ddkit.methods.recover import RecoverEngine
     from ddkit.store import DistilledSet
 
     engine = RecoverEngine(real, ipc, config["recover"], teachers, seed, device, show_progress)
-    images, labels, record = engine.run()
+    images, labels, record = engine.run(checkpoint)
     result = DistilledSet(
         images=images, labels=labels, class_names=list(real.class_names), dataset=real.name, mean=real.mean,
         std=real.std, method=method,
@@ -160,7 +163,7 @@ def distill_statistics(method: str):
     """The registered entry point of one statistics-matching method (all three stages)."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True, relabel=True,
-            teacher_paths=None, merge_parts=None):
+            teacher_paths=None, merge_parts=None, checkpoint=None):
         import time
 
         from ddkit import distributed
@@ -174,7 +177,7 @@ def distill_statistics(method: str):
             # under torchrun the ranks train missing teachers together (DDP); rank 0 writes the cache
             teachers = method_teachers(real, config, seed, device, show_progress)
         squeeze_seconds = time.perf_counter() - started
-        result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress)
+        result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress, checkpoint)
         if merge_parts is not None:
             merge_parts(result)  # every rank now holds every recovered image
         if relabel and distributed.current().is_main:  # one process labels the merged set
@@ -186,6 +189,8 @@ def distill_statistics(method: str):
 
     run.__doc__ = f"Distill with {method}: squeeze (cached) -> recover -> relabel (SPEC section 3)."
     run.splits_work = True
+    run.supports_checkpoints = True  # the recover step; teachers are cached and relabel is redone
+    run.merges_parts = True  # relabel needs every recovered image: the parts are merged before it
     return run
 
 
