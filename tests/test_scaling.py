@@ -204,3 +204,50 @@ def test_squeeze_and_evaluation_under_two_processes_with_ddp(env, digits):
     assert main(["eval", str(out), "--preset", "smoke", "--runs", "1", "--nproc", "2", "-q"]) == 0
     records = ddkit.load(out).meta["evaluations"]
     assert len(records) == 1 and records[0]["mean"] > 30  # one record, written by rank 0 only
+
+
+# ---- data-parallel training: DDP slices, whole-batch gradients, per-process or synced BatchNorm ------
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+
+
+def _trained(mode: str, out, nproc: int) -> dict:
+    from safetensors.torch import load_file
+
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    subprocess.run([sys.executable, *launcher, WORKER, mode, str(out)], check=True, capture_output=True)
+    return load_file(str(out))
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_two_process_training_equals_one_process(env, tmp_path, mode):
+    # 60 samples in batches of 25: the last batch splits 5 + 5, the others 13 + 12 (loss factors != 1)
+    one, two = _trained(mode, tmp_path / "one", 1), _trained(mode, tmp_path / "two", 2)
+    assert _largest_difference(one, two) < 1e-4  # float summation order only
+
+
+def test_batch_norm_statistics_are_per_process_unless_synced(env, tmp_path):
+    one = _trained("hard-bn", tmp_path / "one", 1)
+    per_process = _trained("hard-bn", tmp_path / "per-process", 2)
+    synced = _trained("hard-bn-sync", tmp_path / "synced", 2)
+    assert _largest_difference(one, per_process) > 1e-3  # each rank normalised its half of the batch
+    assert _largest_difference(one, synced) < 1e-4  # running statistics included
+
+
+def test_synced_batch_norm_keeps_the_state_dict_and_is_plain_batch_norm_in_one_process():
+    from ddkit.models import create
+    from ddkit.models.training import GlobalBatchNorm2d, synced_batch_norm
+
+    model = create("convnet", in_channels=1, num_classes=10, image_size=8, width=8, norm="batch")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 1, 8, 8)
+    expected = model.train()(x)
+    synced = synced_batch_norm(model)
+    assert any(isinstance(m, GlobalBatchNorm2d) for m in synced.modules())
+    assert sorted(synced.state_dict()) == sorted(before)
+    synced.load_state_dict(before)
+    assert torch.allclose(synced.train()(x), expected, atol=1e-6)

@@ -31,17 +31,17 @@ HARD_PRESETS: dict[str, dict] = {
     "paper": {
         "epochs": 1000, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
         "decay_at": 0.5, "decay_factor": 0.1, "reset_momentum": True, "dsa": True,
-        "dsa_strategy": "auto", "model": {}, "eval_batch_size": 1000,
+        "dsa_strategy": "auto", "model": {}, "eval_batch_size": 1000, "sync_bn": False,
     },
     "quick": {
         "epochs": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
         "decay_at": 0.5, "decay_factor": 0.1, "reset_momentum": True, "dsa": True,
-        "dsa_strategy": "auto", "model": {}, "eval_batch_size": 1000,
+        "dsa_strategy": "auto", "model": {}, "eval_batch_size": 1000, "sync_bn": False,
     },
     "smoke": {
         "epochs": 200, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
         "decay_at": 0.5, "decay_factor": 0.1, "reset_momentum": True, "dsa": True,
-        "dsa_strategy": "auto", "model": {"width": 32}, "eval_batch_size": 1000,
+        "dsa_strategy": "auto", "model": {"width": 32}, "eval_batch_size": 1000, "sync_bn": False,
     },
 }
 PROTOCOLS = ("hard", "soft")
@@ -121,11 +121,20 @@ class EvalResult:
         }
 
 
+def _comparable(config):
+    """``config`` without options at a default that changes nothing in one process (``sync_bn``
+    false), so records written before such an option existed still match."""
+    if not isinstance(config, dict) or config.get("sync_bn", False):
+        return config
+    return {k: v for k, v in config.items() if k != "sync_bn"}
+
+
 def find_stored(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
     """An :class:`EvalResult` rebuilt from a matching manifest record, or None."""
+    wanted = _comparable(config)
     for rec in reversed(distilled.meta.get("evaluations", [])):
-        if (rec.get("protocol"), rec.get("preset"), rec.get("arch"), rec.get("seeds"), rec.get("config")) == (
-                protocol, preset, arch, seeds, config):
+        if (rec.get("protocol"), rec.get("preset"), rec.get("arch"), rec.get("seeds"), _comparable(rec.get("config"))) == (
+                protocol, preset, arch, seeds, wanted):
             return EvalResult(protocol, preset, arch, list(rec["accuracies"]), rec["seconds_per_run"], config,
                               seeds, rec["device"], rec["train_images"], rec["date"])
     return None

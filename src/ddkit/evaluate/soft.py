@@ -55,7 +55,7 @@ _ONLINE = {
 _PAPER = {
     "epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9, "schedule": "cosine",
     "batch_size": 64, "loss": "auto", "temperature": 20.0, "t2": False, "gamma": 0.15, "model": {},
-    "eval_batch_size": 1000, "online": _ONLINE,
+    "eval_batch_size": 1000, "online": _ONLINE, "sync_bn": False,
 }
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``); ``momentum`` is
 # used by ``optimizer="sgd"`` only (SRe2L's Tiny-ImageNet recipe: optimizer=sgd lr=0.2
@@ -228,9 +228,16 @@ def train_soft(
         config: a resolved soft config (``loss`` already "kl" or "mse_ce", not "auto").
         generator: CPU generator; drives the batch order only (the views are in the records).
 
+    Under torchrun the student trains with :class:`ddkit.models.training.DataParallel`: every
+    rank draws the same order, replays its slice of each batch, and the averaged gradient is the
+    whole batch's (``config["sync_bn"]`` for whole-batch BatchNorm statistics).
+
     Returns:
-        The mean training loss of each epoch.
+        The mean training loss of each epoch (this rank's slices).
     """
+    from ddkit.models.training import DataParallel, optimizer_step
+
+    parallel = DataParallel(model, bool(config.get("sync_bn", False)))
     epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
     n = source.num_samples
     lr = float(config["lr"])
@@ -253,15 +260,15 @@ def train_soft(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             index = order[start:start + batch_size]
+            mine, factor = parallel.share(index.numel())
+            index = index[mine]  # each view and its mix partner come from the records, not the batch
             batch = source.batch(record_epoch, index)
             own = labels[index.to(labels.device)]
             mixed_in = labels[batch.partner.to(labels.device)]
-            loss = soft_loss(model(batch.inputs), batch.values, batch.indices, loss=loss_name,
+            loss = soft_loss(parallel.module(batch.inputs), batch.values, batch.indices, loss=loss_name,
                              temperature=float(config["temperature"]), t2=bool(config["t2"]),
                              gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss * factor if factor != 1.0 else loss)
             step += 1
             total += float(loss.detach()) * index.numel()
             count += index.numel()

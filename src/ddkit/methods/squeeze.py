@@ -35,11 +35,11 @@ from ddkit.utils import apply_overrides, make_generator, normalize, seeded_globa
 #: Teacher training recipes per tier (every key overridable).
 SQUEEZE_PRESETS: dict[str, dict] = {
     "paper": {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
-              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 0},
+              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 0, "sync_bn": False},
     "quick": {"epochs": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
-              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 20000},
+              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 20000, "sync_bn": False},
     "smoke": {"epochs": 6, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64,
-              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 1500},
+              "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 1500, "sync_bn": False},
 }
 #: Recipe keys that change the trained weights (and so the cache key).
 RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "decay_at", "decay_factor", "train_subset")
@@ -102,8 +102,11 @@ class Teacher:
 
 def recipe_for(real, model_config: dict, schedule: dict, seed: int) -> dict:
     """Everything that determines a trained network's weights (hashed into its cache key)."""
-    return {"dataset": real.name, "image_shape": list(real.image_shape), "num_classes": real.num_classes,
-            "model": dict(model_config), "seed": int(seed), **{k: schedule[k] for k in RECIPE_KEYS if k in schedule}}
+    recipe = {"dataset": real.name, "image_shape": list(real.image_shape), "num_classes": real.num_classes,
+              "model": dict(model_config), "seed": int(seed), **{k: schedule[k] for k in RECIPE_KEYS if k in schedule}}
+    if schedule.get("sync_bn"):  # whole-batch BatchNorm under torchrun trains other weights; off keeps old keys
+        recipe["sync_bn"] = True
+    return recipe
 
 
 def cache_folder(kind: str, real, recipe: dict) -> Path:
@@ -180,7 +183,8 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         pick = torch.randperm(labels.numel(), generator=generator)[:subset]
         images, labels = images[pick], labels[pick]
     inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
-    config = {"reset_momentum": True, **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset"}}
+    config = {"reset_momentum": True, "sync_bn": bool(schedule.get("sync_bn", False)),
+              **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset"}}
     train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
                      desc=desc)
     test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)

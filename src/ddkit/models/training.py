@@ -4,9 +4,126 @@ the IDM model queue and the pretrained feature extractors of class centralizatio
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ddkit.utils import progress
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce`` (sum) with its gradient: every rank's output is the sum of the inputs, so
+    the gradient reaching each input is the sum of the output gradients of all ranks."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span every process's share of the batch.
+
+    Under torchrun each process sees a slice of the batch; plain BatchNorm normalises with the
+    slice's mean and variance (per GPU, as the papers' multi-GPU runs do). This layer sums
+    per-channel ``sum x``, ``sum x^2`` and the count over the processes with a differentiable
+    all-reduce, so forward, backward and the running statistics are those of the whole batch,
+    the same as one process. Unlike ``torch.nn.SyncBatchNorm`` it also works on the CPU (gloo).
+    In one process, or in eval mode, it is plain BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
+        totals = _SumOverRanks.apply(torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        var = (totals[channels:2 * channels] / n - mean.pow(2)).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), momentum)
+        y = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y
+
+
+def synced_batch_norm(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` of ``model`` in place by a :class:`GlobalBatchNorm2d` that
+    shares its parameters and buffers (the state dict keeps its keys). Returns ``model``."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            synced.to(next(child.buffers(), torch.zeros(())).device)
+            if child.affine:
+                synced.weight, synced.bias = child.weight, child.bias
+            setattr(model, name, synced)
+        else:
+            synced_batch_norm(child)
+    return model
+
+
+class DataParallel:
+    """Data parallelism for the in-memory training loops (hard and soft students, teachers).
+
+    Under torchrun every rank draws the same batch order and augmentation; :meth:`share` gives
+    this rank its contiguous slice of each batch and the factor its mean loss is scaled by, so
+    that DistributedDataParallel's gradient average equals the gradient of the whole batch's mean
+    loss, as in one process (a rank whose slice is empty trains on one sample with factor 0, since
+    every rank must join the all-reduce). With ``sync_bn`` BatchNorm statistics span the whole
+    batch (:class:`GlobalBatchNorm2d`); without it they are per process, as in the papers'
+    multi-GPU runs. In one process it changes nothing.
+
+    Attributes:
+        module: the module to call in the training step (the DDP wrapper under torchrun).
+    """
+
+    def __init__(self, model: nn.Module, sync_bn: bool = False):
+        from ddkit import distributed
+
+        self.world = distributed.current()
+        self.module = model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if sync_bn:
+                synced_batch_norm(model)
+            self.module = DistributedDataParallel(model)
+
+    def share(self, count: int) -> tuple[slice, float]:
+        """(this rank's slice of a batch of ``count`` samples, its loss factor)."""
+        if not self.world.distributed:
+            return slice(0, count), 1.0
+        mine = self.world.share(count)
+        if not mine:
+            return slice(count - 1, count), 0.0
+        return slice(mine[0], mine[-1] + 1), self.world.size * len(mine) / count
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One step on ``loss``: clear the gradients, backpropagate, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 @torch.no_grad()
@@ -39,23 +156,14 @@ def train_classifier(
         generator: drives batch order and augmentation (CPU generator; draws are moved to the device).
         dsa: a :class:`ddkit.augment.DSA` applied per sample on every batch, or None.
 
-    Under torchrun (``ddkit.distributed`` set up with several processes) the model is wrapped in
-    DistributedDataParallel: every rank draws the same batch order and augmentation, trains on its
-    contiguous share of each batch, and the gradients are averaged across ranks. BatchNorm
-    statistics are then per process, as in the papers' multi-GPU training.
+    Under torchrun (``ddkit.distributed`` set up with several processes) the model trains with
+    :class:`DataParallel`: each rank takes its slice of every batch and the averaged gradient is
+    the whole batch's. BatchNorm statistics are per process unless ``config["sync_bn"]``.
 
     Returns:
         The mean training loss of each epoch (this rank's share).
     """
-    from ddkit import distributed
-
-    world = distributed.current()
-    ddp = world.distributed and int(config["batch_size"]) >= world.size
-    trained = model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(model)
+    parallel = DataParallel(model, bool(config.get("sync_bn", False)))
     epochs = int(config["epochs"])
     decay_epoch = int(round(epochs * float(config["decay_at"]))) if config.get("decay_at") else -1
     lr = float(config["lr"])
@@ -85,15 +193,10 @@ def train_classifier(
             batch = images[index]
             if dsa is not None:
                 batch = dsa(batch, generator, per_sample=True)
-            if ddp:
-                share = world.share(index.numel())
-                if not share:
-                    share = [index.numel() - 1]  # every rank must take part in the gradient all-reduce
-                index, batch = index[share[0]:share[-1] + 1], batch[share[0]:share[-1] + 1]
-            loss = F.cross_entropy(trained(batch), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            mine, factor = parallel.share(index.numel())
+            index, batch = index[mine], batch[mine]
+            loss = F.cross_entropy(parallel.module(batch), labels[index])
+            optimizer_step(optimizer, loss * factor if factor != 1.0 else loss)
             total += float(loss.detach()) * index.numel()
             count += index.numel()
         losses.append(total / max(1, count))
