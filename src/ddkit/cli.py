@@ -401,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="print an identical evaluation already stored in the manifest instead of training again")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes (torchrun): hard-label training uses DistributedDataParallel, each rank taking a "
-                        "share of every batch; rank 0 writes the manifest")
+                   help="processes (torchrun): students train with DistributedDataParallel (hard and soft "
+                        "protocol), each rank taking a share of every batch; BatchNorm statistics per process unless "
+                        "--set sync_bn=true; rank 0 writes the manifest")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 
