@@ -285,3 +285,21 @@ def test_a_set_without_a_numeric_peak_memory_gets_none_not_a_crash():
     line = {"dataset": "mnist", "ipc": 1, "method": "random", "protocol": "hard", "runs": 1, "mean": 50.0,
             "std": 0.0, "peak_memory_bytes": None}
     assert row_cells(line)[8] == "-"
+
+
+def test_a_distillation_interrupted_inside_a_bench_is_resumed_not_refused(isolated_data, tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    out = tmp_path / "bench"
+    target = out / "sets" / "digits-dm-ipc1"
+    command = [sys.executable, "-m", "ddkit", "distill", "dm", "--dataset", "digits", "--ipc", "1", "--preset", "smoke",
+               "--out", str(target), "--checkpoint-every", "2", "-q"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    killed = subprocess.run(command, env={**os.environ, "DDKIT_FAULT_AT_ITERATION": "3"}, capture_output=True)
+    assert killed.returncode == -9 and (target / "checkpoint" / "latest.json").is_file()
+    lines = small_grid(out, ipcs=(1,))
+    assert all("error" not in line for line in lines)
+    whole = ddkit.distill("dm", dataset="digits", ipc=1, preset="smoke", show_progress=False)
+    assert torch.equal(ddkit.load(target).images, whole.images)

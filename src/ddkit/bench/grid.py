@@ -10,7 +10,8 @@ A bench directory holds
 
 Resuming: a cell whose line (same dataset, method, IPC, tier, architecture, runs and seed) is
 already in ``results.jsonl`` without an error is skipped; a set already saved is not distilled
-again, and stored evaluations are reused (``ddkit.evaluate(..., reuse=True)``). A failed cell is
+again, a distillation that was interrupted continues from its checkpoint (``ddkit.resume``), and
+stored evaluations are reused (``ddkit.evaluate(..., reuse=True)``). A failed cell is
 recorded with ``"error"`` and tried again on the next run.
 """
 
@@ -298,8 +299,11 @@ def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_pr
         return existing
     if not cell.method.startswith(BASELINE + "+"):
         _reset_peak_memory(device)
-        ddkit.distill(cell.method, dataset=cell.dataset, ipc=cell.ipc, preset=tier, seed=seed, device=device,
-                      show_progress=show_progress, out=path)
+        if (path / "checkpoint" / "latest.json").is_file():  # an interrupted bench: continue that distillation
+            ddkit.resume(path, device=device, show_progress=show_progress)
+        else:
+            ddkit.distill(cell.method, dataset=cell.dataset, ipc=cell.ipc, preset=tier, seed=seed, device=device,
+                          show_progress=show_progress, out=path)
         return ddkit.load(path)
     # random+M: the random subset of this cell, relabelled with M's teachers and relabel options.
     method = cell.method[len(BASELINE) + 1:]
