@@ -1,0 +1,74 @@
+"""Copy a bench directory's table into docs/benchmarks.md, between two marker lines.
+
+Usage:
+    python benchmarks/grid_to_docs.py BENCH_DIR [--doc docs/benchmarks.md] [--datasets fashion-mnist,mnist]
+        [--ipc 1,10,50] [--methods all]
+
+The section between ``<!-- quick-grid:start -->`` and ``<!-- quick-grid:end -->`` is replaced by:
+- how many cells of the planned grid (``--datasets`` x ``--methods`` x ``--ipc``, with the random
+  and ``random+M`` baselines, as ``ddkit bench`` plans it) have a result, and which are missing;
+- the dates of the first and last result line, and the devices they ran on;
+- the table of the finished cells, rendered as the bench's own ``table.md`` (``ddkit.bench.table``).
+
+Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ddkit.bench.grid import latest_results, plan_cells, read_results
+from ddkit.bench.table import COLUMNS, markdown_table, row_cells, sorted_lines
+from ddkit.methods import METHODS
+
+START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
+
+
+def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int]) -> str:
+    """The markdown that goes between the markers."""
+    lines = [line for line in latest_results(read_results(bench)) if "error" not in line]
+    finished = {(line["dataset"], line["method"], line["ipc"]) for line in lines}
+    planned = plan_cells(datasets, methods, ipcs)
+    missing = [cell for cell in planned if (cell.dataset, cell.method, cell.ipc) not in finished]
+    dates = sorted(line["date"] for line in lines if line.get("date"))
+    devices = sorted({str(line.get("device")) for line in lines})
+    text = [f"**Progress:** {len(planned) - len(missing)} of {len(planned)} cells finished."]
+    if dates:
+        text.append(f"Result lines written from {dates[0]} to {dates[-1]}, on: {', '.join(devices)}.")
+    if missing:
+        groups: dict[tuple[int, str], list[str]] = {}
+        for cell in missing:
+            groups.setdefault((cell.ipc, cell.dataset), []).append(cell.method)
+        text.append("Still to run:\n" + "\n".join(f"- IPC {ipc}, {dataset}: {', '.join(names)}"
+                                                   for (ipc, dataset), names in groups.items()))
+    keys = {(c.dataset, c.method, c.ipc) for c in planned}
+    rows = [row_cells(line) for line in sorted_lines(lines) if (line["dataset"], line["method"], line["ipc"]) in keys]
+    return "\n\n".join(text + [markdown_table(list(COLUMNS), rows)])
+
+
+def replace_section(doc: Path, body: str) -> None:
+    text = doc.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{doc} has no {START} ... {END} section; add the two marker lines first")
+    doc.write_text(pattern.sub(lambda _: f"{START}\n{body}\n{END}", text), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench", type=Path, help="the bench directory (holds results.jsonl)")
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"), help="the document to update")
+    parser.add_argument("--datasets", default="fashion-mnist,mnist", help="datasets of the planned grid")
+    parser.add_argument("--methods", default="all", help="methods of the planned grid (default: every method)")
+    parser.add_argument("--ipc", default="1,10,50", help="IPC values of the planned grid")
+    args = parser.parse_args()
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    body = section(args.bench, args.datasets.split(","), methods, [int(v) for v in args.ipc.split(",")])
+    replace_section(args.doc, body)
+    print(f"updated {args.doc} from {args.bench}")
+
+
+if __name__ == "__main__":
+    main()
