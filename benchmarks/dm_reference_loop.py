@@ -30,9 +30,12 @@ pixels with lr 1 and momentum 0.5), the same dataset, IPC, network builder and i
   Then one backward and one SGD step on the single synthetic tensor.
   The per-call seed comes from a seeded NumPy generator instead of the wall clock, so runs repeat.
 
-Timing: one warm-up iteration each, then the two sides alternate iteration by iteration, so drift
-of the machine's speed hits both alike. The output is JSON with the seconds per iteration of both
-and ``reference_over_ddkit``, the speed-up of ddkit's engine.
+- **ddkit_contiguous**: ddkit's engine with ``channels_last=false``, the layout it used before the
+  ``channels_last`` option (its default "auto" keeps CPU nets in channels-last layout).
+
+Timing: one warm-up iteration each, then the three sides alternate iteration by iteration, so drift
+of the machine's speed hits all alike. The output is JSON with the seconds per iteration of each
+and ``reference_over_ddkit`` (``..._contiguous``), the speed-up of ddkit's engine.
 """
 
 from __future__ import annotations
@@ -231,11 +234,14 @@ def main() -> None:
     if args.width is not None:
         overrides["model.width"] = args.width
     config = apply_overrides(resolve_preset("dm", real.name, args.ipc, args.preset), overrides)
+    contiguous = apply_overrides(config, {"channels_last": False})
     sides = {
         "ddkit": MatchingEngine(real, args.ipc, config, args.seed, device, show_progress=False),
+        "ddkit_contiguous": MatchingEngine(real, args.ipc, contiguous, args.seed, device, show_progress=False),
         "reference": ReferenceDM(real, args.ipc, config, args.seed, device),
     }
     steps = {"ddkit": lambda iteration: sides["ddkit"].step(iteration),
+             "ddkit_contiguous": lambda iteration: sides["ddkit_contiguous"].step(iteration),
              "reference": lambda iteration: sides["reference"].step()}
     for name in sides:  # warm-up
         steps[name](0)
@@ -255,7 +261,9 @@ def main() -> None:
         "model": config["model"], "dsa": config["dsa"], "iterations": args.iterations, "device": str(device),
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "seconds_per_iteration": {name: round(value, 4) for name, value in mean.items()},
+        "channels_last": config["channels_last"],
         "reference_over_ddkit": round(mean["reference"] / mean["ddkit"], 3),
+        "reference_over_ddkit_contiguous": round(mean["reference"] / mean["ddkit_contiguous"], 3),
     }, indent=2))
 
 

@@ -31,6 +31,26 @@ def test_batched_pass_equals_per_class_loop(digits):
     assert not torch.allclose(batched.images, initial_images(digits, 2, 1, "real", make_generator(3)), atol=1e-4)
 
 
+def test_channels_last_nets_give_the_same_images(digits):
+    """The layout is a speed option only: same nets, same draws, same images to float rounding."""
+    for method in ("dm", "ddm"):  # DDM's style terms read the intermediate maps too
+        config = smoke(method, iterations=3)
+        runs = {}
+        for layout in (True, False):
+            engine = MatchingEngine(digits, 2, apply_overrides(config, {"channels_last": layout}), seed=3, device=CPU,
+                                    show_progress=False)
+            net, _ = engine.source.next(0)
+            last_conv = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # the first has 1 channel
+            assert last_conv.weight.is_contiguous(memory_format=torch.channels_last) is layout
+            runs[layout] = engine.run(method).images
+        difference = (runs[True] - runs[False]).abs()
+        if method == "dm":
+            assert float(difference.max()) < 1e-5
+        else:  # the smoke DDM step (lr 1, style weight 1e4) scales rounding up: pixels reach +-9
+            assert float(difference.mean()) < 1e-4
+    assert MatchingEngine(digits, 2, smoke("dm"), seed=3, device=CPU, show_progress=False).source.channels_last  # auto
+
+
 def test_one_dm_step_matches_the_formula(digits, monkeypatch):
     """One iteration = one SGD step on sum_c ||mean f(real_c) - mean f(syn_c)||^2 (no DSA)."""
     config = smoke("dm", dsa=False, lr_img=0.5, momentum_img=0.0, batch_real=4)
@@ -137,6 +157,7 @@ def test_published_settings_are_in_the_paper_presets():
     ({"weights.ce": 0.5}, "needs trained networks"),
     ({"partition": 3}, "divisor"),
     ({"batch_real": 100000}, "exceeds the smallest class"),
+    ({"channels_last": "yes"}, "channels_last must be auto, true or false"),
 ])
 def test_bad_engine_settings_are_refused(digits, overrides, match):
     with pytest.raises(DDKitError, match=match):

@@ -28,6 +28,9 @@ ENGINE_DEFAULTS: dict = {
     "dsa_strategy": "auto",
     "forward": "batched",
     "real_chunk": 128,  # real images per no-grad forward chunk (0 = all at once); see docs/benchmarks.md
+    # Random nets in channels-last layout: "auto" = on the CPU, where oneDNN convolutions run about
+    # 15 % faster that way (docs/benchmarks.md); true/false force it. Same mathematics either way.
+    "channels_last": "auto",
     "partition": 1,
     "model_source": "random",
     "queue": {"initial": 3, "push_every": 30, "max_size": 100, "train_nets": 2, "train_steps": 10,

@@ -48,7 +48,7 @@ from ddkit.losses import (
 )
 from ddkit import distributed
 from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
-from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets
+from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
 from ddkit.methods.squeeze import build_net
 from ddkit.utils import denormalize, make_generator, normalize, progress
 
@@ -175,7 +175,8 @@ class MatchingEngine:
         if config["model_source"] == "queue":
             self.source = ModelQueue(config["model"], config["queue"], real, device, self.generator)
         else:
-            self.source = RandomNets(config["model"], real, device, self.generator)
+            self.source = RandomNets(config["model"], real, device, self.generator,
+                                     channels_last=use_channels_last(config.get("channels_last", "auto"), device))
         self.pool = PretrainedPool(config["cc"], real, device, show_progress) if "cc" in self.weights else None
         pixels = initial_images(real, ipc, self.factor, config["init"], self.generator)
         start = normalize(pixels, real.mean, real.std).to(device)
