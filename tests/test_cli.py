@@ -50,6 +50,8 @@ def run_cli(capsys, *words):
     (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--weight", "cm=-2"], "non-negative"),
     (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--set", "nosuch=1"], "unknown dm option"),
     (["eval", "NOSET"], "not a directory"),
+    (["recover", "--dataset", "digits", "--ipc", "1"], "recover needs METHOD, --out (or --resume DIR"),
+    (["recover", "--resume", "NOSET"], "no checkpoint in"),
     (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--device", "cuda"], "CUDA"),
 ])
 def test_bad_input_is_one_line_and_exit_2(words, match, capsys, tmp_path):

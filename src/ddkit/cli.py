@@ -152,7 +152,7 @@ def cmd_distill(args) -> int:
         missing = [flag for flag, value in (("METHOD", args.method), ("--dataset", args.dataset),
                                             ("--ipc", args.ipc), ("--out", args.out)) if value is None]
         if missing:
-            raise DDKitError(f"distill needs {', '.join(missing)} (or --resume DIR to continue a run)")
+            raise DDKitError(f"{args.command} needs {', '.join(missing)} (or --resume DIR to continue a run)")
         distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset,
                                   seed=args.seed, overrides=args.set_options, out=args.out,
                                   **({"image_size": args.image_size} if args.image_size else {}),
