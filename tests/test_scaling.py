@@ -75,18 +75,23 @@ def test_a_dying_rank_fails_the_job_and_resume_completes_it(env, uninterrupted, 
     assert torch.equal(ddkit.load(out).images, uninterrupted)
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(env, monkeypatch):
-    import ddkit.methods.matching as matching
-
+def explode_at_the_sixth_call(monkeypatch, module, name: str) -> None:
+    """Patch the loss function ``module.name`` so that its sixth call returns infinity."""
     calls = {"n": 0}
-    real_loss = matching.mean_feature_loss
+    real_loss = getattr(module, name)
 
     def explode_at_the_sixth(*args, **kwargs):
         calls["n"] += 1
         value = real_loss(*args, **kwargs)
         return value * float("inf") if calls["n"] == 6 else value
 
-    monkeypatch.setattr(matching, "mean_feature_loss", explode_at_the_sixth)
+    monkeypatch.setattr(module, name, explode_at_the_sixth)
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(env, monkeypatch):
+    import ddkit.methods.matching as matching
+
+    explode_at_the_sixth_call(monkeypatch, matching, "mean_feature_loss")
     out = env / "nan"
     with pytest.raises(DDKitError, match="iteration 5.*last checkpoint is kept"):
         ddkit.distill("dm", dataset="digits", ipc=2, preset="smoke", overrides=["iterations=12"], out=out,
@@ -164,15 +169,7 @@ def test_recover_only_resumes_without_relabelling(env, monkeypatch):
 def test_recover_non_finite_loss_keeps_the_batch_checkpoint(env, monkeypatch):
     import ddkit.methods.recover as recover
 
-    calls = {"n": 0}
-    real_loss = recover.densification_loss
-
-    def explode_at_the_sixth(*args, **kwargs):
-        calls["n"] += 1
-        value = real_loss(*args, **kwargs)
-        return value * float("inf") if calls["n"] == 6 else value
-
-    monkeypatch.setattr(recover, "densification_loss", explode_at_the_sixth)
+    explode_at_the_sixth_call(monkeypatch, recover, "densification_loss")
     out = env / "nan"
     with pytest.raises(DDKitError, match="iteration 5 of batch 0.*last checkpoint is kept"):
         ddkit.distill("sre2l", dataset="digits", ipc=2, preset="smoke", out=out, checkpoint_every=2,

@@ -141,14 +141,10 @@ def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, ima
 def _merge_parts(result, out: Path, world) -> None:
     """Every rank writes its images (and, for per-batch work, its loss log) to ``out/.parts``
     (atomically); every rank reads all parts, so each holds the merged images; rank 0 saves them."""
-    import json
-    import os
-
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     from ddkit import distributed
+    from ddkit.checkpoint import load_tensors, save_tensors_atomic
 
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
@@ -157,19 +153,15 @@ def _merge_parts(result, out: Path, world) -> None:
     if rows is None:  # the matching family: this rank's share of the classes (its log is all-reduced)
         classes = torch.tensor(world.share(result.num_classes))
         rows = torch.nonzero(torch.isin(result.labels, classes)).flatten()
-    tmp = parts / f".rank{world.rank}.tmp"
-    log = result.meta.get("loss_log") or []
-    save_file({"images": result.images[rows].contiguous(), "rows": rows}, str(tmp),
-              metadata={"log": json.dumps(log if per_batch_log else [])})
-    os.replace(tmp, parts / f"rank{world.rank}.safetensors")
+    log = (result.meta.get("loss_log") or []) if per_batch_log else []
+    save_tensors_atomic(parts / f"rank{world.rank}.safetensors", {"images": result.images[rows], "rows": rows},
+                        {"log": log})
     distributed.barrier()
     merged_log = []
     for rank in range(world.size):
-        path = str(parts / f"rank{rank}.safetensors")
-        part = load_file(path)
+        part, state = load_tensors(parts / f"rank{rank}.safetensors")
         result.images[part["rows"]] = part["images"]
-        with safe_open(path, framework="pt") as handle:
-            merged_log += json.loads((handle.metadata() or {}).get("log", "[]"))
+        merged_log += state["log"]
     if per_batch_log:
         result.meta["loss_log"] = sorted(merged_log, key=lambda entry: (entry.get("batch", 0), entry["iteration"]))
     distributed.barrier()

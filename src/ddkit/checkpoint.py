@@ -37,6 +37,28 @@ from ddkit.utils import write_json_atomic
 LATEST = "latest.json"
 
 
+def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], state: dict | None = None) -> None:
+    """Write ``tensors`` (and a JSON ``state`` in the file's metadata) to ``path`` through a
+    temporary name and a rename, so the file is whole or absent."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    metadata = None if state is None else {"state": json.dumps(state)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a file from :func:`save_tensors_atomic` (state ``{}`` if it has none).
+
+    Raises OSError, SafetensorError, ValueError or KeyError on a missing or damaged file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        state = json.loads((handle.metadata() or {}).get("state", "{}"))
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    return tensors, state
+
+
 def _folder(root: Path, iteration: int) -> Path:
     return root / f"it-{iteration:08d}"
 
@@ -45,9 +67,7 @@ def write_part(root: str | Path, iteration: int, rank: int, tensors: dict[str, t
     """Write rank ``rank``'s part of the checkpoint taken before ``iteration`` (atomically)."""
     folder = _folder(Path(root), iteration)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".rank{rank}.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, folder / f"rank{rank}.safetensors")
+    save_tensors_atomic(folder / f"rank{rank}.safetensors", tensors)
     write_json_atomic(folder / f"rank{rank}.json", state)
 
 
@@ -137,24 +157,16 @@ class BatchCheckpoints:
     def _write(self, kind: str, batch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         path = self._path(kind, batch)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"state": json.dumps(meta)})
-        os.replace(tmp, path)
+        save_tensors_atomic(path, tensors, meta)
 
     def _read(self, kind: str, batch: int) -> tuple[dict[str, torch.Tensor], dict] | None:
-        from safetensors import safe_open
-
         path = self._path(kind, batch)
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})["state"])
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            return load_tensors(path)
         except (OSError, SafetensorError, ValueError, KeyError) as exc:
             raise DDKitError(f"checkpoint file {path} is damaged ({exc}); delete it to redo that batch") from None
-        return tensors, meta
 
     def save_running(self, batch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Store the state of ``batch`` in progress (replacing the previous one)."""

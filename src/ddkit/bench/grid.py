@@ -27,6 +27,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddkit.api import CHECKPOINT_DIR
+from ddkit.checkpoint import LATEST
 from ddkit.errors import DDKitError
 
 TIERS = ("smoke", "quick", "paper")
@@ -299,7 +301,7 @@ def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_pr
         return existing
     if not cell.method.startswith(BASELINE + "+"):
         _reset_peak_memory(device)
-        if (path / "checkpoint" / "latest.json").is_file():  # an interrupted bench: continue that distillation
+        if (path / CHECKPOINT_DIR / LATEST).is_file():  # an interrupted bench: continue that distillation
             ddkit.resume(path, device=device, show_progress=show_progress)
         else:
             ddkit.distill(cell.method, dataset=cell.dataset, ipc=cell.ipc, preset=tier, seed=seed, device=device,

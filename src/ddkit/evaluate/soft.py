@@ -268,7 +268,7 @@ def train_soft(
             loss = soft_loss(parallel.module(batch.inputs), batch.values, batch.indices, loss=loss_name,
                              temperature=float(config["temperature"]), t2=bool(config["t2"]),
                              gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam)
-            optimizer_step(optimizer, loss * factor if factor != 1.0 else loss)
+            optimizer_step(optimizer, loss, factor)
             step += 1
             total += float(loss.detach()) * index.numel()
             count += index.numel()

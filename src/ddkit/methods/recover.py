@@ -304,14 +304,13 @@ class RecoverEngine:
         iteration)."""
         c = self.config
         self.generator = make_generator(self.seed * 100003 + batch_index)
-        shape = (labels.numel(), *self.real.image_shape)
-        x = torch.randn(shape, generator=self.generator).to(self.device).requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"]))
         if saved is None:
-            return x, optimizer, {}, [], 0
+            shape = (labels.numel(), *self.real.image_shape)
+            x = torch.randn(shape, generator=self.generator).to(self.device).requires_grad_(True)
+            return x, torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"])), {}, [], 0
         tensors, meta = saved
-        with torch.no_grad():
-            x.copy_(tensors["x"].to(self.device))
+        x = tensors["x"].to(self.device).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"]))
         optimizer.state[x] = {name: tensors[f"adam.{name}"].to(self.device if name != "step" else "cpu").clone()
                               for name in ("step", "exp_avg", "exp_avg_sq")}
         restore_generator(self.generator, tensors["generator"])

@@ -67,7 +67,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 def synced_batch_norm(model: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` of ``model`` in place by a :class:`GlobalBatchNorm2d` that
-    shares its parameters and buffers (the state dict keeps its keys). Returns ``model``."""
+    shares its parameters and starts from copies of its buffers (the state dict keeps its keys).
+    Returns ``model``."""
     for name, child in list(model.named_children()):
         if type(child) is nn.BatchNorm2d:
             synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
@@ -119,10 +120,11 @@ class DataParallel:
         return slice(mine[0], mine[-1] + 1), self.world.size * len(mine) / count
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """One step on ``loss``: clear the gradients, backpropagate, update."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, factor: float = 1.0) -> None:
+    """One step on ``loss * factor`` (``factor`` from :meth:`DataParallel.share`): clear the
+    gradients, backpropagate, update."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * factor if factor != 1.0 else loss).backward()
     optimizer.step()
 
 
@@ -196,7 +198,7 @@ def train_classifier(
             mine, factor = parallel.share(index.numel())
             index, batch = index[mine], batch[mine]
             loss = F.cross_entropy(parallel.module(batch), labels[index])
-            optimizer_step(optimizer, loss * factor if factor != 1.0 else loss)
+            optimizer_step(optimizer, loss, factor)
             total += float(loss.detach()) * index.numel()
             count += index.numel()
         losses.append(total / max(1, count))
