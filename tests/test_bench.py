@@ -303,3 +303,49 @@ def test_a_distillation_interrupted_inside_a_bench_is_resumed_not_refused(isolat
     assert all("error" not in line for line in lines)
     whole = ddkit.distill("dm", dataset="digits", ipc=1, preset="smoke", show_progress=False)
     assert torch.equal(ddkit.load(target).images, whole.images)
+
+
+def test_a_cell_made_under_an_older_preset_is_made_again_and_its_old_set_kept(isolated_data, tmp_path, monkeypatch):
+    from ddkit.methods import dm_family
+
+    out = tmp_path / "bench"
+    first = {l["method"]: l for l in small_grid(out, ipcs=(1,))}
+    assert ddkit.load(out / first["dm"]["set"]).meta["config"]["iterations"] == 4
+
+    smoke = dict(dm_family.TIER_SETTINGS["smoke"], iterations=3)
+    monkeypatch.setitem(dm_family.TIER_SETTINGS, "smoke", smoke)
+    second = {l["method"]: l for l in small_grid(out, ipcs=(1,))}
+
+    assert ddkit.load(out / second["dm"]["set"]).meta["config"]["iterations"] == 3
+    superseded = list((out / "sets").glob("digits-dm-ipc1.superseded-*"))
+    assert len(superseded) == 1
+    assert ddkit.load(superseded[0]).meta["config"]["iterations"] == 4  # kept whole, not overwritten
+    assert second["dm"]["date"] != first["dm"]["date"]
+    assert second["random"] == first["random"]  # the baseline has no preset: untouched
+    assert len(read_results(out)) == 3
+
+
+def test_preset_changes_names_each_changed_option_and_ignores_added_ones():
+    from ddkit.bench.grid import Cell, preset_changes
+    from ddkit.methods import stats_family
+
+    config = json.loads(json.dumps(stats_family.resolve_preset("gvbsm", "digits", "smoke")))
+    manifest = {"config": json.loads(json.dumps(config))}
+    cell = Cell("digits", "gvbsm", 10)
+    assert preset_changes(cell, manifest, "smoke") == []
+    manifest["config"]["recover"]["jitter"] = 4
+    manifest["config"]["recover"]["lr"] = 0.2
+    del manifest["config"]["recover"]["ema_alpha"]  # an option the preset gained later: not a change
+    assert preset_changes(cell, manifest, "smoke") == [
+        f"recover.jitter: 4 -> {config['recover']['jitter']}", f"recover.lr: 0.2 -> {config['recover']['lr']}"]
+
+    # random+M: M's teachers and relabel options count, M's recover options do not.
+    relabel = {"epochs": config["relabel"]["epochs"], "mix": config["relabel"]["mix"],
+               "teacher_info": [{"name": "t", "model": model} for model in config["teachers"]]}
+    baseline = Cell("digits", "random+gvbsm", 10)
+    assert preset_changes(baseline, {"relabel": relabel}, "smoke") == []
+    relabel["epochs"] += 1
+    relabel["teacher_info"] = relabel["teacher_info"][:1]
+    changes = preset_changes(baseline, {"relabel": relabel}, "smoke")
+    assert [change.split(":")[0] for change in changes] == ["relabel.epochs", "teachers"]
+    assert preset_changes(Cell("digits", "random", 10), {}, "smoke") == []

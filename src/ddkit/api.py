@@ -123,8 +123,10 @@ def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, ima
             raise DDKitError(f"--resume needs --out and a method that checkpoints (every method but random); "
                              f"{method} does not checkpoint")
         return None
+    from ddkit.checkpoint import LATEST
+
     root = Path(out) / CHECKPOINT_DIR
-    if not resume and (root / "latest.json").is_file():
+    if not resume and (root / LATEST).is_file():
         raise DDKitError(f"{out} holds a checkpoint of an unfinished run; continue it with --resume {out} "
                          f"or remove {root}")
     if isinstance(overrides, dict):

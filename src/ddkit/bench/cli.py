@@ -68,7 +68,8 @@ def add_commands(subparsers) -> None:
                     "soft labels for sre2l, cda and gvbsm). The random subset is always included, and for every "
                     "statistics method M also random+M, the random subset relabelled with M's teachers. Results "
                     "go to OUT/results.jsonl (one line per cell), OUT/table.md and OUT/plots/; running the same "
-                    "command again skips finished cells and retries failed ones.")
+                    "command again skips finished cells, retries failed ones and remakes cells whose preset changed "
+                    "(the old set is kept as sets/<name>.superseded-<time>).")
     p.add_argument("--tier", default="quick",
                    help="distillation and evaluation preset: smoke | quick | paper (default quick)")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,

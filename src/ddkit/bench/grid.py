@@ -12,7 +12,9 @@ Resuming: a cell whose line (same dataset, method, IPC, tier, architecture, runs
 already in ``results.jsonl`` without an error is skipped; a set already saved is not distilled
 again, a distillation that was interrupted continues from its checkpoint (``ddkit.resume``), and
 stored evaluations are reused (``ddkit.evaluate(..., reuse=True)``). A failed cell is
-recorded with ``"error"`` and tried again on the next run.
+recorded with ``"error"`` and tried again on the next run. A cell whose preset changed since its
+set was made (:func:`preset_changes`) is not finished: its set is renamed to
+``<name>.superseded-<time>`` and the cell is made and evaluated again.
 """
 
 from __future__ import annotations
@@ -282,7 +284,73 @@ def _load_existing(path: Path, cell: Cell, tier: str, seed: int):
     status = distilled.meta.get("status", "complete")
     if status != "complete":
         raise DDKitError(f"{path} is not complete ({status}); remove it to distill again")
+    changes = preset_changes(cell, distilled.meta, tier)
+    if changes:
+        _set_aside(path, changes)
+        return None
     return distilled
+
+
+def _plain(value):
+    """``value`` as JSON would store it (tuples become lists), so presets compare with manifests."""
+    return json.loads(json.dumps(value))
+
+
+def _differences(stored, current, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every value that differs between two configs.
+
+    Keys on one side only are not differences: an option added to a preset after a set was made
+    carries a default that keeps the old behaviour (``channels_last``, for example, changes speed).
+    """
+    if isinstance(stored, dict) and isinstance(current, dict):
+        found = []
+        for key in stored.keys() & current.keys():
+            found += _differences(stored[key], current[key], f"{prefix}{key}.")
+        return sorted(found)
+    return [] if stored == current else [f"{prefix.rstrip('.')}: {stored!r} -> {current!r}"]
+
+
+def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
+    """How the tier's preset for ``cell`` changed since its set (``manifest``) was made; [] if it did not.
+
+    The matching and statistics methods compare the set's stored configuration with the preset the
+    code resolves now. ``random+M`` compares M's teacher models and relabel options (its images are
+    the random subset; M's recover options do not touch it). ``random`` has no preset.
+    """
+    from ddkit.methods import dm_family, stats_family
+
+    if cell.method == BASELINE:
+        return []
+    if cell.method.startswith(BASELINE + "+"):
+        config = stats_family.resolve_preset(cell.method[len(BASELINE) + 1:], cell.dataset, tier)
+        relabel = manifest.get("relabel") or {}
+        stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
+                  "relabel": relabel}
+        return _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+    if cell.method in statistics_methods():
+        current = stats_family.resolve_preset(cell.method, cell.dataset, tier)
+    else:
+        current = dm_family.resolve_preset(cell.method, cell.dataset, cell.ipc, tier)
+    return _differences(manifest.get("config") or {}, _plain(current))
+
+
+def _stale_set(cell: Cell, sets: Path, tier: str) -> list[str]:
+    """The preset changes since ``sets/<cell>`` was made ([] where there is no set or no change)."""
+    manifest_path = sets / cell.name / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    return preset_changes(cell, json.loads(manifest_path.read_text()), tier)
+
+
+def _set_aside(path: Path, changes: list[str]) -> Path:
+    """Rename a superseded set to ``<name>.superseded-<UTC time>`` (kept, never deleted) and say why."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.superseded-{stamp}")
+    path.rename(target)
+    shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+    print(f"{path.name}: the preset changed since this set was made ({shown}); making it again "
+          f"(the old set is kept in {target})", file=sys.stderr, flush=True)
+    return target
 
 
 def _peak_memory(manifest: dict):
@@ -427,6 +495,8 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
 
     for number, cell in enumerate(cells, 1):
         pending = [arch for arch in archs if key(cell, arch) not in done]
+        if not pending and _stale_set(cell, out / SETS_DIR, tier):  # finished under an older preset
+            pending = list(archs)
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
         if not pending:
             say(f"{label}: done before, skipped")
