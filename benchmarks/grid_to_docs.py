@@ -10,16 +10,20 @@ The section between ``<!-- quick-grid:start -->`` and ``<!-- quick-grid:end -->`
 - the dates of the first and last result line, and the devices they ran on;
 - the table of the finished cells, rendered as the bench's own ``table.md`` (``ddkit.bench.table``).
 
+A cell whose set was made under an older preset (``ddkit.bench.grid.preset_changes``) is not
+finished: the bench makes it again on its next run, so it is listed with the cells still to run.
+
 Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
-from ddkit.bench.grid import latest_results, plan_cells, read_results
+from ddkit.bench.grid import Cell, latest_results, plan_cells, preset_changes, read_results
 from ddkit.bench.table import COLUMNS, markdown_table, row_cells, sorted_lines
 from ddkit.methods import METHODS
 
@@ -29,6 +33,7 @@ START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
 def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int]) -> str:
     """The markdown that goes between the markers."""
     lines = [line for line in latest_results(read_results(bench)) if "error" not in line]
+    lines = [line for line in lines if not _made_under_older_preset(bench, line)]
     finished = {(line["dataset"], line["method"], line["ipc"]) for line in lines}
     planned = plan_cells(datasets, methods, ipcs)
     missing = [cell for cell in planned if (cell.dataset, cell.method, cell.ipc) not in finished]
@@ -46,6 +51,15 @@ def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int
     keys = {(c.dataset, c.method, c.ipc) for c in planned}
     rows = [row_cells(line) for line in sorted_lines(lines) if (line["dataset"], line["method"], line["ipc"]) in keys]
     return "\n\n".join(text + [markdown_table(list(COLUMNS), rows)])
+
+
+def _made_under_older_preset(bench: Path, line: dict) -> bool:
+    """True when the preset of the line's cell changed since its set was made (the bench remakes it)."""
+    manifest = bench / line["set"] / "manifest.json"
+    if not manifest.is_file():
+        return False
+    cell = Cell(line["dataset"], line["method"], line["ipc"])
+    return bool(preset_changes(cell, json.loads(manifest.read_text()), line["tier"]))
 
 
 def replace_section(doc: Path, body: str) -> None:

@@ -349,3 +349,14 @@ def test_preset_changes_names_each_changed_option_and_ignores_added_ones():
     changes = preset_changes(baseline, {"relabel": relabel}, "smoke")
     assert [change.split(":")[0] for change in changes] == ["relabel.epochs", "teachers"]
     assert preset_changes(Cell("digits", "random", 10), {}, "smoke") == []
+
+
+def test_matching_presets_compare_only_the_sections_the_method_uses():
+    from ddkit.bench.grid import Cell, preset_changes
+    from ddkit.methods import dm_family
+
+    for method, counts in (("dm", False), ("ddm", False), ("iid", True)):
+        stored = json.loads(json.dumps(dm_family.resolve_preset(method, "digits", 10, "smoke")))
+        stored["cc"]["model"]["width"] += 8  # IID's extractor changed since the set was made
+        changes = preset_changes(Cell("digits", method, 10), {"config": stored}, "smoke")
+        assert changes == (["cc.model.width: 16 -> 8"] if counts else []), method

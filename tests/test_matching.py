@@ -226,3 +226,14 @@ def test_legacy_per_class_steps_reapply_momentum(digits):
 
     assert torch.allclose(run(True, 0.0), run(False, 0.0), atol=1e-6)
     assert not torch.allclose(run(True, 0.5), run(False, 0.5), atol=1e-4)
+
+
+def test_quick_class_centralization_extractor_has_a_small_pooled_embedding():
+    """IID's CC weight was tuned on a pooled 512-d ResNet-18 embedding; an unpooled one lets CC dominate."""
+    from ddkit.models import create
+
+    options = dict(resolve_preset("iid", "fashion-mnist", 10, "quick")["cc"]["model"])
+    net = create(options.pop("arch"), in_channels=1, num_classes=10, image_size=28, **options)
+    for size in (28, 56):  # pooled: the embedding does not grow with the image
+        assert net.embed(torch.zeros(2, 1, size, size)).shape == (2, 128)
+    assert resolve_preset("iid", "fashion-mnist", 10, "paper")["cc"]["model"] == {"arch": "resnet18", "norm": "instance"}

@@ -169,6 +169,20 @@ def test_preset_overrides_bare_and_qualified():
     assert stats_family.resolve_preset("sre2l", "cifar100", "paper")["recover"]["crop"] is False
 
 
+def test_gvbsm_quick_tier_takes_its_measured_recover_options_and_paper_keeps_the_published_ones():
+    quick = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick")["recover"]
+    paper = stats_family.resolve_preset("gvbsm", "fashion-mnist", "paper")["recover"]
+    assert (quick["lr"], quick["r_bn"], quick["r_conv"], quick["jitter"]) == (0.1, 1.0, 1.0, 4)
+    assert (paper["lr"], paper["r_bn"], paper["r_conv"], paper["jitter"]) == (0.05, 0.01, 0.01, 32)
+    # the rest of G-VBSM stays as published in both tiers; other methods are untouched
+    for tier in (quick, paper):
+        assert (tier["ema_alpha"], tier["conv_drop"], tier["densify_weight"]) == (0.8, 0.4, 1.0)
+    assert stats_family.resolve_preset("sre2l", "fashion-mnist", "quick")["recover"]["lr"] == 0.1
+    assert stats_family.resolve_preset("cda", "fashion-mnist", "quick")["recover"]["lr"] == 0.4
+    # an override still wins over the tier's method settings
+    assert stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["jitter=32"])["recover"]["jitter"] == 32
+
+
 def test_cli_cell_size_that_does_not_fit_exits_2(isolated_data, capsys):
     code = main(["recover", "gvbsm", "--dataset", "digits", "--ipc", "1", "--preset", "smoke", "--out",
                  str(isolated_data / "x"), "--set", "patch_cells=3", "--set", "patch_policy=strict", "-q"])

@@ -327,11 +327,11 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
                   "relabel": relabel}
         return _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+    stored = manifest.get("config") or {}
     if cell.method in statistics_methods():
-        current = stats_family.resolve_preset(cell.method, cell.dataset, tier)
-    else:
-        current = dm_family.resolve_preset(cell.method, cell.dataset, cell.ipc, tier)
-    return _differences(manifest.get("config") or {}, _plain(current))
+        return _differences(stored, _plain(stats_family.resolve_preset(cell.method, cell.dataset, tier)))
+    current = dm_family.resolve_preset(cell.method, cell.dataset, cell.ipc, tier)
+    return _differences(dm_family.active_options(stored), _plain(dm_family.active_options(current)))
 
 
 def _stale_set(cell: Cell, sets: Path, tier: str) -> list[str]:

@@ -90,7 +90,11 @@ TIER_SETTINGS: dict[str, dict] = {
     "quick": {
         "iterations": 200, "batch_real": 64, "log_every": 5,
         "queue": {"train_nets": 1, "train_steps": 2, "train_batch": 128, "push_every": 10, "max_size": 20},
-        "cc": {"pool_size": 1, "model": {"arch": "convnet", "width": 64, "norm": "instance"}, "epochs": 2,
+        # The paper's extractor (instance-norm ResNet-18, pooled embedding) at width 16: a 128-d pooled
+        # embedding keeps the class-centralization term on the scale its weight was tuned for. An
+        # unpooled width-64 ConvNet (1024-d) let the term dominate and cost IID 6 points
+        # (docs/benchmarks.md, "IID quick extractor").
+        "cc": {"pool_size": 1, "model": {"arch": "resnet18", "width": 16, "norm": "instance"}, "epochs": 2,
                "train_subset": 10000},
     },
     "smoke": {
@@ -132,6 +136,19 @@ def resolve_preset(method: str, dataset: str, ipc: int, preset: str) -> dict:
     config = deep_merge(config, PAPER_PER_SETTING.get((base_method, dataset, ipc), {}))
     config = deep_merge(config, TIER_SETTINGS[preset])
     return deep_merge(config, TIER_METHOD_SETTINGS.get((method, preset), {}))
+
+
+def active_options(config: dict) -> dict:
+    """``config`` without the sections its run never reads, for comparing two configurations.
+
+    The ``cc`` extractor settings matter only with a class-centralization weight, ``icd`` only with
+    an intra-class-diversity weight, and ``queue`` only when the nets come from IDM's queue; DM's
+    result does not depend on IID's extractor.
+    """
+    weights = config.get("weights") or {}
+    inert = {section for section, used in (("cc", weights.get("cc", 0) > 0), ("icd", weights.get("icd", 0) > 0),
+                                           ("queue", config.get("model_source") == "queue")) if not used}
+    return {key: value for key, value in config.items() if key not in inert}
 
 
 def apply_term_flags(config: dict, terms=None, weights=None) -> dict:
