@@ -10,8 +10,9 @@ The section between ``<!-- quick-grid:start -->`` and ``<!-- quick-grid:end -->`
 - the dates of the first and last result line, and the devices they ran on;
 - the table of the finished cells, rendered as the bench's own ``table.md`` (``ddkit.bench.table``).
 
-A cell whose set was made under an older preset (``ddkit.bench.grid.preset_changes``) is not
-finished: the bench makes it again on its next run, so it is listed with the cells still to run.
+A cell whose set was made under an older preset (``ddkit.bench.grid.preset_changes``), or whose set
+is gone (set aside by the bench and being made again), is not finished: it is listed with the cells
+still to run.
 
 Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.
 """
@@ -54,10 +55,10 @@ def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int
 
 
 def _made_under_older_preset(bench: Path, line: dict) -> bool:
-    """True when the preset of the line's cell changed since its set was made (the bench remakes it)."""
+    """True when the line's set is gone (set aside and being remade) or its cell's preset changed since."""
     manifest = bench / line["set"] / "manifest.json"
     if not manifest.is_file():
-        return False
+        return True
     cell = Cell(line["dataset"], line["method"], line["ipc"])
     return bool(preset_changes(cell, json.loads(manifest.read_text()), line["tier"]))
 
