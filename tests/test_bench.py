@@ -324,6 +324,11 @@ def test_a_cell_made_under_an_older_preset_is_made_again_and_its_old_set_kept(is
     assert second["random"] == first["random"]  # the baseline has no preset: untouched
     assert len(read_results(out)) == 3
 
+    # Stopped between setting the old set aside and saving the new one: the line stays, the set is gone.
+    shutil.rmtree(out / second["dm"]["set"])
+    third = {l["method"]: l for l in small_grid(out, ipcs=(1,))}
+    assert (out / third["dm"]["set"] / "manifest.json").is_file() and third["dm"]["date"] != second["dm"]["date"]
+
 
 def test_preset_changes_names_each_changed_option_and_ignores_added_ones():
     from ddkit.bench.grid import Cell, preset_changes
