@@ -10,8 +10,8 @@ The section between ``<!-- quick-grid:start -->`` and ``<!-- quick-grid:end -->`
 - the dates of the first and last result line, and the devices they ran on;
 - the table of the finished cells, rendered as the bench's own ``table.md`` (``ddkit.bench.table``).
 
-A cell whose set was made under an older preset (``ddkit.bench.grid.preset_changes``), or whose set
-is gone (set aside by the bench and being made again), is not finished: it is listed with the cells
+A cell the bench would make again (``ddkit.bench.grid.reasons_to_remake``: its set was made under an
+older preset, or is gone because the bench set it aside) is not finished: it is listed with the cells
 still to run.
 
 Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.
@@ -20,11 +20,10 @@ Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
-from ddkit.bench.grid import Cell, latest_results, plan_cells, preset_changes, read_results
+from ddkit.bench.grid import SETS_DIR, Cell, latest_results, plan_cells, read_results, reasons_to_remake
 from ddkit.bench.table import COLUMNS, markdown_table, row_cells, sorted_lines
 from ddkit.methods import METHODS
 
@@ -34,7 +33,8 @@ START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
 def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int]) -> str:
     """The markdown that goes between the markers."""
     lines = [line for line in latest_results(read_results(bench)) if "error" not in line]
-    lines = [line for line in lines if not _made_under_older_preset(bench, line)]
+    lines = [line for line in lines
+             if not reasons_to_remake(Cell(line["dataset"], line["method"], line["ipc"]), bench / SETS_DIR, line["tier"])]
     finished = {(line["dataset"], line["method"], line["ipc"]) for line in lines}
     planned = plan_cells(datasets, methods, ipcs)
     missing = [cell for cell in planned if (cell.dataset, cell.method, cell.ipc) not in finished]
@@ -52,15 +52,6 @@ def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int
     keys = {(c.dataset, c.method, c.ipc) for c in planned}
     rows = [row_cells(line) for line in sorted_lines(lines) if (line["dataset"], line["method"], line["ipc"]) in keys]
     return "\n\n".join(text + [markdown_table(list(COLUMNS), rows)])
-
-
-def _made_under_older_preset(bench: Path, line: dict) -> bool:
-    """True when the line's set is gone (set aside and being remade) or its cell's preset changed since."""
-    manifest = bench / line["set"] / "manifest.json"
-    if not manifest.is_file():
-        return True
-    cell = Cell(line["dataset"], line["method"], line["ipc"])
-    return bool(preset_changes(cell, json.loads(manifest.read_text()), line["tier"]))
 
 
 def replace_section(doc: Path, body: str) -> None:

@@ -334,7 +334,7 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
     return _differences(dm_family.active_options(stored), _plain(dm_family.active_options(current)))
 
 
-def _reasons_to_remake(cell: Cell, sets: Path, tier: str) -> list[str]:
+def reasons_to_remake(cell: Cell, sets: Path, tier: str) -> list[str]:
     """Why a cell with a result line must be made again: its set is gone (deleted, or set aside and
     not yet remade when a bench was stopped) or its preset changed since; [] when it stands."""
     manifest_path = sets / cell.name / "manifest.json"
@@ -496,7 +496,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
 
     for number, cell in enumerate(cells, 1):
         pending = [arch for arch in archs if key(cell, arch) not in done]
-        if not pending and _reasons_to_remake(cell, out / SETS_DIR, tier):
+        if not pending and reasons_to_remake(cell, out / SETS_DIR, tier):
             pending = list(archs)
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
         if not pending:
