@@ -276,6 +276,15 @@ def test_report_command_prints_the_page(isolated_data, tmp_path, capsys):
     assert "No evaluation stored yet" in text and "ddkit set: set" in text
 
 
+def test_report_marks_an_interrupted_evaluation(isolated_data, tmp_path):
+    distilled = ddkit.distill("random", dataset="digits", ipc=1, out=tmp_path / "set")
+    distilled.record_evaluation({"protocol": "hard", "preset": "quick", "arch": "convnet", "seeds": [0, 1],
+                                 "accuracies": [41.5, 42.5], "mean": 42.0, "std": 0.5, "seconds_per_run": 3.0,
+                                 "partial": True, "runs_planned": 3})
+    text = write_report(tmp_path / "set").read_text()
+    assert "2 of 3 (interrupted)" in text and "42.00 +- 0.50" in text
+
+
 def test_a_set_without_a_numeric_peak_memory_gets_none_not_a_crash():
     from ddkit.bench.grid import _peak_memory
     from ddkit.bench.table import row_cells

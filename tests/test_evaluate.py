@@ -52,6 +52,66 @@ def test_evaluation_is_reproducible_and_reusable(digits):
     assert torch.equal(before, torch.get_rng_state())
 
 
+def test_interrupted_evaluation_keeps_finished_runs_and_resumes(digits, tmp_path, monkeypatch):
+    from ddkit.evaluate import protocols
+
+    subset = random_subset(digits, 3, seed=0)
+    subset.save(tmp_path / "r")
+    overrides = {"epochs": 40, "lr": 0.05}
+    whole = evaluate(subset, preset="smoke", runs=3, overrides=overrides, show_progress=False, real=digits,
+                     record=False)["convnet"]
+
+    trained = []
+    real_train = protocols.train_classifier
+
+    def train_then_crash(model, *args, **kwargs):
+        trained.append(kwargs["desc"])
+        if len(trained) == 3:
+            raise KeyboardInterrupt  # stopped during the third run
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(protocols, "train_classifier", train_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=3, overrides=overrides, show_progress=False,
+                 real=digits)
+    records = ddkit.load(tmp_path / "r").meta["evaluations"]
+    assert len(records) == 1 and records[0]["partial"] and records[0]["runs_planned"] == 3
+    assert records[0]["seeds"] == [0, 1] and records[0]["accuracies"] == pytest.approx(whole.accuracies[:2], abs=1e-3)
+
+    trained.clear()
+    monkeypatch.setattr(protocols, "train_classifier", lambda *a, **k: (trained.append(k["desc"]), real_train(*a, **k))[1])
+    resumed = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=3, overrides=overrides,
+                       show_progress=False, real=digits, reuse=True)["convnet"]
+    assert trained == ["eval convnet seed 2"]  # only the unfinished run trained again
+    assert len(set(whole.accuracies)) == 3  # the seeds give different runs, so a mix-up would show
+    assert resumed.accuracies == pytest.approx(whole.accuracies, abs=1e-3) and resumed.seeds == [0, 1, 2]
+    records = ddkit.load(tmp_path / "r").meta["evaluations"]
+    assert len(records) == 1 and "partial" not in records[0]  # the full record replaced the partial one
+    assert records[0]["accuracies"] == pytest.approx(whole.accuracies, abs=1e-3)
+
+
+def test_partial_runs_are_not_reused_without_reuse_or_under_other_settings(digits, monkeypatch):
+    from ddkit.evaluate import protocols
+
+    subset = random_subset(digits, 2, seed=0)
+    overrides = {"epochs": 2}
+    subset.record_evaluation({"protocol": "hard", "preset": "smoke", "arch": "convnet", "seeds": [0],
+                              "accuracies": [99.0], "seconds_per_run": 1.0, "partial": True, "runs_planned": 2,
+                              "config": resolve_config("hard", "smoke", {"epochs": 5})})
+    stale = subset.meta["evaluations"][0]
+    trained = []
+    real_train = protocols.train_classifier
+    monkeypatch.setattr(protocols, "train_classifier", lambda *a, **k: (trained.append(k["desc"]), real_train(*a, **k))[1])
+    # Other settings (5 epochs, not 2): the partial run is not reused and stays.
+    evaluate(subset, preset="smoke", runs=2, overrides=overrides, show_progress=False, real=digits, reuse=True)
+    assert len(trained) == 2 and subset.meta["evaluations"][0] is stale
+    # Same settings but reuse=False: trained again, and the new full record supersedes the partial one.
+    trained.clear()
+    result = evaluate(subset, preset="smoke", runs=2, overrides={"epochs": 5}, show_progress=False, real=digits)
+    assert len(trained) == 2 and 99.0 not in result["convnet"].accuracies
+    assert all(not rec.get("partial") for rec in subset.meta["evaluations"])
+
+
 def test_cross_architecture_table(digits):
     subset = random_subset(digits, 2, seed=0)
     results = evaluate(subset, preset="smoke", runs=1, archs=("convnet", "mlp"), overrides={"epochs": 2},

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol option, e.g. --set epochs=500 --set lr=0.02 (repeatable)")
     p.add_argument("--reuse", action="store_true",
-                   help="print an identical evaluation already stored in the manifest instead of training again")
+                   help="print an identical evaluation already stored in the manifest instead of training again; "
+                        "of an interrupted one, train only the runs it had not finished")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun): students train with DistributedDataParallel (hard and soft "
                         "protocol), each rank taking a share of every batch; BatchNorm statistics per process unless "

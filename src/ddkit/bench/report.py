@@ -105,6 +105,14 @@ def page(title: str, body: list[str]) -> str:
     ])
 
 
+def _runs(record: dict):
+    """Runs of an evaluation record; "2 of 3 (interrupted)" for a partial one."""
+    count = len(record.get("accuracies", []))
+    if record.get("partial"):
+        return f"{count} of {record.get('runs_planned', '?')} (interrupted)"
+    return count
+
+
 def _seconds(value) -> str:
     if value is None:
         return "-"
@@ -148,7 +156,7 @@ def set_body(directory: Path) -> tuple[str, list[str]]:
     evaluations = meta.get("evaluations") or []
     body.append("<h2>Evaluations</h2>")
     if evaluations:
-        rows = [[e.get("protocol", "-"), e.get("preset", "-"), e.get("arch", "-"), len(e.get("accuracies", [])),
+        rows = [[e.get("protocol", "-"), e.get("preset", "-"), e.get("arch", "-"), _runs(e),
                  f"{float(e.get('mean', float('nan'))):.2f} +- {float(e.get('std', float('nan'))):.2f}",
                  ", ".join(f"{float(a):.2f}" for a in e.get("accuracies", [])), _seconds(e.get("seconds_per_run")),
                  e.get("device", "-"), e.get("date", "-")] for e in evaluations]

@@ -15,6 +15,7 @@ The soft-label protocol (SPEC 3.1, 3.3; ``protocol="soft"``) lives in :mod:`ddki
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -129,15 +130,42 @@ def _comparable(config):
     return {k: v for k, v in config.items() if k != "sync_bn"}
 
 
+def _same_settings(record: dict, protocol: str, preset: str, arch: str, config: dict) -> bool:
+    return (record.get("protocol"), record.get("preset"), record.get("arch"), _comparable(record.get("config"))) == (
+        protocol, preset, arch, _comparable(config))
+
+
 def find_stored(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
-    """An :class:`EvalResult` rebuilt from a matching manifest record, or None."""
-    wanted = _comparable(config)
+    """An :class:`EvalResult` rebuilt from a finished manifest record with these settings and
+    exactly these seeds, or None (partial records, see :func:`stored_runs`, never count)."""
     for rec in reversed(distilled.meta.get("evaluations", [])):
-        if (rec.get("protocol"), rec.get("preset"), rec.get("arch"), rec.get("seeds"), _comparable(rec.get("config"))) == (
-                protocol, preset, arch, seeds, wanted):
+        if not rec.get("partial") and rec.get("seeds") == seeds and _same_settings(rec, protocol, preset, arch, config):
             return EvalResult(protocol, preset, arch, list(rec["accuracies"]), rec["seconds_per_run"], config,
                               seeds, rec["device"], rec["train_images"], rec["date"])
     return None
+
+
+def stored_runs(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
+    """Runs of an evaluation that an interrupted call already finished.
+
+    While an evaluation trains its runs one after another, each finished run is written to the
+    manifest in a record marked ``"partial": true`` (replaced by the full record at the end).
+    This collects, from the partial records with these settings whose seeds all lie in
+    ``seeds``, what each seed gave.
+
+    Returns:
+        ({seed: (test accuracy %, seconds of that run)}, [the partial records read]).
+    """
+    done, partials = {}, []
+    for rec in distilled.meta.get("evaluations", []):
+        if not rec.get("partial") or not _same_settings(rec, protocol, preset, arch, config):
+            continue
+        if not set(rec.get("seeds", [])) <= set(seeds):
+            continue
+        partials.append(rec)
+        for run_seed, accuracy in zip(rec["seeds"], rec["accuracies"]):
+            done[run_seed] = (float(accuracy), float(rec["seconds_per_run"]))
+    return done, partials
 
 
 def evaluate(
@@ -169,7 +197,9 @@ def evaluate(
         real: the real dataset (loaded from ``distilled.dataset`` when None).
         record: append the results to the set's manifest (rewritten on disk when it was saved).
         reuse: return an evaluation already stored in the manifest with the same protocol, preset,
-            architecture, resolved config and seeds instead of training again.
+            architecture, resolved config and seeds instead of training again; of an evaluation
+            that was interrupted, train only the runs it had not finished (each finished run is
+            stored as it ends, see :func:`stored_runs`).
         teachers: protocol "soft" only: modules (normalised images -> logits) giving the soft
             targets online on the same replayed inputs, instead of the stored records (put in
             eval mode and moved to ``device``).
@@ -222,13 +252,21 @@ def evaluate(
 
     results = {}
     for arch in archs:
-        accuracies, seconds = [], []
         seeds = [seed + r for r in range(runs)]
         stored = find_stored(distilled, protocol, preset, arch, config, seeds) if reuse else None
         if stored is not None:
             results[arch] = stored
             continue
+        # Runs finished by an interrupted call: reused with reuse=True, superseded either way.
+        done, partials = stored_runs(distilled, protocol, preset, arch, config, seeds)
+        if not reuse:
+            done = {}
+        elif done and show_progress:
+            print(f"{arch}: reusing {len(done)} of {runs} runs stored by an interrupted evaluation "
+                  f"(seeds {', '.join(map(str, sorted(done)))})", file=sys.stderr, flush=True)
         for run_seed in seeds:
+            if run_seed in done:
+                continue
             started = time.perf_counter()
             model = build_model(arch, channels, distilled.num_classes, height, dict(config["model"]), run_seed, device)
             generator = make_generator(run_seed)
@@ -239,10 +277,18 @@ def evaluate(
                 train_soft(model, soft_source, train_labels, config, generator, show_progress=show_progress,
                            desc=f"soft {arch} seed {run_seed}")
             accuracy = 100.0 * test_accuracy(model, test_images, test_labels, int(config["eval_batch_size"]))
-            accuracies.append(accuracy)
-            seconds.append(time.perf_counter() - started)
-        results[arch] = EvalResult(protocol, preset, arch, accuracies, float(np.mean(seconds)), config, seeds,
-                                   str(device), num_train)
+            done[run_seed] = (accuracy, time.perf_counter() - started)
+            if record and len(done) < len(seeds):
+                # A run can take an hour on a CPU: keep it, so that an interrupted call resumes here.
+                finished = [s for s in seeds if s in done]
+                partial = EvalResult(protocol, preset, arch, [done[s][0] for s in finished],
+                                     float(np.mean([done[s][1] for s in finished])), config, finished,
+                                     str(device), num_train).to_record()
+                partial.update(partial=True, runs_planned=len(seeds))
+                distilled.record_evaluation(partial, replacing=partials)
+                partials = [partial]
+        results[arch] = EvalResult(protocol, preset, arch, [done[s][0] for s in seeds],
+                                   float(np.mean([done[s][1] for s in seeds])), config, seeds, str(device), num_train)
         if record:
-            distilled.record_evaluation(results[arch].to_record())
+            distilled.record_evaluation(results[arch].to_record(), replacing=partials)
     return results

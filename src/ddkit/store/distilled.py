@@ -249,9 +249,18 @@ class DistilledSet:
         digest = sha256_of(self.path / DATA_FILE)
         write_json_atomic(self.path / MANIFEST_FILE, self.manifest(sha256=digest))
 
-    def record_evaluation(self, record: dict) -> None:
-        """Append an evaluation record to the manifest metadata (and to disk when saved)."""
-        self.meta.setdefault("evaluations", []).append(record)
+    def record_evaluation(self, record: dict, replacing=()) -> None:
+        """Store an evaluation record in the manifest metadata (and on disk when saved).
+
+        ``replacing``: records already in the list (compared by identity) that ``record``
+        supersedes, e.g. the partial record of an evaluation whose runs are not all done yet;
+        they are removed and ``record`` takes the place of the first, else it is appended.
+        """
+        evaluations = self.meta.setdefault("evaluations", [])
+        positions = [i for i, old in enumerate(evaluations) if any(old is r for r in replacing)]
+        for i in reversed(positions):
+            del evaluations[i]
+        evaluations.insert(positions[0] if positions else len(evaluations), record)
         if self.path is not None:
             self.update_manifest()
 
