@@ -10,9 +10,9 @@ The section between ``<!-- quick-grid:start -->`` and ``<!-- quick-grid:end -->`
 - the dates of the first and last result line, and the devices they ran on;
 - the table of the finished cells, rendered as the bench's own ``table.md`` (``ddkit.bench.table``).
 
-A cell the bench would make again (``ddkit.bench.grid.reasons_to_remake``: its set was made under an
-older preset, or is gone because the bench set it aside) is not finished: it is listed with the cells
-still to run.
+A cell the bench would make or evaluate again (``ddkit.bench.grid.line_changes``: its set was made
+under an older preset, or is gone because the bench set it aside, or its evaluation was made under an
+older evaluation preset) is not finished: it is listed with the cells still to run.
 
 Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.
 """
@@ -23,7 +23,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ddkit.bench.grid import SETS_DIR, Cell, latest_results, plan_cells, read_results, reasons_to_remake
+from ddkit.bench.grid import SETS_DIR, latest_results, line_changes, plan_cells, read_results
 from ddkit.bench.table import COLUMNS, markdown_table, row_cells, sorted_lines
 from ddkit.methods import METHODS
 
@@ -33,8 +33,7 @@ START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
 def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int]) -> str:
     """The markdown that goes between the markers."""
     lines = [line for line in latest_results(read_results(bench)) if "error" not in line]
-    lines = [line for line in lines
-             if not reasons_to_remake(Cell(line["dataset"], line["method"], line["ipc"]), bench / SETS_DIR, line["tier"])]
+    lines = [line for line in lines if not line_changes(line, bench / SETS_DIR)]
     finished = {(line["dataset"], line["method"], line["ipc"]) for line in lines}
     planned = plan_cells(datasets, methods, ipcs)
     missing = [cell for cell in planned if (cell.dataset, cell.method, cell.ipc) not in finished]

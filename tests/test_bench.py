@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -337,6 +338,47 @@ def test_a_cell_made_under_an_older_preset_is_made_again_and_its_old_set_kept(is
     shutil.rmtree(out / second["dm"]["set"])
     third = {l["method"]: l for l in small_grid(out, ipcs=(1,))}
     assert (out / third["dm"]["set"] / "manifest.json").is_file() and third["dm"]["date"] != second["dm"]["date"]
+
+
+def _grid_to_docs():
+    """benchmarks/grid_to_docs.py (a script, not a package module), imported from its path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grid_to_docs.py"
+    spec = importlib.util.spec_from_file_location("grid_to_docs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cell_evaluated_under_an_older_evaluation_preset_is_evaluated_again_on_its_set(
+        isolated_data, tmp_path, monkeypatch, capsys):
+    from ddkit.bench.grid import line_changes
+    from ddkit.evaluate import HARD_PRESETS
+
+    out = tmp_path / "bench"
+    first = {l["method"]: l for l in small_grid(out, ipcs=(1,))}
+    assert [line_changes(line, out / "sets") for line in first.values()] == [[], []]
+
+    docs = _grid_to_docs()
+    assert docs.section(out, ["digits"], ["dm"], [1]).startswith("**Progress:** 2 of 2 cells finished.")
+
+    monkeypatch.setitem(HARD_PRESETS, "smoke", dict(HARD_PRESETS["smoke"], epochs=150))
+    assert line_changes(first["dm"], out / "sets") == ["epochs: 200 -> 150"]
+    stale = docs.section(out, ["digits"], ["dm"], [1])
+    assert stale.startswith("**Progress:** 0 of 2 cells finished.") and "- IPC 1, digits: random, dm" in stale
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the set was distilled again")
+
+    monkeypatch.setattr(ddkit, "distill", refuse)
+    second = {l["method"]: l for l in run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out)}
+    assert "the evaluation preset changed since its result (epochs: 200 -> 150)" in capsys.readouterr().err
+    for method in ("dm", "random"):
+        assert second[method]["date"] != first[method]["date"]
+        assert line_changes(second[method], out / "sets") == []
+        records = ddkit.load(out / second[method]["set"]).meta["evaluations"]
+        assert [r["config"]["epochs"] for r in records] == [200, 150]  # both kept in the manifest
 
 
 def test_preset_changes_names_each_changed_option_and_ignores_added_ones():

@@ -14,7 +14,8 @@ again, a distillation that was interrupted continues from its checkpoint (``ddki
 stored evaluations are reused (``ddkit.evaluate(..., reuse=True)``). A failed cell is
 recorded with ``"error"`` and tried again on the next run. A cell whose preset changed since its
 set was made (:func:`preset_changes`) is not finished: its set is renamed to
-``<name>.superseded-<time>`` and the cell is made and evaluated again.
+``<name>.superseded-<time>`` and the cell is made and evaluated again. A cell whose evaluation
+preset changed since its result (:func:`evaluation_changes`) keeps its set and is evaluated again.
 """
 
 from __future__ import annotations
@@ -296,16 +297,20 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def _differences(stored, current, prefix: str = "") -> list[str]:
+def _differences(stored, current, prefix: str = "", one_sided: bool = False) -> list[str]:
     """``"key: old -> new"`` for every value that differs between two configs.
 
-    Keys on one side only are not differences: an option added to a preset after a set was made
-    carries a default that keeps the old behaviour (``channels_last``, for example, changes speed).
+    Keys on one side only are not differences unless ``one_sided``: an option added to a preset
+    after a set was made carries a default that keeps the old behaviour (``channels_last``, for
+    example, changes speed).
     """
     if isinstance(stored, dict) and isinstance(current, dict):
         found = []
         for key in stored.keys() & current.keys():
-            found += _differences(stored[key], current[key], f"{prefix}{key}.")
+            found += _differences(stored[key], current[key], f"{prefix}{key}.", one_sided)
+        if one_sided:
+            found += [f"{prefix}{key}: {stored[key]!r} -> (none)" for key in stored.keys() - current.keys()]
+            found += [f"{prefix}{key}: (none) -> {current[key]!r}" for key in current.keys() - stored.keys()]
         return sorted(found)
     return [] if stored == current else [f"{prefix.rstrip('.')}: {stored!r} -> {current!r}"]
 
@@ -343,13 +348,52 @@ def reasons_to_remake(cell: Cell, sets: Path, tier: str) -> list[str]:
     return preset_changes(cell, json.loads(manifest_path.read_text()), tier)
 
 
+def evaluation_changes(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, seed: int) -> dict[str, list[str]]:
+    """Architectures whose stored evaluation of the cell's set no longer matches the tier's
+    evaluation preset, each with how its options changed (e.g. ``["epochs: 300 -> 200"]``).
+
+    A finished cell stands only if its set holds a finished evaluation with the options the code
+    resolves now and the bench's seeds, the same match ``ddkit.evaluate(..., reuse=True)`` makes;
+    otherwise the bench evaluates it again (the set itself is kept). Call it for a cell whose set
+    exists (see :func:`reasons_to_remake`).
+    """
+    import ddkit
+    from ddkit.evaluate.protocols import evaluation_config, find_stored
+
+    distilled = ddkit.load(sets / cell.name)
+    config = evaluation_config(distilled, cell.protocol, tier)
+    seeds = [seed + r for r in range(runs)]
+    changed = {}
+    for arch in archs:
+        if find_stored(distilled, cell.protocol, tier, arch, config, seeds) is not None:
+            continue
+        earlier = [rec for rec in distilled.meta.get("evaluations", [])
+                   if not rec.get("partial") and (rec.get("protocol"), rec.get("preset"), rec.get("arch"),
+                                                  rec.get("seeds")) == (cell.protocol, tier, arch, seeds)]
+        changed[arch] = (_differences(earlier[-1].get("config"), _plain(config), one_sided=True) if earlier else []) \
+            or ["the set holds no finished evaluation with these seeds"]
+    return changed
+
+
+def line_changes(line: dict, sets: Path) -> list[str]:
+    """Why a result line no longer counts as finished: its set must be made again
+    (:func:`reasons_to_remake`) or its evaluation no longer matches the tier's evaluation preset
+    (:func:`evaluation_changes`); [] when it stands."""
+    cell = Cell(line["dataset"], line["method"], line["ipc"])
+    return reasons_to_remake(cell, sets, line["tier"]) or evaluation_changes(
+        cell, sets, line["tier"], [line["arch"]], line["runs"], line["seed"]).get(line["arch"], [])
+
+
+def _shown(changes: list[str]) -> str:
+    return "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+
+
 def _set_aside(path: Path, changes: list[str]) -> Path:
     """Rename a superseded set to ``<name>.superseded-<UTC time>`` (kept, never deleted) and say why."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = path.with_name(f"{path.name}.superseded-{stamp}")
     path.rename(target)
-    shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
-    print(f"{path.name}: the preset changed since this set was made ({shown}); making it again "
+    print(f"{path.name}: the preset changed since this set was made ({_shown(changes)}); making it again "
           f"(the old set is kept in {target})", file=sys.stderr, flush=True)
     return target
 
@@ -495,10 +539,16 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
             print(text, file=sys.stderr, flush=True)
 
     for number, cell in enumerate(cells, 1):
+        label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
         pending = [arch for arch in archs if key(cell, arch) not in done]
         if not pending and reasons_to_remake(cell, out / SETS_DIR, tier):
             pending = list(archs)
-        label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
+        elif not pending:
+            changed = evaluation_changes(cell, out / SETS_DIR, tier, archs, runs, seed)
+            for arch, changes in changed.items():
+                say(f"{label}: {arch}: the evaluation preset changed since its result ({_shown(changes)}); "
+                    "evaluating it again")
+            pending = list(changed)
         if not pending:
             say(f"{label}: done before, skipped")
             continue

@@ -122,6 +122,22 @@ class EvalResult:
         }
 
 
+def protocol_for_set(distilled, protocol: str, preset: str, overrides=None, teachers=None, teacher_info=None):
+    """The :class:`SoftProtocol` of ``distilled`` for protocol "soft" (validated, its options
+    resolved), None for "hard"."""
+    if protocol != "soft":
+        return None
+    return SoftProtocol(distilled, resolve_config(protocol, preset, overrides), teachers=teachers,
+                        teacher_info=teacher_info)
+
+
+def evaluation_config(distilled, protocol: str, preset: str, overrides=None) -> dict:
+    """The resolved options an evaluation of ``distilled`` would store (soft: from its records),
+    which is what a stored evaluation is matched on."""
+    soft = protocol_for_set(distilled, protocol, preset, overrides)
+    return resolve_config(protocol, preset, overrides) if soft is None else soft.config
+
+
 def _comparable(config):
     """``config`` without options at a default that changes nothing in one process (``sync_bn``
     false), so records written before such an option existed still match."""
@@ -219,13 +235,10 @@ def evaluate(
     record = record and distributed.current().is_main  # under torchrun, rank 0 writes the manifest
     if runs < 1:
         raise DDKitError(f"--runs must be at least 1, got {runs}")
-    config = resolve_config(protocol, preset, overrides)
-    soft = None
-    if protocol == "soft":
-        soft = SoftProtocol(distilled, config, teachers=teachers, teacher_info=teacher_info)
-        config = soft.config
-    elif teachers is not None:
+    if teachers is not None and protocol != "soft":
         raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
+    soft = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info)
+    config = resolve_config(protocol, preset, overrides) if soft is None else soft.config
     device = resolve_device(device)
     if real is None:
         real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
