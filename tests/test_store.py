@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,7 +127,7 @@ def test_export_imagefolder_round_trips_pixels(tmp_path, tiny_set):
     first = Image.open(out / "0_a" / "0.png")
     assert first.size == (8, 8)
     expected = (tiny_set.images[0, 0] * 255 + 0.5).to(torch.uint8)
-    assert torch.equal(torch.from_numpy(__import__("numpy").asarray(first)), expected)
+    assert torch.equal(torch.tensor(np.array(first)), expected)
     with pytest.raises(DDKitError, match="not empty"):
         export_imagefolder(tiny_set.images, tiny_set.labels, tiny_set.class_names, out)
 
