@@ -112,6 +112,99 @@ def test_partial_runs_are_not_reused_without_reuse_or_under_other_settings(digit
     assert all(not rec.get("partial") for rec in subset.meta["evaluations"])
 
 
+def _stop_after(calls, function):
+    """``function`` that raises KeyboardInterrupt on its ``calls``-th call (a run stopped mid-way)."""
+    count = []
+
+    def wrapped(*args, **kwargs):
+        count.append(1)
+        if len(count) == calls:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_a_stopped_training_run_continues_from_its_epoch_checkpoint_bit_for_bit(digits, tmp_path):
+    from ddkit.augment import DSA
+    from ddkit.evaluate import build_model
+    from ddkit.models.training import RunCheckpoint
+    from ddkit.utils import make_generator
+
+    subset = random_subset(digits, 5, seed=0)
+    images, labels = subset.images, subset.labels
+    # 6 epochs of one batch, lr x0.1 (new optimiser) at epoch 3; BatchNorm so buffers must come back too
+    config = dict(resolve_config("hard", "smoke"), epochs=6, lr=0.05)
+    options = {"width": 16, "norm": "batch"}
+    dsa = DSA("color_crop_cutout_flip_scale_rotate")
+
+    whole = build_model("convnet", 1, 10, 8, options, 0, "cpu")
+    whole_losses = train_classifier(whole, images, labels, config, make_generator(0), dsa=dsa)
+
+    identity = {"run": "hard seed 0"}
+    path = tmp_path / "ckpt" / "run.safetensors"
+    stopped = build_model("convnet", 1, 10, 8, options, 0, "cpu")
+    with pytest.raises(KeyboardInterrupt):  # stopped in epoch 4, after the decay
+        train_classifier(stopped, images, labels, config, make_generator(0), dsa=_stop_after(5, dsa),
+                         checkpoint=RunCheckpoint(path, identity, every_seconds=0))
+    assert path.is_file()
+    assert RunCheckpoint(path, {"run": "another"}).restore(stopped, make_generator(0)) is None
+
+    resumed = build_model("convnet", 1, 10, 8, options, 99, "cpu")  # other weights: they must be restored
+    checkpoint = RunCheckpoint(path, identity, every_seconds=0)
+    losses = train_classifier(resumed, images, labels, config, make_generator(7), dsa=dsa, checkpoint=checkpoint)
+    assert losses == whole_losses and checkpoint.seconds_before > 0
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert not path.exists() and not path.parent.exists()  # removed when the run finished
+
+
+def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(digits, tmp_path, monkeypatch):
+    from ddkit.evaluate import protocols
+
+    subset = random_subset(digits, 5, seed=0)
+    subset.save(tmp_path / "r")
+    overrides = {"epochs": 8, "lr": 0.05}
+    whole = evaluate(subset, preset="smoke", runs=1, overrides=overrides, show_progress=False, real=digits,
+                     record=False)["convnet"]
+    monkeypatch.setattr(protocols, "EVAL_CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every epoch
+    real_train = protocols.train_classifier
+    batches = []
+
+    def train(stop_at):
+        def wrapped(model, images, labels, config, generator, dsa=None, **kwargs):
+            def counted(*args, **kw):
+                batches.append(1)
+                return dsa(*args, **kw)
+            return real_train(model, images, labels, config, generator, dsa=_stop_after(stop_at, counted), **kwargs)
+        return wrapped
+
+    folder = tmp_path / "r" / protocols.EVAL_CHECKPOINT_DIR
+    monkeypatch.setattr(protocols, "train_classifier", train(5))  # stopped in epoch 5 of 8 (one batch each)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
+                 real=digits)
+    assert len(list(folder.iterdir())) == 1
+
+    batches.clear()
+    monkeypatch.setattr(protocols, "train_classifier", train(0))
+    resumed = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
+                       real=digits, reuse=True)["convnet"]
+    assert len(batches) == 4 and resumed.accuracies == whole.accuracies  # epochs 5 to 8 only, same result
+    assert not folder.exists()
+
+    # Without reuse a checkpoint left behind is not used: the run starts from its first epoch.
+    monkeypatch.setattr(protocols, "train_classifier", train(5))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
+                 real=digits)
+    batches.clear()
+    monkeypatch.setattr(protocols, "train_classifier", train(0))
+    again = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
+                     real=digits)["convnet"]
+    assert len(batches) == 8 and again.accuracies == whole.accuracies and not folder.exists()
+
+
 def test_cross_architecture_table(digits):
     subset = random_subset(digits, 2, seed=0)
     results = evaluate(subset, preset="smoke", runs=1, archs=("convnet", "mlp"), overrides={"epochs": 2},

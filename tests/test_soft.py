@@ -11,7 +11,7 @@ from ddkit.augment.crops import CropParams, apply_crops
 from ddkit.augment.replay import ReplayPlan, replay_inputs, sample_replay_plan
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, random_subset, resolve_config, soft_loss
-from ddkit.evaluate.soft import ReplaySource, SoftProtocol
+from ddkit.evaluate.soft import ReplaySource, SoftProtocol, train_soft
 from ddkit.methods.relabel import auto_flip_prob, ensemble_logits, relabel
 from ddkit.models import create
 from ddkit.models.training import train_classifier
@@ -301,3 +301,41 @@ def test_soft_evaluation_of_a_relabelled_digits_subset_beats_chance(digits, trai
                       show_progress=False, reuse=True)["convnet"]
     assert reused.date == stored.meta["evaluations"][-1]["date"]
     assert reused.accuracies == pytest.approx(result.accuracies)
+
+
+def test_a_stopped_soft_run_continues_from_its_epoch_checkpoint_bit_for_bit(digits, tmp_path):
+    from ddkit.evaluate import build_model
+    from ddkit.models.training import RunCheckpoint
+
+    relabelled = relabel(random_subset(digits, 4, seed=0), _teacher(), epochs=3, show_progress=False)
+    # 6 epochs of 40 images in batches of 16 (3 steps each): cosine lr by step, AdamW moments
+    protocol = SoftProtocol(relabelled, dict(resolve_config("soft", "smoke"), epochs=6, batch_size=16))
+    source, labels = protocol.source("cpu")
+    options = {"width": 16, "norm": "batch"}
+
+    whole = build_model("convnet", 1, 10, 8, options, 0, "cpu")
+    whole_losses = train_soft(whole, source, labels, protocol.config, make_generator(0))
+
+    path = tmp_path / "soft.safetensors"
+    real_batch, calls = source.batch, []
+
+    def stop_in_epoch_4(epoch, index):
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt
+        return real_batch(epoch, index)
+
+    source.batch = stop_in_epoch_4
+    stopped = build_model("convnet", 1, 10, 8, options, 0, "cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train_soft(stopped, source, labels, protocol.config, make_generator(0),
+                   checkpoint=RunCheckpoint(path, {"run": "soft"}, every_seconds=0))
+    source.batch = real_batch
+
+    resumed = build_model("convnet", 1, 10, 8, options, 99, "cpu")
+    losses = train_soft(resumed, source, labels, protocol.config, make_generator(5),
+                        checkpoint=RunCheckpoint(path, {"run": "soft"}, every_seconds=0))
+    assert losses == whole_losses
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert not path.exists()

@@ -184,6 +184,33 @@ def stored_runs(distilled, protocol: str, preset: str, arch: str, config: dict, 
     return done, partials
 
 
+EVAL_CHECKPOINT_DIR = "eval-checkpoint"
+EVAL_CHECKPOINT_SECONDS = 180.0  # least time between two epoch checkpoints of an evaluation run
+
+
+def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dict, seed: int, fresh: bool = False):
+    """The :class:`~ddkit.models.training.RunCheckpoint` of one evaluation run of a saved set, in
+    ``SET/eval-checkpoint/``; None for a set that is not saved.
+
+    Its identity is the protocol, preset, architecture, resolved options, seed and the sha256 of
+    the set's data file. ``fresh``: delete a checkpoint left by an earlier call, so the run starts
+    from its first epoch (``evaluate`` without ``reuse``).
+    """
+    from ddkit.models.training import RunCheckpoint
+    from ddkit.store.distilled import DATA_FILE
+    from ddkit.utils import sha256_of
+
+    if distilled.path is None:
+        return None
+    name = f"{protocol}-{preset}-{arch}-seed{seed}.safetensors"
+    identity = {"protocol": protocol, "preset": preset, "arch": arch, "config": config, "seed": seed,
+                "data_sha256": sha256_of(distilled.path / DATA_FILE)}
+    checkpoint = RunCheckpoint(distilled.path / EVAL_CHECKPOINT_DIR / name, identity, EVAL_CHECKPOINT_SECONDS)
+    if fresh:
+        checkpoint.remove()
+    return checkpoint
+
+
 def evaluate(
     distilled,
     protocol: str = "hard",
@@ -215,7 +242,8 @@ def evaluate(
         reuse: return an evaluation already stored in the manifest with the same protocol, preset,
             architecture, resolved config and seeds instead of training again; of an evaluation
             that was interrupted, train only the runs it had not finished (each finished run is
-            stored as it ends, see :func:`stored_runs`).
+            stored as it ends, see :func:`stored_runs`), continuing a run that was stopped from
+            its last epoch checkpoint (:func:`run_checkpoint`).
         teachers: protocol "soft" only: modules (normalised images -> logits) giving the soft
             targets online on the same replayed inputs, instead of the stored records (put in
             eval mode and moved to ``device``).
@@ -283,14 +311,16 @@ def evaluate(
             started = time.perf_counter()
             model = build_model(arch, channels, distilled.num_classes, height, dict(config["model"]), run_seed, device)
             generator = make_generator(run_seed)
+            checkpoint = run_checkpoint(distilled, protocol, preset, arch, config, run_seed, fresh=not reuse) \
+                if record and not distributed.current().distributed else None
             if soft is None:
                 train_classifier(model, train_images, train_labels, config, generator, dsa=dsa,
-                                 show_progress=show_progress, desc=f"eval {arch} seed {run_seed}")
+                                 show_progress=show_progress, desc=f"eval {arch} seed {run_seed}", checkpoint=checkpoint)
             else:
                 train_soft(model, soft_source, train_labels, config, generator, show_progress=show_progress,
-                           desc=f"soft {arch} seed {run_seed}")
+                           desc=f"soft {arch} seed {run_seed}", checkpoint=checkpoint)
             accuracy = 100.0 * test_accuracy(model, test_images, test_labels, int(config["eval_batch_size"]))
-            done[run_seed] = (accuracy, time.perf_counter() - started)
+            done[run_seed] = (accuracy, time.perf_counter() - started + (checkpoint.seconds_before if checkpoint else 0.0))
             if record and len(done) < len(seeds):
                 # A run can take an hour on a CPU: keep it, so that an interrupted call resumes here.
                 finished = [s for s in seeds if s in done]

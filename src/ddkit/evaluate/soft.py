@@ -218,6 +218,7 @@ def train_soft(
     generator: torch.Generator,
     show_progress: bool = False,
     desc: str = "soft",
+    checkpoint=None,
 ) -> list[float]:
     """Train ``model`` on the replayed views of ``source`` against its soft targets.
 
@@ -227,6 +228,8 @@ def train_soft(
         labels: int64 ``[N]`` hard labels on the compute device (used by ``"mse_ce"``).
         config: a resolved soft config (``loss`` already "kl" or "mse_ce", not "auto").
         generator: CPU generator; drives the batch order only (the views are in the records).
+        checkpoint: a :class:`ddkit.models.training.RunCheckpoint` to continue from and to write
+            at epoch ends (one process only; removed when the run finishes), or None.
 
     Under torchrun the student trains with :class:`ddkit.models.training.DataParallel`: every
     rank draws the same order, replays its slice of each batch, and the averaged gradient is the
@@ -247,9 +250,14 @@ def train_soft(
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=float(config["momentum"]),
                                     weight_decay=float(config["weight_decay"]))
     total_steps = epochs * math.ceil(n / batch_size)
-    step, losses = 0, []
+    step, losses, first_epoch = 0, [], 0
+    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
+    if resumed is not None:
+        optimizer_state, loop = resumed
+        optimizer.load_state_dict(optimizer_state)
+        step, losses, first_epoch = int(loop["step"]), list(loop["losses"]), int(loop["next_epoch"])
     loss_name = config["loss"]
-    bar = progress(range(epochs), desc=desc, enabled=show_progress)
+    bar = progress(range(first_epoch, epochs), desc=desc, enabled=show_progress, initial=first_epoch, total=epochs)
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=generator)
@@ -275,6 +283,10 @@ def train_soft(
         losses.append(total / max(1, count))
         if show_progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint is not None and epoch + 1 < epochs:
+            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "step": step, "losses": losses})
+    if checkpoint is not None:
+        checkpoint.remove()
     return losses
 
 

@@ -3,6 +3,10 @@ the IDM model queue and the pretrained feature extractors of class centralizatio
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -128,6 +132,103 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, factor:
     optimizer.step()
 
 
+class RunCheckpoint:
+    """End-of-epoch checkpoints of one training run, so that a stopped run continues where it was.
+
+    A quick IPC-50 evaluation run takes most of an hour on a CPU; this keeps all but the last few
+    minutes of it. The file (safetensors, no pickle, written through a temporary name and a rename)
+    holds the model's state dict, the optimiser's state, the state of the generator that draws
+    batch order and augmentation, and the loop's counters. Since all of a run's randomness comes
+    from that generator, a resumed run gives the same weights, bit for bit on a CPU, as one that
+    was never stopped.
+
+    Args:
+        path: the checkpoint file (its folder is created when first written).
+        identity: JSON-able description of the run (what is trained, on what data, with which
+            options and seed). A file written under another identity is ignored and replaced.
+        every_seconds: least time between two writes (0: after every epoch).
+
+    Attributes:
+        seconds_before: seconds the run had taken before it was stopped (0 for a fresh run), so
+            that a resumed run can report its whole time.
+    """
+
+    def __init__(self, path: str | Path, identity: dict, every_seconds: float = 180.0):
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps(identity))
+        self.every_seconds = float(every_seconds)
+        self.seconds_before = 0.0
+        self._started = self._last = time.monotonic()
+
+    def restore(self, model: nn.Module, generator: torch.Generator) -> tuple[dict, dict] | None:
+        """Load the model weights and the generator state of a matching checkpoint.
+
+        Returns:
+            (the optimiser's state dict, the loop's counters) to continue from, or None when there
+            is no checkpoint of this run (or it is damaged).
+        """
+        from safetensors import SafetensorError
+
+        from ddkit.checkpoint import load_tensors, restore_generator
+
+        if not self.path.is_file():
+            return None
+        try:
+            tensors, state = load_tensors(self.path)
+        except (OSError, SafetensorError, ValueError, KeyError):
+            return None
+        if state.get("identity") != self.identity:
+            return None
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        restore_generator(generator, tensors["generator"])
+        optimizer_state = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optimizer_state["state"].setdefault(int(index), {})[name] = value
+        for key, value in state["optimizer"]["scalars"].items():
+            index, name = key.split(".", 1)
+            optimizer_state["state"].setdefault(int(index), {})[name] = value
+        self.seconds_before = float(state.get("seconds", 0.0))
+        return optimizer_state, state["loop"]
+
+    def maybe_save(self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                   loop: dict, force: bool = False) -> bool:
+        """Write a checkpoint if ``every_seconds`` passed since the last one (or ``force``).
+
+        ``loop``: the JSON-able counters the loop needs to continue (next epoch, losses, ...).
+        Returns whether it wrote."""
+        from ddkit.checkpoint import generator_state, save_tensors_atomic
+
+        if not force and time.monotonic() - self._last < self.every_seconds:
+            return False
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors["generator"] = generator_state(generator)
+        optimizer_state = optimizer.state_dict()
+        scalars = {}
+        for index, values in optimizer_state["state"].items():
+            for name, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{name}"] = value
+                else:
+                    scalars[f"{index}.{name}"] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(self.path, tensors, {
+            "identity": self.identity, "loop": loop, "seconds": self.seconds_before + time.monotonic() - self._started,
+            "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
+        })
+        self._last = time.monotonic()
+        return True
+
+    def remove(self) -> None:
+        """Delete the checkpoint (the run finished), and its folder if that is now empty."""
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()
+        except OSError:
+            pass
+
+
 @torch.no_grad()
 def test_accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on normalised images [N, C, H, W]."""
@@ -148,6 +249,7 @@ def train_classifier(
     dsa=None,
     show_progress: bool = False,
     desc: str = "train",
+    checkpoint: RunCheckpoint | None = None,
 ) -> list[float]:
     """Train ``model`` with cross-entropy on in-memory normalised images (SPEC 1.3 schedule).
 
@@ -157,6 +259,8 @@ def train_classifier(
         config: epochs, lr, momentum, weight_decay, batch_size, decay_at, decay_factor, reset_momentum.
         generator: drives batch order and augmentation (CPU generator; draws are moved to the device).
         dsa: a :class:`ddkit.augment.DSA` applied per sample on every batch, or None.
+        checkpoint: a :class:`RunCheckpoint` to continue from and to write at epoch ends (one
+            process only; removed when the run finishes), or None.
 
     Under torchrun (``ddkit.distributed`` set up with several processes) the model trains with
     :class:`DataParallel`: each rank takes its slice of every batch and the averaged gradient is
@@ -177,8 +281,14 @@ def train_classifier(
     optimizer = make_optimizer(lr)
     batch_size = int(config["batch_size"])
     n = images.shape[0]
-    losses = []
-    bar = progress(range(epochs), desc=desc, enabled=show_progress)
+    losses, first_epoch = [], 0
+    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
+    if resumed is not None:
+        optimizer_state, loop = resumed
+        lr, first_epoch, losses = float(loop["lr"]), int(loop["next_epoch"]), list(loop["losses"])
+        optimizer = make_optimizer(lr)
+        optimizer.load_state_dict(optimizer_state)
+    bar = progress(range(first_epoch, epochs), desc=desc, enabled=show_progress, initial=first_epoch, total=epochs)
     for epoch in bar:
         if epoch == decay_epoch:
             lr *= float(config["decay_factor"])
@@ -204,4 +314,8 @@ def train_classifier(
         losses.append(total / max(1, count))
         if show_progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint is not None and epoch + 1 < epochs:
+            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "lr": lr, "losses": losses})
+    if checkpoint is not None:
+        checkpoint.remove()
     return losses
