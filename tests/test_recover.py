@@ -54,6 +54,40 @@ def test_squeeze_trains_caches_and_reloads(teacher, digits, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_a_stopped_squeeze_continues_from_its_epoch_checkpoint(teacher, digits, tmp_path, monkeypatch):
+    import ddkit.methods.squeeze as squeeze_module
+    from ddkit.models.training import RunCheckpoint
+
+    saves, restored = [], []
+
+    class StopAfterTwoEpochs(RunCheckpoint):
+        def __init__(self, path, identity, every_seconds=0.0):
+            super().__init__(path, identity, 0.0)
+
+        def maybe_save(self, *args, **kwargs):
+            wrote = super().maybe_save(*args, **kwargs)
+            saves.append(self.path)
+            if len(saves) == 2 and not restored[-1]:  # the first squeeze only
+                raise KeyboardInterrupt
+            return wrote
+
+        def restore(self, *args, **kwargs):
+            restored.append(super().restore(*args, **kwargs))
+            return restored[-1]
+
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    monkeypatch.setattr(squeeze_module, "RunCheckpoint", StopAfterTwoEpochs)
+    with pytest.raises(KeyboardInterrupt):
+        squeeze(digits, TEACHER, preset="smoke", show_progress=False)
+    assert saves[-1].is_file() and not (saves[-1].parent / "model.safetensors").exists()
+
+    resumed = squeeze(digits, TEACHER, preset="smoke", show_progress=False)
+    assert restored[-1] is not None and restored[-1][1]["next_epoch"] == 2  # went on from epoch 3 of 6
+    assert not saves[-1].exists()
+    for a, b in zip(teacher.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)  # the same weights as the squeeze that was never stopped
+
+
 def test_teacher_for_another_dataset_is_refused(teacher, digits, tmp_path):
     import shutil
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from ddkit.data import data_root
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
-from ddkit.models.training import test_accuracy, train_classifier
+from ddkit.models.training import RunCheckpoint, test_accuracy, train_classifier
 from ddkit.utils import apply_overrides, make_generator, normalize, seeded_global_rng, write_json_atomic
 
 #: Teacher training recipes per tier (every key overridable).
@@ -185,12 +185,15 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
     inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
     config = {"reset_momentum": True, "sync_bn": bool(schedule.get("sync_bn", False)),
               **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset"}}
-    train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
-                     desc=desc)
-    test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
-    accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
     from ddkit import distributed
 
+    # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (one process).
+    checkpoint = None if distributed.current().distributed else RunCheckpoint(folder / "training.safetensors", recipe)
+    train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
+                     desc=desc, checkpoint=checkpoint)
+    started -= checkpoint.seconds_before if checkpoint is not None else 0.0
+    test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
+    accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
     if not distributed.current().is_main:  # under torchrun (DDP training), rank 0 writes the cache
         distributed.barrier()
         return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
