@@ -14,6 +14,7 @@ import pytest
 
 import ddkit
 from ddkit.bench import plan_cells, protocol_for, read_results, run_bench, write_report
+from ddkit.bench.grid import plan_bench
 from ddkit.bench.plots import loss_series
 from ddkit.cli import main
 from ddkit.errors import DDKitError
@@ -371,6 +372,11 @@ def test_a_cell_evaluated_under_an_older_evaluation_preset_is_evaluated_again_on
     def refuse(*args, **kwargs):
         raise AssertionError("the set was distilled again")
 
+    assert plan_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out) == [
+        "[1/2] digits random ipc 1 (hard, convnet): evaluate again (epochs: 200 -> 150)",
+        "[2/2] digits dm ipc 1 (hard, convnet): evaluate again (epochs: 200 -> 150)",
+        "2 evaluate again",
+    ]
     monkeypatch.setattr(ddkit, "distill", refuse)
     second = {l["method"]: l for l in run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out)}
     assert "the evaluation preset changed since its result (epochs: 200 -> 150)" in capsys.readouterr().err
@@ -379,6 +385,32 @@ def test_a_cell_evaluated_under_an_older_evaluation_preset_is_evaluated_again_on
         assert line_changes(second[method], out / "sets") == []
         records = ddkit.load(out / second[method]["set"]).meta["evaluations"]
         assert [r["config"]["epochs"] for r in records] == [200, 150]  # both kept in the manifest
+
+
+def test_plan_says_what_a_bench_would_do_and_what_a_stopped_one_left(isolated_data, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert plan_bench("smoke", ["digits"], ["dm"], [1], runs=2, out=out)[-1] == "2 to run"
+    assert not out.exists()  # the plan writes nothing
+    small_grid(out, ipcs=(1,))  # runs=1
+    with open(out / "results.jsonl", "a") as handle:  # a failed cell, as a bench records it
+        handle.write(json.dumps({"dataset": "digits", "method": "dm", "ipc": 2, "tier": "smoke", "arch": "convnet",
+                                 "runs": 1, "seed": 0, "error": "RuntimeError: boom\ntraceback"}) + "\n")
+    plan = plan_bench("smoke", ["digits"], ["dm"], [1, 2], runs=1, out=out)
+    assert plan[1].startswith("[2/4] digits dm ipc 1 (hard, convnet): done, ")
+    assert plan[2:] == ["[3/4] digits random ipc 2 (hard, convnet): to run",
+                        "[4/4] digits dm ipc 2 (hard, convnet): failed (RuntimeError: boom)", "2 done, 1 to run, 1 failed"]
+
+    # A bench with --runs 2 stopped after the first run of the random cell's evaluation.
+    random_set = ddkit.load(out / "sets" / "digits-random-ipc1")
+    record = dict(random_set.meta["evaluations"][-1], partial=True, runs_planned=2)
+    random_set.record_evaluation(record)
+    (out / "sets" / "digits-random-ipc1" / "eval-checkpoint").mkdir()
+    (out / "sets" / "digits-random-ipc1" / "eval-checkpoint" / "hard-smoke-convnet-seed1.safetensors").write_bytes(b"")
+    assert main(["bench", "--tier", "smoke", "--datasets", "digits", "--methods", "dm", "--ipc", "1", "--runs", "2",
+                 "--out", str(out), "--plan"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("[1/2] digits random ipc 1 (hard, convnet): to run; continues from 1 of 2 evaluation runs "
+                          "stored, a stopped evaluation run")
 
 
 def test_preset_changes_names_each_changed_option_and_ignores_added_ones():

@@ -36,9 +36,14 @@ def default_methods() -> list[str]:
 
 
 def cmd_bench(args) -> int:
-    from ddkit.bench.grid import TABLE_FILE, run_bench
+    from ddkit.bench.grid import TABLE_FILE, plan_bench, run_bench
 
     methods = _names(args.methods, "--methods") if args.methods else default_methods()
+    if args.plan:
+        print("\n".join(plan_bench(args.tier, _names(args.datasets, "--datasets"), methods,
+                                    _positive_ints(args.ipc, "--ipc"), runs=args.runs, out=args.out,
+                                    seed=args.seed, archs=_names(args.arch, "--arch"))))
+        return 0
     lines = run_bench(args.tier, _names(args.datasets, "--datasets"), methods, _positive_ints(args.ipc, "--ipc"),
                       runs=args.runs, out=args.out, seed=args.seed, device=args.device,
                       show_progress=not args.quiet, archs=_names(args.arch, "--arch"))
@@ -68,8 +73,10 @@ def add_commands(subparsers) -> None:
                     "soft labels for sre2l, cda and gvbsm). The random subset is always included, and for every "
                     "statistics method M also random+M, the random subset relabelled with M's teachers. Results "
                     "go to OUT/results.jsonl (one line per cell), OUT/table.md and OUT/plots/; running the same "
-                    "command again skips finished cells, retries failed ones and remakes cells whose preset changed "
-                    "(the old set is kept as sets/<name>.superseded-<time>).")
+                    "command again skips finished cells, retries failed ones, continues stopped distillations and "
+                    "evaluation runs, remakes cells whose preset changed (the old set is kept as "
+                    "sets/<name>.superseded-<time>) and evaluates again cells whose evaluation preset changed; "
+                    "--plan shows which.")
     p.add_argument("--tier", default="quick",
                    help="distillation and evaluation preset: smoke | quick | paper (default quick)")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
@@ -86,6 +93,9 @@ def add_commands(subparsers) -> None:
                    help="comma-separated evaluation architectures, e.g. convnet,resnet18 (default convnet)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no per-cell lines")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "
+                        "again, and what a stopped bench left to continue from) and exit; runs and writes nothing")
     p.set_defaults(func=cmd_bench)
 
     p = subparsers.add_parser(

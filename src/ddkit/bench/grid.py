@@ -384,6 +384,98 @@ def line_changes(line: dict, sets: Path) -> list[str]:
         cell, sets, line["tier"], [line["arch"]], line["runs"], line["seed"]).get(line["arch"], [])
 
 
+@dataclass
+class CellStatus:
+    """Where one (cell, architecture) of a bench stands.
+
+    Attributes:
+        state: "done" (a result line that stands), "to run" (no line yet), "failed" (its last
+            line is an error; tried again), "make again" (its set is gone or was made under an
+            older preset) or "evaluate again" (its evaluation was made under an older evaluation
+            preset).
+        reasons: why, for the last three states (e.g. ``["epochs: 300 -> 200"]``).
+        line: its latest result line, if any.
+    """
+
+    cell: Cell
+    arch: str
+    state: str
+    reasons: list[str]
+    line: dict | None = None
+
+
+def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, seed: int,
+                latest: dict[tuple, dict]) -> list[CellStatus]:
+    """The status of ``cell`` for each of ``archs``; ``latest`` maps :func:`line_key` to the latest
+    result line. A cell whose lines all stand is checked against the presets (set, then evaluation)."""
+    statuses = []
+    for arch in archs:
+        line = latest.get((cell.dataset, cell.method, cell.ipc, tier, arch, runs, seed))
+        if line is None:
+            statuses.append(CellStatus(cell, arch, "to run", [], None))
+        elif "error" in line:
+            statuses.append(CellStatus(cell, arch, "failed", [str(line["error"]).splitlines()[0]], line))
+        else:
+            statuses.append(CellStatus(cell, arch, "done", [], line))
+    if any(status.state != "done" for status in statuses):
+        return statuses
+    remake = reasons_to_remake(cell, sets, tier)
+    if remake:
+        return [CellStatus(cell, s.arch, "make again", remake, s.line) for s in statuses]
+    changed = evaluation_changes(cell, sets, tier, archs, runs, seed)
+    return [CellStatus(cell, s.arch, "evaluate again", changed[s.arch], s.line) if s.arch in changed else s
+            for s in statuses]
+
+
+def work_in_progress(cell: Cell, sets: Path, tier: str, arch: str, runs: int, seed: int) -> list[str]:
+    """What a stopped bench left of ``cell`` to continue from (read from disk, nothing loaded):
+    an interrupted distillation, evaluation runs already stored, a stopped evaluation run."""
+    path = sets / cell.name
+    found = []
+    if (path / CHECKPOINT_DIR / LATEST).is_file():
+        found.append("an interrupted distillation")
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        seeds = set(range(seed, seed + runs))
+        stored = set()
+        for rec in json.loads(manifest.read_text()).get("evaluations", []):
+            if rec.get("partial") and (rec.get("protocol"), rec.get("preset"), rec.get("arch")) == (
+                    cell.protocol, tier, arch) and set(rec.get("seeds", [])) <= seeds:
+                stored |= set(rec["seeds"])
+        if stored:
+            found.append(f"{len(stored)} of {runs} evaluation runs stored")
+    if (path / "eval-checkpoint").is_dir() and any((path / "eval-checkpoint").iterdir()):
+        found.append("a stopped evaluation run")
+    return found
+
+
+def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, archs=("convnet",)) -> list[str]:
+    """What ``run_bench`` with these arguments would do, one line per (cell, architecture), without
+    running or writing anything; the last line counts the states."""
+    tier = check_tier(tier)
+    datasets, methods = check_datasets(_as_list(datasets)), check_methods(_as_list(methods))
+    ipcs, archs = check_ipcs(_as_list(ipcs)), check_archs(_as_list(archs))
+    out = Path(out)
+    latest = {line_key(line): line for line in latest_results(read_results(out))}
+    cells = plan_cells(datasets, methods, ipcs)
+    report, counts = [], {}
+    for number, cell in enumerate(cells, 1):
+        for status in cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest):
+            counts[status.state] = counts.get(status.state, 0) + 1
+            text = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol}, {status.arch}): "
+            if status.state == "done":
+                text += f"done, {status.line['mean']:.2f} +- {status.line['std']:.2f}"
+            else:
+                text += status.state + (f" ({_shown(status.reasons)})" if status.reasons else "")
+                left = work_in_progress(cell, out / SETS_DIR, tier, status.arch, runs, seed)
+                if left:
+                    text += "; continues from " + ", ".join(left)
+            report.append(text)
+    report.append(", ".join(f"{counts[state]} {state}" for state in
+                            ("done", "to run", "failed", "make again", "evaluate again") if state in counts))
+    return report
+
+
 def _shown(changes: list[str]) -> str:
     return "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
 
@@ -529,7 +621,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     write_json_atomic(out / SPEC_FILE, {"tier": tier, "datasets": datasets, "methods": methods, "ipcs": ipcs,
                                         "runs": runs, "seed": seed, "archs": archs, "device": str(device),
                                         "cells": len(cells), "started": _now()})
-    done = {line_key(line) for line in latest_results(read_results(out)) if "error" not in line}
+    latest = {line_key(line): line for line in latest_results(read_results(out))}
 
     def key(cell, arch):
         return (cell.dataset, cell.method, cell.ipc, tier, arch, runs, seed)
@@ -540,15 +632,12 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
 
     for number, cell in enumerate(cells, 1):
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
-        pending = [arch for arch in archs if key(cell, arch) not in done]
-        if not pending and reasons_to_remake(cell, out / SETS_DIR, tier):
-            pending = list(archs)
-        elif not pending:
-            changed = evaluation_changes(cell, out / SETS_DIR, tier, archs, runs, seed)
-            for arch, changes in changed.items():
-                say(f"{label}: {arch}: the evaluation preset changed since its result ({_shown(changes)}); "
-                    "evaluating it again")
-            pending = list(changed)
+        statuses = cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest)
+        for status in statuses:
+            if status.state == "evaluate again":
+                say(f"{label}: {status.arch}: the evaluation preset changed since its result "
+                    f"({_shown(status.reasons)}); evaluating it again")
+        pending = [status.arch for status in statuses if status.state != "done"]
         if not pending:
             say(f"{label}: done before, skipped")
             continue
