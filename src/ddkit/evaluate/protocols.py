@@ -196,15 +196,18 @@ def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dic
     the set's data file. ``fresh``: delete a checkpoint left by an earlier call, so the run starts
     from its first epoch (``evaluate`` without ``reuse``).
     """
+    import json
+
     from ddkit.models.training import RunCheckpoint
-    from ddkit.store.distilled import DATA_FILE
-    from ddkit.utils import sha256_of
+    from ddkit.store.distilled import DATA_FILE, MANIFEST_FILE
 
     if distilled.path is None:
         return None
     name = f"{protocol}-{preset}-{arch}-seed{seed}.safetensors"
+    # the data file's hash as its manifest records it (checked when the set was loaded; no re-read)
+    data_sha256 = (json.loads((distilled.path / MANIFEST_FILE).read_text()).get("sha256") or {}).get(DATA_FILE)
     identity = {"protocol": protocol, "preset": preset, "arch": arch, "config": config, "seed": seed,
-                "data_sha256": sha256_of(distilled.path / DATA_FILE)}
+                "data_sha256": data_sha256}
     checkpoint = RunCheckpoint(distilled.path / EVAL_CHECKPOINT_DIR / name, identity, EVAL_CHECKPOINT_SECONDS)
     if fresh:
         checkpoint.remove()
