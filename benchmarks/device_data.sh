@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Take the fetched MNIST and Fashion-MNIST to a lent GPU machine, which cannot reach the registries.
+#
+# Here (after `make demo` or `make test` fetched the data):
+#   bash benchmarks/device_data.sh pack
+#     writes .carry/data/<dataset>.safetensors.gz (about 45 MB for both; .carry is git-ignored locally
+#     through .git/info/exclude), to be named in the device tool's `carry`.
+# There, at the start of a command:
+#   source benchmarks/device_data.sh unpack
+#     unpacks them to /tmp/ddkit-data, exports DDKIT_DATA and PYTHONPATH=src, and checks that both load.
+#
+# Only the decoded caches travel; ddkit checks their sha256 when it loads them.
+set -euo pipefail
+
+datasets="mnist fashion-mnist"
+carry_dir=".carry/data"
+
+case "${1:-}" in
+  pack)
+    root="${DDKIT_DATA:-$HOME/.cache/ddkit}"
+    grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
+    mkdir -p "$carry_dir"
+    for name in $datasets; do
+      cache="$root/$name/cache.safetensors"
+      [ -f "$cache" ] || { echo "$cache is missing; run: ddkit data fetch $name" >&2; exit 2; }
+      gzip -c -1 "$cache" > "$carry_dir/$name.safetensors.gz.tmp"
+      mv "$carry_dir/$name.safetensors.gz.tmp" "$carry_dir/$name.safetensors.gz"
+    done
+    du -ch "$carry_dir"/*.gz | tail -1
+    ;;
+  unpack)
+    export DDKIT_DATA=/tmp/ddkit-data
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    for name in $datasets; do
+      mkdir -p "$DDKIT_DATA/$name"
+      gunzip -c "$carry_dir/$name.safetensors.gz" > "$DDKIT_DATA/$name/cache.safetensors"
+    done
+    python3 -c "from ddkit.data import load_dataset
+for name in '$datasets'.split(): d = load_dataset(name); print(name, tuple(d.train.images.shape), 'ok')"
+    ;;
+  *)
+    echo "usage: bash benchmarks/device_data.sh pack | source benchmarks/device_data.sh unpack" >&2
+    exit 2
+    ;;
+esac
