@@ -173,6 +173,25 @@ def test_soft_label_cell_with_its_relabelled_random_baseline(isolated_data, tmp_
     assert (out / "plots" / "loss-digits-sre2l-ipc1.png").is_file()
 
 
+def test_a_cell_holding_the_same_set_as_another_reuses_its_evaluation(isolated_data, tmp_path, monkeypatch):
+    from ddkit.evaluate import soft
+
+    trained = []
+    real_train = soft.train_soft
+    monkeypatch.setattr(sys.modules["ddkit.evaluate.protocols"], "train_soft",
+                        lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
+    out = tmp_path / "bench"
+    # sre2l and cda share teachers and relabel options: random+cda is random+sre2l's set, byte for byte
+    lines = {l["method"]: l for l in small_grid(out, methods=("sre2l", "cda"), ipcs=(1,))}
+    assert len(trained) == 3  # random+sre2l, sre2l, cda; not random+cda
+    twin = lines["random+cda"]
+    assert twin["evaluation_reused_from"] == "sets/digits-random+sre2l-ipc1"
+    assert twin["accuracies"] == lines["random+sre2l"]["accuracies"]
+    assert "evaluation_reused_from" not in lines["cda"] and "evaluation_reused_from" not in lines["random+sre2l"]
+    record = ddkit.load(out / twin["set"]).meta["evaluations"][-1]
+    assert record["reused_from"] == "digits-random+sre2l-ipc1" and record["protocol"] == "soft"
+
+
 # ---- the command line -------------------------------------------------------------------------------
 @pytest.mark.parametrize("words, match", [
     (["bench", "--methods", "nomethod"], "unknown method"),

@@ -544,12 +544,60 @@ def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device,
     return result
 
 
+#: Manifest fields that, with the data file, decide what an evaluation of a set computes.
+TWIN_FIELDS = ("dataset", "dataset_options", "normalization", "decode")
+
+
+def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, seed: int,
+                           device) -> dict[str, str]:
+    """Copy into ``distilled``'s manifest the finished evaluations of a byte-identical set.
+
+    Two cells can hold the same set: ``random+sre2l`` and ``random+cda`` relabel the same random
+    subset with the same teachers and relabel options. An evaluation is a function of the data
+    file, the manifest's dataset, normalisation and decoding, the resolved options, the seeds and
+    the device, so a set of ``sets`` that agrees on all of these has already computed this one:
+    its record is copied (with ``"reused_from"``) instead of training the same networks again.
+
+    Returns:
+        {arch: the twin set's folder name} for every architecture adopted.
+    """
+    from ddkit.evaluate.protocols import evaluation_config, finished_record, find_stored
+    from ddkit.store.distilled import DATA_FILE, MANIFEST_FILE
+
+    if distilled.path is None:
+        return {}
+    own = json.loads((distilled.path / MANIFEST_FILE).read_text())
+    config = evaluation_config(distilled, cell.protocol, tier)
+    seeds = [seed + r for r in range(runs)]
+    wanted = [arch for arch in archs if find_stored(distilled, cell.protocol, tier, arch, config, seeds) is None]
+    adopted = {}
+    for other in sorted(sets.glob(f"*/{MANIFEST_FILE}")):
+        if not wanted or other.parent == distilled.path or ".superseded-" in other.parent.name:
+            continue
+        manifest = json.loads(other.read_text())
+        if (manifest.get("sha256") or {}).get(DATA_FILE) != (own.get("sha256") or {}).get(DATA_FILE) or any(
+                manifest.get(field) != own.get(field) for field in TWIN_FIELDS):
+            continue
+        for arch in list(wanted):
+            rec = finished_record(manifest.get("evaluations", []), cell.protocol, tier, arch, config, seeds)
+            if rec is not None and rec.get("device") == str(device):
+                distilled.record_evaluation(dict(rec, reused_from=other.parent.name))
+                adopted[arch] = other.parent.name
+                wanted.remove(arch)
+    return adopted
+
+
 def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, archs: list[str],
              show_progress: bool) -> list[dict]:
     """Distill (or load) and evaluate one cell; returns one result line per architecture."""
     import ddkit
 
     distilled = _distilled_set(cell, out / SETS_DIR, tier, seed, device, show_progress)
+    twins = adopt_twin_evaluations(distilled, cell, out / SETS_DIR, tier, archs, runs, seed, device)
+    for arch, twin in twins.items():
+        if show_progress:
+            print(f"{cell.name}: the same set as {twin}, whose {arch} evaluation is reused", file=sys.stderr,
+                  flush=True)
     manifest = distilled.meta
     sizes = distilled.stored_bytes()
     lines = []
@@ -567,6 +615,8 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
             "image_bytes": sizes["images"], "soft_label_bytes": sizes["soft_labels"],
             "set": f"{SETS_DIR}/{cell.name}", "date": _now(), "device": str(device),
         })
+        if arch in twins:
+            lines[-1]["evaluation_reused_from"] = f"{SETS_DIR}/{twins[arch]}"
     return lines
 
 

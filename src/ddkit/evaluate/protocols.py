@@ -151,14 +151,24 @@ def _same_settings(record: dict, protocol: str, preset: str, arch: str, config: 
         protocol, preset, arch, _comparable(config))
 
 
+def finished_record(records: list[dict], protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
+    """The last finished evaluation record among ``records`` (a manifest's ``evaluations``) with
+    these settings and exactly these seeds, or None (partial records, see :func:`stored_runs`,
+    never count)."""
+    for rec in reversed(records):
+        if not rec.get("partial") and rec.get("seeds") == seeds and _same_settings(rec, protocol, preset, arch, config):
+            return rec
+    return None
+
+
 def find_stored(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
     """An :class:`EvalResult` rebuilt from a finished manifest record with these settings and
-    exactly these seeds, or None (partial records, see :func:`stored_runs`, never count)."""
-    for rec in reversed(distilled.meta.get("evaluations", [])):
-        if not rec.get("partial") and rec.get("seeds") == seeds and _same_settings(rec, protocol, preset, arch, config):
-            return EvalResult(protocol, preset, arch, list(rec["accuracies"]), rec["seconds_per_run"], config,
-                              seeds, rec["device"], rec["train_images"], rec["date"])
-    return None
+    exactly these seeds (:func:`finished_record`), or None."""
+    rec = finished_record(distilled.meta.get("evaluations", []), protocol, preset, arch, config, seeds)
+    if rec is None:
+        return None
+    return EvalResult(protocol, preset, arch, list(rec["accuracies"]), rec["seconds_per_run"], config,
+                      seeds, rec["device"], rec["train_images"], rec["date"])
 
 
 def stored_runs(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
