@@ -398,7 +398,9 @@ def test_a_cell_evaluated_under_an_older_evaluation_preset_is_evaluated_again_on
     ]
     monkeypatch.setattr(ddkit, "distill", refuse)
     second = {l["method"]: l for l in run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out)}
-    assert "the evaluation preset changed since its result (epochs: 200 -> 150)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the evaluation preset changed since its result (epochs: 200 -> 150)" in err
+    assert "\n[2/2] digits dm ipc 1 (hard): convnet " in err  # each cell's line starts a line, also in a log
     for method in ("dm", "random"):
         assert second[method]["date"] != first[method]["date"]
         assert line_changes(second[method], out / "sets") == []

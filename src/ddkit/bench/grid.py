@@ -678,7 +678,9 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
 
     def say(text):
         if show_progress:
-            print(text, file=sys.stderr, flush=True)
+            # In a log file the progress bars end in carriage returns, not newlines: start a new line
+            # so that every cell's line can be found with grep.
+            print(("" if sys.stderr.isatty() else "\n") + text, file=sys.stderr, flush=True)
 
     for number, cell in enumerate(cells, 1):
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
