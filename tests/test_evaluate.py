@@ -52,6 +52,19 @@ def test_evaluation_is_reproducible_and_reusable(digits):
     assert torch.equal(before, torch.get_rng_state())
 
 
+def _stop_after(calls, function):
+    """``function`` that raises KeyboardInterrupt on its ``calls``-th call (a run stopped mid-way)."""
+    count = []
+
+    def wrapped(*args, **kwargs):
+        count.append(1)
+        if len(count) == calls:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
 def test_interrupted_evaluation_keeps_finished_runs_and_resumes(digits, tmp_path, monkeypatch):
     from ddkit.evaluate import protocols
 
@@ -61,16 +74,8 @@ def test_interrupted_evaluation_keeps_finished_runs_and_resumes(digits, tmp_path
     whole = evaluate(subset, preset="smoke", runs=3, overrides=overrides, show_progress=False, real=digits,
                      record=False)["convnet"]
 
-    trained = []
     real_train = protocols.train_classifier
-
-    def train_then_crash(model, *args, **kwargs):
-        trained.append(kwargs["desc"])
-        if len(trained) == 3:
-            raise KeyboardInterrupt  # stopped during the third run
-        return real_train(model, *args, **kwargs)
-
-    monkeypatch.setattr(protocols, "train_classifier", train_then_crash)
+    monkeypatch.setattr(protocols, "train_classifier", _stop_after(3, real_train))  # stopped in the third run
     with pytest.raises(KeyboardInterrupt):
         evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=3, overrides=overrides, show_progress=False,
                  real=digits)
@@ -78,7 +83,7 @@ def test_interrupted_evaluation_keeps_finished_runs_and_resumes(digits, tmp_path
     assert len(records) == 1 and records[0]["partial"] and records[0]["runs_planned"] == 3
     assert records[0]["seeds"] == [0, 1] and records[0]["accuracies"] == pytest.approx(whole.accuracies[:2], abs=1e-3)
 
-    trained.clear()
+    trained = []
     monkeypatch.setattr(protocols, "train_classifier", lambda *a, **k: (trained.append(k["desc"]), real_train(*a, **k))[1])
     resumed = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=3, overrides=overrides,
                        show_progress=False, real=digits, reuse=True)["convnet"]
@@ -110,19 +115,6 @@ def test_partial_runs_are_not_reused_without_reuse_or_under_other_settings(digit
     result = evaluate(subset, preset="smoke", runs=2, overrides={"epochs": 5}, show_progress=False, real=digits)
     assert len(trained) == 2 and 99.0 not in result["convnet"].accuracies
     assert all(not rec.get("partial") for rec in subset.meta["evaluations"])
-
-
-def _stop_after(calls, function):
-    """``function`` that raises KeyboardInterrupt on its ``calls``-th call (a run stopped mid-way)."""
-    count = []
-
-    def wrapped(*args, **kwargs):
-        count.append(1)
-        if len(count) == calls:
-            raise KeyboardInterrupt
-        return function(*args, **kwargs)
-
-    return wrapped
 
 
 def test_a_stopped_training_run_continues_from_its_epoch_checkpoint_bit_for_bit(digits, tmp_path):

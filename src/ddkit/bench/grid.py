@@ -33,6 +33,8 @@ from pathlib import Path
 from ddkit.api import CHECKPOINT_DIR
 from ddkit.checkpoint import LATEST
 from ddkit.errors import DDKitError
+from ddkit.evaluate.protocols import EVAL_CHECKPOINT_DIR
+from ddkit.store.distilled import MANIFEST_FILE
 
 TIERS = ("smoke", "quick", "paper")
 BASELINE = "random"
@@ -176,6 +178,11 @@ def plan_cells(datasets: list[str], methods: list[str], ipcs: list[int]) -> list
 # ---- results.jsonl -----------------------------------------------------------------------------------
 def line_key(line: dict) -> tuple:
     return tuple(line.get(name) for name in KEY_FIELDS)
+
+
+def cell_key(cell: Cell, tier: str, arch: str, runs: int, seed: int) -> tuple:
+    """The :func:`line_key` of the result line of ``cell`` evaluated on ``arch``."""
+    return (cell.dataset, cell.method, cell.ipc, tier, arch, runs, seed)
 
 
 def read_results(directory: str | Path) -> list[dict]:
@@ -342,7 +349,7 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
 def reasons_to_remake(cell: Cell, sets: Path, tier: str) -> list[str]:
     """Why a cell with a result line must be made again: its set is gone (deleted, or set aside and
     not yet remade when a bench was stopped) or its preset changed since; [] when it stands."""
-    manifest_path = sets / cell.name / "manifest.json"
+    manifest_path = sets / cell.name / MANIFEST_FILE
     if not manifest_path.is_file():
         return [f"its set {manifest_path.parent} is gone"]
     return preset_changes(cell, json.loads(manifest_path.read_text()), tier)
@@ -410,7 +417,7 @@ def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, 
     result line. A cell whose lines all stand is checked against the presets (set, then evaluation)."""
     statuses = []
     for arch in archs:
-        line = latest.get((cell.dataset, cell.method, cell.ipc, tier, arch, runs, seed))
+        line = latest.get(cell_key(cell, tier, arch, runs, seed))
         if line is None:
             statuses.append(CellStatus(cell, arch, "to run", [], None))
         elif "error" in line:
@@ -434,7 +441,7 @@ def work_in_progress(cell: Cell, sets: Path, tier: str, arch: str, runs: int, se
     found = []
     if (path / CHECKPOINT_DIR / LATEST).is_file():
         found.append("an interrupted distillation")
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST_FILE
     if manifest.is_file():
         seeds = set(range(seed, seed + runs))
         stored = set()
@@ -444,7 +451,7 @@ def work_in_progress(cell: Cell, sets: Path, tier: str, arch: str, runs: int, se
                 stored |= set(rec["seeds"])
         if stored:
             found.append(f"{len(stored)} of {runs} evaluation runs stored")
-    if (path / "eval-checkpoint").is_dir() and any((path / "eval-checkpoint").iterdir()):
+    if (path / EVAL_CHECKPOINT_DIR).is_dir() and any((path / EVAL_CHECKPOINT_DIR).iterdir()):
         found.append("a stopped evaluation run")
     return found
 
@@ -562,7 +569,7 @@ def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: 
         {arch: the twin set's folder name} for every architecture adopted.
     """
     from ddkit.evaluate.protocols import evaluation_config, finished_record, find_stored
-    from ddkit.store.distilled import DATA_FILE, MANIFEST_FILE
+    from ddkit.store.distilled import DATA_FILE
 
     if distilled.path is None:
         return {}
@@ -673,9 +680,6 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
                                         "cells": len(cells), "started": _now()})
     latest = {line_key(line): line for line in latest_results(read_results(out))}
 
-    def key(cell, arch):
-        return (cell.dataset, cell.method, cell.ipc, tier, arch, runs, seed)
-
     def say(text):
         if show_progress:
             # In a log file the progress bars end in carriage returns, not newlines: start a new line
@@ -710,6 +714,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     if not (out / TABLE_FILE).exists():
         write_table(out)
         write_plots(out)
-    order = {key(cell, arch): index for index, (cell, arch) in enumerate((c, a) for c in cells for a in archs)}
+    order = {cell_key(cell, tier, arch, runs, seed): index
+             for index, (cell, arch) in enumerate((c, a) for c in cells for a in archs)}
     lines = [line for line in latest_results(read_results(out)) if line_key(line) in order]
     return sorted(lines, key=lambda line: order[line_key(line)])

@@ -123,19 +123,19 @@ class EvalResult:
 
 
 def protocol_for_set(distilled, protocol: str, preset: str, overrides=None, teachers=None, teacher_info=None):
-    """The :class:`SoftProtocol` of ``distilled`` for protocol "soft" (validated, its options
-    resolved), None for "hard"."""
+    """(the :class:`SoftProtocol` of ``distilled``, validated, or None for "hard"; the resolved
+    options an evaluation stores, soft ones completed from the set's records)."""
+    config = resolve_config(protocol, preset, overrides)
     if protocol != "soft":
-        return None
-    return SoftProtocol(distilled, resolve_config(protocol, preset, overrides), teachers=teachers,
-                        teacher_info=teacher_info)
+        return None, config
+    soft = SoftProtocol(distilled, config, teachers=teachers, teacher_info=teacher_info)
+    return soft, soft.config
 
 
 def evaluation_config(distilled, protocol: str, preset: str, overrides=None) -> dict:
-    """The resolved options an evaluation of ``distilled`` would store (soft: from its records),
-    which is what a stored evaluation is matched on."""
-    soft = protocol_for_set(distilled, protocol, preset, overrides)
-    return resolve_config(protocol, preset, overrides) if soft is None else soft.config
+    """The resolved options an evaluation of ``distilled`` would store, which is what a stored
+    evaluation is matched on."""
+    return protocol_for_set(distilled, protocol, preset, overrides)[1]
 
 
 def _comparable(config):
@@ -278,8 +278,7 @@ def evaluate(
         raise DDKitError(f"--runs must be at least 1, got {runs}")
     if teachers is not None and protocol != "soft":
         raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
-    soft = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info)
-    config = resolve_config(protocol, preset, overrides) if soft is None else soft.config
+    soft, config = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info)
     device = resolve_device(device)
     if real is None:
         real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
@@ -198,9 +199,7 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         distributed.barrier()
         return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "model.safetensors")
+    save_tensors_atomic(folder / "model.safetensors", net.state_dict())
     write_json_atomic(folder / "manifest.json", {
         "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
         "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),

@@ -193,14 +193,14 @@ class RunCheckpoint:
         return optimizer_state, state["loop"]
 
     def maybe_save(self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                   loop: dict, force: bool = False) -> bool:
-        """Write a checkpoint if ``every_seconds`` passed since the last one (or ``force``).
+                   loop: dict) -> bool:
+        """Write a checkpoint if ``every_seconds`` passed since the last one.
 
         ``loop``: the JSON-able counters the loop needs to continue (next epoch, losses, ...).
         Returns whether it wrote."""
         from ddkit.checkpoint import generator_state, save_tensors_atomic
 
-        if not force and time.monotonic() - self._last < self.every_seconds:
+        if time.monotonic() - self._last < self.every_seconds:
             return False
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors["generator"] = generator_state(generator)
