@@ -148,7 +148,15 @@ def test_a_stopped_training_run_continues_from_its_epoch_checkpoint_bit_for_bit(
     assert losses == whole_losses and checkpoint.seconds_before > 0
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
-    assert not path.exists() and not path.parent.exists()  # removed when the run finished
+    # The last epoch's checkpoint stays until the caller stored the result: from it, nothing is trained.
+    assert path.is_file()
+    finished = build_model("convnet", 1, 10, 8, options, 99, "cpu")
+    assert train_classifier(finished, images, labels, config, make_generator(7), dsa=_stop_after(1, dsa),
+                            checkpoint=RunCheckpoint(path, identity)) == whole_losses
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, finished.state_dict()[name]), name
+    checkpoint.remove()
+    assert not path.exists() and not path.parent.exists()
 
 
 def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(digits, tmp_path, monkeypatch):
@@ -156,7 +164,7 @@ def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(dig
 
     subset = random_subset(digits, 5, seed=0)
     subset.save(tmp_path / "r")
-    overrides = {"epochs": 8, "lr": 0.05}
+    overrides = {"epochs": 20, "lr": 0.05}  # about 50 % (fewer epochs stay at chance, which proves nothing)
     whole = evaluate(subset, preset="smoke", runs=1, overrides=overrides, show_progress=False, real=digits,
                      record=False)["convnet"]
     monkeypatch.setattr(protocols, "EVAL_CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every epoch
@@ -172,7 +180,7 @@ def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(dig
         return wrapped
 
     folder = tmp_path / "r" / protocols.EVAL_CHECKPOINT_DIR
-    monkeypatch.setattr(protocols, "train_classifier", train(5))  # stopped in epoch 5 of 8 (one batch each)
+    monkeypatch.setattr(protocols, "train_classifier", train(5))  # stopped in epoch 5 of 20 (one batch each)
     with pytest.raises(KeyboardInterrupt):
         evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
                  real=digits)
@@ -182,7 +190,8 @@ def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(dig
     monkeypatch.setattr(protocols, "train_classifier", train(0))
     resumed = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
                        real=digits, reuse=True)["convnet"]
-    assert len(batches) == 4 and resumed.accuracies == whole.accuracies  # epochs 5 to 8 only, same result
+    assert len(batches) == 16 and resumed.accuracies == whole.accuracies  # epochs 5 to 20 only, same result
+    assert whole.accuracies[0] > 30
     assert not folder.exists()
 
     # Without reuse a checkpoint left behind is not used: the run starts from its first epoch.
@@ -194,7 +203,32 @@ def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(dig
     monkeypatch.setattr(protocols, "train_classifier", train(0))
     again = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
                      real=digits)["convnet"]
-    assert len(batches) == 8 and again.accuracies == whole.accuracies and not folder.exists()
+    assert len(batches) == 20 and again.accuracies == whole.accuracies and not folder.exists()
+
+
+def test_a_run_stopped_after_training_but_before_its_record_trains_nothing_again(digits, tmp_path, monkeypatch):
+    from ddkit.evaluate import protocols
+
+    subset = random_subset(digits, 5, seed=0)
+    subset.save(tmp_path / "r")
+    overrides = {"epochs": 20, "lr": 0.05}  # about 50 % (fewer epochs stay at chance, which proves nothing)
+    whole = evaluate(subset, preset="smoke", runs=2, overrides=overrides, show_progress=False, real=digits,
+                     record=False)["convnet"]
+    monkeypatch.setattr(protocols, "EVAL_CHECKPOINT_SECONDS", 3600.0)  # only the final checkpoint is written
+    monkeypatch.setattr(protocols, "test_accuracy", _stop_after(2, protocols.test_accuracy))  # run 2, trained
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=2, overrides=overrides, show_progress=False,
+                 real=digits)
+    folder = tmp_path / "r" / protocols.EVAL_CHECKPOINT_DIR
+    assert [p.name for p in folder.iterdir()] == ["hard-smoke-convnet-seed1.safetensors"]  # run 1's is gone
+
+    trained = []
+    real_train = protocols.train_classifier
+    monkeypatch.setattr(protocols, "train_classifier", lambda *a, **k: trained.append(real_train(*a, **k)))
+    resumed = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=2, overrides=overrides,
+                       show_progress=False, real=digits, reuse=True)["convnet"]
+    assert resumed.accuracies == pytest.approx(whole.accuracies, abs=1e-4)  # stored runs are rounded
+    assert min(whole.accuracies) > 30 and len(trained) == 1 and not folder.exists()
 
 
 def test_cross_architecture_table(digits):

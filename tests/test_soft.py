@@ -338,4 +338,14 @@ def test_a_stopped_soft_run_continues_from_its_epoch_checkpoint_bit_for_bit(digi
     assert losses == whole_losses
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
-    assert not path.exists()
+    assert path.is_file()  # the last epoch's, kept for the caller to remove once the result is stored
+
+    def no_batch(epoch, index):
+        raise AssertionError("a finished run replayed a batch")
+
+    source.batch = no_batch
+    again = build_model("convnet", 1, 10, 8, options, 99, "cpu")
+    assert train_soft(again, source, labels, protocol.config, make_generator(5),
+                      checkpoint=RunCheckpoint(path, {"run": "soft"})) == whole_losses  # no batch replayed
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name

@@ -317,6 +317,7 @@ def evaluate(
         elif done and show_progress:
             print(f"{arch}: reusing {len(done)} of {runs} runs stored by an interrupted evaluation "
                   f"(seeds {', '.join(map(str, sorted(done)))})", file=sys.stderr, flush=True)
+        checkpoint = None
         for run_seed in seeds:
             if run_seed in done:
                 continue
@@ -342,8 +343,12 @@ def evaluate(
                 partial.update(partial=True, runs_planned=len(seeds))
                 distilled.record_evaluation(partial, replacing=partials)
                 partials = [partial]
+                if checkpoint is not None:  # only now: a stop before the record would lose the run
+                    checkpoint.remove()
         results[arch] = EvalResult(protocol, preset, arch, [done[s][0] for s in seeds],
                                    float(np.mean([done[s][1] for s in seeds])), config, seeds, str(device), num_train)
         if record:
             distilled.record_evaluation(results[arch].to_record(), replacing=partials)
+            if checkpoint is not None:
+                checkpoint.remove()
     return results

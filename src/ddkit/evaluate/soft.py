@@ -229,7 +229,8 @@ def train_soft(
         config: a resolved soft config (``loss`` already "kl" or "mse_ce", not "auto").
         generator: CPU generator; drives the batch order only (the views are in the records).
         checkpoint: a :class:`ddkit.models.training.RunCheckpoint` to continue from and to write
-            at epoch ends (one process only; removed when the run finishes), or None.
+            at epoch ends (one process only), or None. The last epoch's is always written and left
+            for the caller to remove once the result is stored.
 
     Under torchrun the student trains with :class:`ddkit.models.training.DataParallel`: every
     rank draws the same order, replays its slice of each batch, and the averaged gradient is the
@@ -283,10 +284,9 @@ def train_soft(
         losses.append(total / max(1, count))
         if show_progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint is not None and epoch + 1 < epochs:
-            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "step": step, "losses": losses})
-    if checkpoint is not None:
-        checkpoint.remove()
+        if checkpoint is not None:
+            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "step": step, "losses": losses},
+                                  final=epoch + 1 == epochs)
     return losses
 
 

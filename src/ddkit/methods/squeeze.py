@@ -204,6 +204,8 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
         "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),
         "train_seconds": round(time.perf_counter() - started, 2)})
+    if checkpoint is not None:
+        checkpoint.remove()
     distributed.barrier()
     return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
 

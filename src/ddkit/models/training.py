@@ -193,14 +193,17 @@ class RunCheckpoint:
         return optimizer_state, state["loop"]
 
     def maybe_save(self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                   loop: dict) -> bool:
-        """Write a checkpoint if ``every_seconds`` passed since the last one.
+                   loop: dict, final: bool = False) -> bool:
+        """Write a checkpoint if ``every_seconds`` passed since the last one, or if ``final``.
 
         ``loop``: the JSON-able counters the loop needs to continue (next epoch, losses, ...).
+        ``final``: the run's last epoch. Its checkpoint is always written and stays until the
+        caller has stored what the run produced (:meth:`remove`): a stop between the end of
+        training and that store then costs no training at all.
         Returns whether it wrote."""
         from ddkit.checkpoint import generator_state, save_tensors_atomic
 
-        if time.monotonic() - self._last < self.every_seconds:
+        if not final and time.monotonic() - self._last < self.every_seconds:
             return False
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors["generator"] = generator_state(generator)
@@ -221,7 +224,10 @@ class RunCheckpoint:
         return True
 
     def remove(self) -> None:
-        """Delete the checkpoint (the run finished), and its folder if that is now empty."""
+        """Delete the checkpoint, and its folder if that is now empty.
+
+        Called by the owner of the run once its result (a teacher file, an evaluation record) is
+        stored; the training loops never delete it themselves."""
         self.path.unlink(missing_ok=True)
         try:
             self.path.parent.rmdir()
@@ -260,7 +266,8 @@ def train_classifier(
         generator: drives batch order and augmentation (CPU generator; draws are moved to the device).
         dsa: a :class:`ddkit.augment.DSA` applied per sample on every batch, or None.
         checkpoint: a :class:`RunCheckpoint` to continue from and to write at epoch ends (one
-            process only; removed when the run finishes), or None.
+            process only), or None. The last epoch's is always written and left for the caller
+            to remove once the trained model's result is stored.
 
     Under torchrun (``ddkit.distributed`` set up with several processes) the model trains with
     :class:`DataParallel`: each rank takes its slice of every batch and the averaged gradient is
@@ -314,8 +321,7 @@ def train_classifier(
         losses.append(total / max(1, count))
         if show_progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint is not None and epoch + 1 < epochs:
-            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "lr": lr, "losses": losses})
-    if checkpoint is not None:
-        checkpoint.remove()
+        if checkpoint is not None:
+            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "lr": lr, "losses": losses},
+                                  final=epoch + 1 == epochs)
     return losses
