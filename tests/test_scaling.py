@@ -201,17 +201,25 @@ def test_squeeze_and_evaluation_under_two_processes_with_ddp(env, digits):
     assert main(["eval", str(out), "--preset", "smoke", "--runs", "1", "--nproc", "2", "-q"]) == 0
     records = ddkit.load(out).meta["evaluations"]
     assert len(records) == 1 and records[0]["mean"] > 30  # one record, written by rank 0 only
+    # epoch checkpoints were written by rank 0 and removed once the teacher and the record were stored
+    assert not list(env.glob("teachers/digits/*/training.safetensors")) and not (out / "eval-checkpoint").exists()
 
 
 # ---- data-parallel training: DDP slices, whole-batch gradients, per-process or synced BatchNorm ------
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 
 
+def _launch(mode: str, out, nproc: int, **env) -> subprocess.CompletedProcess:
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run([sys.executable, *launcher, WORKER, mode, str(out)], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
 def _trained(mode: str, out, nproc: int) -> dict:
     from safetensors.torch import load_file
 
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    subprocess.run([sys.executable, *launcher, WORKER, mode, str(out)], check=True, capture_output=True)
+    finished = _launch(mode, out, nproc)
+    assert finished.returncode == 0, finished.stderr[-2000:]
     return load_file(str(out))
 
 
@@ -233,6 +241,30 @@ def test_batch_norm_statistics_are_per_process_unless_synced(env, tmp_path):
     synced = _trained("hard-bn-sync", tmp_path / "synced", 2)
     assert _largest_difference(one, per_process) > 1e-3  # each rank normalised its half of the batch
     assert _largest_difference(one, synced) < 1e-4  # running statistics included
+
+
+def test_a_stopped_two_process_run_continues_from_rank_0s_epoch_checkpoint_exactly(env, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    never_stopped = _trained("hard-bn", tmp_path / "whole", 2)
+    out = tmp_path / "stopped"
+    stopped = _launch("hard-bn-checkpointed", out, 2, STOP_AFTER_SAVES="2")  # after epoch 2 of 4, before the decay
+    assert stopped.returncode != 0 and not out.exists() and (tmp_path / "stopped.ckpt").is_file()
+    shutil.copy(tmp_path / "stopped.ckpt", tmp_path / "own.ckpt0")  # for the next check: rank 1 finds none
+
+    finished = _launch("hard-bn-checkpointed", out, 2)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "rank 0 resumed at epoch 2" in finished.stderr and "rank 1 resumed at epoch 2" in finished.stderr
+    resumed = load_file(str(out))
+    # Bit for bit, BatchNorm running statistics included: rank 1 restored rank 0's, which never enter training.
+    assert sorted(resumed) == sorted(never_stopped)
+    for name, value in never_stopped.items():
+        assert torch.equal(value, resumed[name]), name
+
+    split = _launch("hard-bn-own-checkpoints", tmp_path / "own", 2)
+    assert split.returncode != 0 and "did not all find the epoch checkpoint" in split.stderr
 
 
 def test_synced_batch_norm_keeps_the_state_dict_and_is_plain_batch_norm_in_one_process():

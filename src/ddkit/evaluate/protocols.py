@@ -204,10 +204,12 @@ def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dic
 
     Its identity is the protocol, preset, architecture, resolved options, seed and the sha256 of
     the set's data file. ``fresh``: delete a checkpoint left by an earlier call, so the run starts
-    from its first epoch (``evaluate`` without ``reuse``).
+    from its first epoch (``evaluate`` without ``reuse``). Under torchrun every rank calls this
+    (rank 0 deletes, and the others wait for it before they look for the file).
     """
     import json
 
+    from ddkit import distributed
     from ddkit.models.training import RunCheckpoint
     from ddkit.store.distilled import DATA_FILE, MANIFEST_FILE
 
@@ -221,6 +223,7 @@ def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dic
     checkpoint = RunCheckpoint(distilled.path / EVAL_CHECKPOINT_DIR / name, identity, EVAL_CHECKPOINT_SECONDS)
     if fresh:
         checkpoint.remove()
+        distributed.barrier()
     return checkpoint
 
 
@@ -273,6 +276,7 @@ def evaluate(
 
     if not isinstance(distilled, DistilledSet):
         distilled = load(distilled)
+    checkpoints = record  # epoch checkpoints of a recorded run: read by every rank, written by rank 0
     record = record and distributed.current().is_main  # under torchrun, rank 0 writes the manifest
     if runs < 1:
         raise DDKitError(f"--runs must be at least 1, got {runs}")
@@ -325,7 +329,7 @@ def evaluate(
             model = build_model(arch, channels, distilled.num_classes, height, dict(config["model"]), run_seed, device)
             generator = make_generator(run_seed)
             checkpoint = run_checkpoint(distilled, protocol, preset, arch, config, run_seed, fresh=not reuse) \
-                if record and not distributed.current().distributed else None
+                if checkpoints else None
             if soft is None:
                 train_classifier(model, train_images, train_labels, config, generator, dsa=dsa,
                                  show_progress=show_progress, desc=f"eval {arch} seed {run_seed}", checkpoint=checkpoint)

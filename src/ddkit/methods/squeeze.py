@@ -188,11 +188,11 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
               **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset"}}
     from ddkit import distributed
 
-    # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (one process).
-    checkpoint = None if distributed.current().distributed else RunCheckpoint(folder / "training.safetensors", recipe)
+    # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (rank 0 writes).
+    checkpoint = RunCheckpoint(folder / "training.safetensors", recipe)
     train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
                      desc=desc, checkpoint=checkpoint)
-    started -= checkpoint.seconds_before if checkpoint is not None else 0.0
+    started -= checkpoint.seconds_before
     test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
     accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
     if not distributed.current().is_main:  # under torchrun (DDP training), rank 0 writes the cache
@@ -204,8 +204,7 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
         "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),
         "train_seconds": round(time.perf_counter() - started, 2)})
-    if checkpoint is not None:
-        checkpoint.remove()
+    checkpoint.remove()
     distributed.barrier()
     return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
 

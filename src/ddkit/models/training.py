@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddkit.errors import DDKitError
 from ddkit.utils import progress
 
 
@@ -142,6 +143,13 @@ class RunCheckpoint:
     from that generator, a resumed run gives the same weights, bit for bit on a CPU, as one that
     was never stopped.
 
+    Under torchrun (data-parallel training) every rank restores from the file and rank 0 alone
+    writes and removes it: the weights, optimiser and generator are the same on every rank, so
+    rank 0's copy is everyone's. Per-process BatchNorm running statistics are the exception (each
+    rank restores rank 0's); they never enter training, and rank 0's model is the one evaluated
+    and saved, so its result is still that of a run never stopped. The folder must be on a file
+    system every rank sees; :meth:`restore` fails on every rank if they did not all find the file.
+
     Args:
         path: the checkpoint file (its folder is created when first written).
         identity: JSON-able description of the run (what is trained, on what data, with which
@@ -159,6 +167,9 @@ class RunCheckpoint:
         self.every_seconds = float(every_seconds)
         self.seconds_before = 0.0
         self._started = self._last = time.monotonic()
+        from ddkit import distributed
+
+        self._writer = distributed.current().is_main
 
     def restore(self, model: nn.Module, generator: torch.Generator) -> tuple[dict, dict] | None:
         """Load the model weights and the generator state of a matching checkpoint.
@@ -166,19 +177,24 @@ class RunCheckpoint:
         Returns:
             (the optimiser's state dict, the loop's counters) to continue from, or None when there
             is no checkpoint of this run (or it is damaged).
+        Raises:
+            DDKitError: under torchrun, on every rank, when the ranks did not find the same checkpoint.
         """
-        from safetensors import SafetensorError
+        from ddkit import distributed
+        from ddkit.checkpoint import restore_generator
 
-        from ddkit.checkpoint import load_tensors, restore_generator
-
-        if not self.path.is_file():
+        found = self._read()
+        # Under torchrun, a rank that resumed while another started afresh would train a different
+        # model in lockstep and hang or diverge silently: agree first, on every rank.
+        position = -1 if found is None else int(found[1]["loop"].get("next_epoch", 0))
+        if distributed.current().distributed:
+            differs = int(distributed.broadcast_int(position) != position)
+            if distributed.all_reduce_sum({"differs": differs})["differs"]:
+                raise DDKitError(f"the processes of this run did not all find the epoch checkpoint {self.path}; "
+                                 "put the output on a file system every process sees")
+        if found is None:
             return None
-        try:
-            tensors, state = load_tensors(self.path)
-        except (OSError, SafetensorError, ValueError, KeyError):
-            return None
-        if state.get("identity") != self.identity:
-            return None
+        tensors, state = found
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         restore_generator(generator, tensors["generator"])
         optimizer_state = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
@@ -192,6 +208,20 @@ class RunCheckpoint:
         self.seconds_before = float(state.get("seconds", 0.0))
         return optimizer_state, state["loop"]
 
+    def _read(self) -> tuple[dict, dict] | None:
+        """(tensors, state) of this run's checkpoint, or None (none, damaged, another identity)."""
+        from safetensors import SafetensorError
+
+        from ddkit.checkpoint import load_tensors
+
+        if not self.path.is_file():
+            return None
+        try:
+            tensors, state = load_tensors(self.path)
+        except (OSError, SafetensorError, ValueError, KeyError):
+            return None
+        return (tensors, state) if state.get("identity") == self.identity else None
+
     def maybe_save(self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                    loop: dict, final: bool = False) -> bool:
         """Write a checkpoint if ``every_seconds`` passed since the last one, or if ``final``.
@@ -200,9 +230,11 @@ class RunCheckpoint:
         ``final``: the run's last epoch. Its checkpoint is always written and stays until the
         caller has stored what the run produced (:meth:`remove`): a stop between the end of
         training and that store then costs no training at all.
-        Returns whether it wrote."""
+        Returns whether it wrote (never on a rank other than 0)."""
         from ddkit.checkpoint import generator_state, save_tensors_atomic
 
+        if not self._writer:
+            return False
         if not final and time.monotonic() - self._last < self.every_seconds:
             return False
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -227,7 +259,9 @@ class RunCheckpoint:
         """Delete the checkpoint, and its folder if that is now empty.
 
         Called by the owner of the run once its result (a teacher file, an evaluation record) is
-        stored; the training loops never delete it themselves."""
+        stored; the training loops never delete it themselves. A no-op on a rank other than 0."""
+        if not self._writer:
+            return
         self.path.unlink(missing_ok=True)
         try:
             self.path.parent.rmdir()
