@@ -200,6 +200,8 @@ def test_a_cell_holding_the_same_set_as_another_reuses_its_evaluation(isolated_d
     (["bench", "--ipc", "1,ten"], "positive integers"),
     (["bench", "--ipc", "0"], "positive integers"),
     (["bench", "--arch", "nonet"], "unknown architecture"),
+    # digits first in the grid, but nothing runs: a dataset not fetched is refused before any cell
+    (["bench", "--datasets", "digits,mnist"], "mnist is not fetched yet"),
     (["report", "EMPTY"], "neither a distilled set"),
     (["report", "MISSING"], "not a directory"),
 ])
@@ -214,7 +216,7 @@ def test_bad_input_is_one_line_and_exit_2(words, match, capsys, tmp_path, isolat
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("ddkit: error:") and err.count("\n") == 1 and match in err, err
-    assert not (tmp_path / "bench" / "results.jsonl").exists()
+    assert not (tmp_path / "bench").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("command", ["bench", "report"])

@@ -20,6 +20,7 @@ from ddkit.data import (
     DATASETS,
     RealDataset,
     Split,
+    check_available,
     data_root,
     dataset_info,
     fetch_dataset,
@@ -275,6 +276,10 @@ def test_not_fetched(tmp_data):
     assert "not fetched" in msg and "ddkit data fetch mnist" in msg
     info = dataset_info("mnist")
     assert info["available"] is False and info["train"] == 60000
+    with pytest.raises(DDKitError) as early:
+        check_available("MNIST")
+    assert one_line_error(early) == msg
+    check_available("digits")  # bundled: always there
 
 
 def test_missing_directory(tmp_path, tmp_data):
@@ -482,7 +487,10 @@ def test_cifar10_folder_and_cache(tmp_path, tmp_data):
 
     with pytest.raises(DDKitError, match="not set up yet"):
         load_dataset("cifar10")
+    with pytest.raises(DDKitError, match="not set up yet"):
+        check_available("cifar-10")  # the same one line, from the file check alone
     target = fetch_dataset("cifar10", source_dir=src / "cifar-10-batches-py", quiet=True)
+    check_available("cifar10")
     cached = load_dataset("cifar10")
     assert torch.equal(cached.train.images, ds.train.images)
     assert cached.class_names == CIFAR10_NAMES

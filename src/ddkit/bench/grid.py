@@ -656,7 +656,8 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         grid order.
 
     Raises:
-        DDKitError: bad input (unknown tier, dataset, method or architecture; a bad IPC or runs).
+        DDKitError: bad input (unknown tier, dataset, method or architecture; a bad IPC or runs),
+            or a dataset with cells to run that is not fetched yet (before any cell runs).
     """
     from ddkit.bench.plots import write_plots
     from ddkit.bench.table import write_table
@@ -673,12 +674,20 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         raise DDKitError(f"{out} exists and is not a directory; choose another --out")
     if (out / "manifest.json").is_file():
         raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
-    (out / SETS_DIR).mkdir(parents=True, exist_ok=True)
     cells = plan_cells(datasets, methods, ipcs)
+    latest = {line_key(line): line for line in latest_results(read_results(out))}
+    # A dataset that is not fetched would fail each of its cells, perhaps hours in: refuse at once
+    # (writing nothing), unless all its cells are done already.
+    from ddkit.data import check_available
+
+    for dataset in datasets:
+        if any(status.state != "done" for cell in cells if cell.dataset == dataset
+               for status in cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest)):
+            check_available(dataset)
+    (out / SETS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SPEC_FILE, {"tier": tier, "datasets": datasets, "methods": methods, "ipcs": ipcs,
                                         "runs": runs, "seed": seed, "archs": archs, "device": str(device),
                                         "cells": len(cells), "started": _now()})
-    latest = {line_key(line): line for line in latest_results(read_results(out))}
 
     def say(text):
         if show_progress:

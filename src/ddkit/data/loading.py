@@ -60,6 +60,19 @@ def _not_ready(name: str) -> DDKitError:
     )
 
 
+def check_available(name: str) -> None:
+    """Raise the one-line :class:`DDKitError` :func:`load_dataset` would give for a dataset that is
+    not fetched or set up yet, without reading any images (a file-existence check).
+
+    For commands that load a dataset late, after other work: they call this first, so that a
+    missing dataset fails the command at once rather than hours in. ``imagefolder:PATH`` is
+    checked when it is loaded.
+    """
+    canonical, folder = _resolve(name, None)
+    if folder is None and DATASETS[canonical].kind != "bundled" and not cache_path(canonical).is_file():
+        raise _not_ready(canonical)
+
+
 def _resized(split: Split, size: int | None) -> Split:
     if size is None or tuple(split.images.shape[2:]) == (size, size):
         return split
