@@ -239,7 +239,7 @@ def train_soft(
     Returns:
         The mean training loss of each epoch (this rank's slices).
     """
-    from ddkit.models.training import DataParallel, optimizer_step
+    from ddkit.models.training import DataParallel, end_epoch, optimizer_step
 
     parallel = DataParallel(model, bool(config.get("sync_bn", False)))
     epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
@@ -281,12 +281,8 @@ def train_soft(
             step += 1
             total += float(loss.detach()) * index.numel()
             count += index.numel()
-        losses.append(total / max(1, count))
-        if show_progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint is not None:
-            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "step": step, "losses": losses},
-                                  final=epoch + 1 == epochs)
+        end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,
+                  {"next_epoch": epoch + 1, "step": step}, last=epoch + 1 == epochs)
     return losses
 
 

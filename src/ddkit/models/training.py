@@ -269,6 +269,22 @@ class RunCheckpoint:
             pass
 
 
+def end_epoch(bar, losses: list[float], loss_sum: float, samples: int, checkpoint: RunCheckpoint | None,
+              model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, loop: dict,
+              last: bool) -> None:
+    """Close one epoch of a training loop (:func:`train_classifier`, the soft protocol's).
+
+    Appends the epoch's mean loss (``loss_sum`` over ``samples``) to ``losses``, shows it on the
+    progress ``bar``, and writes the epoch checkpoint: at most every ``checkpoint.every_seconds``,
+    and always after the ``last`` epoch. ``loop``: the counters to continue from, without
+    ``losses``, which this adds."""
+    losses.append(loss_sum / max(1, samples))
+    if not bar.disable:
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if checkpoint is not None:
+        checkpoint.maybe_save(model, optimizer, generator, {**loop, "losses": losses}, final=last)
+
+
 @torch.no_grad()
 def test_accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on normalised images [N, C, H, W]."""
@@ -352,10 +368,6 @@ def train_classifier(
             optimizer_step(optimizer, loss, factor)
             total += float(loss.detach()) * index.numel()
             count += index.numel()
-        losses.append(total / max(1, count))
-        if show_progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint is not None:
-            checkpoint.maybe_save(model, optimizer, generator, {"next_epoch": epoch + 1, "lr": lr, "losses": losses},
-                                  final=epoch + 1 == epochs)
+        end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,
+                  {"next_epoch": epoch + 1, "lr": lr}, last=epoch + 1 == epochs)
     return losses
