@@ -192,6 +192,27 @@ def test_a_cell_holding_the_same_set_as_another_reuses_its_evaluation(isolated_d
     assert record["reused_from"] == "digits-random+sre2l-ipc1" and record["protocol"] == "soft"
 
 
+def test_a_twin_evaluation_is_adopted_only_when_it_was_computed_the_same_way(isolated_data, tmp_path, digits):
+    from ddkit.bench.grid import Cell, adopt_twin_evaluations
+    from ddkit.evaluate import random_subset
+    from ddkit.evaluate.protocols import EvalResult, evaluation_config
+
+    sets = tmp_path / "sets"
+    for name in ("digits-random-ipc1", "digits-dm-ipc1"):  # two cells, one set (as if DM changed nothing)
+        random_subset(digits, 1, seed=0).save(sets / name)
+    source = ddkit.load(sets / "digits-random-ipc1")
+    config = evaluation_config(source, "hard", "smoke")
+    source.record_evaluation(EvalResult("hard", "smoke", "convnet", [50.0], 1.0, config, [0], "cpu", 10,
+                                        compiled=True).to_record())
+    twin = Cell("digits", "dm", 1)
+    target = ddkit.load(sets / twin.name)
+    assert adopt_twin_evaluations(target, twin, sets, "smoke", ["convnet"], 1, 0, "cpu") == {}  # eager wanted
+    assert adopt_twin_evaluations(target, twin, sets, "smoke", ["convnet"], 1, 0, "cuda") == {}
+    assert adopt_twin_evaluations(target, twin, sets, "smoke", ["convnet"], 1, 0, "cpu", compiled=True) == {
+        "convnet": "digits-random-ipc1"}
+    assert ddkit.load(sets / twin.name).meta["evaluations"][-1]["accuracies"] == [50.0]
+
+
 # ---- the command line -------------------------------------------------------------------------------
 @pytest.mark.parametrize("words, match", [
     (["bench", "--methods", "nomethod"], "unknown method"),
@@ -471,3 +492,13 @@ def test_matching_presets_compare_only_the_sections_the_method_uses():
         stored["cc"]["model"]["width"] += 8  # IID's extractor changed since the set was made
         changes = preset_changes(Cell("digits", method, 10), {"config": stored}, "smoke")
         assert changes == (["cc.model.width: 16 -> 8"] if counts else []), method
+
+
+def test_the_table_marks_the_evaluation_time_of_compiled_cells():
+    from ddkit.bench.table import COLUMNS, row_cells
+
+    line = {"dataset": "mnist", "ipc": 50, "method": "dm", "protocol": "hard", "runs": 3, "mean": 97.0, "std": 0.1,
+            "distill_seconds": 10.0, "eval_seconds_per_run": 612.34, "image_bytes": 1, "soft_label_bytes": 0}
+    column = COLUMNS.index("eval s/run")
+    assert row_cells(line)[column] == "612.3"
+    assert row_cells(dict(line, compiled=True))[column] == "612.3 (compiled)"

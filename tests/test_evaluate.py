@@ -279,3 +279,59 @@ def test_lr_decay_resets_momentum():
     finally:
         torch.optim.SGD.__init__ = original
     assert seen == pytest.approx([0.1, 0.01])
+
+
+def _compiler_missing() -> bool:
+    from ddkit.models.training import check_compile_available
+
+    try:
+        check_compile_available("cpu")
+    except DDKitError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(_compiler_missing(), reason="torch.compile on the CPU needs a C++ compiler (g++); none here")
+def test_compiled_training_is_the_same_computation_and_an_execution_detail(digits, tmp_path):
+    from ddkit.augment import DSA
+    from ddkit.evaluate import build_model
+    from ddkit.utils import make_generator
+
+    subset = random_subset(digits, 4, seed=0)  # 40 images in batches of 20: one batch shape, one compile
+    config = dict(resolve_config("hard", "smoke"), epochs=3, lr=0.05, batch_size=20)
+    options = {"width": 16, "norm": "batch"}
+    trained = {}
+    for compiled in (False, True):
+        model = build_model("convnet", 1, 10, 8, options, 0, "cpu")
+        losses = train_classifier(model, subset.images, subset.labels, config, make_generator(0),
+                                  dsa=DSA("color_crop_cutout_flip_scale_rotate"), compiled=compiled)
+        trained[compiled] = (losses, model.state_dict())
+    assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-4)  # fused kernels: rounding only
+    for name, value in trained[False][1].items():
+        assert torch.allclose(value.float(), trained[True][1][name].float(), atol=1e-4), name
+    assert not any(name.startswith("_orig_mod") for name in trained[True][1])  # the plain module's state dict
+
+    subset.save(tmp_path / "r")
+    overrides = {"epochs": 3, "lr": 0.05, "batch_size": 20, "model": options}
+    result = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
+                      real=digits, compiled=True)["convnet"]
+    record = ddkit.load(tmp_path / "r").meta["evaluations"][-1]
+    assert result.compiled and record["compiled"] is True
+    # Like the device, compiling is not part of what an evaluation is: an eager request reuses it.
+    again = evaluate(ddkit.load(tmp_path / "r"), preset="smoke", runs=1, overrides=overrides, show_progress=False,
+                     real=digits, reuse=True)["convnet"]
+    assert again.date == record["date"] and again.compiled
+
+
+def test_compile_without_a_compiler_is_one_line(monkeypatch, digits):
+    import shutil
+
+    from ddkit.models.training import check_compile_available
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(DDKitError, match="needs a C.. compiler .*drop --compile"):
+        evaluate(random_subset(digits, 1, seed=0), preset="smoke", runs=1, show_progress=False, real=digits,
+                 compiled=True)
+    with pytest.raises(DDKitError, match="needs a C.. compiler"):
+        check_compile_available("cpu")

@@ -11,6 +11,10 @@ from pathlib import Path
 
 from ddkit.errors import DDKitError
 
+COMPILE_HELP = ("train the evaluation networks through torch.compile: about 1.5x faster per step on a CPU after "
+                "a first step that compiles (half a minute or so per batch shape); the same computation, with "
+                "other float rounding; needs a C++ compiler on a CPU, Triton on a GPU")
+
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -81,7 +85,8 @@ def cmd_eval(args) -> int:
         results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
                                  archs=_csv(args.arch), seed=args.seed, device=distributed.process_device(args.device),
                                  overrides=args.set_options,
-                                 show_progress=not args.quiet and world.is_main, reuse=args.reuse)
+                                 show_progress=not args.quiet and world.is_main, reuse=args.reuse,
+                                 compiled=args.compile)
     finally:
         distributed.teardown()
     if world.is_main:
@@ -401,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="print an identical evaluation already stored in the manifest instead of training again; "
                         "of an interrupted one, train only the runs it had not finished")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun): students train with DistributedDataParallel (hard and soft "
                         "protocol), each rank taking a share of every batch; BatchNorm statistics per process unless "

@@ -46,7 +46,7 @@ def cmd_bench(args) -> int:
         return 0
     lines = run_bench(args.tier, _names(args.datasets, "--datasets"), methods, _positive_ints(args.ipc, "--ipc"),
                       runs=args.runs, out=args.out, seed=args.seed, device=args.device,
-                      show_progress=not args.quiet, archs=_names(args.arch, "--arch"))
+                      show_progress=not args.quiet, archs=_names(args.arch, "--arch"), compiled=args.compile)
     failed = [line for line in lines if "error" in line]
     print(f"{len(lines) - len(failed)} of {len(lines)} cells done; table: {args.out}/{TABLE_FILE}")
     for line in failed:
@@ -66,6 +66,8 @@ def cmd_report(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Add ``bench`` and ``report`` to the ``ddkit`` command line's subparsers."""
+    from ddkit.cli import COMPILE_HELP
+
     p = subparsers.add_parser(
         "bench", help="distill and evaluate a grid of datasets x methods x IPC (resumable)",
         description="Distill every (dataset, method, IPC) once at the tier's preset and evaluate it with the "
@@ -92,6 +94,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--arch", default="convnet",
                    help="comma-separated evaluation architectures, e.g. convnet,resnet18 (default convnet)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no per-cell lines")
     p.add_argument("--plan", action="store_true",
                    help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "

@@ -556,13 +556,14 @@ TWIN_FIELDS = ("dataset", "dataset_options", "normalization", "decode")
 
 
 def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, seed: int,
-                           device) -> dict[str, str]:
+                           device, compiled: bool = False) -> dict[str, str]:
     """Copy into ``distilled``'s manifest the finished evaluations of a byte-identical set.
 
     Two cells can hold the same set: ``random+sre2l`` and ``random+cda`` relabel the same random
     subset with the same teachers and relabel options. An evaluation is a function of the data
-    file, the manifest's dataset, normalisation and decoding, the resolved options, the seeds and
-    the device, so a set of ``sets`` that agrees on all of these has already computed this one:
+    file, the manifest's dataset, normalisation and decoding, the resolved options, the seeds,
+    the device and whether it was compiled, so a set of ``sets`` that agrees on all of these has
+    already computed this one:
     its record is copied (with ``"reused_from"``) instead of training the same networks again.
 
     Returns:
@@ -587,7 +588,7 @@ def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: 
             continue
         for arch in list(wanted):
             rec = finished_record(manifest.get("evaluations", []), cell.protocol, tier, arch, config, seeds)
-            if rec is not None and rec.get("device") == str(device):
+            if rec is not None and rec.get("device") == str(device) and bool(rec.get("compiled")) == compiled:
                 distilled.record_evaluation(dict(rec, reused_from=other.parent.name))
                 adopted[arch] = other.parent.name
                 wanted.remove(arch)
@@ -595,12 +596,13 @@ def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: 
 
 
 def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, archs: list[str],
-             show_progress: bool) -> list[dict]:
-    """Distill (or load) and evaluate one cell; returns one result line per architecture."""
+             show_progress: bool, compiled: bool = False) -> list[dict]:
+    """Distill (or load) and evaluate one cell; returns one result line per architecture
+    (``compiled``: evaluation networks train through ``torch.compile``)."""
     import ddkit
 
     distilled = _distilled_set(cell, out / SETS_DIR, tier, seed, device, show_progress)
-    twins = adopt_twin_evaluations(distilled, cell, out / SETS_DIR, tier, archs, runs, seed, device)
+    twins = adopt_twin_evaluations(distilled, cell, out / SETS_DIR, tier, archs, runs, seed, device, compiled)
     for arch, twin in twins.items():
         if show_progress:
             print(f"{cell.name}: the same set as {twin}, whose {arch} evaluation is reused", file=sys.stderr,
@@ -610,7 +612,7 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
     lines = []
     for arch in archs:
         result = ddkit.evaluate(distilled, protocol=cell.protocol, preset=tier, runs=runs, archs=[arch], seed=seed,
-                                device=device, show_progress=show_progress, reuse=True)[arch]
+                                device=device, show_progress=show_progress, reuse=True, compiled=compiled)[arch]
         lines.append({
             "dataset": cell.dataset, "method": cell.method, "ipc": cell.ipc, "tier": tier,
             "protocol": cell.protocol, "arch": arch, "runs": runs, "seed": seed,
@@ -622,6 +624,8 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
             "image_bytes": sizes["images"], "soft_label_bytes": sizes["soft_labels"],
             "set": f"{SETS_DIR}/{cell.name}", "date": _now(), "device": str(device),
         })
+        if result.compiled:
+            lines[-1]["compiled"] = True
         if arch in twins:
             lines[-1]["evaluation_reused_from"] = f"{SETS_DIR}/{twins[arch]}"
     return lines
@@ -639,7 +643,7 @@ def _error_line(cell: Cell, arch: str, tier: str, runs: int, seed: int, device, 
 
 # ---- the grid ------------------------------------------------------------------------------------------
 def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, device: str = "cpu",
-              show_progress: bool = True, archs=("convnet",)) -> list[dict]:
+              show_progress: bool = True, archs=("convnet",), compiled: bool = False) -> list[dict]:
     """Run (or resume) the grid of (dataset, method, IPC) cells into the bench directory ``out``.
 
     Args:
@@ -650,6 +654,9 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         out: the bench directory (created if needed).
         seed: the distillation seed and the first evaluation seed.
         archs: evaluation (student) architectures.
+        compiled: train the evaluation networks through ``torch.compile`` (see
+            :func:`ddkit.evaluate`); an execution detail, so cells finished without it stay
+            finished. Result lines of compiled evaluations say ``"compiled": true``.
 
     Returns:
         The latest result line of every cell of this grid (failed cells carry ``"error"``), in
@@ -669,6 +676,10 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise DDKitError(f"runs must be a positive integer, got {runs!r}")
     device = resolve_device(device)
+    if compiled:
+        from ddkit.models.training import check_compile_available
+
+        check_compile_available(device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DDKitError(f"{out} exists and is not a directory; choose another --out")
@@ -687,6 +698,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     (out / SETS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SPEC_FILE, {"tier": tier, "datasets": datasets, "methods": methods, "ipcs": ipcs,
                                         "runs": runs, "seed": seed, "archs": archs, "device": str(device),
+                                        "compiled": compiled,
                                         "cells": len(cells), "started": _now()})
 
     def say(text):
@@ -708,7 +720,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
             continue
         started = time.perf_counter()
         try:
-            lines = run_cell(cell, out, tier, runs, seed, device, pending, show_progress)
+            lines = run_cell(cell, out, tier, runs, seed, device, pending, show_progress, compiled)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # a failing cell is recorded; the bench goes on

@@ -98,6 +98,7 @@ class EvalResult:
     device: str
     train_images: int
     date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    compiled: bool = False  # trained through torch.compile: the same computation, other float rounding
 
     @property
     def mean(self) -> float:
@@ -119,6 +120,7 @@ class EvalResult:
             "std": round(self.std, 4), "seconds_per_run": round(self.seconds_per_run, 2),
             "seeds": self.seeds, "device": self.device, "train_images": self.train_images,
             "config": self.config, "date": self.date,
+            **({"compiled": True} if self.compiled else {}),
         }
 
 
@@ -168,7 +170,7 @@ def find_stored(distilled, protocol: str, preset: str, arch: str, config: dict, 
     if rec is None:
         return None
     return EvalResult(protocol, preset, arch, list(rec["accuracies"]), rec["seconds_per_run"], config,
-                      seeds, rec["device"], rec["train_images"], rec["date"])
+                      seeds, rec["device"], rec["train_images"], rec["date"], bool(rec.get("compiled", False)))
 
 
 def stored_runs(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):
@@ -242,6 +244,7 @@ def evaluate(
     reuse: bool = False,
     teachers=None,
     teacher_info=None,
+    compiled: bool = False,
 ) -> dict[str, EvalResult]:
     """Evaluate a distilled set: train ``runs`` fresh networks per architecture, test on real data.
 
@@ -264,6 +267,10 @@ def evaluate(
             targets online on the same replayed inputs, instead of the stored records (put in
             eval mode and moved to ``device``).
         teacher_info: JSON-able description of ``teachers``, stored in the result's config.
+        compiled: train through ``torch.compile`` (:class:`ddkit.models.training.DataParallel`):
+            the same computation in fused kernels, faster after a first step that compiles. Like
+            the device, it is an execution detail: the record says ``"compiled": true``, and a
+            stored evaluation is reused (``reuse``) whether it was compiled or not.
 
     Returns:
         {arch: EvalResult}; accuracies in percent.
@@ -284,6 +291,10 @@ def evaluate(
         raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
     soft, config = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info)
     device = resolve_device(device)
+    if compiled:
+        from ddkit.models.training import check_compile_available
+
+        check_compile_available(device)
     if real is None:
         real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
     if real.num_classes != distilled.num_classes or tuple(real.image_shape) != tuple(distilled.image_shape):
@@ -332,10 +343,11 @@ def evaluate(
                 if checkpoints else None
             if soft is None:
                 train_classifier(model, train_images, train_labels, config, generator, dsa=dsa,
-                                 show_progress=show_progress, desc=f"eval {arch} seed {run_seed}", checkpoint=checkpoint)
+                                 show_progress=show_progress, desc=f"eval {arch} seed {run_seed}", checkpoint=checkpoint,
+                                 compiled=compiled)
             else:
                 train_soft(model, soft_source, train_labels, config, generator, show_progress=show_progress,
-                           desc=f"soft {arch} seed {run_seed}", checkpoint=checkpoint)
+                           desc=f"soft {arch} seed {run_seed}", checkpoint=checkpoint, compiled=compiled)
             accuracy = 100.0 * test_accuracy(model, test_images, test_labels, int(config["eval_batch_size"]))
             done[run_seed] = (accuracy, time.perf_counter() - started + (checkpoint.seconds_before if checkpoint else 0.0))
             if record and len(done) < len(seeds):
@@ -343,14 +355,15 @@ def evaluate(
                 finished = [s for s in seeds if s in done]
                 partial = EvalResult(protocol, preset, arch, [done[s][0] for s in finished],
                                      float(np.mean([done[s][1] for s in finished])), config, finished,
-                                     str(device), num_train).to_record()
+                                     str(device), num_train, compiled=compiled).to_record()
                 partial.update(partial=True, runs_planned=len(seeds))
                 distilled.record_evaluation(partial, replacing=partials)
                 partials = [partial]
                 if checkpoint is not None:  # only now: a stop before the record would lose the run
                     checkpoint.remove()
         results[arch] = EvalResult(protocol, preset, arch, [done[s][0] for s in seeds],
-                                   float(np.mean([done[s][1] for s in seeds])), config, seeds, str(device), num_train)
+                                   float(np.mean([done[s][1] for s in seeds])), config, seeds, str(device), num_train,
+                                   compiled=compiled)
         if record:
             distilled.record_evaluation(results[arch].to_record(), replacing=partials)
             if checkpoint is not None:

@@ -219,6 +219,7 @@ def train_soft(
     show_progress: bool = False,
     desc: str = "soft",
     checkpoint=None,
+    compiled: bool = False,
 ) -> list[float]:
     """Train ``model`` on the replayed views of ``source`` against its soft targets.
 
@@ -231,6 +232,8 @@ def train_soft(
         checkpoint: a :class:`ddkit.models.training.RunCheckpoint` to continue from and to write
             at epoch ends (one process only), or None. The last epoch's is always written and left
             for the caller to remove once the result is stored.
+        compiled: run the training step through ``torch.compile``
+            (:class:`ddkit.models.training.DataParallel`).
 
     Under torchrun the student trains with :class:`ddkit.models.training.DataParallel`: every
     rank draws the same order, replays its slice of each batch, and the averaged gradient is the
@@ -241,7 +244,7 @@ def train_soft(
     """
     from ddkit.models.training import DataParallel, end_epoch, optimizer_step
 
-    parallel = DataParallel(model, bool(config.get("sync_bn", False)))
+    parallel = DataParallel(model, bool(config.get("sync_bn", False)), compiled)
     epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
     n = source.num_samples
     lr = float(config["lr"])
