@@ -159,14 +159,20 @@ def test_a_stopped_training_run_continues_from_its_epoch_checkpoint_bit_for_bit(
     assert not path.exists() and not path.parent.exists()
 
 
+def _saved_subset_and_its_uninterrupted_evaluation(digits, path, runs: int):
+    """Save a 5-per-class random subset at ``path``; return (the smoke overrides used, the
+    :class:`EvalResult` of an unrecorded evaluation that nothing stops)."""
+    subset = random_subset(digits, 5, seed=0)
+    subset.save(path)
+    overrides = {"epochs": 20, "lr": 0.05}  # about 50 % (fewer epochs stay at chance, which proves nothing)
+    return overrides, evaluate(subset, preset="smoke", runs=runs, overrides=overrides, show_progress=False,
+                               real=digits, record=False)["convnet"]
+
+
 def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(digits, tmp_path, monkeypatch):
     from ddkit.evaluate import protocols
 
-    subset = random_subset(digits, 5, seed=0)
-    subset.save(tmp_path / "r")
-    overrides = {"epochs": 20, "lr": 0.05}  # about 50 % (fewer epochs stay at chance, which proves nothing)
-    whole = evaluate(subset, preset="smoke", runs=1, overrides=overrides, show_progress=False, real=digits,
-                     record=False)["convnet"]
+    overrides, whole = _saved_subset_and_its_uninterrupted_evaluation(digits, tmp_path / "r", runs=1)
     monkeypatch.setattr(protocols, "EVAL_CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every epoch
     real_train = protocols.train_classifier
     batches = []
@@ -209,11 +215,7 @@ def test_evaluate_continues_a_stopped_run_with_reuse_and_restarts_it_without(dig
 def test_a_run_stopped_after_training_but_before_its_record_trains_nothing_again(digits, tmp_path, monkeypatch):
     from ddkit.evaluate import protocols
 
-    subset = random_subset(digits, 5, seed=0)
-    subset.save(tmp_path / "r")
-    overrides = {"epochs": 20, "lr": 0.05}  # about 50 % (fewer epochs stay at chance, which proves nothing)
-    whole = evaluate(subset, preset="smoke", runs=2, overrides=overrides, show_progress=False, real=digits,
-                     record=False)["convnet"]
+    overrides, whole = _saved_subset_and_its_uninterrupted_evaluation(digits, tmp_path / "r", runs=2)
     monkeypatch.setattr(protocols, "EVAL_CHECKPOINT_SECONDS", 3600.0)  # only the final checkpoint is written
     monkeypatch.setattr(protocols, "test_accuracy", _stop_after(2, protocols.test_accuracy))  # run 2, trained
     with pytest.raises(KeyboardInterrupt):
