@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import ddkit
 from ddkit.bench import plan_cells, protocol_for, read_results, run_bench, write_report
@@ -448,13 +449,20 @@ def test_plan_says_what_a_bench_would_do_and_what_a_stopped_one_left(isolated_da
     random_set = ddkit.load(out / "sets" / "digits-random-ipc1")
     record = dict(random_set.meta["evaluations"][-1], partial=True, runs_planned=2)
     random_set.record_evaluation(record)
-    (out / "sets" / "digits-random-ipc1" / "eval-checkpoint").mkdir()
-    (out / "sets" / "digits-random-ipc1" / "eval-checkpoint" / "hard-smoke-convnet-seed1.safetensors").write_bytes(b"")
+    from ddkit.checkpoint import save_tensors_atomic
+
+    stopped = out / "sets" / "digits-random-ipc1" / "eval-checkpoint"
+    stopped.mkdir()
+    save_tensors_atomic(stopped / "hard-smoke-convnet-seed1.safetensors", {"weight": torch.zeros(1)},
+                        {"identity": {"config": {"epochs": 200}}, "loop": {"next_epoch": 57}})
+    (stopped / "hard-smoke-convnet-seed0.safetensors").write_bytes(b"")  # damaged: reported, not trusted
+    (stopped / "soft-smoke-convnet-seed1.safetensors").write_bytes(b"")  # another protocol's: not this cell's
     assert main(["bench", "--tier", "smoke", "--datasets", "digits", "--methods", "dm", "--ipc", "1", "--runs", "2",
                  "--out", str(out), "--plan"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == ("[1/2] digits random ipc 1 (hard, convnet): to run; continues from 1 of 2 evaluation runs "
-                          "stored, a stopped evaluation run")
+                          "stored, a stopped evaluation run (seed 0, unreadable), a stopped evaluation run "
+                          "(seed 1, epoch 57 of 200)")
 
 
 def test_preset_changes_names_each_changed_option_and_ignores_added_ones():

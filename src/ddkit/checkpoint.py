@@ -59,6 +59,15 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, state
 
 
+def read_state(path: str | Path) -> dict:
+    """The state of a file from :func:`save_tensors_atomic` without loading its tensors ({} if it
+    has none). Raises like :func:`load_tensors`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get("state", "{}"))
+
+
 def _folder(root: Path, iteration: int) -> Path:
     return root / f"it-{iteration:08d}"
 

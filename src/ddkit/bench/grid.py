@@ -451,9 +451,21 @@ def work_in_progress(cell: Cell, sets: Path, tier: str, arch: str, runs: int, se
                 stored |= set(rec["seeds"])
         if stored:
             found.append(f"{len(stored)} of {runs} evaluation runs stored")
-    if (path / EVAL_CHECKPOINT_DIR).is_dir() and any((path / EVAL_CHECKPOINT_DIR).iterdir()):
-        found.append("a stopped evaluation run")
+    for checkpoint in sorted((path / EVAL_CHECKPOINT_DIR).glob(f"{cell.protocol}-{tier}-{arch}-seed*.safetensors")):
+        found.append(f"a stopped evaluation run ({_stopped_at(checkpoint)})")
     return found
+
+
+def _stopped_at(checkpoint: Path) -> str:
+    """``"seed 1, epoch 182 of 300"`` for an evaluation run's epoch checkpoint (what it can say)."""
+    from ddkit.checkpoint import read_state
+
+    seed = checkpoint.stem.rsplit("-seed", 1)[-1]
+    try:
+        state = read_state(checkpoint)
+        return f"seed {seed}, epoch {int(state['loop']['next_epoch'])} of {int(state['identity']['config']['epochs'])}"
+    except Exception:  # a damaged or foreign file is ignored by the run too; the plan only reports it
+        return f"seed {seed}, unreadable"
 
 
 def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, archs=("convnet",)) -> list[str]:
