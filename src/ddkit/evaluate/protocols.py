@@ -98,7 +98,10 @@ class EvalResult:
     device: str
     train_images: int
     date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    compiled: bool = False  # trained through torch.compile: the same computation, other float rounding
+    # The call that wrote it trained through torch.compile (the same computation, other float rounding).
+    # Runs it took over from an interrupted call, or continued from their epoch checkpoints, may have
+    # trained eagerly before: like the device, this describes the execution, not the result.
+    compiled: bool = False
 
     @property
     def mean(self) -> float:
