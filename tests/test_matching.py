@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ddkit
 from ddkit.augment.grouped import siamese_per_class
@@ -10,9 +9,9 @@ from ddkit.augment import DSA
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, random_subset
 from ddkit.methods.dm_family import apply_term_flags, resolve_preset
-from ddkit.methods.matching import MatchingEngine, NonFiniteLoss, initial_images
+from ddkit.methods.matching import MatchingEngine, initial_images
 from ddkit.methods.sources import ModelQueue, PretrainedPool
-from ddkit.utils import apply_overrides, make_generator, normalize
+from ddkit.utils import apply_overrides, make_generator
 
 CPU = torch.device("cpu")
 

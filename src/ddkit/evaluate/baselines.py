@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from ddkit.data.sampling import check_ipc, sample_real_per_class
+from ddkit.data.sampling import check_ipc, sample_real_per_class  # check_ipc: re-exported by ddkit.evaluate
 from ddkit.utils import make_generator
 
 
