@@ -88,6 +88,25 @@ def test_a_stopped_squeeze_continues_from_its_epoch_checkpoint(teacher, digits, 
         assert torch.equal(a, b)  # the same weights as the squeeze that was never stopped
 
 
+def test_a_compiled_squeeze_trains_compiled_and_shares_the_eager_cache_entry(digits, tmp_path, monkeypatch):
+    import ddkit.methods.squeeze as squeeze_module
+
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    passed = []
+    real_train = squeeze_module.train_classifier
+
+    def recorded(*args, **kwargs):  # what squeeze asks for, trained eagerly to keep the test fast
+        passed.append(kwargs["compiled"])
+        return real_train(*args, **dict(kwargs, compiled=False))
+
+    monkeypatch.setattr(squeeze_module, "train_classifier", recorded)
+    compiled = squeeze(digits, TEACHER, preset="smoke", overrides=["epochs=2"], show_progress=False, compiled=True)
+    assert passed == [True] and json.loads((compiled.path / "manifest.json").read_text())["compiled"] is True
+    # Compiling is an execution detail: the same recipe finds the same cache entry, trained once.
+    eager = squeeze(digits, TEACHER, preset="smoke", overrides=["epochs=2"], show_progress=False)
+    assert passed == [True] and eager.path == compiled.path
+
+
 def test_teacher_for_another_dataset_is_refused(teacher, digits, tmp_path):
     import shutil
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ddkit.errors import DDKitError
 
-COMPILE_HELP = ("train the evaluation networks through torch.compile: about 1.5x faster per step on a CPU after "
+COMPILE_HELP = ("train the {what} through torch.compile: about 1.5x faster per step on a CPU after "
                 "a first step that compiles (half a minute or so per batch shape); the same computation, with "
                 "other float rounding; needs a C++ compiler on a CPU, Triton on a GPU")
 
@@ -221,7 +221,8 @@ def cmd_squeeze(args) -> int:
     world = distributed.setup(args.device)
     try:
         teacher = squeeze(real, model, preset=args.preset, overrides=args.set_options, seed=args.seed,
-                          device=distributed.process_device(args.device), show_progress=not args.quiet and world.is_main)
+                          device=distributed.process_device(args.device), show_progress=not args.quiet and world.is_main,
+                          compiled=args.compile)
     finally:
         distributed.teardown()
     if not world.is_main:
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe option: epochs, lr, momentum, weight_decay, batch_size, train_subset, ...")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--compile", action="store_true",
+                   help=COMPILE_HELP.format(what="teacher") + " (not part of the cache key)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun): the teacher trains with DistributedDataParallel; rank 0 writes the cache")
     _add_common(p)
@@ -406,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="print an identical evaluation already stored in the manifest instead of training again; "
                         "of an interrupted one, train only the runs it had not finished")
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP.format(what="evaluation networks"))
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun): students train with DistributedDataParallel (hard and soft "
                         "protocol), each rank taking a share of every batch; BatchNorm statistics per process unless "

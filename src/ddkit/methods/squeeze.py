@@ -155,7 +155,7 @@ def load_teacher(path: str | Path, real, device="cpu") -> Teacher:
 
 
 def train_cached(real, model_config: dict, schedule: dict, seed: int, device, kind: str = "teachers",
-                 show_progress: bool = False, desc: str = "squeeze") -> Teacher:
+                 show_progress: bool = False, desc: str = "squeeze", compiled: bool = False) -> Teacher:
     """Train ``model_config`` on ``real``'s training split with ``schedule`` (or load it from cache).
 
     Args:
@@ -164,6 +164,8 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         schedule: the :data:`RECIPE_KEYS` (epochs, lr, ...; ``train_subset`` 0 = all images).
         seed: initialisation, subset and batch-order seed.
         kind: cache sub-folder ("teachers", or "pretrained" for IID's feature extractors).
+        compiled: train through ``torch.compile`` (an execution detail: not part of the cache key;
+            the manifest says ``"compiled": true``).
 
     Returns:
         A frozen :class:`Teacher` in eval mode on ``device``.
@@ -191,7 +193,7 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
     # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (rank 0 writes).
     checkpoint = RunCheckpoint(folder / "training.safetensors", recipe)
     train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
-                     desc=desc, checkpoint=checkpoint)
+                     desc=desc, checkpoint=checkpoint, compiled=compiled)
     started -= checkpoint.seconds_before
     test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
     accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
@@ -203,7 +205,7 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
     write_json_atomic(folder / "manifest.json", {
         "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
         "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),
-        "train_seconds": round(time.perf_counter() - started, 2)})
+        "train_seconds": round(time.perf_counter() - started, 2), **({"compiled": True} if compiled else {})})
     checkpoint.remove()
     distributed.barrier()
     return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
@@ -217,8 +219,13 @@ def squeeze_config(preset: str, overrides=None) -> dict:
 
 
 def squeeze(real, model_config: dict, preset: str = "quick", overrides=None, seed: int = 0, device="cpu",
-            show_progress: bool = True) -> Teacher:
-    """Train (or load the cached) teacher ``model_config`` for ``real`` with the ``preset`` recipe."""
+            show_progress: bool = True, compiled: bool = False) -> Teacher:
+    """Train (or load the cached) teacher ``model_config`` for ``real`` with the ``preset`` recipe
+    (``compiled``: through ``torch.compile``, see :func:`train_cached`)."""
     schedule = squeeze_config(preset, overrides)
+    if compiled:
+        from ddkit.models.training import check_compile_available
+
+        check_compile_available(device)
     return train_cached(real, model_config, schedule, seed, device, kind="teachers", show_progress=show_progress,
-                        desc=f"squeeze {model_config.get('arch', 'convnet')}")
+                        desc=f"squeeze {model_config.get('arch', 'convnet')}", compiled=compiled)
