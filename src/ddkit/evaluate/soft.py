@@ -230,8 +230,9 @@ def train_soft(
         config: a resolved soft config (``loss`` already "kl" or "mse_ce", not "auto").
         generator: CPU generator; drives the batch order only (the views are in the records).
         checkpoint: a :class:`ddkit.models.training.RunCheckpoint` to continue from and to write
-            at epoch ends (one process only), or None. The last epoch's is always written and left
-            for the caller to remove once the result is stored.
+            at epoch ends (under torchrun rank 0 writes it and every rank restores it), or None.
+            The last epoch's is always written and left for the caller to remove once the result
+            is stored.
         compiled: run the training step through ``torch.compile``
             (:class:`ddkit.models.training.DataParallel`).
 

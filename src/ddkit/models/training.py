@@ -342,9 +342,10 @@ def train_classifier(
         config: epochs, lr, momentum, weight_decay, batch_size, decay_at, decay_factor, reset_momentum.
         generator: drives batch order and augmentation (CPU generator; draws are moved to the device).
         dsa: a :class:`ddkit.augment.DSA` applied per sample on every batch, or None.
-        checkpoint: a :class:`RunCheckpoint` to continue from and to write at epoch ends (one
-            process only), or None. The last epoch's is always written and left for the caller
-            to remove once the trained model's result is stored.
+        checkpoint: a :class:`RunCheckpoint` to continue from and to write at epoch ends (under
+            torchrun rank 0 writes it and every rank restores it), or None. The last epoch's is
+            always written and left for the caller to remove once the trained model's result is
+            stored.
         compiled: run the training step through ``torch.compile`` (:class:`DataParallel`).
 
     Under torchrun (``ddkit.distributed`` set up with several processes) the model trains with
