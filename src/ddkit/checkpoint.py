@@ -54,9 +54,13 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        state = json.loads((handle.metadata() or {}).get("state", "{}"))
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    return tensors, state
+        return tensors, _state_of(handle)
+
+
+def _state_of(handle) -> dict:
+    """The JSON state in an open safetensors file's metadata ({} if it has none)."""
+    return json.loads((handle.metadata() or {}).get("state", "{}"))
 
 
 def read_state(path: str | Path) -> dict:
@@ -65,7 +69,7 @@ def read_state(path: str | Path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get("state", "{}"))
+        return _state_of(handle)
 
 
 def _folder(root: Path, iteration: int) -> Path:

@@ -699,13 +699,15 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
     cells = plan_cells(datasets, methods, ipcs)
     latest = {line_key(line): line for line in latest_results(read_results(out))}
+    # A cell's status depends on its own set and result lines only, which no other cell touches.
+    statuses_of = [cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest) for cell in cells]
     # A dataset that is not fetched would fail each of its cells, perhaps hours in: refuse at once
     # (writing nothing), unless all its cells are done already.
     from ddkit.data import check_available
 
     for dataset in datasets:
-        if any(status.state != "done" for cell in cells if cell.dataset == dataset
-               for status in cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest)):
+        if any(status.state != "done" for cell, statuses in zip(cells, statuses_of) if cell.dataset == dataset
+               for status in statuses):
             check_available(dataset)
     (out / SETS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SPEC_FILE, {"tier": tier, "datasets": datasets, "methods": methods, "ipcs": ipcs,
@@ -719,9 +721,8 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
             # so that every cell's line can be found with grep.
             print(("" if sys.stderr.isatty() else "\n") + text, file=sys.stderr, flush=True)
 
-    for number, cell in enumerate(cells, 1):
+    for number, (cell, statuses) in enumerate(zip(cells, statuses_of), 1):
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
-        statuses = cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest)
         for status in statuses:
             if status.state == "evaluate again":
                 say(f"{label}: {status.arch}: the evaluation preset changed since its result "
