@@ -27,3 +27,15 @@ def tiny_set():
     images = torch.linspace(0, 1, 6 * 64).reshape(6, 1, 8, 8)
     return DistilledSet(images=images, labels=torch.tensor([0, 0, 1, 1, 2, 2]), class_names=["a", "b", "c"],
                         dataset="digits", mean=(0.5,), std=(0.25,), method="test", meta={"config": {"x": 1}})
+
+
+def compiler_missing() -> bool:
+    """True where torch.compile cannot build CPU kernels here (no C++ compiler): its tests skip."""
+    from ddkit.errors import DDKitError
+    from ddkit.models.training import check_compile_available
+
+    try:
+        check_compile_available("cpu")
+    except DDKitError:
+        return True
+    return False

@@ -174,6 +174,29 @@ def test_soft_label_cell_with_its_relabelled_random_baseline(isolated_data, tmp_
     assert (out / "plots" / "loss-digits-sre2l-ipc1.png").is_file()
 
 
+def test_compile_reaches_every_distillation_relabel_and_evaluation(isolated_data, tmp_path, monkeypatch):
+    """``run_bench(compiled=True)`` asks for it everywhere (each is run eagerly here, for speed)."""
+    from ddkit.methods import stats_family
+
+    asked = []
+
+    def eager(what, function):
+        def call(*args, **kwargs):
+            asked.append((what, kwargs.get("compiled", False)))
+            return function(*args, **dict(kwargs, compiled=False))
+        return call
+
+    monkeypatch.setattr(ddkit, "distill", eager("distill", ddkit.distill))
+    monkeypatch.setattr(ddkit, "evaluate", eager("evaluate", ddkit.evaluate))
+    monkeypatch.setattr(stats_family, "method_teachers", eager("teachers", stats_family.method_teachers))
+    lines = run_bench("smoke", ["digits"], ["sre2l"], [1], runs=1, out=tmp_path / "bench", show_progress=False,
+                      compiled=True)
+    assert all("error" not in line for line in lines), lines
+    # random, random+sre2l (its teachers), sre2l (whose own teacher call comes from the eager distill)
+    assert asked == [("distill", True), ("evaluate", True), ("teachers", True), ("evaluate", True),
+                     ("distill", True), ("teachers", False), ("evaluate", True)]
+
+
 def test_a_cell_holding_the_same_set_as_another_reuses_its_evaluation(isolated_data, tmp_path, monkeypatch):
     from ddkit.evaluate import soft
 

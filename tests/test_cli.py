@@ -110,3 +110,27 @@ def test_damaged_set_is_refused_from_the_cli(capsys, tmp_path):
 def test_console_script_module_form():
     done = subprocess.run([sys.executable, "-m", "ddkit", "data", "list"], capture_output=True, text=True)
     assert done.returncode == 0 and "fashion-mnist" in done.stdout and "digits" in done.stdout
+
+
+def test_compile_reaches_distill_recover_and_resume(tmp_path, monkeypatch):
+    import ddkit
+
+    class Called(Exception):
+        pass
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["compiled"])
+        raise Called
+
+    monkeypatch.setattr(ddkit, "distill", record)
+    monkeypatch.setattr(ddkit, "resume", record)
+    out = str(tmp_path / "set")
+    for argv in (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", out, "--compile"],
+                 ["recover", "sre2l", "--dataset", "digits", "--ipc", "1", "--out", out, "--compile"],
+                 ["distill", "--resume", out, "--compile"],
+                 ["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", out]):
+        with pytest.raises(Called):
+            main(argv)
+    assert seen == [True, True, True, False]

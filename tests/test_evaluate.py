@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ddkit
+from conftest import compiler_missing
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, random_subset, resolve_config
 from ddkit.models.training import train_classifier
@@ -283,17 +284,7 @@ def test_lr_decay_resets_momentum():
     assert seen == pytest.approx([0.1, 0.01])
 
 
-def _compiler_missing() -> bool:
-    from ddkit.models.training import check_compile_available
-
-    try:
-        check_compile_available("cpu")
-    except DDKitError:
-        return True
-    return False
-
-
-@pytest.mark.skipif(_compiler_missing(), reason="torch.compile on the CPU needs a C++ compiler (g++); none here")
+@pytest.mark.skipif(compiler_missing(), reason="torch.compile on the CPU needs a C++ compiler (g++); none here")
 def test_compiled_training_is_the_same_computation_and_an_execution_detail(digits, tmp_path):
     from ddkit.augment import DSA
     from ddkit.evaluate import build_model
@@ -337,3 +328,7 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch, digits):
                  compiled=True)
     with pytest.raises(DDKitError, match="needs a C.. compiler"):
         check_compile_available("cpu")
+    with pytest.raises(DDKitError, match="needs a C.. compiler .*drop --compile"):
+        ddkit.distill("dm", dataset="digits", ipc=1, preset="smoke", show_progress=False, compiled=True)
+    # the random subset has nothing to compile: the flag is ignored rather than refused
+    assert "compiled" not in ddkit.distill("random", dataset="digits", ipc=1, show_progress=False, compiled=True).meta

@@ -28,6 +28,7 @@ def distill(
     checkpoint_every: int = 0,
     checkpoint_seconds: float = 180.0,
     resume: bool = False,
+    compiled: bool = False,
     **flags,
 ):
     """Distill ``dataset`` into ``ipc`` synthetic images per class with ``method``.
@@ -45,6 +46,11 @@ def distill(
             0 = about every ``checkpoint_seconds`` of work, measured over the first iterations. The
             statistics family also stores every finished recover batch.
         resume: continue from the latest checkpoint in ``out`` (same tensors as an uninterrupted run).
+        compiled: run through ``torch.compile``: the matching family's network forward (about 1.8x
+            faster per iteration on a CPU, after a first iteration that compiles for half a minute),
+            the statistics family's teacher training where a teacher is not cached yet. An
+            execution detail like the device: the set's manifest says ``"compiled": true``, and a
+            run may resume compiled or not. Methods with nothing to compile (random) ignore it.
         flags: method-specific switches (e.g. ``terms=``, ``weights=`` for the matching family).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) each process distils its share of the classes, writes
@@ -65,6 +71,11 @@ def distill(
 
     fn = get_method(method)
     device = resolve_device(device)
+    compiled = bool(compiled) and getattr(fn, "supports_compile", False)
+    if compiled:
+        from ddkit.models.training import check_compile_available
+
+        check_compile_available(device)
     world = distributed.setup(device)
     device = distributed.process_device(device)
     try:
@@ -76,6 +87,8 @@ def distill(
                                       checkpoint_every, checkpoint_seconds, resume, flags)
         if checkpoint is not None:
             flags["checkpoint"] = checkpoint
+        if compiled:
+            flags["compiled"] = True
         merged = False
         if world.distributed and getattr(fn, "merges_parts", False):
             # methods that finish with a stage on the whole set (relabel) merge the parts before it
@@ -100,6 +113,8 @@ def distill(
         result.meta["peak_memory_bytes"] = peak_memory_bytes(device)
         result.meta.setdefault("preset", preset)
         result.meta.setdefault("device", str(device))
+        if compiled:
+            result.meta["compiled"] = True
         if world.distributed:
             result.meta["processes"] = world.size
             if not merged:

@@ -94,7 +94,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--arch", default="convnet",
                    help="comma-separated evaluation architectures, e.g. convnet,resnet18 (default convnet)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP.format(what="evaluation networks"))
+    p.add_argument("--compile", action="store_true",
+                   help=COMPILE_HELP.format(what="train the evaluation networks, run the matching family's "
+                                                 "distillation networks and train teachers not cached yet"))
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no per-cell lines")
     p.add_argument("--plan", action="store_true",
                    help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "

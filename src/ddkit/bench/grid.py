@@ -515,8 +515,10 @@ def _peak_memory(manifest: dict):
     return peak if isinstance(peak, (int, float)) and not isinstance(peak, bool) else None
 
 
-def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_progress: bool):
-    """Load the cell's set, or make and save it; returns the DistilledSet (saved, ``path`` set)."""
+def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_progress: bool,
+                   compiled: bool = False):
+    """Load the cell's set, or make and save it (``compiled``: through torch.compile, see
+    :func:`ddkit.distill`); returns the DistilledSet (saved, ``path`` set)."""
     import ddkit
 
     path = sets / cell.name
@@ -526,19 +528,21 @@ def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_pr
     if not cell.method.startswith(BASELINE + "+"):
         _reset_peak_memory(device)
         if (path / CHECKPOINT_DIR / LATEST).is_file():  # an interrupted bench: continue that distillation
-            ddkit.resume(path, device=device, show_progress=show_progress)
+            ddkit.resume(path, device=device, show_progress=show_progress, compiled=compiled)
         else:
             ddkit.distill(cell.method, dataset=cell.dataset, ipc=cell.ipc, preset=tier, seed=seed, device=device,
-                          show_progress=show_progress, out=path)
+                          show_progress=show_progress, out=path, compiled=compiled)
         return ddkit.load(path)
     # random+M: the random subset of this cell, relabelled with M's teachers and relabel options.
     method = cell.method[len(BASELINE) + 1:]
-    base = _distilled_set(Cell(cell.dataset, BASELINE, cell.ipc), sets, tier, seed, device, show_progress)
-    return _relabel_random(base, method, path, tier, seed, device, show_progress)
+    base = _distilled_set(Cell(cell.dataset, BASELINE, cell.ipc), sets, tier, seed, device, show_progress, compiled)
+    return _relabel_random(base, method, path, tier, seed, device, show_progress, compiled)
 
 
-def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device, show_progress: bool):
-    """Save ``base`` relabelled like ``method`` at ``tier`` to ``path`` and return it."""
+def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device, show_progress: bool,
+                    compiled: bool = False):
+    """Save ``base`` relabelled like ``method`` at ``tier`` to ``path`` and return it (``compiled``:
+    teachers not cached yet train through torch.compile)."""
     from ddkit.data import load_dataset
     from ddkit.methods import stats_family
     from ddkit.utils import peak_memory_bytes
@@ -547,7 +551,7 @@ def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device,
     real = load_dataset(base.dataset, **base.meta.get("dataset_options", {}))
     config = stats_family.resolve_preset(method, real.name, tier)
     started = time.perf_counter()
-    teachers = stats_family.method_teachers(real, config, seed, device, show_progress)
+    teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
     squeezed = time.perf_counter()
     result = stats_family.relabel_with(base, teachers, config, seed, device, show_progress)
     finished = time.perf_counter()
@@ -610,10 +614,10 @@ def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: 
 def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, archs: list[str],
              show_progress: bool, compiled: bool = False) -> list[dict]:
     """Distill (or load) and evaluate one cell; returns one result line per architecture
-    (``compiled``: evaluation networks train through ``torch.compile``)."""
+    (``compiled``: distillation and evaluation networks run through ``torch.compile``)."""
     import ddkit
 
-    distilled = _distilled_set(cell, out / SETS_DIR, tier, seed, device, show_progress)
+    distilled = _distilled_set(cell, out / SETS_DIR, tier, seed, device, show_progress, compiled)
     twins = adopt_twin_evaluations(distilled, cell, out / SETS_DIR, tier, archs, runs, seed, device, compiled)
     for arch, twin in twins.items():
         if show_progress:
@@ -667,8 +671,9 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         seed: the distillation seed and the first evaluation seed.
         archs: evaluation (student) architectures.
         compiled: train the evaluation networks through ``torch.compile`` (see
-            :func:`ddkit.evaluate`); an execution detail, so cells finished without it stay
-            finished. Result lines of compiled evaluations say ``"compiled": true``.
+            :func:`ddkit.evaluate`), and distill through it too (:func:`ddkit.distill`); an
+            execution detail, so cells finished without it stay finished. Result lines of compiled
+            evaluations say ``"compiled": true``, as do the manifests of compiled distillations.
 
     Returns:
         The latest result line of every cell of this grid (failed cells carry ``"error"``), in

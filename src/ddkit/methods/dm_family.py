@@ -190,19 +190,21 @@ def distill_matching(method: str):
     """The registered entry point of one matching-family method."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True,
-            terms=None, weights=None, checkpoint=None):
+            terms=None, weights=None, checkpoint=None, compiled=False):
         config = resolve_preset(method, real.name, ipc, preset)
         config = apply_term_flags(config, terms, weights)
         config = apply_overrides(config, overrides, what=f"{method} option")
-        engine = MatchingEngine(real, ipc, config, seed, device, show_progress)
+        engine = MatchingEngine(real, ipc, config, seed, device, show_progress, compiled=compiled)
         result = engine.run(method, checkpoint=checkpoint)
         expected = PUBLISHED.get((method, real.name, ipc))
         if expected is not None and preset == "paper":
             result.meta["published_accuracy"] = expected
         return result
 
-    run.__doc__ = f"Distill with {method} (matching engine; preset per SPEC section 2)."
+    run.__doc__ = (f"Distill with {method} (matching engine; preset per SPEC section 2); ``compiled``: the "
+                   "matching networks' forward runs through torch.compile.")
     run.supports_checkpoints = True
+    run.supports_compile = True
     run.splits_work = True
     return run
 

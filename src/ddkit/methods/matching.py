@@ -50,6 +50,7 @@ from ddkit import distributed
 from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
 from ddkit.methods.squeeze import build_net
+from ddkit.models.training import taps_forward
 from ddkit.utils import denormalize, make_generator, normalize, progress
 
 TERMS = ("mean", "cm", "cc", "style", "gram", "icd", "ce")
@@ -158,7 +159,8 @@ def block_taps(net) -> list[str]:
 class MatchingEngine:
     """Runs the matching loop for one configuration (see the module docstring)."""
 
-    def __init__(self, real, ipc: int, config: dict, seed: int, device, show_progress: bool = True):
+    def __init__(self, real, ipc: int, config: dict, seed: int, device, show_progress: bool = True,
+                 compiled: bool = False):
         check_config(config, real, ipc)
         distributed.check_supported(config)
         self.world = distributed.current()
@@ -166,6 +168,9 @@ class MatchingEngine:
         self.classes = self.world.share(real.num_classes)
         self.real, self.ipc, self.config, self.seed, self.device = real, ipc, config, seed, device
         self.show_progress = show_progress
+        # the matching network's forward (real and synthetic side), compiled or not: an execution
+        # detail like the device, so it is not part of ``config``
+        self.taps_of = taps_forward(compiled)
         self.weights = {t: float(w) for t, w in config["weights"].items() if w}
         self.factor = int(config["partition"])
         self.generator = make_generator(seed)
@@ -203,14 +208,14 @@ class MatchingEngine:
         """
         chunk = int(self.config["real_chunk"]) or real_aug.shape[0]
         with torch.no_grad():
-            parts = [net.forward_taps(real_aug[i:i + chunk], taps) for i in range(0, real_aug.shape[0], chunk)]
+            parts = [self.taps_of(net, real_aug[i:i + chunk], tuple(taps)) for i in range(0, real_aug.shape[0], chunk)]
         return {name: torch.cat([part[name] for part in parts]) for name in taps}
 
     def _class_losses(self, net, accuracy: float, real_aug, syn_aug, syn_labels, classes: int, extractor) -> dict:
         """Weighted terms for ``classes`` class-major groups already augmented."""
         blocks, real_taps, syn_taps = self._taps(net)
         real_out = self._real_taps(net, real_aug, real_taps)
-        syn_out = net.forward_taps(syn_aug, syn_taps)
+        syn_out = self.taps_of(net, syn_aug, tuple(syn_taps))
 
         def grouped(t):
             return t.reshape(classes, -1, *t.shape[1:])

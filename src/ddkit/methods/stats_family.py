@@ -122,12 +122,14 @@ def _qualify(overrides):
     return {(k if k.split(".")[0] in stages else f"recover.{k}"): v for k, v in items}
 
 
-def method_teachers(real, config: dict, seed: int, device, show_progress: bool = True) -> list:
-    """Train or load every teacher of ``config["teachers"]`` (cached by dataset, model and recipe)."""
+def method_teachers(real, config: dict, seed: int, device, show_progress: bool = True, compiled: bool = False) -> list:
+    """Train or load every teacher of ``config["teachers"]`` (cached by dataset, model and recipe;
+    ``compiled``: a teacher not cached yet trains through torch.compile)."""
     if not config["teachers"]:
         raise DDKitError("the teacher list is empty; give at least one model")
     return [train_cached(real, model, config["squeeze"], seed=seed + i, device=device, kind="teachers",
-                         show_progress=show_progress, desc=f"squeeze {model.get('arch', 'convnet')}")
+                         show_progress=show_progress, desc=f"squeeze {model.get('arch', 'convnet')}",
+                         compiled=compiled)
             for i, model in enumerate(config["teachers"])]
 
 
@@ -171,7 +173,7 @@ def distill_statistics(method: str):
     """The registered entry point of one statistics-matching method (all three stages)."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True, relabel=True,
-            teacher_paths=None, merge_parts=None, checkpoint=None):
+            teacher_paths=None, merge_parts=None, checkpoint=None, compiled=False):
         import time
 
         from ddkit import distributed
@@ -183,7 +185,7 @@ def distill_statistics(method: str):
             config["teachers"] = [t.model_config for t in teachers]
         else:
             # under torchrun the ranks train missing teachers together (DDP); rank 0 writes the cache
-            teachers = method_teachers(real, config, seed, device, show_progress)
+            teachers = method_teachers(real, config, seed, device, show_progress, compiled=compiled)
         squeeze_seconds = time.perf_counter() - started
         result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress, checkpoint)
         if merge_parts is not None:
@@ -195,8 +197,10 @@ def distill_statistics(method: str):
         result.meta["timings"]["squeeze_seconds"] = round(squeeze_seconds, 3)
         return result
 
-    run.__doc__ = f"Distill with {method}: squeeze (cached) -> recover -> relabel (SPEC section 3)."
+    run.__doc__ = (f"Distill with {method}: squeeze (cached) -> recover -> relabel (SPEC section 3); "
+                   "``compiled``: teachers not cached yet train through torch.compile.")
     run.splits_work = True
+    run.supports_compile = True
     run.supports_checkpoints = True  # the recover step; teachers are cached and relabel is redone
     run.merges_parts = True  # relabel needs every recovered image: the parts are merged before it
     return run

@@ -151,6 +151,30 @@ def check_compile_available(device) -> None:
                          "(e.g. apt install g++) or drop --compile to train eagerly")
 
 
+def _taps_of(net: nn.Module, images: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return net.forward_taps(images, taps)
+
+
+_COMPILED_TAPS_OF = None
+
+
+def taps_forward(compiled: bool = False):
+    """The function ``(net, images [N, C, H, W], taps: tuple of names) -> {tap: tensor}`` that
+    runs ``net.forward_taps``; with ``compiled``, through ``torch.compile``.
+
+    The distillation loops draw a new network every iteration. One compiled function serves them
+    all: the parameters are inputs of the compiled graph, not constants, so a new network of the
+    same architecture reuses the kernels compiled for the first; only a new batch shape, tap list
+    or grad mode compiles again. Call :func:`check_compile_available` first for a one-line error.
+    """
+    global _COMPILED_TAPS_OF
+    if not compiled:
+        return _taps_of
+    if _COMPILED_TAPS_OF is None:
+        _COMPILED_TAPS_OF = torch.compile(_taps_of)
+    return _COMPILED_TAPS_OF
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, factor: float = 1.0) -> None:
     """One step on ``loss * factor`` (``factor`` from :meth:`DataParallel.share`): clear the
     gradients, backpropagate, update."""
