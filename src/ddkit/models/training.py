@@ -186,8 +186,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, factor:
 class RunCheckpoint:
     """End-of-epoch checkpoints of one training run, so that a stopped run continues where it was.
 
-    A quick IPC-50 evaluation run takes most of an hour on a CPU; this keeps all but the last few
-    minutes of it. The file (safetensors, no pickle, written through a temporary name and a rename)
+    A quick IPC-50 evaluation run takes most of an hour on a CPU; this keeps all but about the last
+    minute of it. The file (safetensors, no pickle, written through a temporary name and a rename)
     holds the model's state dict, the optimiser's state, the state of the generator that draws
     batch order and augmentation, and the loop's counters. Since all of a run's randomness comes
     from that generator, a resumed run gives the same weights, bit for bit on a CPU, as one that
@@ -211,7 +211,7 @@ class RunCheckpoint:
             that a resumed run can report its whole time.
     """
 
-    def __init__(self, path: str | Path, identity: dict, every_seconds: float = 180.0):
+    def __init__(self, path: str | Path, identity: dict, every_seconds: float = 60.0):
         self.path = Path(path)
         self.identity = json.loads(json.dumps(identity))
         self.every_seconds = float(every_seconds)
