@@ -316,6 +316,28 @@ def test_compiled_training_is_the_same_computation_and_an_execution_detail(digit
     assert again.date == record["date"] and again.compiled
 
 
+def test_only_the_ddp_profiler_notice_of_compile_is_dropped():
+    """Under torchrun, torch.compile of DDP's forward logs a profiler notice on every rank: dropped."""
+    import logging
+
+    from ddkit.models.training import _quiet_ddp_profiler_notice
+
+    logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        _quiet_ddp_profiler_notice()
+        _quiet_ddp_profiler_notice()  # once per process, however many evaluations it runs
+        logger.warning("Profiler record function %s will be ignored", "<class record_function>")
+        logger.warning("Profiler function %s will be ignored", "<class profile>")
+        assert seen == ["Profiler function <class profile> will be ignored"]
+        assert len(logger.filters) == 1
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_compile_without_a_compiler_is_one_line(monkeypatch, digits):
     import shutil
 

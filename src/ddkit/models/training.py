@@ -121,6 +121,8 @@ class DataParallel:
                 synced_batch_norm(model)
             self.module = DistributedDataParallel(model)
         if compiled:
+            if self.world.distributed:
+                _quiet_ddp_profiler_notice()
             self.module = torch.compile(self.module)
 
     def share(self, count: int) -> tuple[slice, float]:
@@ -131,6 +133,21 @@ class DataParallel:
         if not mine:
             return slice(count - 1, count), 0.0
         return slice(mine[0], mine[-1] + 1), self.world.size * len(mine) / count
+
+
+def _drop_profiler_notice(record) -> bool:
+    return not str(record.msg).startswith("Profiler record function")
+
+
+def _quiet_ddp_profiler_notice() -> None:
+    """Drop the warning torch.compile logs on every rank when it traces DDP's forward: DDP marks it
+    with a profiler ``record_function``, which the compiled graph leaves out. Harmless, and with no
+    profiler running there is nothing to lose; every other message of that logger still shows."""
+    import logging
+
+    logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    if _drop_profiler_notice not in logger.filters:
+        logger.addFilter(_drop_profiler_notice)
 
 
 def check_compile_available(device) -> None:
