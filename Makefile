@@ -33,19 +33,22 @@ $(DATA_ROOT)/%/.fetched: | $(STAMP)
 
 data: $(DATA_ROOT)/fashion-mnist/.fetched $(DATA_ROOT)/mnist/.fetched
 
-# The demo: DM at the quick tier on Fashion-MNIST IPC 10 (about 10 minutes on two cores), next to
-# the random real subset of the same size, both judged by the quick hard-label protocol (one run).
+# The demo: DM at the quick tier on Fashion-MNIST IPC 10, next to the random real subset of the same
+# size, both judged by the quick hard-label protocol (one run). Where a C++ compiler is found, the
+# networks run through torch.compile (--compile: the same computation, about 1.5x faster per step).
+COMPILE := $(shell command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || \
+             command -v clang++ >/dev/null 2>&1 && echo --compile)
 $(DEMO)/random-fmnist-ipc10/manifest.json: | $(DATA_ROOT)/fashion-mnist/.fetched
 	$(DDKIT) baseline random --dataset fashion-mnist --ipc 10 --out $(DEMO)/random-fmnist-ipc10
 
 $(DEMO)/dm-fmnist-ipc10/manifest.json: | $(DATA_ROOT)/fashion-mnist/.fetched
-	$(DDKIT) distill dm --dataset fashion-mnist --ipc 10 --preset quick --out $(DEMO)/dm-fmnist-ipc10
+	$(DDKIT) distill dm --dataset fashion-mnist --ipc 10 --preset quick --out $(DEMO)/dm-fmnist-ipc10 $(COMPILE)
 
 demo: $(DEMO)/random-fmnist-ipc10/manifest.json $(DEMO)/dm-fmnist-ipc10/manifest.json
 	@echo "== random real subset, 10 images per class =="
-	@$(DDKIT) eval $(DEMO)/random-fmnist-ipc10 --protocol hard --preset quick --runs 1 --reuse
+	@$(DDKIT) eval $(DEMO)/random-fmnist-ipc10 --protocol hard --preset quick --runs 1 --reuse $(COMPILE)
 	@echo "== DM, 10 synthetic images per class =="
-	@$(DDKIT) eval $(DEMO)/dm-fmnist-ipc10 --protocol hard --preset quick --runs 1 --reuse
+	@$(DDKIT) eval $(DEMO)/dm-fmnist-ipc10 --protocol hard --preset quick --runs 1 --reuse $(COMPILE)
 	@echo "images: $(DEMO)/dm-fmnist-ipc10/grid.png (DM) and $(DEMO)/random-fmnist-ipc10/grid.png (random)"
 
 test: data
