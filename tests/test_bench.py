@@ -186,7 +186,16 @@ def test_compile_reaches_every_distillation_relabel_and_evaluation(isolated_data
             return function(*args, **dict(kwargs, compiled=False))
         return call
 
-    monkeypatch.setattr(ddkit, "distill", eager("distill", ddkit.distill))
+    real_distill = ddkit.distill
+
+    def distill_as_if_compiled(method, **kwargs):  # eager, but recorded as a compiled distillation would be
+        result = real_distill(method, **kwargs)
+        if method != "random":  # which has nothing to compile
+            manifest = Path(kwargs["out"]) / "manifest.json"
+            manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), compiled=True)))
+        return result
+
+    monkeypatch.setattr(ddkit, "distill", eager("distill", distill_as_if_compiled))
     monkeypatch.setattr(ddkit, "evaluate", eager("evaluate", ddkit.evaluate))
     monkeypatch.setattr(stats_family, "method_teachers", eager("teachers", stats_family.method_teachers))
     lines = run_bench("smoke", ["digits"], ["sre2l"], [1], runs=1, out=tmp_path / "bench", show_progress=False,
@@ -195,6 +204,8 @@ def test_compile_reaches_every_distillation_relabel_and_evaluation(isolated_data
     # random, random+sre2l (its teachers), sre2l (whose own teacher call comes from the eager distill)
     assert asked == [("distill", True), ("evaluate", True), ("teachers", True), ("evaluate", True),
                      ("distill", True), ("teachers", False), ("evaluate", True)]
+    # the lines say which sets were made compiled
+    assert [line.get("distill_compiled", False) for line in lines] == [False, False, True]
 
 
 def test_a_cell_holding_the_same_set_as_another_reuses_its_evaluation(isolated_data, tmp_path, monkeypatch):
@@ -525,11 +536,12 @@ def test_matching_presets_compare_only_the_sections_the_method_uses():
         assert changes == (["cc.model.width: 16 -> 8"] if counts else []), method
 
 
-def test_the_table_marks_the_evaluation_time_of_compiled_cells():
+def test_the_table_marks_the_times_of_compiled_cells():
     from ddkit.bench.table import COLUMNS, row_cells
 
     line = {"dataset": "mnist", "ipc": 50, "method": "dm", "protocol": "hard", "runs": 3, "mean": 97.0, "std": 0.1,
             "distill_seconds": 10.0, "eval_seconds_per_run": 612.34, "image_bytes": 1, "soft_label_bytes": 0}
-    column = COLUMNS.index("eval s/run")
-    assert row_cells(line)[column] == "612.3"
-    assert row_cells(dict(line, compiled=True))[column] == "612.3 (compiled)"
+    distill, evaluation = COLUMNS.index("distill s"), COLUMNS.index("eval s/run")
+    assert (row_cells(line)[distill], row_cells(line)[evaluation]) == ("10.0", "612.3")
+    assert row_cells(dict(line, compiled=True))[distill:evaluation + 1] == ["10.0", "612.3 (compiled)"]
+    assert row_cells(dict(line, distill_compiled=True))[distill:evaluation + 1] == ["10.0 (compiled)", "612.3"]

@@ -642,6 +642,8 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
         })
         if result.compiled:
             lines[-1]["compiled"] = True
+        if manifest.get("compiled"):
+            lines[-1]["distill_compiled"] = True
         if arch in twins:
             lines[-1]["evaluation_reused_from"] = f"{SETS_DIR}/{twins[arch]}"
     return lines

@@ -51,8 +51,8 @@ def row_cells(line: dict, extra: tuple[str, ...] = ()) -> list[str]:
     cells = [
         str(line.get("dataset")), str(line.get("ipc")), str(line.get("method")), str(line.get("protocol")),
         str(line.get("runs", "-")), accuracy_text(line),
-        "-" if failed else _number(line.get("distill_seconds")),
-        # compiled evaluations (bench --compile) train faster per step: say so where the time is
+        # compiled distillations and evaluations (bench --compile) run faster per step: say so where the time is
+        "-" if failed else _number(line.get("distill_seconds")) + (" (compiled)" if line.get("distill_compiled") else ""),
         "-" if failed else _number(line.get("eval_seconds_per_run")) + (" (compiled)" if line.get("compiled") else ""),
         "-" if failed or peak is None else f"{peak / MIB:.0f}",
         "-" if failed else str(line.get("image_bytes", "-")),
@@ -92,8 +92,8 @@ def write_table(directory: str | Path) -> Path:
         "Final-epoch test accuracy, mean +- population std over the runs. `random` is the random real "
         "subset (hard labels); `random+M` is that subset relabelled with method M's teachers, the fair "
         "baseline for the soft-label methods. Peak memory is the resident set (CPU) or the allocated "
-        "CUDA memory while the set was made. \"(compiled)\": the evaluation networks trained through "
-        "torch.compile (`--compile`), the same computation in fused kernels.",
+        "CUDA memory while the set was made. \"(compiled)\": the set was made, or its evaluation "
+        "networks trained, through torch.compile (`--compile`), the same computation in fused kernels.",
         "",
         markdown_table(header, rows),
         "",
