@@ -4,6 +4,7 @@ Every grid here is tiny (digits, smoke tier, one evaluation run) so the whole fi
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -545,3 +546,73 @@ def test_the_table_marks_the_times_of_compiled_cells():
     assert (row_cells(line)[distill], row_cells(line)[evaluation]) == ("10.0", "612.3")
     assert row_cells(dict(line, compiled=True))[distill:evaluation + 1] == ["10.0", "612.3 (compiled)"]
     assert row_cells(dict(line, distill_compiled=True))[distill:evaluation + 1] == ["10.0 (compiled)", "612.3"]
+
+
+# ---- several bench processes on one directory ---------------------------------------------------------
+def test_a_cell_claim_excludes_others_and_ends_with_its_process(tmp_path):
+    from ddkit.bench.grid import Cell, cell_held_elsewhere, claim_cell
+
+    cell = Cell("digits", "dm", 1)
+    first = claim_cell(tmp_path, cell)
+    second = claim_cell(tmp_path, cell)
+    assert first.held and not second.held and second.holder["pid"] == os.getpid()
+    assert cell_held_elsewhere(tmp_path, cell) is not None
+    first.release()
+    assert cell_held_elsewhere(tmp_path, cell) is None
+    with claim_cell(tmp_path, cell) as third:
+        assert third.held
+
+    # A process that dies (SIGKILL: no clean-up runs) leaves no claim behind.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ddkit.bench.grid import Cell, claim_cell; "
+        f"claim = claim_cell({str(tmp_path)!r}, Cell('digits', 'dm', 1)); assert claim.held; "
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = cell_held_elsewhere(tmp_path, cell)
+        assert held is not None and held.holder["pid"] == holder.pid
+        assert f"pid {holder.pid}" in held.describe()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cell_held_elsewhere(tmp_path, cell) is None
+
+
+def test_cells_another_process_holds_are_left_to_it(isolated_data, tmp_path, capsys):
+    from ddkit.bench.grid import Cell, claim_cell
+
+    out = tmp_path / "bench"
+    # random+sre2l needs the random subset, which the other process is making: both wait for it
+    with claim_cell(out, Cell("digits", "random", 1)):
+        lines = run_bench("smoke", ["digits"], ["sre2l"], [1], runs=1, out=out)
+        assert [line["method"] for line in lines] == ["sre2l"]
+        plan = plan_bench("smoke", ["digits"], ["sre2l"], [1], runs=1, out=out)
+    err = capsys.readouterr().err
+    assert "another bench process is running it" in err and "left to it" in err
+    assert "another bench process is running its random subset (digits-random-ipc1)" in err
+    assert plan[0].startswith("[1/3] digits random ipc 1 (hard, convnet): to run; a bench process is running it now")
+    lines = run_bench("smoke", ["digits"], ["sre2l"], [1], runs=1, out=out, show_progress=False)
+    assert [line["method"] for line in lines] == ["random", "random+sre2l", "sre2l"]
+
+
+def test_a_cell_another_process_finished_meanwhile_is_not_run_again(isolated_data, tmp_path, monkeypatch):
+    from ddkit.bench import grid
+
+    done = small_grid(tmp_path / "done", ipcs=(1,))
+    dm_line = next(line for line in done if line["method"] == "dm")
+    out = tmp_path / "bench"
+    real_claim = grid.claim_cell
+
+    def claim_after_the_other_process(where, cell):
+        if cell.method == "dm":  # the other process finished dm while this one ran the random subset
+            shutil.copytree(tmp_path / "done" / dm_line["set"], Path(where) / dm_line["set"])
+            grid.append_result(where, dm_line)
+        return real_claim(where, cell)
+
+    monkeypatch.setattr(grid, "claim_cell", claim_after_the_other_process)
+    made = []
+    real_distill = ddkit.distill
+    monkeypatch.setattr(ddkit, "distill", lambda method, **kw: made.append(method) or real_distill(method, **kw))
+    lines = small_grid(out, ipcs=(1,))
+    assert made == ["random"]
+    assert [line["method"] for line in lines] == ["random", "dm"] and lines[1] == dm_line

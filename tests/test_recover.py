@@ -107,6 +107,32 @@ def test_a_compiled_squeeze_trains_compiled_and_shares_the_eager_cache_entry(dig
     assert passed == [True] and eager.path == compiled.path
 
 
+def test_a_teacher_another_process_is_training_is_waited_for_then_loaded(digits, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import ddkit.methods.squeeze as squeeze_module
+
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    schedule = squeeze_module.squeeze_config("smoke", ["epochs=2"])
+    recipe = squeeze_module.recipe_for(digits, TEACHER, schedule, 0)
+    folder = squeeze_module.cache_folder("teachers", digits, recipe)
+    trained = []
+    real_train = squeeze_module.train_classifier
+    monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    asked = []
+    waiting = threading.Thread(target=lambda: asked.append(
+        squeeze(digits, TEACHER, preset="smoke", overrides=["epochs=2"], show_progress=False)))
+    with squeeze_module._training_lock(folder):  # the other process, training this very teacher
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive() and not asked  # waits for the lock rather than train it too
+        squeeze_module._train_into_cache(folder, digits, TEACHER, schedule, recipe, 0, "cpu", "teachers", False,
+                                         "squeeze", False)
+    waiting.join(timeout=60)
+    assert trained == [1] and asked[0].path == folder  # loaded what the other one saved
+
+
 def test_teacher_for_another_dataset_is_refused(teacher, digits, tmp_path):
     import shutil
 

@@ -78,7 +78,9 @@ def add_commands(subparsers) -> None:
                     "command again skips finished cells, retries failed ones, continues stopped distillations and "
                     "evaluation runs, remakes cells whose preset changed (the old set is kept as "
                     "sets/<name>.superseded-<time>) and evaluates again cells whose evaluation preset changed; "
-                    "--plan shows which.")
+                    "--plan shows which. Several processes may run the same command on one OUT at once (e.g. one "
+                    "per core or GPU): each claims a cell before running it and leaves the cells others are "
+                    "running to them.")
     p.add_argument("--tier", default="quick",
                    help="distillation and evaluation preset: smoke | quick | paper (default quick)")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,

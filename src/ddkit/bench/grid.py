@@ -6,7 +6,8 @@ A bench directory holds
 - ``results.jsonl``: one JSON line per finished (cell, architecture), appended and fsync'ed, so a
   crash loses at most the cell that was running;
 - ``table.md`` and ``plots/``: rewritten after every cell from ``results.jsonl``;
-- ``bench.json``: the parameters of the latest ``run_bench`` call.
+- ``bench.json``: the parameters of the latest ``run_bench`` call;
+- ``.claims/<cell>.lock``: which bench process is running which cell (see below).
 
 Resuming: a cell whose line (same dataset, method, IPC, tier, architecture, runs and seed) is
 already in ``results.jsonl`` without an error is skipped; a set already saved is not distilled
@@ -16,11 +17,18 @@ recorded with ``"error"`` and tried again on the next run. A cell whose preset c
 set was made (:func:`preset_changes`) is not finished: its set is renamed to
 ``<name>.superseded-<time>`` and the cell is made and evaluated again. A cell whose evaluation
 preset changed since its result (:func:`evaluation_changes`) keeps its set and is evaluated again.
+
+Several bench processes may work on one bench directory at once (on one machine, or on a file
+system whose ``flock`` locks reach every machine): each claims a cell before it runs it
+(:func:`claim_cell`) and passes over cells another running process holds, so they share the grid's
+cells between them. A claim is an exclusive ``flock`` on the cell's lock file: it ends with its
+process, crash included, so nothing stale is left to clean up.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import re
@@ -43,6 +51,7 @@ TABLE_FILE = "table.md"
 PLOTS_DIR = "plots"
 SETS_DIR = "sets"
 SPEC_FILE = "bench.json"
+CLAIMS_DIR = ".claims"
 #: The fields that name a result line; a new line with the same key replaces an older one.
 KEY_FIELDS = ("dataset", "method", "ipc", "tier", "arch", "runs", "seed")
 
@@ -489,10 +498,80 @@ def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0
                 left = work_in_progress(cell, out / SETS_DIR, tier, status.arch, runs, seed)
                 if left:
                     text += "; continues from " + ", ".join(left)
+                held = cell_held_elsewhere(out, cell)
+                if held is not None:
+                    text += f"; a bench process is running it now ({held.describe()})"
             report.append(text)
     report.append(", ".join(f"{counts[state]} {state}" for state in
                             ("done", "to run", "failed", "make again", "evaluate again") if state in counts))
     return report
+
+
+class CellClaim:
+    """This process's hold on one cell of a bench directory (see the module docstring).
+
+    Attributes:
+        held: True when this process holds the cell; False when another running process does.
+        holder: the holding process's ``{"pid", "host", "since"}`` where ``held`` is False (as it
+            wrote it; empty if unreadable).
+    """
+
+    def __init__(self, out: Path, cell: Cell):
+        folder = Path(out) / CLAIMS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        # Lock files are never deleted: removing one while another process opens it would let two
+        # processes lock two different files of the same name.
+        self._fd = os.open(folder / f"{cell.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        self.holder: dict = {}
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.held = False
+            try:
+                self.holder = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8") or "{}")
+            except (ValueError, UnicodeDecodeError):
+                pass
+            self.release()
+            return
+        self.held = True
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                        "since": _now()}).encode("utf-8"), 0)
+
+    def release(self) -> None:
+        """End the claim (closing the file drops the lock); safe to call twice."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "CellClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def describe(self) -> str:
+        """``"pid 123 on host, since ..."`` of the process holding the cell."""
+        holder = self.holder
+        return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+                if holder else "another process")
+
+
+def claim_cell(out: str | Path, cell: Cell) -> CellClaim:
+    """Try to claim ``cell`` of the bench directory ``out`` for this process, without waiting.
+
+    Returns a :class:`CellClaim`; its ``held`` says whether the claim succeeded. Use it as a context
+    manager (or call ``release``) to end the claim; a process that ends drops its claims anyway.
+    """
+    return CellClaim(Path(out), cell)
+
+
+def cell_held_elsewhere(out: str | Path, cell: Cell) -> CellClaim | None:
+    """The claim of another running process on ``cell`` (for ``--plan``), or None if none holds it."""
+    if not (Path(out) / CLAIMS_DIR / f"{cell.name}.lock").exists():
+        return None
+    with claim_cell(out, cell) as claim:
+        return None if claim.held else claim
 
 
 def _shown(changes: list[str]) -> str:
@@ -728,30 +807,61 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
             # so that every cell's line can be found with grep.
             print(("" if sys.stderr.isatty() else "\n") + text, file=sys.stderr, flush=True)
 
-    for number, (cell, statuses) in enumerate(zip(cells, statuses_of), 1):
+    def run_claimed(number: int, cell: Cell, statuses: list[CellStatus], last_try: bool) -> bool:
+        """Run ``cell`` if it has work left and this process can claim it (and its random subset,
+        which a ``random+M`` cell may have to make); False when another process holds either."""
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
-        for status in statuses:
-            if status.state == "evaluate again":
-                say(f"{label}: {status.arch}: the evaluation preset changed since its result "
-                    f"({_shown(status.reasons)}); evaluating it again")
-        pending = [status.arch for status in statuses if status.state != "done"]
-        if not pending:
-            say(f"{label}: done before, skipped")
-            continue
-        started = time.perf_counter()
+        if all(status.state == "done" for status in statuses):
+            say(f"{label}: " + ("done by another bench process" if last_try else "done before, skipped"))
+            return True
+        needs = [cell] + ([Cell(cell.dataset, BASELINE, cell.ipc)] if cell.method.startswith(BASELINE + "+") else [])
+        claims = []
         try:
-            lines = run_cell(cell, out, tier, runs, seed, device, pending, show_progress, compiled)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # a failing cell is recorded; the bench goes on
-            lines = [_error_line(cell, arch, tier, runs, seed, device, exc) for arch in pending]
-        for line in lines:
-            append_result(out, line)
+            for needed in needs:
+                claims.append(claim_cell(out, needed))
+                if not claims[-1].held:
+                    what = "it" if needed is cell else f"its random subset ({needed.name})"
+                    say(f"{label}: another bench process is running {what} ({claims[-1].describe()}); "
+                        + ("left to it" if last_try else "coming back to it at the end"))
+                    return False
+            # Another process may have finished the cell since this one read the results.
+            latest_now = {line_key(line): line for line in latest_results(read_results(out))}
+            statuses = cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest_now)
+            for status in statuses:
+                if status.state == "evaluate again":
+                    say(f"{label}: {status.arch}: the evaluation preset changed since its result "
+                        f"({_shown(status.reasons)}); evaluating it again")
+            pending = [status.arch for status in statuses if status.state != "done"]
+            if not pending:
+                say(f"{label}: done by another bench process, skipped")
+                return True
+            started = time.perf_counter()
+            try:
+                lines = run_cell(cell, out, tier, runs, seed, device, pending, show_progress, compiled)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a failing cell is recorded; the bench goes on
+                lines = [_error_line(cell, arch, tier, runs, seed, device, exc) for arch in pending]
+            for line in lines:
+                append_result(out, line)
+        finally:
+            for claim in claims:
+                claim.release()
         summary = "; ".join(f"{line['arch']} {line['mean']:.2f} +- {line['std']:.2f}" if "error" not in line
                             else f"{line['arch']} FAILED: {line['error'].splitlines()[0]}" for line in lines)
         say(f"{label}: {summary} ({time.perf_counter() - started:.0f} s)")
         write_table(out)
         write_plots(out)
+        return True
+
+    deferred = []
+    for number, (cell, statuses) in enumerate(zip(cells, statuses_of), 1):
+        if not run_claimed(number, cell, statuses, last_try=False):
+            deferred.append((number, cell))
+    # Cells another process held: once more, in case it stopped or was only looking (--plan).
+    for number, cell in deferred:
+        latest = {line_key(line): line for line in latest_results(read_results(out))}
+        run_claimed(number, cell, cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest), last_try=True)
     if not (out / TABLE_FILE).exists():
         write_table(out)
         write_plots(out)

@@ -17,8 +17,11 @@ recipe for MNIST-sized sets is published, so the paper tier uses a conventional 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,11 +175,47 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
     """
     recipe = recipe_for(real, model_config, schedule, seed)
     folder = cache_folder(kind, real, recipe)
+    teacher = _load_cached(folder, real, device)
+    if teacher is not None:
+        return teacher
+    with _training_lock(folder):
+        # another process may have trained it while this one waited for the lock
+        return _load_cached(folder, real, device) or _train_into_cache(
+            folder, real, model_config, schedule, recipe, seed, device, kind, show_progress, desc, compiled)
+
+
+def _load_cached(folder: Path, real, device) -> Teacher | None:
+    """The cache entry ``folder`` loaded, or None where it is missing, damaged or stale (train again)."""
     if (folder / "model.safetensors").is_file() and (folder / "manifest.json").is_file():
         try:
             return load_teacher(folder, real, device)
         except DDKitError:
-            pass  # damaged or stale cache entry: train again and overwrite it
+            pass
+    return None
+
+
+@contextlib.contextmanager
+def _training_lock(folder: Path):
+    """Held while this process trains the cache entry ``folder``: another process that asks for the
+    same network (two bench processes on one grid) waits, then loads what this one saved, instead
+    of training it a second time. Not under torchrun, whose ranks train the network together."""
+    from ddkit import distributed
+
+    if distributed.current().distributed:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".training.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes, or when the process ends
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, recipe: dict, seed: int, device,
+                      kind: str, show_progress: bool, desc: str, compiled: bool) -> Teacher:
+    """Train the network of :func:`train_cached` and save it to its cache entry ``folder``."""
     started = time.perf_counter()
     net = build_net(model_config, real, seed=seed, device=device)
     generator = make_generator(seed)
