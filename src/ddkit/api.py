@@ -46,8 +46,9 @@ def distill(
             0 = about every ``checkpoint_seconds`` of work, measured over the first iterations. The
             statistics family also stores every finished recover batch.
         resume: continue from the latest checkpoint in ``out`` (same tensors as an uninterrupted run).
-        compiled: run through ``torch.compile``: the matching family's network forward (about 1.8x
-            faster per iteration on a CPU, after a first iteration that compiles for half a minute),
+        compiled: run through ``torch.compile``: the matching family's network forward (1.5x to
+            1.7x faster per quick IPC-50 iteration on a CPU, after a first iteration that compiles
+            for half a minute; docs/benchmarks.md),
             the statistics family's teacher training where a teacher is not cached yet. An
             execution detail like the device: the set's manifest says ``"compiled": true``, and a
             run may resume compiled or not. Methods with nothing to compile (random) ignore it.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ddkit.errors import DDKitError
 
-COMPILE_HELP = ("{what} through torch.compile: about 1.5x to 1.8x faster per step on a CPU after "
+COMPILE_HELP = ("{what} through torch.compile: about 1.5x to 1.7x faster per step on a CPU after "
                 "a first step that compiles (half a minute or so per batch shape); the same computation, with "
                 "other float rounding; needs a C++ compiler on a CPU, Triton on a GPU")
 
