@@ -221,6 +221,18 @@ def test_pretrained_pool_is_cached_and_reused(digits, isolated_data, monkeypatch
         assert torch.equal(a, b)
 
 
+def test_a_compiled_engine_trains_its_feature_extractors_compiled(digits, isolated_data, monkeypatch):
+    import ddkit.methods.sources as sources
+
+    asked = []
+    real_train = sources.train_cached
+    monkeypatch.setattr(sources, "train_cached",
+                        lambda *a, **k: asked.append(k["compiled"]) or real_train(*a, **dict(k, compiled=False)))
+    MatchingEngine(digits, 2, smoke("iid"), seed=0, device=CPU, show_progress=False, compiled=True)
+    MatchingEngine(digits, 2, smoke("iid"), seed=0, device=CPU, show_progress=False)
+    assert asked == [True, False]
+
+
 def test_same_seed_same_images(digits):
     a = MatchingEngine(digits, 1, smoke("ddm", iterations=2), seed=7, device=CPU, show_progress=False).run("ddm")
     b = MatchingEngine(digits, 1, smoke("ddm", iterations=2), seed=7, device=CPU, show_progress=False).run("ddm")

@@ -49,7 +49,7 @@ def distill(
         compiled: run through ``torch.compile``: the matching family's network forward (1.5x to
             1.7x faster per quick IPC-50 iteration on a CPU, after a first iteration that compiles
             for half a minute; docs/benchmarks.md),
-            the statistics family's teacher training where a teacher is not cached yet. An
+            and the training of any teacher or IID feature extractor not cached yet. An
             execution detail like the device: the set's manifest says ``"compiled": true``, and a
             run may resume compiled or not. Methods with nothing to compile (random) ignore it.
         flags: method-specific switches (e.g. ``terms=``, ``weights=`` for the matching family).

@@ -182,7 +182,8 @@ class MatchingEngine:
         else:
             self.source = RandomNets(config["model"], real, device, self.generator,
                                      channels_last=use_channels_last(config.get("channels_last", "auto"), device))
-        self.pool = PretrainedPool(config["cc"], real, device, show_progress) if "cc" in self.weights else None
+        self.pool = (PretrainedPool(config["cc"], real, device, show_progress, compiled=compiled)
+                     if "cc" in self.weights else None)
         pixels = initial_images(real, ipc, self.factor, config["init"], self.generator)
         start = normalize(pixels, real.mean, real.std).to(device)
         # One leaf tensor per class: per-class optimiser state comes for free (see module docstring).

@@ -116,18 +116,19 @@ class PretrainedPool:
     """Feature extractors trained on the real data, cached under ``$DDKIT_DATA/pretrained``.
 
     Member ``i`` is trained with seed ``1000 + i`` through :func:`ddkit.methods.squeeze.train_cached`,
-    so any change of recipe trains (and caches) new networks.
+    so any change of recipe trains (and caches) new networks (``compiled``: through torch.compile).
     """
 
-    def __init__(self, config: dict, real, device, show_progress: bool = False):
-        self.config, self.real, self.device = config, real, device
+    def __init__(self, config: dict, real, device, show_progress: bool = False, compiled: bool = False):
+        self.config, self.real, self.device, self.compiled = config, real, device, compiled
         self.nets = [self._member(index, show_progress) for index in range(int(config["pool_size"]))]
 
     def _member(self, index: int, show_progress: bool) -> torch.nn.Module:
         keys = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay")
         schedule = {"decay_at": 0.5, "decay_factor": 0.1, **{k: self.config[k] for k in keys}}
         teacher = train_cached(self.real, self.config["model"], schedule, seed=1000 + index, device=self.device,
-                               kind="pretrained", show_progress=show_progress, desc=f"pretrain feature net {index}")
+                               kind="pretrained", show_progress=show_progress, desc=f"pretrain feature net {index}",
+                               compiled=self.compiled)
         return teacher.model
 
     def next(self, generator: torch.Generator) -> torch.nn.Module:
