@@ -48,10 +48,10 @@ def distill(
         resume: continue from the latest checkpoint in ``out`` (same tensors as an uninterrupted run).
         compiled: run through ``torch.compile``: the matching family's network forward (1.5x to
             1.7x faster per quick IPC-50 iteration on a CPU, after a first iteration that compiles
-            for half a minute; docs/benchmarks.md),
-            and the training of any teacher or IID feature extractor not cached yet. An
-            execution detail like the device: the set's manifest says ``"compiled": true``, and a
-            run may resume compiled or not. Methods with nothing to compile (random) ignore it.
+            for half a minute; docs/benchmarks.md), and the training of any teacher or IID feature
+            extractor not cached yet. An execution detail like the device: the set's manifest says
+            ``"compiled": true``, and a run may resume compiled or not. Methods with nothing to
+            compile (random) ignore it.
         flags: method-specific switches (e.g. ``terms=``, ``weights=`` for the matching family).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) each process distils its share of the classes, writes
