@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run, or resume, the quick grid of docs/benchmarks.md in N worker processes that share its cells
+# (`ddkit bench` claims each cell before running it), one thread each, at nice 19 in the background.
+#
+# Usage: bash benchmarks/quick_grid.sh [N]      (default N: one worker per core)
+#   SRC=/path/to/worktree/src bash benchmarks/quick_grid.sh
+#     runs the ddkit of another checkout (e.g. a `git worktree` at a fixed commit), so that editing
+#     this checkout meanwhile cannot change code the workers have not imported yet.
+# Logs: runs/bench-grid-quick-w<K>.log (progress bars end in carriage returns: read them with
+#   tail -c 300 runs/bench-grid-quick-w1.log | tr '\r' '\n'). Progress: the same bench command with --plan.
+# Stop: pkill -f "ddkit bench --tier quick"; a stopped grid loses at most about a minute per worker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+workers=${1:-$(nproc)}
+src=${SRC:-$PWD/src}
+commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
+mkdir -p runs
+for worker in $(seq 1 "$workers"); do
+  log=runs/bench-grid-quick-w$worker.log
+  echo "=== start $(date -u +%FT%TZ) on $commit ($src), worker $worker of $workers" >> "$log"
+  PYTHONPATH="$src" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup nice -n 19 .venv/bin/python -m ddkit bench \
+    --tier quick --datasets fashion-mnist,mnist --ipc 1,10,50 --runs 3 --out runs/bench-grid-quick --compile \
+    >> "$log" 2>&1 &
+  sleep 20  # the first worker claims its cell before the next one starts looking
+done
+echo "started $workers workers on $commit; logs: runs/bench-grid-quick-w*.log"
