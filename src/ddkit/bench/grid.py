@@ -570,8 +570,11 @@ def cell_held_elsewhere(out: str | Path, cell: Cell) -> CellClaim | None:
     """The claim of another running process on ``cell`` (for ``--plan``), or None if none holds it."""
     if not (Path(out) / CLAIMS_DIR / f"{cell.name}.lock").exists():
         return None
-    with claim_cell(out, cell) as claim:
-        return None if claim.held else claim
+    try:
+        with claim_cell(out, cell) as claim:
+            return None if claim.held else claim
+    except OSError:  # a bench directory this user may read but not write: nobody's claim can be seen
+        return None
 
 
 def _shown(changes: list[str]) -> str:
