@@ -93,7 +93,8 @@ def write_table(directory: str | Path) -> Path:
         "subset (hard labels); `random+M` is that subset relabelled with method M's teachers, the fair "
         "baseline for the soft-label methods. Peak memory is the resident set (CPU) or the allocated "
         "CUDA memory while the set was made. \"(compiled)\": the set was made, or its evaluation "
-        "networks trained, through torch.compile (`--compile`), the same computation in fused kernels.",
+        "networks trained, with `--compile`: through torch.compile wherever the step can (for the "
+        "statistics family, only teachers not cached yet), the same computation in fused kernels.",
         "",
         markdown_table(header, rows),
         "",
