@@ -148,6 +148,25 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def lock_file(path: str | Path, wait: bool = True) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): the open file descriptor that holds
+    it until closed, or until the process ends, crash included. With ``wait`` False, None at once
+    when another open file holds the lock. Never delete such a file while it may be in use: two
+    processes could then lock two different files of the same name."""
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)

@@ -28,7 +28,6 @@ process, crash included, so nothing stale is left to clean up.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from ddkit.checkpoint import LATEST
 from ddkit.errors import DDKitError
 from ddkit.evaluate.protocols import EVAL_CHECKPOINT_DIR
 from ddkit.store.distilled import MANIFEST_FILE
+from ddkit.utils import lock_file
 
 TIERS = ("smoke", "quick", "paper")
 BASELINE = "random"
@@ -420,6 +420,11 @@ class CellStatus:
     line: dict | None = None
 
 
+def latest_by_key(directory: str | Path) -> dict[tuple, dict]:
+    """The latest result line of every :func:`line_key` in the bench directory's results."""
+    return {line_key(line): line for line in latest_results(read_results(directory))}
+
+
 def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, seed: int,
                 latest: dict[tuple, dict]) -> list[CellStatus]:
     """The status of ``cell`` for each of ``archs``; ``latest`` maps :func:`line_key` to the latest
@@ -484,11 +489,13 @@ def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0
     datasets, methods = check_datasets(_as_list(datasets)), check_methods(_as_list(methods))
     ipcs, archs = check_ipcs(_as_list(ipcs)), check_archs(_as_list(archs))
     out = Path(out)
-    latest = {line_key(line): line for line in latest_results(read_results(out))}
+    latest = latest_by_key(out)
     cells = plan_cells(datasets, methods, ipcs)
     report, counts = [], {}
     for number, cell in enumerate(cells, 1):
-        for status in cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest):
+        statuses = cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest)
+        held = cell_held_elsewhere(out, cell) if any(s.state != "done" for s in statuses) else None
+        for status in statuses:
             counts[status.state] = counts.get(status.state, 0) + 1
             text = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol}, {status.arch}): "
             if status.state == "done":
@@ -498,7 +505,6 @@ def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0
                 left = work_in_progress(cell, out / SETS_DIR, tier, status.arch, runs, seed)
                 if left:
                     text += "; continues from " + ", ".join(left)
-                held = cell_held_elsewhere(out, cell)
                 if held is not None:
                     text += f"; a bench process is running it now ({held.describe()})"
             report.append(text)
@@ -519,21 +525,16 @@ class CellClaim:
     def __init__(self, out: Path, cell: Cell):
         folder = Path(out) / CLAIMS_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        # Lock files are never deleted: removing one while another process opens it would let two
-        # processes lock two different files of the same name.
-        self._fd = os.open(folder / f"{cell.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        path = folder / f"{cell.name}.lock"  # never deleted (see lock_file)
+        self._fd = lock_file(path, wait=False)
+        self.held = self._fd is not None
         self.holder: dict = {}
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.held = False
+        if not self.held:
             try:
-                self.holder = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8") or "{}")
-            except (ValueError, UnicodeDecodeError):
+                self.holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError, UnicodeDecodeError):
                 pass
-            self.release()
             return
-        self.held = True
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
                                         "since": _now()}).encode("utf-8"), 0)
@@ -787,7 +788,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     if (out / "manifest.json").is_file():
         raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
     cells = plan_cells(datasets, methods, ipcs)
-    latest = {line_key(line): line for line in latest_results(read_results(out))}
+    latest = latest_by_key(out)
     # A cell's status depends on its own set and result lines only, which no other cell touches.
     statuses_of = [cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest) for cell in cells]
     # A dataset that is not fetched would fail each of its cells, perhaps hours in: refuse at once
@@ -815,7 +816,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         which a ``random+M`` cell may have to make); False when another process holds either."""
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
         if all(status.state == "done" for status in statuses):
-            say(f"{label}: " + ("done by another bench process" if last_try else "done before, skipped"))
+            say(f"{label}: done before, skipped")
             return True
         needs = [cell] + ([Cell(cell.dataset, BASELINE, cell.ipc)] if cell.method.startswith(BASELINE + "+") else [])
         claims = []
@@ -828,8 +829,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
                         + ("left to it" if last_try else "coming back to it at the end"))
                     return False
             # Another process may have finished the cell since this one read the results.
-            latest_now = {line_key(line): line for line in latest_results(read_results(out))}
-            statuses = cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest_now)
+            statuses = cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest_by_key(out))
             for status in statuses:
                 if status.state == "evaluate again":
                     say(f"{label}: {status.arch}: the evaluation preset changed since its result "
@@ -860,11 +860,11 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     deferred = []
     for number, (cell, statuses) in enumerate(zip(cells, statuses_of), 1):
         if not run_claimed(number, cell, statuses, last_try=False):
-            deferred.append((number, cell))
-    # Cells another process held: once more, in case it stopped or was only looking (--plan).
-    for number, cell in deferred:
-        latest = {line_key(line): line for line in latest_results(read_results(out))}
-        run_claimed(number, cell, cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest), last_try=True)
+            deferred.append((number, cell, statuses))
+    # Cells another process held: once more, in case it stopped or was only looking (--plan);
+    # run_claimed reads the results again once it holds one.
+    for number, cell, statuses in deferred:
+        run_claimed(number, cell, statuses, last_try=True)
     if not (out / TABLE_FILE).exists():
         write_table(out)
         write_plots(out)

@@ -43,20 +43,11 @@ def png_bytes(figure: Figure) -> bytes:
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write the figure as a PNG atomically (a temporary name of its own, then a rename), so that
     bench processes sharing a directory may rewrite the same plot at once."""
-    import os
-    import tempfile
+    from ddkit.data.cache import atomic_write
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(png_bytes(figure))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = png_bytes(figure)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 

@@ -18,7 +18,6 @@ recipe for MNIST-sized sets is published, so the paper tier uses a conventional 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from ddkit.data import data_root
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
 from ddkit.models.training import RunCheckpoint, test_accuracy, train_classifier
-from ddkit.utils import apply_overrides, make_generator, normalize, seeded_global_rng, write_json_atomic
+from ddkit.utils import apply_overrides, lock_file, make_generator, normalize, seeded_global_rng, write_json_atomic
 
 #: Teacher training recipes per tier (every key overridable).
 SQUEEZE_PRESETS: dict[str, dict] = {
@@ -205,9 +204,8 @@ def _training_lock(folder: Path):
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".training.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = lock_file(folder / ".training.lock")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes, or when the process ends
         yield
     finally:
         os.close(fd)
