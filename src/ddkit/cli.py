@@ -34,6 +34,7 @@ def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
 
 # ---- data ----------------------------------------------------------------------------------------
 def cmd_data_list(args) -> int:
+    """`ddkit data list` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit.data import list_datasets
 
     for name, description in list_datasets():
@@ -42,6 +43,7 @@ def cmd_data_list(args) -> int:
 
 
 def cmd_data_info(args) -> int:
+    """`ddkit data info` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit.data import dataset_info
 
     info = dataset_info(args.name, root=args.root, image_size=args.image_size)
@@ -58,6 +60,7 @@ def cmd_data_info(args) -> int:
 
 
 def cmd_data_fetch(args) -> int:
+    """`ddkit data fetch` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit.data import fetch_dataset
 
     path = fetch_dataset(args.name, source_dir=args.source, quiet=args.quiet)
@@ -74,6 +77,7 @@ def _print_results(results) -> None:
 
 
 def cmd_eval(args) -> int:
+    """`ddkit eval` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
     from ddkit import distributed
 
@@ -103,6 +107,7 @@ def _needs_launch(args) -> bool:
 
 
 def cmd_baseline(args) -> int:
+    """`ddkit baseline` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit.data import load_dataset
     from ddkit.evaluate import random_subset
 
@@ -117,6 +122,7 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """`ddkit export` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
     from ddkit.store import export_imagefolder
 
@@ -131,6 +137,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_show(args) -> int:
+    """`ddkit show` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
     from ddkit.store import save_grid
 
@@ -142,6 +149,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    """`ddkit distill` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import os
 
     import ddkit
@@ -202,6 +210,7 @@ def _launch_torchrun(args) -> int:
 
 
 def cmd_squeeze(args) -> int:
+    """`ddkit squeeze` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit import distributed
     from ddkit.data import load_dataset
 
@@ -232,6 +241,7 @@ def cmd_squeeze(args) -> int:
 
 
 def cmd_recover(args) -> int:
+    """`ddkit recover` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     args.func_relabel = False  # recorded in the checkpoint, so --resume does not relabel either
     return cmd_distill(args)
 
@@ -252,6 +262,7 @@ def _add_checkpoint_options(p) -> None:
 
 
 def cmd_relabel(args) -> int:
+    """`ddkit relabel` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
     from ddkit.data import load_dataset
     from ddkit.methods import stats_family

@@ -31,10 +31,12 @@ class World:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part (torchrun with ``--nproc`` > 1)."""
         return self.size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes files and shows progress."""
         return self.rank == 0
 
     def share(self, count: int) -> list[int]:

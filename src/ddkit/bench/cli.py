@@ -36,6 +36,7 @@ def default_methods() -> list[str]:
 
 
 def cmd_bench(args) -> int:
+    """`ddkit bench` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit.bench.grid import TABLE_FILE, plan_bench, run_bench
 
     methods = _names(args.methods, "--methods") if args.methods else default_methods()
@@ -58,6 +59,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """`ddkit report` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     from ddkit.bench.report import write_report
 
     print(write_report(args.dir, args.out))

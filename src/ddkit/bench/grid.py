@@ -100,10 +100,12 @@ class Cell:
 
     @property
     def protocol(self) -> str:
+        """"hard" or "soft": the evaluation protocol the cell's method calls for."""
         return protocol_for(self.method)
 
     @property
     def name(self) -> str:
+        """The cell's set folder under ``OUT/sets`` (``fashion-mnist-dm-ipc10``)."""
         return set_name(self.dataset, self.method, self.ipc)
 
 
@@ -118,6 +120,7 @@ def _as_list(value) -> list:
 
 
 def check_tier(tier: str) -> str:
+    """``tier`` itself if it is one of :data:`TIERS`; otherwise DDKitError naming the choices."""
     if tier not in TIERS:
         raise DDKitError(f"unknown tier {tier!r}; choose one of: {', '.join(TIERS)}")
     return tier
@@ -151,6 +154,7 @@ def check_methods(methods) -> list[str]:
 
 
 def check_ipcs(ipcs) -> list[int]:
+    """The IPC values without repeats, in order; a value below 1 or not an int, or none, -> DDKitError."""
     values = []
     for ipc in ipcs:
         if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
@@ -162,6 +166,7 @@ def check_ipcs(ipcs) -> list[int]:
 
 
 def check_archs(archs) -> list[str]:
+    """Registered evaluation architectures without repeats; an unknown name, or none, raises DDKitError."""
     from ddkit.models import available
 
     archs = list(dict.fromkeys(archs))
@@ -186,6 +191,7 @@ def plan_cells(datasets: list[str], methods: list[str], ipcs: list[int]) -> list
 
 # ---- results.jsonl -----------------------------------------------------------------------------------
 def line_key(line: dict) -> tuple:
+    """What identifies a result line: its :data:`KEY_FIELDS` (dataset, method, IPC, tier, arch, runs, seed)."""
     return tuple(line.get(name) for name in KEY_FIELDS)
 
 

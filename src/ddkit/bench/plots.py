@@ -28,6 +28,7 @@ NOT_LOSS_TERMS = frozenset({"iteration", "batch", "acc", "accuracy", "crop_min",
 
 
 def new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
+    """A ``width`` x ``height`` inch figure at 100 dpi on an Agg canvas: no pyplot, so no global state."""
     figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
     return figure
@@ -161,6 +162,7 @@ def accuracy_groups(lines: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def accuracy_plot_name(dataset: str, protocol: str, arch: str, tier: str) -> str:
+    """File name of the accuracy-against-IPC plot of one (dataset, protocol, arch, tier) group."""
     return f"accuracy-{slug(dataset)}-{protocol}-{arch}-{tier}.png"
 
 

@@ -62,6 +62,7 @@ def data_uri(png: bytes) -> str:
 
 
 def image_tag(png: bytes, alt: str, caption: str | None = None) -> str:
+    """An ``<img>`` with the PNG embedded as a data URI, inside a ``<figure>`` when ``caption`` is given."""
     tag = f'<img src="{data_uri(png)}" alt="{esc(alt)}">'
     if caption is None:
         return tag
@@ -231,6 +232,7 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
 
 
 def is_bench_dir(directory: Path) -> bool:
+    """Whether ``directory`` was written by ``ddkit bench`` (it holds results.jsonl or bench.json)."""
     from ddkit.bench.grid import RESULTS_FILE, SPEC_FILE
 
     return (directory / RESULTS_FILE).is_file() or (directory / SPEC_FILE).is_file()

@@ -74,6 +74,7 @@ def table_rows(directory: str | Path) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table; ``|`` and newlines inside cells are escaped so a cell cannot break a row."""
     def escape(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 

@@ -104,10 +104,12 @@ class EvalResult:
 
     @property
     def mean(self) -> float:
+        """Mean test accuracy over the runs, in percent."""
         return float(np.mean(self.accuracies))
 
     @property
     def std(self) -> float:
+        """Population standard deviation of the runs' test accuracies, in percent."""
         return float(np.std(self.accuracies))
 
     def summary(self) -> str:
