@@ -23,7 +23,6 @@ part of the committed folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddkit.errors import DDKitError
-from ddkit.utils import write_json_atomic
+from ddkit.utils import atomic_write, write_json_atomic
 
 LATEST = "latest.json"
 
@@ -40,11 +39,9 @@ LATEST = "latest.json"
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], state: dict | None = None) -> None:
     """Write ``tensors`` (and a JSON ``state`` in the file's metadata) to ``path`` through a
     temporary name and a rename, so the file is whole or absent."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     metadata = None if state is None else {"state": json.dumps(state)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

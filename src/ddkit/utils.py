@@ -167,21 +167,37 @@ def lock_file(path: str | Path, wait: bool = True) -> int | None:
     return fd
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as indented JSON to ``path`` through a temporary file and ``os.replace``."""
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, flush it to disk, give it the
+    usual ``0666 & ~umask`` permissions (mkstemp makes 0600) and rename it over ``path``. The file is
+    whole or absent, and processes writing the same path at once each use a temporary of their own."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
-            handle.write("\n")
-            handle.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` through :func:`atomic_write`."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value):

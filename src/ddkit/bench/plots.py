@@ -44,7 +44,7 @@ def png_bytes(figure: Figure) -> bytes:
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write the figure as a PNG atomically (a temporary name of its own, then a rename), so that
     bench processes sharing a directory may rewrite the same plot at once."""
-    from ddkit.data.cache import atomic_write
+    from ddkit.utils import atomic_write
 
     path = Path(path)
     data = png_bytes(figure)

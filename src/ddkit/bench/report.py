@@ -251,7 +251,7 @@ def write_report(path: str | Path, out_html: str | Path | None = None) -> Path:
     Raises:
         DDKitError: ``path`` is neither a set nor a bench directory (or the set is damaged).
     """
-    from ddkit.bench.grid import write_text_atomic
+    from ddkit.utils import write_text_atomic
 
     directory = Path(path)
     if not directory.is_dir():

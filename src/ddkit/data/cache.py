@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,11 +24,10 @@ from safetensors.torch import save_file
 
 from ddkit.data.core import Split, one_line
 from ddkit.errors import DDKitError
+from ddkit.utils import atomic_write
 
 CACHE_FILE = "cache.safetensors"
 CACHE_FORMAT = "1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -55,23 +52,6 @@ def split_hashes(train: Split, test: Split) -> dict[str, str]:
         "test_images": array_sha256(test.images),
         "test_labels": array_sha256(test.labels),
     }
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_cache(
