@@ -4,6 +4,7 @@
     ds = ddkit.distill("dm", dataset="fashion-mnist", ipc=10, preset="quick", seed=0)
     ds.save("runs/dm-fmnist-10"); ds = ddkit.load("runs/dm-fmnist-10")
     report = ddkit.evaluate(ds, protocol="hard", runs=3)
+    other = ddkit.import_set("res_DM.pt", dataset="fashion-mnist")  # a set made by another tool
 """
 
 __version__ = "0.1.0"
@@ -14,7 +15,8 @@ import ddkit.evaluate as _evaluate_layer  # noqa: E402
 from ddkit.api import distill, resume  # noqa: E402
 from ddkit.errors import DDKitError  # noqa: E402
 from ddkit.store import DistilledSet, load  # noqa: E402
+from ddkit.store.importer import import_set  # noqa: E402
 
 evaluate = _evaluate_layer.evaluate
 
-__all__ = ["distill", "resume", "evaluate", "load", "DistilledSet", "DDKitError", "__version__"]
+__all__ = ["distill", "resume", "evaluate", "load", "import_set", "DistilledSet", "DDKitError", "__version__"]

@@ -136,6 +136,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    """`ddkit import` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
+    import ddkit
+    from ddkit.store.importer import class_count_note
+
+    distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
+                                 entry=args.entry, images_key=args.images_key, labels_key=args.labels_key,
+                                 image_size=args.image_size, show_progress=not args.quiet)
+    record = distilled.meta["imported"]
+    note = class_count_note(distilled)
+    if note:
+        print(note)
+    out = distilled.save(args.out)
+    print(f"imported {distilled.images.shape[0]} images ({distilled.ipc} per class) of {distilled.dataset} "
+          f"from {args.source} ({record['kind']}; space: {record['space']}, {record['space_reason']}) -> {out}")
+    print(f"grid: {out / 'grid.png'}")
+    print(f"judge it: ddkit eval {out}")
+    return 0
+
+
 def cmd_show(args) -> int:
     """`ddkit show` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
@@ -451,6 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stored", action="store_true",
                    help="export the stored images rather than the decoded training images (differs for IDM sets)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="bring a set made by another tool into ddkit's format",
+                       description="Read images and hard labels made elsewhere (a DM/IDM-script .pt file, .npz, "
+                                   ".safetensors, or a folder of per-class image folders in label order), check them "
+                                   "against the dataset, and write a distilled set that `ddkit eval` judges like any "
+                                   "other. Nothing in the files is executed: torch files go through torch's weights-only "
+                                   "loader, .npz is read without pickle.")
+    p.add_argument("source", help="a .pt/.pth, .npz or .safetensors file, or a folder of class folders")
+    p.add_argument("--dataset", required=True, help="the real dataset the set was made from (its test split judges it)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--space", default="auto", choices=["auto", "pixel", "byte", "normalized"],
+                   help="how the numbers map to pixels: pixel [0, 1], byte [0, 255], normalized "
+                        "((pixel - mean) / std, as the DM-family scripts save them); auto (default) decides clear "
+                        "cases and says which it chose. Image folders are always bytes")
+    p.add_argument("--method", default="imported", help="method name for the manifest, e.g. dm-original (default imported)")
+    p.add_argument("--entry", type=int, default=0,
+                   help="which experiment of a DM-script file {'data': [[images, labels], ...]} (default 0)")
+    p.add_argument("--images-key", default="images", help="name of the images tensor in the file (default images)")
+    p.add_argument("--labels-key", default="labels",
+                   help="name of the labels tensor: class indices [N] or one-hot [N, K] (default labels)")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    _add_common(p, device=False)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("show", help="(re)write a set's grid.png and print its path",
                        description="Write grid.png (one row per class) into the set's directory and print its path.")

@@ -474,14 +474,16 @@ def load_tiny_imagenet(
 # imagefolder
 
 
-def _class_folders(root: Path) -> list[Path]:
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of ``root`` (hidden ones skipped), sorted by name: label order."""
     return sorted(
         (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
         key=lambda p: p.name,
     )
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
+    """Image files anywhere under ``folder`` (hidden paths skipped), sorted by relative path."""
     return sorted(
         (p for p in folder.rglob("*")
          if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
@@ -508,7 +510,7 @@ def imagefolder_layout(
         split_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if split_dir is not None:
         train_root = root / "train"
-        classes = [p.name for p in _class_folders(train_root)]
+        classes = [p.name for p in class_folders(train_root)]
         if not classes:
             raise DDKitError(
                 f"{train_root} has no class sub-folders; put each class's images in its own folder"
@@ -516,7 +518,7 @@ def imagefolder_layout(
         index = {c: i for i, c in enumerate(classes)}
         train = []
         for c in classes:
-            files = _images_under(train_root / c)
+            files = images_under(train_root / c)
             if not files:
                 raise DDKitError(
                     f"class folder {train_root / c} holds no images "
@@ -524,16 +526,16 @@ def imagefolder_layout(
                 )
             train += [(f, index[c]) for f in files]
         test = []
-        for folder in _class_folders(split_dir):
+        for folder in class_folders(split_dir):
             if folder.name not in index:
                 raise DDKitError(
                     f"{folder} is a class that {train_root} does not have; every test class "
                     f"needs a train folder of the same name"
                 )
-            test += [(f, index[folder.name]) for f in _images_under(folder)]
+            test += [(f, index[folder.name]) for f in images_under(folder)]
         return classes, train, test
 
-    folders = _class_folders(root)
+    folders = class_folders(root)
     if not folders:
         raise DDKitError(
             f"{root} has no class sub-folders; imagefolder needs one sub-folder of images per class"
@@ -541,7 +543,7 @@ def imagefolder_layout(
     classes = [p.name for p in folders]
     files: list[tuple[Path, int]] = []
     for i, folder in enumerate(folders):
-        found = _images_under(folder)
+        found = images_under(folder)
         if not found:
             raise DDKitError(
                 f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"

@@ -1,0 +1,327 @@
+"""Bring a set made elsewhere into ddkit's format, so ddkit's evaluator can judge it.
+
+Research scripts save their synthetic sets in their own ways: DM and IDM write a torch file
+``{"data": [[images, labels], ...], ...}`` with one pair per experiment, in normalised space;
+others write ``.npz`` arrays, image folders, or safetensors. :func:`import_set` reads any of these
+without executing code from the file, checks the images against the real dataset they claim to
+come from (channels, height, width, classes), converts them to ddkit's pixel space and returns a
+:class:`~ddkit.store.DistilledSet` that ``ddkit eval`` judges exactly like ddkit's own sets.
+
+Only hard labels are imported. The soft-label protocol replays relabel records made by ddkit's own
+teachers; to compare an imported set under it, relabel it with ``ddkit relabel`` (the same
+teachers then label every set in the comparison).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddkit.errors import DDKitError
+from ddkit.store.distilled import DistilledSet
+from ddkit.utils import sha256_of
+
+#: how the numbers of an imported image tensor map to pixels
+SPACES = ("auto", "pixel", "byte", "normalized")
+#: the pixel range a clearly pixel-space tensor keeps to (matching methods overshoot [0, 1] a little)
+_PIXEL_RANGE = (-0.05, 1.05)
+#: share of values inside ``_PIXEL_RANGE`` for ``auto`` to call a space
+_CLEAR_SHARE = 0.95
+_METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _tensor(value, what: str, source: Path) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise DDKitError(f"{source}: '{what}' is an array of Python objects; save it as a numeric array")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    raise DDKitError(f"{source}: '{what}' is a {type(value).__name__}, not a tensor or array")
+
+
+def _pick(mapping, images_key: str, labels_key: str, source: Path):
+    missing = [k for k in (images_key, labels_key) if k not in mapping]
+    if missing:
+        found = ", ".join(sorted(map(str, mapping))) or "nothing"
+        raise DDKitError(
+            f"{source} has no {' or '.join(repr(k) for k in missing)} (it holds: {found}); "
+            f"name the tensors with --images-key and --labels-key"
+        )
+    return mapping[images_key], mapping[labels_key]
+
+
+def _read_torch(source: Path, entry: int, images_key: str, labels_key: str):
+    """A torch file, loaded with ``weights_only``: tensors and plain containers only, no code."""
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise DDKitError(
+            f"{source} holds more than tensors and plain containers ({first[:160]}); ddkit does not run "
+            f"code from a file: save the images and labels as tensors (torch.save({{'images': x, 'labels': y}}))"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise DDKitError(f"{source} cannot be read as a torch file ({str(exc)[:160]})") from None
+    if isinstance(obj, dict) and images_key in obj and labels_key in obj:
+        return obj[images_key], obj[labels_key], "torch file"
+    if isinstance(obj, dict) and isinstance(obj.get("data"), (list, tuple)):
+        pairs = obj["data"]  # DM / IDM scripts: one [images, labels] pair per experiment
+        if not -len(pairs) <= entry < len(pairs):
+            raise DDKitError(f"{source} holds {len(pairs)} experiment(s) under 'data'; pass --entry 0 to {len(pairs) - 1}")
+        pair = pairs[entry]
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise DDKitError(f"{source}: data[{entry}] is not an [images, labels] pair")
+        return pair[0], pair[1], f"torch file, experiment {entry % len(pairs)} of {len(pairs)}"
+    if isinstance(obj, (list, tuple)) and len(obj) == 2:
+        return obj[0], obj[1], "torch file"
+    if isinstance(obj, dict):
+        images, labels = _pick(obj, images_key, labels_key, source)
+        return images, labels, "torch file"
+    raise DDKitError(
+        f"{source} holds a {type(obj).__name__}; ddkit reads a dict of images and labels, "
+        f"an [images, labels] pair, or the DM-script layout {{'data': [[images, labels], ...]}}"
+    )
+
+
+def _read_folder(source: Path, channels: int, show_progress: bool):
+    """An image folder: one sub-folder per class in label order (as ``ddkit export`` writes)."""
+    from ddkit.data.formats import class_folders, decode_images, images_under
+
+    folders = class_folders(source)
+    if not folders:
+        raise DDKitError(f"{source} has no class sub-folders; put each class's images in its own folder, in label order")
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        found = images_under(folder)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DDKitError(f"{source} holds no image files in its class folders")
+    images, all_gray = decode_images(files, None, "imported images", quiet=not show_progress)
+    if channels == 1:
+        if not all_gray and not (images[:, :1] == images).all():
+            raise DDKitError(f"the images under {source} are in colour, but the dataset has one channel")
+        images = images[:, :1]
+    return torch.from_numpy(images), torch.tensor(labels), f"image folder, {len(folders)} class folders", folders
+
+
+def read_source(source: str | Path, entry: int = 0, images_key: str = "images", labels_key: str = "labels",
+                channels: int = 3, show_progress: bool = True):
+    """Read images and labels from a file or folder, never executing code stored in it.
+
+    Args:
+        source: a ``.safetensors`` file, a ``.npz`` file, a torch file (``.pt``/``.pth``, loaded with
+            ``weights_only=True``) or a folder of per-class image folders in label order.
+        entry: which experiment of a DM-script torch file (``{"data": [[images, labels], ...]}``).
+        images_key, labels_key: tensor names in safetensors, npz and dict torch files.
+        channels: the dataset's channels; a grayscale image folder is read with one channel.
+        show_progress: a progress bar while a large image folder is decoded.
+
+    Returns:
+        ``(images, labels, description, class_folders)``: tensors as stored (any dtype or layout),
+        a few words on what was read, and the class folders of an image folder (else ``None``).
+    """
+    source = Path(source)
+    if source.is_dir():
+        return _read_folder(source, channels, show_progress)
+    if not source.is_file():
+        raise DDKitError(f"{source} does not exist; pass a .safetensors, .npz or .pt file, or a folder of class folders")
+    suffix = source.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(source))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DDKitError(f"{source} cannot be read as safetensors ({exc})") from None
+        images, labels = _pick(tensors, images_key, labels_key, source)
+        return images, labels, "safetensors file", None
+    if suffix == ".npz":
+        try:
+            with np.load(source, allow_pickle=False) as arrays:
+                images, labels = _pick(arrays, images_key, labels_key, source)
+                return _tensor(images, images_key, source), _tensor(labels, labels_key, source), "npz file", None
+        except ValueError as exc:  # object arrays need pickle, which stays off
+            raise DDKitError(f"{source} cannot be read without pickle ({str(exc)[:160]}); save numeric arrays") from None
+        except (OSError, EOFError) as exc:
+            raise DDKitError(f"{source} cannot be read as npz ({str(exc)[:160]})") from None
+    if suffix in (".pt", ".pth"):
+        images, labels, description = _read_torch(source, entry, images_key, labels_key)
+        return images, labels, description, None
+    raise DDKitError(f"{source}: unknown kind '{suffix}'; pass a .safetensors, .npz or .pt file, or a folder of class folders")
+
+
+def to_nchw(images: torch.Tensor, shape: tuple[int, int, int], dataset: str) -> tuple[torch.Tensor, bool]:
+    """Images as ``[N, C, H, W]`` of the dataset's ``shape``; also accepts ``[N, H, W, C]`` and, for
+    one channel, ``[N, H, W]``. Returns the tensor and whether it was channels-last."""
+    channels, height, width = shape
+    if images.dim() == 3 and channels == 1 and tuple(images.shape[1:]) == (height, width):
+        return images.unsqueeze(1), False
+    if images.dim() == 4 and tuple(images.shape[1:]) == shape:
+        return images, False
+    if images.dim() == 4 and tuple(images.shape[1:]) == (height, width, channels):
+        return images.permute(0, 3, 1, 2).contiguous(), True
+    raise DDKitError(
+        f"the images have shape {list(images.shape)}, but {dataset} needs [N, {channels}, {height}, {width}] "
+        f"(or [N, {height}, {width}, {channels}]); import a set made for this dataset at its resolution"
+    )
+
+
+def to_class_indices(labels: torch.Tensor, count: int, num_classes: int) -> torch.Tensor:
+    """Hard labels int64 ``[N]`` from class indices ``[N]`` or one-hot rows ``[N, K]``."""
+    if labels.dim() == 2 and labels.shape == (count, num_classes):
+        values = labels.float()
+        if not (((values == 0) | (values == 1)).all() and (values.sum(1) == 1).all()):
+            raise DDKitError(
+                "the labels are soft ([N, K] but not one-hot); ddkit imports hard labels only: save their argmax "
+                "as labels, then `ddkit relabel` the imported set to judge it with soft labels"
+            )
+        return values.argmax(1)
+    if labels.dim() != 1 or labels.shape[0] != count:
+        raise DDKitError(f"{count} images but labels of shape {list(labels.shape)}; give one class index per image")
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise DDKitError("the labels are not whole numbers; give class indices 0 to K-1")
+    labels = labels.to(torch.int64)
+    if count and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DDKitError(
+            f"labels run from {int(labels.min())} to {int(labels.max())}, but the dataset has classes 0 to {num_classes - 1}"
+        )
+    return labels
+
+
+def _share_in_pixel_range(values: torch.Tensor) -> float:
+    low, high = _PIXEL_RANGE
+    return float(((values >= low) & (values <= high)).float().mean())
+
+
+def to_pixel_space(images: torch.Tensor, space: str, mean, std) -> tuple[torch.Tensor, str, str]:
+    """Images as float32 pixel space ``[0, 1]`` (values are kept, not clipped).
+
+    Args:
+        images: ``[N, C, H, W]``, any numeric dtype.
+        space: ``"pixel"`` (already [0, 1]), ``"byte"`` (0 to 255), ``"normalized"``
+            (``(pixel - mean) / std`` with the dataset's per-channel constants) or ``"auto"``: uint8
+            tensors are bytes, whole numbers above 1.5 are bytes, a tensor with 95 % of its values in
+            [-0.05, 1.05] is pixel space, one that is so after undoing the normalisation is normalised;
+            anything else is refused with a request for ``--space``.
+        mean, std: the dataset's per-channel normalisation (``C`` numbers each).
+
+    Returns:
+        ``(pixels float32 [N, C, H, W], resolved space, why)``.
+    """
+    if space not in SPACES:
+        raise DDKitError(f"unknown space {space!r}; choose one of: {', '.join(SPACES)}")
+    values = images.float() if images.is_floating_point() else images.to(torch.float32)
+    if not torch.isfinite(values).all():
+        raise DDKitError("the images hold NaN or infinite values; they cannot be evaluated")
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    why = "given"
+    if space == "auto":
+        if images.dtype == torch.uint8 or (values.numel() and float(values.min()) >= 0 and float(values.max()) > 1.5
+                                           and torch.equal(values, values.round()) and float(values.max()) <= 255):
+            space, why = "byte", "auto: whole numbers 0 to 255"
+        else:
+            as_pixel = _share_in_pixel_range(values)
+            as_normalized = _share_in_pixel_range(values * std_t + mean_t)
+            if as_pixel >= _CLEAR_SHARE:
+                space, why = "pixel", f"auto: {100 * as_pixel:.0f}% of values in [0, 1]"
+            elif as_normalized >= _CLEAR_SHARE:
+                space, why = "normalized", (f"auto: {100 * (1 - as_pixel):.0f}% of values outside [0, 1], "
+                                            f"{100 * as_normalized:.0f}% inside after undoing the normalisation")
+            else:
+                raise DDKitError(
+                    f"cannot tell the images' space: {100 * as_pixel:.0f}% of values lie in [0, 1] as they are and "
+                    f"{100 * as_normalized:.0f}% after undoing the normalisation; pass --space pixel, byte or normalized"
+                )
+    if space == "byte":
+        return values / 255.0, space, why
+    if space == "normalized":
+        return values * std_t + mean_t, space, why
+    return values.contiguous(), space, why
+
+
+def import_set(
+    source: str | Path,
+    dataset: str,
+    space: str = "auto",
+    method: str = "imported",
+    entry: int = 0,
+    images_key: str = "images",
+    labels_key: str = "labels",
+    image_size: int | None = None,
+    show_progress: bool = True,
+) -> DistilledSet:
+    """Read a set made by another tool as a (not yet saved) :class:`DistilledSet` of ``dataset``.
+
+    Args:
+        source: see :func:`read_source` (safetensors, npz, torch file or image folder).
+        dataset: the real dataset the set was made from; its test split will judge it, so the images
+            must have its ``(C, H, W)`` and the labels its classes.
+        space: how the numbers map to pixels (:func:`to_pixel_space`); DM-family scripts save
+            normalised images, image folders are bytes.
+        method: the name the manifest gives the set's method, e.g. ``"dm-original"``.
+        entry: experiment of a DM-script torch file; images_key, labels_key: tensor names.
+        image_size: resize side of an ``imagefolder:PATH`` dataset (as for ``ddkit baseline``).
+        show_progress: a progress bar while a large image folder is decoded.
+
+    Returns:
+        A DistilledSet: images float32 [N, C, H, W] in pixel space (unclipped), labels int64 [N], and
+        a manifest recording the source, its sha256 and the space conversion under ``imported``.
+    """
+    from ddkit.data import dataset_info
+
+    if not _METHOD_NAME.match(method or ""):
+        raise DDKitError(f"method name {method!r} is not valid; use letters, digits and . _ + -, e.g. dm-original")
+    info = dataset_info(dataset, image_size=image_size)
+    shape = tuple(int(v) for v in info["image_shape"])
+    num_classes = int(info["num_classes"])
+    class_names = list(info["class_names"]) or [str(c) for c in range(num_classes)]
+    raw_images, raw_labels, description, folders = read_source(source, entry, images_key, labels_key, shape[0],
+                                                               show_progress)
+    raw_images = _tensor(raw_images, images_key, Path(source))
+    images, channels_last = to_nchw(raw_images, shape, info["name"])
+    if images.shape[0] == 0:
+        raise DDKitError(f"{source} holds no images")
+    if folders is not None and len(folders) != num_classes:
+        raise DDKitError(f"{source} has {len(folders)} class folders, but {info['name']} has {num_classes} classes")
+    labels = to_class_indices(_tensor(raw_labels, labels_key, Path(source)), images.shape[0], num_classes)
+    if folders is not None:
+        if space not in ("auto", "byte"):
+            raise DDKitError(f"{source} is an image folder, and image files hold bytes; leave out --space {space}")
+        pixels, resolved, why = images.float() / 255.0, "byte", "image files"
+    else:
+        pixels, resolved, why = to_pixel_space(images, space, info["mean"], info["std"])
+    source = Path(source)
+    record = {
+        "source": str(source), "kind": description, "space": resolved, "space_reason": why,
+        "channels_last": channels_last,
+        "sha256": sha256_of(source) if source.is_file() else None,
+    }
+    if folders is not None:
+        record["class_folders"] = [f.name for f in folders]
+    if not folders and (entry or images_key != "images" or labels_key != "labels"):
+        record.update(entry=entry, images_key=images_key, labels_key=labels_key)
+    counts = torch.bincount(labels, minlength=num_classes)
+    meta = {"config": {"ipc": int(counts.max())}, "imported": record}
+    if image_size:
+        meta["dataset_options"] = {"image_size": image_size}
+    return DistilledSet(
+        images=pixels, labels=labels, class_names=class_names, dataset=info["name"], mean=info["mean"],
+        std=info["std"], method=method, meta=meta,
+    )
+
+
+def class_count_note(distilled: DistilledSet) -> str | None:
+    """A line when classes hold unequal numbers of images (IPC is then the largest count), else None."""
+    counts = torch.bincount(distilled.labels, minlength=distilled.num_classes)
+    low, high = int(counts.min()), int(counts.max())
+    if low == high:
+        return None
+    return f"note: classes hold {low} to {high} images; the set's IPC is taken as {high}"

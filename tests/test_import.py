@@ -1,0 +1,155 @@
+"""`ddkit import`: sets made by other tools read safely, checked, converted to pixel space."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ddkit
+from ddkit.cli import main
+from ddkit.errors import DDKitError
+from ddkit.store import export_imagefolder
+from ddkit.store.importer import to_pixel_space
+
+
+@pytest.fixture(scope="module")
+def real_subset(digits):
+    """Three real digits images per class: pixels float [30, 1, 8, 8] in [0, 1], labels int64 [30]."""
+    index = torch.cat([torch.nonzero(digits.train.labels == c).flatten()[:3] for c in range(10)])
+    return digits.train.images[index].float() / 255.0, digits.train.labels[index].clone(), digits
+
+
+def _normalize(pixels, digits):
+    mean = torch.tensor(digits.mean).view(1, -1, 1, 1)
+    std = torch.tensor(digits.std).view(1, -1, 1, 1)
+    return (pixels - mean) / std
+
+
+def test_safetensors_pixel_set_round_trips_unchanged(tmp_path, real_subset):
+    pixels, labels, _ = real_subset
+    pixels = pixels * 1.04 - 0.02  # a little outside [0, 1], as unclamped matching methods leave them
+    save_file({"images": pixels, "labels": labels}, str(tmp_path / "set.safetensors"))
+    imported = ddkit.import_set(tmp_path / "set.safetensors", dataset="digits", method="dm-original")
+    assert torch.equal(imported.images, pixels) and torch.equal(imported.labels, labels)
+    assert imported.method == "dm-original" and imported.ipc == 3 and imported.dataset == "digits"
+    record = imported.meta["imported"]
+    assert record["space"] == "pixel" and len(record["sha256"]) == 64
+    loaded = ddkit.load(imported.save(tmp_path / "out"))
+    assert torch.equal(loaded.images, pixels)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["imported"]["kind"] == "safetensors file"
+
+
+def test_dm_script_torch_file_is_denormalised_per_experiment(tmp_path, real_subset):
+    pixels, labels, digits = real_subset
+    second = pixels.flip(-1)
+    torch.save({"data": [[_normalize(pixels, digits), labels], [_normalize(second, digits), labels]],
+                "accs_all_exps": {"ConvNet": [0.9]}}, tmp_path / "res_DM.pt")
+    first = ddkit.import_set(tmp_path / "res_DM.pt", dataset="digits")
+    assert first.meta["imported"]["space"] == "normalized"
+    torch.testing.assert_close(first.images, pixels, atol=1e-6, rtol=0)
+    other = ddkit.import_set(tmp_path / "res_DM.pt", dataset="digits", entry=1)
+    torch.testing.assert_close(other.images, second, atol=1e-6, rtol=0)
+    with pytest.raises(DDKitError, match="2 experiment"):
+        ddkit.import_set(tmp_path / "res_DM.pt", dataset="digits", entry=2)
+
+
+def test_channels_last_uint8_npz_and_one_hot_labels(tmp_path, real_subset):
+    pixels, labels, _ = real_subset
+    as_bytes = (pixels * 255).round().to(torch.uint8)
+    one_hot = torch.nn.functional.one_hot(labels, 10).float().numpy()
+    np.savez(tmp_path / "set.npz", x=as_bytes.permute(0, 2, 3, 1).numpy(), y=one_hot)
+    imported = ddkit.import_set(tmp_path / "set.npz", dataset="digits", images_key="x", labels_key="y")
+    assert torch.equal(imported.images, as_bytes.float() / 255.0)
+    assert torch.equal(imported.labels, labels)
+    assert imported.meta["imported"]["channels_last"] is True and imported.meta["imported"]["space"] == "byte"
+
+
+def test_image_folder_from_export_comes_back_as_the_same_set(tmp_path, real_subset, digits):
+    pixels, labels, _ = real_subset
+    export_imagefolder(pixels, labels, digits.class_names, tmp_path / "folder")
+    imported = ddkit.import_set(tmp_path / "folder", dataset="digits")
+    assert imported.images.shape == (30, 1, 8, 8)  # grayscale PNGs come back with one channel
+    assert torch.equal(imported.images, (pixels * 255).round() / 255.0)
+    assert torch.equal(imported.labels, labels)
+    assert imported.meta["imported"]["class_folders"][3] == "3_3"
+    with pytest.raises(DDKitError, match="image folder"):
+        ddkit.import_set(tmp_path / "folder", dataset="digits", space="normalized")
+
+
+def test_auto_space_decisions_and_refusal():
+    mean, std = (0.3,), (0.4,)
+    pixel = torch.rand(4, 1, 8, 8)
+    assert to_pixel_space(pixel, "auto", mean, std)[1] == "pixel"
+    assert to_pixel_space((pixel * 255).round(), "auto", mean, std)[1] == "byte"
+    out, space, _ = to_pixel_space((pixel - 0.3) / 0.4, "auto", mean, std)
+    assert space == "normalized"
+    torch.testing.assert_close(out, pixel, atol=1e-6, rtol=0)
+    noise = torch.linspace(-3, 3, 256).reshape(4, 1, 8, 8)  # neither reading puts 95 % in [0, 1]
+    with pytest.raises(DDKitError, match="--space"):
+        to_pixel_space(noise, "auto", mean, std)
+    assert torch.equal(to_pixel_space(noise, "pixel", mean, std)[0], noise)  # given: kept, not clipped
+    with pytest.raises(DDKitError, match="NaN"):
+        to_pixel_space(torch.full((1, 1, 8, 8), float("nan")), "pixel", mean, std)
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (torch.rand(30, 1, 28, 28), torch.arange(30) % 10, r"needs \[N, 1, 8, 8\]"),
+    (torch.rand(30, 1, 8, 8), torch.arange(30) % 10 + 1, "classes 0 to 9"),
+    (torch.rand(30, 1, 8, 8), torch.arange(29) % 10, "one class index per image"),
+    (torch.rand(30, 1, 8, 8), torch.softmax(torch.randn(30, 10), 1), "soft"),
+    (torch.rand(30, 1, 8, 8), (torch.arange(30) % 10).float() + 0.5, "whole numbers"),
+])
+def test_bad_contents_are_refused_with_what_to_do(tmp_path, images, labels, message):
+    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(DDKitError, match=message):
+        ddkit.import_set(tmp_path / "bad.safetensors", dataset="digits")
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``Path.touch`` on a marker: what a hostile torch file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_torch_file_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"images": torch.rand(10, 1, 8, 8), "labels": torch.arange(10),
+                "payload": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "hostile.pt")
+    with pytest.raises(DDKitError, match="does not run code"):
+        ddkit.import_set(tmp_path / "hostile.pt", dataset="digits")
+    assert not marker.exists()
+
+
+def test_missing_keys_and_unknown_files_name_the_fix(tmp_path):
+    save_file({"x": torch.rand(2, 1, 8, 8)}, str(tmp_path / "keys.safetensors"))
+    with pytest.raises(DDKitError, match="--images-key"):
+        ddkit.import_set(tmp_path / "keys.safetensors", dataset="digits")
+    (tmp_path / "set.csv").write_text("1,2\n")
+    with pytest.raises(DDKitError, match="unknown kind"):
+        ddkit.import_set(tmp_path / "set.csv", dataset="digits")
+    with pytest.raises(DDKitError, match="does not exist"):
+        ddkit.import_set(tmp_path / "absent.pt", dataset="digits")
+    with pytest.raises(DDKitError, match="method name"):
+        ddkit.import_set(tmp_path / "keys.safetensors", dataset="digits", method="a b")
+
+
+def test_cli_import_then_eval(tmp_path, capsys, real_subset):
+    pixels, labels, digits = real_subset
+    torch.save({"data": [[_normalize(pixels, digits), labels]]}, tmp_path / "res.pt")
+    assert main(["import", str(tmp_path / "res.pt"), "--dataset", "digits", "--out", str(tmp_path / "set")]) == 0
+    out = capsys.readouterr().out
+    assert "imported 30 images (3 per class) of digits" in out and "space: normalized" in out
+    assert main(["eval", str(tmp_path / "set"), "--preset", "smoke", "--runs", "1", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert manifest["method"] == "imported" and len(manifest["evaluations"]) == 1
+    assert main(["import", str(tmp_path / "res.pt"), "--dataset", "mnist", "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ddkit: error: the images have shape [30, 1, 8, 8]") and error.count("\n") == 1
