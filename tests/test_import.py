@@ -55,6 +55,19 @@ def test_dm_script_torch_file_is_denormalised_per_experiment(tmp_path, real_subs
         ddkit.import_set(tmp_path / "res_DM.pt", dataset="digits", entry=2)
 
 
+def test_multi_formation_sets_decode_like_ddkits_idm_sets(tmp_path, real_subset):
+    pixels, labels, _ = real_subset
+    save_file({"images": pixels, "labels": labels}, str(tmp_path / "idm.safetensors"))
+    imported = ddkit.import_set(tmp_path / "idm.safetensors", dataset="digits", decode_factor=2)
+    images, expanded = imported.decoded()
+    assert images.shape == (120, 1, 8, 8) and torch.equal(expanded, labels.repeat_interleave(4))
+    # cell (0, 1) of the first stored image: its top-right 4x4 quarter, upsampled to 8x8
+    quarter = torch.nn.functional.interpolate(pixels[:1, :, :4, 4:], size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(images[1:2], quarter)
+    with pytest.raises(DDKitError, match="does not divide"):
+        ddkit.import_set(tmp_path / "idm.safetensors", dataset="digits", decode_factor=3)
+
+
 def test_channels_last_uint8_npz_and_one_hot_labels(tmp_path, real_subset):
     pixels, labels, _ = real_subset
     as_bytes = (pixels * 255).round().to(torch.uint8)

@@ -143,13 +143,15 @@ def cmd_import(args) -> int:
 
     distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
                                  entry=args.entry, images_key=args.images_key, labels_key=args.labels_key,
-                                 image_size=args.image_size, show_progress=not args.quiet)
+                                 image_size=args.image_size, show_progress=not args.quiet,
+                                 decode_factor=args.decode_factor)
     record = distilled.meta["imported"]
     note = class_count_note(distilled)
     if note:
         print(note)
     out = distilled.save(args.out)
-    print(f"imported {distilled.images.shape[0]} images ({distilled.ipc} per class) of {distilled.dataset} "
+    decoded = f", {distilled.decode_factor} training images each" if distilled.decode_factor > 1 else ""
+    print(f"imported {distilled.images.shape[0]} images ({distilled.ipc} per class{decoded}) of {distilled.dataset} "
           f"from {args.source} ({record['kind']}; space: {record['space']}, {record['space_reason']}) -> {out}")
     print(f"grid: {out / 'grid.png'}")
     print(f"judge it: ddkit eval {out}")
@@ -491,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-key", default="images", help="name of the images tensor in the file (default images)")
     p.add_argument("--labels-key", default="labels",
                    help="name of the labels tensor: class indices [N] or one-hot [N, K] (default labels)")
+    p.add_argument("--decode-factor", type=int, default=1,
+                   help="multi-formation sets (IDC, IDM): each stored image holds a factor x factor grid of training "
+                        "images, decoded like ddkit's IDM sets (default 1: as stored)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     _add_common(p, device=False)
     p.set_defaults(func=cmd_import)

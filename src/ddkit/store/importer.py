@@ -257,6 +257,7 @@ def import_set(
     labels_key: str = "labels",
     image_size: int | None = None,
     show_progress: bool = True,
+    decode_factor: int = 1,
 ) -> DistilledSet:
     """Read a set made by another tool as a (not yet saved) :class:`DistilledSet` of ``dataset``.
 
@@ -270,6 +271,9 @@ def import_set(
         entry: experiment of a DM-script torch file; images_key, labels_key: tensor names.
         image_size: resize side of an ``imagefolder:PATH`` dataset (as for ``ddkit baseline``).
         show_progress: a progress bar while a large image folder is decoded.
+        decode_factor: for multi-formation sets (IDC, IDM): each stored image holds a
+            ``factor x factor`` grid of training images, decoded as ddkit's own IDM sets are
+            (:func:`ddkit.augment.partition.partition_expand`). 1 (default): images as stored.
 
     Returns:
         A DistilledSet: images float32 [N, C, H, W] in pixel space (unclipped), labels int64 [N], and
@@ -308,13 +312,18 @@ def import_set(
         record["class_folders"] = [f.name for f in folders]
     if not folders and (entry or images_key != "images" or labels_key != "labels"):
         record.update(entry=entry, images_key=images_key, labels_key=labels_key)
+    if decode_factor < 1 or shape[1] % decode_factor or shape[2] % decode_factor:
+        raise DDKitError(
+            f"decode factor {decode_factor} does not divide the image size {shape[1]}x{shape[2]}; give 1 or a divisor"
+        )
+    decode = {"kind": "partition", "factor": decode_factor} if decode_factor > 1 else {"kind": "identity"}
     counts = torch.bincount(labels, minlength=num_classes)
     meta = {"config": {"ipc": int(counts.max())}, "imported": record}
     if image_size:
         meta["dataset_options"] = {"image_size": image_size}
     return DistilledSet(
         images=pixels, labels=labels, class_names=class_names, dataset=info["name"], mean=info["mean"],
-        std=info["std"], method=method, meta=meta,
+        std=info["std"], method=method, decode=decode, meta=meta,
     )
 
 
