@@ -348,6 +348,35 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(isolated_da
         assert loaded == count
 
 
+def test_report_of_a_folder_of_sets_puts_their_evaluations_side_by_side(isolated_data, tmp_path):
+    runs = tmp_path / "runs"
+    record = {"protocol": "hard", "preset": "quick", "arch": "convnet", "seeds": [0], "seconds_per_run": 2.0}
+    random_set = ddkit.distill("random", dataset="digits", ipc=1, out=runs / "random")
+    random_set.record_evaluation(dict(record, accuracies=[40.0], mean=40.0, std=0.0))
+    theirs = ddkit.import_set(runs / "random" / "data.safetensors", dataset="digits", method="dm-original")
+    theirs.save(runs / "dm-original")
+    theirs.record_evaluation(dict(record, accuracies=[60.0, 62.0], mean=61.0, std=1.0))
+    ddkit.distill("random", dataset="digits", ipc=1, out=runs / "damaged")
+    (runs / "damaged" / "data.safetensors").write_bytes(b"not a tensor file")
+    (runs / "notes").mkdir()  # not a set: ignored
+    page = write_report(runs)
+    text = page.read_text()
+    assert_self_contained(text)
+    assert "ddkit sets: runs" in text
+    # better first among sets judged alike; the baseline row is marked
+    assert text.index("61.00 +- 1.00") < text.index("40.00 +- 0.00")
+    assert re.search(r'<tr class="baseline"><td>random</td>', text)
+    assert "damaged: " in text and "sha256" in text
+    count, loaded = image_check(page, tmp_path / "chromium-profile")
+    assert count == loaded == 2  # the two readable sets' grids
+
+
+def test_report_refuses_a_folder_without_sets(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DDKitError, match="nor a folder of sets"):
+        write_report(tmp_path / "empty")
+
+
 def test_report_command_prints_the_page(isolated_data, tmp_path, capsys):
     ddkit.distill("random", dataset="digits", ipc=1, out=tmp_path / "set")
     assert main(["report", str(tmp_path / "set")]) == 0

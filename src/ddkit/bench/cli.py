@@ -108,10 +108,11 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_bench)
 
     p = subparsers.add_parser(
-        "report", help="write one self-contained HTML page for a set or a bench directory",
+        "report", help="write one self-contained HTML page for a set, a bench directory or a folder of sets",
         description="Write an HTML report (images embedded, no external resources): for a set directory its "
                     "manifest summary, evaluations, image grid and loss curve; for a bench directory its table, "
-                    "plots and every set's grid.")
-    p.add_argument("dir", help="a distilled-set directory or a bench directory")
+                    "plots and every set's grid; for a folder of sets (say runs/, with ddkit's, baseline and imported "
+                    "sets) every stored evaluation side by side and each set's grid.")
+    p.add_argument("dir", help="a distilled-set directory, a bench directory, or a folder of set directories")
     p.add_argument("--out", default=None, help="the HTML file to write (default DIR/report.html)")
     p.set_defaults(func=cmd_report)

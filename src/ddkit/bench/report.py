@@ -114,6 +114,13 @@ def _runs(record: dict):
     return count
 
 
+def _accuracy(record: dict) -> str:
+    """``"80.76 +- 0.09"`` of an evaluation record, or ``"not evaluated"`` for a set without one."""
+    if "mean" not in record:
+        return "not evaluated"
+    return f"{float(record['mean']):.2f} +- {float(record.get('std', float('nan'))):.2f}"
+
+
 def _seconds(value) -> str:
     if value is None:
         return "-"
@@ -158,7 +165,7 @@ def set_body(directory: Path) -> tuple[str, list[str]]:
     body.append("<h2>Evaluations</h2>")
     if evaluations:
         rows = [[e.get("protocol", "-"), e.get("preset", "-"), e.get("arch", "-"), _runs(e),
-                 f"{float(e.get('mean', float('nan'))):.2f} +- {float(e.get('std', float('nan'))):.2f}",
+                 _accuracy(e),
                  ", ".join(f"{float(a):.2f}" for a in e.get("accuracies", [])), _seconds(e.get("seconds_per_run")),
                  e.get("device", "-"), e.get("date", "-")] for e in evaluations]
         body.append(html_table(["protocol", "preset", "arch", "runs", "accuracy % (mean +- std)", "per run",
@@ -231,6 +238,60 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
     return f"ddkit bench: {directory.resolve().name}", body
 
 
+# ---- a folder of sets ------------------------------------------------------------------------------------
+def child_sets(directory: Path) -> list[Path]:
+    """The set directories (holding ``manifest.json``) directly inside ``directory``, sorted by name."""
+    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / "manifest.json").is_file())
+
+
+def sets_body(directory: Path) -> tuple[str, list[str]]:
+    """(title, body parts) of a folder of sets: every stored evaluation side by side, then each grid.
+
+    Sets made by ddkit, baselines and imported sets (``ddkit import``) sit in one table, sorted so
+    that sets judged alike (dataset, IPC, protocol, preset, architecture) are next to each other. A
+    set that cannot be read is listed with its error instead of stopping the page.
+    """
+    import ddkit
+    from ddkit.bench.grid import is_baseline
+
+    rows, classes, unreadable, loaded = [], [], [], []
+    for set_dir in child_sets(directory):
+        try:
+            distilled = ddkit.load(set_dir)
+        except DDKitError as exc:
+            unreadable.append(f"<li>{esc(set_dir.name)}: {esc(str(exc))}</li>")
+            continue
+        loaded.append(set_dir)
+        evaluations = distilled.meta.get("evaluations") or [{}]
+        for e in evaluations:
+            key = (distilled.dataset, distilled.ipc, e.get("protocol", "~"), e.get("preset", "~"), e.get("arch", "~"),
+                   -float(e.get("mean", -1.0)), set_dir.name)
+            rows.append((key, [set_dir.name, distilled.method, distilled.dataset, distilled.ipc,
+                               e.get("protocol", "-"), e.get("preset", "-"), e.get("arch", "-"),
+                               _runs(e) if e else "-", _accuracy(e), _seconds(e.get("seconds_per_run")),
+                               e.get("date", "-")],
+                         "baseline" if is_baseline(distilled.method) else ""))
+    if not loaded and not unreadable:
+        raise DDKitError(f"{directory} holds no distilled sets; pass a set, a bench directory, or a folder of sets")
+    rows.sort(key=lambda row: row[0])
+    body = ["<h2>Evaluations</h2>",
+            "<p>Every evaluation stored in the sets' manifests: final-epoch test accuracy, mean +- population std "
+            "over the runs. Compare rows of the same dataset, IPC, protocol, preset and architecture.</p>",
+            html_table(["set", "method", "dataset", "IPC", "protocol", "preset", "arch", "runs",
+                        "accuracy % (mean +- std)", "s/run", "date"], [r[1] for r in rows], [r[2] for r in rows],
+                       numeric={3, 7, 9})]
+    if unreadable:
+        body.append("<h3>Sets that could not be read</h3><ul>" + "".join(unreadable) + "</ul>")
+    if loaded:
+        body.append("<h2>Sets</h2>")
+    for set_dir in loaded:
+        body += [f"<h3>{esc(set_dir.name)}</h3>"]
+        grid = set_dir / "grid.png"
+        if grid.is_file():
+            body.append(image_tag(grid.read_bytes(), f"{set_dir.name} grid", "images, one row per class"))
+    return f"ddkit sets: {directory.resolve().name}", body
+
+
 def is_bench_dir(directory: Path) -> bool:
     """Whether ``directory`` was written by ``ddkit bench`` (it holds results.jsonl or bench.json)."""
     from ddkit.bench.grid import RESULTS_FILE, SPEC_FILE
@@ -242,14 +303,15 @@ def write_report(path: str | Path, out_html: str | Path | None = None) -> Path:
     """Write one self-contained HTML page for a set directory or a bench directory.
 
     Args:
-        path: a distilled-set directory (``manifest.json``) or a bench directory (``results.jsonl``).
+        path: a distilled-set directory (``manifest.json``), a bench directory (``results.jsonl``), or a
+            folder whose sub-folders are sets (e.g. ``runs/`` with ddkit's, baseline and imported sets).
         out_html: the page to write (default ``path/report.html``).
 
     Returns:
         The path of the page.
 
     Raises:
-        DDKitError: ``path`` is neither a set nor a bench directory (or the set is damaged).
+        DDKitError: ``path`` is none of these (or the single set is damaged).
     """
     from ddkit.utils import write_text_atomic
 
@@ -260,9 +322,11 @@ def write_report(path: str | Path, out_html: str | Path | None = None) -> Path:
         title, body = set_body(directory)
     elif is_bench_dir(directory):
         title, body = bench_body(directory)
+    elif child_sets(directory):
+        title, body = sets_body(directory)
     else:
-        raise DDKitError(f"{directory} is neither a distilled set (no manifest.json) nor a bench directory "
-                         "(no results.jsonl); pass what `ddkit distill` or `ddkit bench` wrote")
+        raise DDKitError(f"{directory} is neither a distilled set (no manifest.json), a bench directory "
+                         "(no results.jsonl) nor a folder of sets; pass what `ddkit distill` or `ddkit bench` wrote")
     target = Path(out_html) if out_html is not None else directory / "report.html"
     if target.is_dir():
         raise DDKitError(f"{target} is a directory; pass a file name for the report, e.g. {target / 'report.html'}")
