@@ -68,6 +68,22 @@ def test_multi_formation_sets_decode_like_ddkits_idm_sets(tmp_path, real_subset)
         ddkit.import_set(tmp_path / "idm.safetensors", dataset="digits", decode_factor=3)
 
 
+def test_images_and_labels_in_two_files_as_mtt_writes_them(tmp_path, real_subset):
+    pixels, labels, digits = real_subset
+    torch.save(_normalize(pixels, digits), tmp_path / "images_best.pt")
+    torch.save(labels, tmp_path / "labels_best.pt")
+    with pytest.raises(DDKitError, match="--labels"):
+        ddkit.import_set(tmp_path / "images_best.pt", dataset="digits")
+    imported = ddkit.import_set(tmp_path / "images_best.pt", dataset="digits", labels_file=tmp_path / "labels_best.pt")
+    torch.testing.assert_close(imported.images, pixels, atol=1e-6, rtol=0)
+    assert torch.equal(imported.labels, labels)
+    assert len(imported.meta["imported"]["labels_sha256"]) == 64
+    np.save(tmp_path / "labels.npy", labels.numpy()[::-1].copy())  # a .npy labels file wins over the file's own
+    save_file({"images": pixels, "labels": labels}, str(tmp_path / "both.safetensors"))
+    flipped = ddkit.import_set(tmp_path / "both.safetensors", dataset="digits", labels_file=tmp_path / "labels.npy")
+    assert torch.equal(flipped.labels, labels.flip(0))
+
+
 def test_channels_last_uint8_npz_and_one_hot_labels(tmp_path, real_subset):
     pixels, labels, _ = real_subset
     as_bytes = (pixels * 255).round().to(torch.uint8)
@@ -145,6 +161,12 @@ def test_missing_keys_and_unknown_files_name_the_fix(tmp_path):
     save_file({"x": torch.rand(2, 1, 8, 8)}, str(tmp_path / "keys.safetensors"))
     with pytest.raises(DDKitError, match="--images-key"):
         ddkit.import_set(tmp_path / "keys.safetensors", dataset="digits")
+    save_file({"images": torch.rand(2, 1, 8, 8)}, str(tmp_path / "no-labels.safetensors"))
+    with pytest.raises(DDKitError, match="no 'labels'"):
+        ddkit.import_set(tmp_path / "no-labels.safetensors", dataset="digits")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DDKitError, match="without pickle"):
+        ddkit.import_set(tmp_path / "objects.npy", dataset="digits")
     (tmp_path / "set.csv").write_text("1,2\n")
     with pytest.raises(DDKitError, match="unknown kind"):
         ddkit.import_set(tmp_path / "set.csv", dataset="digits")

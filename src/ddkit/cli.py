@@ -144,7 +144,7 @@ def cmd_import(args) -> int:
     distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
                                  entry=args.entry, images_key=args.images_key, labels_key=args.labels_key,
                                  image_size=args.image_size, show_progress=not args.quiet,
-                                 decode_factor=args.decode_factor)
+                                 decode_factor=args.decode_factor, labels_file=args.labels)
     record = distilled.meta["imported"]
     note = class_count_note(distilled)
     if note:
@@ -475,12 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="bring a set made by another tool into ddkit's format",
-                       description="Read images and hard labels made elsewhere (a DM/IDM-script .pt file, .npz, "
-                                   ".safetensors, or a folder of per-class image folders in label order), check them "
+                       description="Read images and hard labels made elsewhere (a DM/IDM-script .pt file, MTT's "
+                                   "images and labels files, .npz, .npy, .safetensors, or a folder of per-class image folders in label order), check them "
                                    "against the dataset, and write a distilled set that `ddkit eval` judges like any "
                                    "other. Nothing in the files is executed: torch files go through torch's weights-only "
                                    "loader, .npz is read without pickle.")
-    p.add_argument("source", help="a .pt/.pth, .npz or .safetensors file, or a folder of class folders")
+    p.add_argument("source", help="a .pt/.pth, .npz, .npy or .safetensors file, or a folder of class folders")
     p.add_argument("--dataset", required=True, help="the real dataset the set was made from (its test split judges it)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--space", default="auto", choices=["auto", "pixel", "byte", "normalized"],
@@ -493,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-key", default="images", help="name of the images tensor in the file (default images)")
     p.add_argument("--labels-key", default="labels",
                    help="name of the labels tensor: class indices [N] or one-hot [N, K] (default labels)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="a second file with the labels (.pt, .npy, .npz or .safetensors), for tools that save them "
+                        "apart from the images (MTT: images_best.pt and labels_best.pt)")
     p.add_argument("--decode-factor", type=int, default=1,
                    help="multi-formation sets (IDC, IDM): each stored image holds a factor x factor grid of training "
                         "images, decoded like ddkit's IDM sets (default 1: as stored)")

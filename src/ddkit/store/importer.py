@@ -1,8 +1,9 @@
 """Bring a set made elsewhere into ddkit's format, so ddkit's evaluator can judge it.
 
 Research scripts save their synthetic sets in their own ways: DM and IDM write a torch file
-``{"data": [[images, labels], ...], ...}`` with one pair per experiment, in normalised space;
-others write ``.npz`` arrays, image folders, or safetensors. :func:`import_set` reads any of these
+``{"data": [[images, labels], ...], ...}`` with one pair per experiment, in normalised space; MTT
+writes the images and the labels as two torch files; others write ``.npz``/``.npy`` arrays, image
+folders, or safetensors. :func:`import_set` reads any of these
 without executing code from the file, checks the images against the real dataset they claim to
 come from (channels, height, width, classes), converts them to ddkit's pixel space and returns a
 :class:`~ddkit.store.DistilledSet` that ``ddkit eval`` judges exactly like ddkit's own sets.
@@ -44,31 +45,70 @@ def _tensor(value, what: str, source: Path) -> torch.Tensor:
     raise DDKitError(f"{source}: '{what}' is a {type(value).__name__}, not a tensor or array")
 
 
-def _pick(mapping, images_key: str, labels_key: str, source: Path):
-    missing = [k for k in (images_key, labels_key) if k not in mapping]
-    if missing:
-        found = ", ".join(sorted(map(str, mapping))) or "nothing"
-        raise DDKitError(
-            f"{source} has no {' or '.join(repr(k) for k in missing)} (it holds: {found}); "
-            f"name the tensors with --images-key and --labels-key"
-        )
-    return mapping[images_key], mapping[labels_key]
+_FILE_KINDS = {".safetensors": "safetensors file", ".npz": "npz file", ".npy": "npy file", ".pt": "torch file",
+               ".pth": "torch file"}
+_WHAT_TO_PASS = "pass a .pt/.pth, .npz, .npy or .safetensors file, or a folder of class folders"
 
 
-def _read_torch(source: Path, entry: int, images_key: str, labels_key: str):
-    """A torch file, loaded with ``weights_only``: tensors and plain containers only, no code."""
-    try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise DDKitError(
-            f"{source} holds more than tensors and plain containers ({first[:160]}); ddkit does not run "
-            f"code from a file: save the images and labels as tensors (torch.save({{'images': x, 'labels': y}}))"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise DDKitError(f"{source} cannot be read as a torch file ({str(exc)[:160]})") from None
-    if isinstance(obj, dict) and images_key in obj and labels_key in obj:
-        return obj[images_key], obj[labels_key], "torch file"
+def load_file(source: Path):
+    """The contents of a tensor file, read without executing anything from it.
+
+    Returns a tensor or array (``.npy``, a torch file holding one tensor), a dict of them
+    (``.safetensors``, ``.npz``), or the plain containers of a torch file (loaded with
+    ``weights_only=True``: tensors, dicts, lists, numbers and strings only).
+    """
+    if not source.is_file():
+        raise DDKitError(f"{source} does not exist; {_WHAT_TO_PASS}")
+    suffix = source.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(source))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DDKitError(f"{source} cannot be read as safetensors ({exc})") from None
+    if suffix in (".npz", ".npy"):
+        try:
+            with open(source, "rb") as handle:
+                loaded = np.load(handle, allow_pickle=False)
+                return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        except ValueError as exc:  # object arrays need pickle, which stays off
+            raise DDKitError(f"{source} cannot be read without pickle ({str(exc)[:160]}); save numeric arrays") from None
+        except (OSError, EOFError) as exc:
+            raise DDKitError(f"{source} cannot be read as {suffix[1:]} ({str(exc)[:160]})") from None
+    if suffix in (".pt", ".pth"):
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+            raise DDKitError(
+                f"{source} holds more than tensors and plain containers ({first[:160]}); ddkit does not run "
+                f"code from a file: save the images and labels as tensors (torch.save({{'images': x, 'labels': y}}))"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise DDKitError(f"{source} cannot be read as a torch file ({str(exc)[:160]})") from None
+    raise DDKitError(f"{source}: unknown kind '{suffix}'; {_WHAT_TO_PASS}")
+
+
+def _keys(mapping) -> str:
+    return ", ".join(sorted(map(str, mapping))) or "nothing"
+
+
+def images_and_labels(obj, source: Path, entry: int = 0, images_key: str = "images", labels_key: str = "labels"):
+    """Find the images (and labels, when the file has them) in what :func:`load_file` returned.
+
+    Layouts: a dict with ``images_key`` (and ``labels_key``); the DM-script dict
+    ``{"data": [[images, labels], ...]}`` (experiment ``entry``); an ``[images, labels]`` pair; a
+    lone tensor or array of images (MTT-style files, labels in a second file).
+
+    Returns:
+        ``(images, labels or None, where)``: values as stored, and e.g. ", experiment 0 of 5".
+    """
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return obj, None, ""
+    if isinstance(obj, dict) and images_key in obj:
+        return obj[images_key], obj.get(labels_key), ""
     if isinstance(obj, dict) and isinstance(obj.get("data"), (list, tuple)):
         pairs = obj["data"]  # DM / IDM scripts: one [images, labels] pair per experiment
         if not -len(pairs) <= entry < len(pairs):
@@ -76,16 +116,25 @@ def _read_torch(source: Path, entry: int, images_key: str, labels_key: str):
         pair = pairs[entry]
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DDKitError(f"{source}: data[{entry}] is not an [images, labels] pair")
-        return pair[0], pair[1], f"torch file, experiment {entry % len(pairs)} of {len(pairs)}"
+        return pair[0], pair[1], f", experiment {entry % len(pairs)} of {len(pairs)}"
     if isinstance(obj, (list, tuple)) and len(obj) == 2:
-        return obj[0], obj[1], "torch file"
+        return obj[0], obj[1], ""
     if isinstance(obj, dict):
-        images, labels = _pick(obj, images_key, labels_key, source)
-        return images, labels, "torch file"
+        raise DDKitError(f"{source} has no {images_key!r} (it holds: {_keys(obj)}); name the images with --images-key")
     raise DDKitError(
-        f"{source} holds a {type(obj).__name__}; ddkit reads a dict of images and labels, "
-        f"an [images, labels] pair, or the DM-script layout {{'data': [[images, labels], ...]}}"
+        f"{source} holds a {type(obj).__name__}; ddkit reads a dict of images and labels, an [images, labels] "
+        f"pair, a tensor of images, or the DM-script layout {{'data': [[images, labels], ...]}}"
     )
+
+
+def labels_in(obj, source: Path, labels_key: str = "labels"):
+    """The labels in a separate labels file: a lone tensor or array, or ``labels_key`` of a dict."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return obj
+    if isinstance(obj, dict) and labels_key in obj:
+        return obj[labels_key]
+    found = f" (it holds: {_keys(obj)})" if isinstance(obj, dict) else f" (a {type(obj).__name__})"
+    raise DDKitError(f"{source} has no labels{found}; save one tensor of labels, or name them with --labels-key")
 
 
 def _read_folder(source: Path, channels: int, show_progress: bool):
@@ -111,16 +160,18 @@ def _read_folder(source: Path, channels: int, show_progress: bool):
 
 
 def read_source(source: str | Path, entry: int = 0, images_key: str = "images", labels_key: str = "labels",
-                channels: int = 3, show_progress: bool = True):
-    """Read images and labels from a file or folder, never executing code stored in it.
+                channels: int = 3, show_progress: bool = True, labels_file: str | Path | None = None):
+    """Read images and labels from files or a folder, never executing code stored in them.
 
     Args:
-        source: a ``.safetensors`` file, a ``.npz`` file, a torch file (``.pt``/``.pth``, loaded with
-            ``weights_only=True``) or a folder of per-class image folders in label order.
+        source: a ``.safetensors``, ``.npz`` or ``.npy`` file, a torch file (``.pt``/``.pth``, loaded
+            with ``weights_only=True``) or a folder of per-class image folders in label order.
         entry: which experiment of a DM-script torch file (``{"data": [[images, labels], ...]}``).
         images_key, labels_key: tensor names in safetensors, npz and dict torch files.
         channels: the dataset's channels; a grayscale image folder is read with one channel.
         show_progress: a progress bar while a large image folder is decoded.
+        labels_file: a second file holding the labels (MTT writes ``images_best.pt`` and
+            ``labels_best.pt``); it takes precedence over labels inside ``source``.
 
     Returns:
         ``(images, labels, description, class_folders)``: tensors as stored (any dtype or layout),
@@ -128,33 +179,20 @@ def read_source(source: str | Path, entry: int = 0, images_key: str = "images", 
     """
     source = Path(source)
     if source.is_dir():
+        if labels_file is not None:
+            raise DDKitError(f"{source} is an image folder, whose class folders are the labels; leave out --labels")
         return _read_folder(source, channels, show_progress)
-    if not source.is_file():
-        raise DDKitError(f"{source} does not exist; pass a .safetensors, .npz or .pt file, or a folder of class folders")
-    suffix = source.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(source))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DDKitError(f"{source} cannot be read as safetensors ({exc})") from None
-        images, labels = _pick(tensors, images_key, labels_key, source)
-        return images, labels, "safetensors file", None
-    if suffix == ".npz":
-        try:
-            with np.load(source, allow_pickle=False) as arrays:
-                images, labels = _pick(arrays, images_key, labels_key, source)
-                return _tensor(images, images_key, source), _tensor(labels, labels_key, source), "npz file", None
-        except ValueError as exc:  # object arrays need pickle, which stays off
-            raise DDKitError(f"{source} cannot be read without pickle ({str(exc)[:160]}); save numeric arrays") from None
-        except (OSError, EOFError) as exc:
-            raise DDKitError(f"{source} cannot be read as npz ({str(exc)[:160]})") from None
-    if suffix in (".pt", ".pth"):
-        images, labels, description = _read_torch(source, entry, images_key, labels_key)
-        return images, labels, description, None
-    raise DDKitError(f"{source}: unknown kind '{suffix}'; pass a .safetensors, .npz or .pt file, or a folder of class folders")
+    images, labels, where = images_and_labels(load_file(source), source, entry, images_key, labels_key)
+    description = _FILE_KINDS[source.suffix.lower()] + where
+    if labels_file is not None:
+        labels_file = Path(labels_file)
+        labels = labels_in(load_file(labels_file), labels_file, labels_key)
+        description += f", labels from {labels_file.name}"
+    elif labels is None:
+        raise DDKitError(f"{source} holds images but no {labels_key!r}; pass the labels file with --labels "
+                         f"or name the labels with --labels-key")
+    return (_tensor(images, images_key, source), _tensor(labels, labels_key, Path(labels_file or source)),
+            description, None)
 
 
 def to_nchw(images: torch.Tensor, shape: tuple[int, int, int], dataset: str) -> tuple[torch.Tensor, bool]:
@@ -258,6 +296,7 @@ def import_set(
     image_size: int | None = None,
     show_progress: bool = True,
     decode_factor: int = 1,
+    labels_file: str | Path | None = None,
 ) -> DistilledSet:
     """Read a set made by another tool as a (not yet saved) :class:`DistilledSet` of ``dataset``.
 
@@ -274,6 +313,7 @@ def import_set(
         decode_factor: for multi-formation sets (IDC, IDM): each stored image holds a
             ``factor x factor`` grid of training images, decoded as ddkit's own IDM sets are
             (:func:`ddkit.augment.partition.partition_expand`). 1 (default): images as stored.
+        labels_file: a separate file of labels (see :func:`read_source`).
 
     Returns:
         A DistilledSet: images float32 [N, C, H, W] in pixel space (unclipped), labels int64 [N], and
@@ -288,14 +328,13 @@ def import_set(
     num_classes = int(info["num_classes"])
     class_names = list(info["class_names"]) or [str(c) for c in range(num_classes)]
     raw_images, raw_labels, description, folders = read_source(source, entry, images_key, labels_key, shape[0],
-                                                               show_progress)
-    raw_images = _tensor(raw_images, images_key, Path(source))
+                                                               show_progress, labels_file)
     images, channels_last = to_nchw(raw_images, shape, info["name"])
     if images.shape[0] == 0:
         raise DDKitError(f"{source} holds no images")
     if folders is not None and len(folders) != num_classes:
         raise DDKitError(f"{source} has {len(folders)} class folders, but {info['name']} has {num_classes} classes")
-    labels = to_class_indices(_tensor(raw_labels, labels_key, Path(source)), images.shape[0], num_classes)
+    labels = to_class_indices(raw_labels, images.shape[0], num_classes)
     if folders is not None:
         if space not in ("auto", "byte"):
             raise DDKitError(f"{source} is an image folder, and image files hold bytes; leave out --space {space}")
@@ -308,6 +347,8 @@ def import_set(
         "channels_last": channels_last,
         "sha256": sha256_of(source) if source.is_file() else None,
     }
+    if labels_file is not None:
+        record.update(labels_source=str(labels_file), labels_sha256=sha256_of(Path(labels_file)))
     if folders is not None:
         record["class_folders"] = [f.name for f in folders]
     if not folders and (entry or images_key != "images" or labels_key != "labels"):
