@@ -30,6 +30,21 @@ def test_round_trip_keeps_tensors_and_manifest(tmp_path, tiny_set):
     assert (out / "grid.png").is_file()
 
 
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_a_saved_set_has_the_permissions_the_umask_gives(tmp_path, tiny_set, umask, dir_mode, file_mode):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        out = tiny_set.save(tmp_path / "set")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode  # not mkdtemp's 0700 whatever the umask
+    for name in ("data.safetensors", "manifest.json", "grid.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == file_mode, name
+
+
 def test_uint8_images_load_as_pixel_floats(tmp_path, tiny_set):
     tiny_set.images = (tiny_set.images * 255).round().to(torch.uint8)
     out = tiny_set.save(tmp_path / "set")

@@ -167,6 +167,15 @@ def lock_file(path: str | Path, wait: bool = True) -> int | None:
     return fd
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give under the current umask:
+    ``0666 & ~umask`` for files, ``0777 & ~umask`` for directories (temporary-file helpers and
+    safetensors make 0600/0700, which would hide a user's sets from the rest of their group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, flush it to disk, give it the
     usual ``0666 & ~umask`` permissions (mkstemp makes 0600) and rename it over ``path``. The file is
@@ -179,9 +188,7 @@ def atomic_write(path: str | Path, write) -> Path:
         write(Path(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

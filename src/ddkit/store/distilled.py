@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ddkit.augment.partition import decode_images
 from ddkit.errors import DDKitError
-from ddkit.utils import sha256_of, write_json_atomic
+from ddkit.utils import default_mode, sha256_of, write_json_atomic
 
 FORMAT_NAME = "ddkit-distilled-set"
 FORMAT_VERSION = 1
@@ -218,6 +218,8 @@ class DistilledSet:
             for name, tensor in self.extras.items():
                 tensors[name] = tensor.detach().cpu().contiguous()
             save_file(tensors, str(staging / DATA_FILE), metadata={"format": FORMAT_NAME})
+            os.chmod(staging / DATA_FILE, default_mode())
+            os.chmod(staging, default_mode(directory=True))
             digest = sha256_of(staging / DATA_FILE)
             write_json_atomic(staging / MANIFEST_FILE, self.manifest(sha256=digest))
             if grid:
