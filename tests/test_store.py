@@ -45,6 +45,14 @@ def test_a_saved_set_has_the_permissions_the_umask_gives(tmp_path, tiny_set, uma
         assert stat.S_IMODE((out / name).stat().st_mode) == file_mode, name
 
 
+def test_replacing_a_set_through_a_path_with_dotdot_keeps_it_in_place(tmp_path, tiny_set):
+    tiny_set.save(tmp_path / "set")
+    tiny_set.images = 1.0 - tiny_set.images
+    tiny_set.save(tmp_path / "set" / ".." / "set")  # its parent "set/.." vanishes while the old set is moved
+    assert torch.equal(load(tmp_path / "set").images, tiny_set.images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no staging or retired directory left
+
+
 def test_uint8_images_load_as_pixel_floats(tmp_path, tiny_set):
     tiny_set.images = (tiny_set.images * 255).round().to(torch.uint8)
     out = tiny_set.save(tmp_path / "set")

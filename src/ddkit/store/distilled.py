@@ -203,14 +203,17 @@ class DistilledSet:
             The directory path.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        # Renames work on the resolved path: with "runs/x/../x" or ".", the parent named in the
+        # path would stop existing once the old set is moved aside.
+        target = directory.resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
         run_state = {"checkpoint", ".parts"}  # written into --out while a run is in progress
-        if directory.exists() and not (directory / MANIFEST_FILE).exists() and any(
-                item.name not in run_state for item in directory.iterdir()):
+        if target.exists() and not (target / MANIFEST_FILE).exists() and any(
+                item.name not in run_state for item in target.iterdir()):
             raise DDKitError(
                 f"{directory} exists and is not a distilled set; choose another --out or remove it"
             )
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.cpu().contiguous()}
             if self.soft_labels is not None:
@@ -228,16 +231,16 @@ class DistilledSet:
                 save_grid(self.images, self.labels, self.class_names, staging / GRID_FILE)
             # Keep files the set's directory already had that are not part of the format
             # (logs, checkpoints), so a re-save never loses a user's data.
-            if directory.exists():
-                for item in directory.iterdir():
+            if target.exists():
+                for item in target.iterdir():
                     if item.name not in (DATA_FILE, MANIFEST_FILE, GRID_FILE) and not (staging / item.name).exists():
                         os.replace(item, staging / item.name)
-                retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-                os.replace(directory, retired / "set")
-                os.replace(staging, directory)
+                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, retired / "set")
+                os.replace(staging, target)
                 shutil.rmtree(retired, ignore_errors=True)
             else:
-                os.replace(staging, directory)
+                os.replace(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
