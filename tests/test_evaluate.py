@@ -256,6 +256,38 @@ def test_bad_evaluation_requests(digits):
                  show_progress=False)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": "abc"}, "epochs='abc' is not valid; give an integer >= 1"),
+    ({"epochs": 0}, "epochs=0 is not valid"),  # would train nothing and store a chance-level result
+    ({"batch_size": -1}, "batch_size=-1 is not valid"),
+    ({"lr": "fast"}, "lr='fast' is not valid; give a number > 0"),
+    ({"momentum": 2}, "momentum=2 is not valid; give a number >= 0 and <= 1"),
+    ({"decay_at": 2}, "decay_at=2 is not valid; give a number > 0 and <= 1"),
+    ({"dsa": "maybe"}, "dsa='maybe' is not valid; give true or false"),
+    ({"model": 3}, "model=3 is not valid; set model options one by one"),
+])
+def test_bad_hard_protocol_options_are_refused_before_training(digits, overrides, message):
+    subset = random_subset(digits, 2, seed=0)
+    with pytest.raises(DDKitError, match=message):
+        evaluate(subset, preset="smoke", overrides=overrides, real=digits, show_progress=False)
+    assert not subset.meta.get("evaluations")
+
+
+def test_number_and_flag_checks():
+    from ddkit.utils import check_flag, check_number
+
+    assert check_number("x", "a", 3, integer=True, minimum=1) == 3
+    assert check_number("x", "b", 0.5, above=0, maximum=1) == 0.5
+    for bad in (True, float("nan"), float("inf"), "1", None):
+        with pytest.raises(DDKitError, match="is not valid; give a number"):
+            check_number("x", "c", bad)
+    with pytest.raises(DDKitError, match=r"x option d=2.0 is not valid; give an integer >= 1"):
+        check_number("x", "d", 2.0, integer=True, minimum=1)
+    assert check_flag("x", "e", False) is False
+    with pytest.raises(DDKitError, match="give true or false"):
+        check_flag("x", "f", 1)
+
+
 def test_paper_protocol_settings():
     config = resolve_config("hard", "paper")
     assert (config["epochs"], config["lr"], config["momentum"], config["weight_decay"], config["batch_size"]) == (

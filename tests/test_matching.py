@@ -179,6 +179,11 @@ def test_published_settings_are_in_the_paper_presets():
     ({"partition": 3}, "divisor"),
     ({"batch_real": 100000}, "exceeds the smallest class"),
     ({"channels_last": "yes"}, "channels_last must be auto, true or false"),
+    ({"lr_img": "abc"}, r"lr_img='abc' is not valid; give a number > 0"),
+    ({"iterations": 0}, r"iterations=0 is not valid; give an integer >= 1"),
+    ({"momentum_img": 1.5}, r"momentum_img=1.5 is not valid; give a number >= 0 and <= 1"),
+    ({"dsa": "maybe"}, r"dsa='maybe' is not valid; give true or false"),
+    ({"queue.train_steps": 2.5}, r"queue.train_steps=2.5 is not valid; give an integer >= 1"),
 ])
 def test_bad_engine_settings_are_refused(digits, overrides, match):
     with pytest.raises(DDKitError, match=match):

@@ -230,12 +230,38 @@ def test_gvbsm_uses_every_term_round_robin(teacher, digits):
 def test_bad_recover_options(teacher, digits):
     with pytest.raises(DDKitError, match="curriculum"):
         RecoverEngine(digits, 1, config(curriculum="exp")["recover"], [teacher], 0, CPU, False)
+    for options, message in (({"iterations": "abc"}, "iterations='abc' is not valid; give an integer >= 1"),
+                             ({"lr": 0}, "lr=0 is not valid; give a number > 0"),
+                             ({"milestone": 1.5}, "milestone=1.5 is not valid"),
+                             ({"crop": "maybe"}, "crop='maybe' is not valid; give true or false")):
+        with pytest.raises(DDKitError, match=message):
+            RecoverEngine(digits, 1, config(**options)["recover"], [teacher], 0, CPU, False)
     with pytest.raises(DDKitError, match="larger than the 8px"):
         RecoverEngine(digits, 1, config("gvbsm", patch_cells=9)["recover"], [teacher], 0, CPU, False)
     no_bn = squeeze(digits, {"arch": "convnet", "width": 8, "norm": "instance", "depth": None}, preset="smoke",
                     overrides={"epochs": 1}, show_progress=False)
     with pytest.raises(DDKitError, match="no teacher has a BatchNorm2d"):
         RecoverEngine(digits, 1, config()["recover"], [no_bn], 0, CPU, False)
+
+
+def test_bad_squeeze_and_relabel_options_fail_before_any_training(teacher, digits):
+    from ddkit.evaluate import random_subset
+
+    model = {"arch": "convnet", "width": 8, "norm": "batch", "depth": None}
+    for options, message in (({"epochs": "abc"}, "squeeze option epochs='abc' is not valid"),
+                             ({"batch_size": 0}, "squeeze option batch_size=0 is not valid"),
+                             ({"train_subset": -1}, "squeeze option train_subset=-1 is not valid")):
+        with pytest.raises(DDKitError, match=message):
+            squeeze(digits, model, preset="smoke", overrides=options, show_progress=False)
+    subset = random_subset(digits, 1, seed=0)
+    for options, message in (({"epochs": "x"}, "relabel option epochs='x' is not valid"),
+                             ({"crop_scale_min": 2}, "relabel option crop_scale_min=2 is not valid"),
+                             ({"equalize_norm": 1}, "relabel option equalize_norm=1 is not valid")):
+        cfg = stats_family.resolve_preset("sre2l", "digits", "smoke")
+        cfg["relabel"].update(options)
+        with pytest.raises(DDKitError, match=message):
+            stats_family.relabel_with(subset, [teacher], cfg, 0, CPU, False)
+    assert not subset.has_soft_labels
 
 
 def test_preset_overrides_bare_and_qualified():

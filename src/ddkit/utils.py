@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import resource
 import sys
@@ -96,6 +97,32 @@ def check_option(what: str, name: str, value: object, choices) -> str:
     """``value`` if it is one of ``choices``; else DDKitError ``"<what> option name=value is not valid; choose one of: ..."``."""
     if not isinstance(value, str) or value not in choices:
         raise DDKitError(f"{what} option {name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    return value
+
+
+def check_number(what: str, name: str, value: object, integer: bool = False, minimum: float | None = None,
+                 above: float | None = None, maximum: float | None = None) -> float:
+    """``value`` if it is a number (an integer when ``integer``) with ``value >= minimum``,
+    ``value > above`` and ``value <= maximum`` (each bound optional); else DDKitError
+    ``"<what> option name=value is not valid; give <the rule>"``."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (above is None or value > above) \
+        and (maximum is None or value <= maximum)
+    if not ok:
+        rule = [f">= {minimum:g}"] if minimum is not None else []
+        rule += [f"> {above:g}"] if above is not None else []
+        rule += [f"<= {maximum:g}"] if maximum is not None else []
+        kind = "an integer" if integer else "a number"
+        raise DDKitError(f"{what} option {name}={value!r} is not valid; give {kind}{' ' if rule else ''}"
+                         f"{' and '.join(rule)}")
+    return value
+
+
+def check_flag(what: str, name: str, value: object) -> bool:
+    """``value`` if it is true or false; else DDKitError (a string such as "maybe" is not a flag)."""
+    if not isinstance(value, bool):
+        raise DDKitError(f"{what} option {name}={value!r} is not valid; give true or false")
     return value
 
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, train_soft
-from ddkit.models.training import test_accuracy, train_classifier
-from ddkit.utils import apply_overrides, make_generator, normalize, resolve_device, seeded_global_rng
+from ddkit.models.training import check_training_options, test_accuracy, train_classifier
+from ddkit.utils import apply_overrides, check_flag, make_generator, normalize, resolve_device, seeded_global_rng
 
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``).
 HARD_PRESETS: dict[str, dict] = {
@@ -128,11 +128,21 @@ class EvalResult:
         }
 
 
+def check_hard_config(config: dict) -> None:
+    """The hard-label protocol's options (SPEC 1.3), refused with one line before any training."""
+    check_training_options(config, "evaluation")
+    check_flag("evaluation", "dsa", config["dsa"])
+    if not isinstance(config["dsa_strategy"], str):
+        raise DDKitError(f"evaluation option dsa_strategy={config['dsa_strategy']!r} is not valid; give auto or "
+                         f"augmentations joined by '_', e.g. color_crop_cutout_flip_scale_rotate")
+
+
 def protocol_for_set(distilled, protocol: str, preset: str, overrides=None, teachers=None, teacher_info=None):
     """(the :class:`SoftProtocol` of ``distilled``, validated, or None for "hard"; the resolved
     options an evaluation stores, soft ones completed from the set's records)."""
     config = resolve_config(protocol, preset, overrides)
     if protocol != "soft":
+        check_hard_config(config)
         return None, config
     soft = SoftProtocol(distilled, config, teachers=teachers, teacher_info=teacher_info)
     return soft, soft.config

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
 from ddkit.errors import DDKitError
-from ddkit.utils import check_option, normalize, progress
+from ddkit.models.training import check_training_options
+from ddkit.utils import check_flag, check_number, check_option, normalize, progress
 
 __all__ = [
     "SOFT_PRESETS", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss", "train_soft",
@@ -202,12 +203,10 @@ class ReplaySource:
 def _check_config(config: dict) -> None:
     for name, choices in (("loss", SOFT_LOSSES), ("optimizer", _OPTIMIZERS), ("schedule", _SCHEDULES)):
         check_option("evaluation", name, config[name], choices)
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DDKitError(f"evaluation option {key}={value!r} is not valid; give an integer >= 1")
-    if not isinstance(config["temperature"], (int, float)) or not config["temperature"] > 0:
-        raise DDKitError(f"evaluation option temperature={config['temperature']!r} is not valid; give a number > 0")
+    check_training_options(config, "evaluation")
+    check_number("evaluation", "temperature", config["temperature"], above=0)
+    check_number("evaluation", "gamma", config["gamma"], minimum=0)
+    check_flag("evaluation", "t2", config["t2"])
 
 
 def train_soft(

@@ -51,7 +51,7 @@ from ddkit.checkpoint import commit, generator_state, load_latest, restore_gener
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
 from ddkit.methods.squeeze import build_net
 from ddkit.models.training import taps_forward
-from ddkit.utils import denormalize, make_generator, normalize, progress
+from ddkit.utils import check_flag, check_number, denormalize, make_generator, normalize, progress
 
 TERMS = ("mean", "cm", "cc", "style", "gram", "icd", "ce")
 #: Weight a term gets when switched on with ``--terms`` without an explicit ``--weight``.
@@ -85,13 +85,22 @@ def check_config(config: dict, real, ipc: int) -> None:
         raise DDKitError(f"forward must be batched or per_class, got {config['forward']!r}")
     if config["init"] not in ("real", "noise"):
         raise DDKitError(f"init must be real or noise, got {config['init']!r}")
-    factor = int(config["partition"])
+    for key in ("iterations", "batch_real", "partition", "log_every"):
+        check_number("distillation", key, config[key], integer=True, minimum=1)
+    check_number("distillation", "real_chunk", config["real_chunk"], integer=True, minimum=0)
+    check_number("distillation", "lr_img", config["lr_img"], above=0)
+    check_number("distillation", "momentum_img", config["momentum_img"], minimum=0, maximum=1)
+    check_number("distillation", "ce_accuracy_scale", config["ce_accuracy_scale"], minimum=0)
+    for key in ("dsa", "legacy_step_per_class"):
+        check_flag("distillation", key, config[key])
+    queue = config["queue"]
+    for key in ("initial", "push_every", "max_size", "train_nets", "train_steps", "train_batch"):
+        check_number("distillation", f"queue.{key}", queue[key], integer=True, minimum=1)
+    check_number("distillation", "queue.lr", queue["lr"], above=0)
+    factor = config["partition"]
     _, height, width = real.image_shape
-    if factor < 1 or height % factor or width % factor:
+    if height % factor or width % factor:
         raise DDKitError(f"partition {factor} must be a positive divisor of the image size {height}x{width}")
-    for key in ("iterations", "batch_real"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise DDKitError(f"{key} must be a positive integer, got {config[key]!r}")
     check_ipc(real, ipc * factor * factor if config["init"] == "real" else ipc)
     if config["batch_real"] > int(torch.bincount(real.train.labels).min()):
         raise DDKitError(f"batch_real {config['batch_real']} exceeds the smallest class of {real.name}; lower it")

@@ -56,7 +56,7 @@ from ddkit.losses.statistics import (
 )
 from ddkit.methods.matching import NonFiniteLoss
 from ddkit.methods.relabel import auto_flip_prob
-from ddkit.utils import check_option, denormalize, make_generator, normalize, progress
+from ddkit.utils import check_flag, check_number, check_option, denormalize, make_generator, normalize, progress
 
 BATCH_MODES = ("spread", "class-major")
 CURRICULA = ("none", "cosine", "linear", "step")
@@ -248,12 +248,19 @@ class RecoverEngine:
         c = self.config
         if not self.teachers:
             raise DDKitError("the recover step needs at least one teacher")
-        for name in ("iterations", "batch_size"):
-            if int(c[name]) < 1:
-                raise DDKitError(f"{name} must be at least 1, got {c[name]}")
-        for name in ("r_bn", "r_conv", "densify_weight", "lr", "jitter"):
-            if float(c[name]) < 0:
-                raise DDKitError(f"{name} must be non-negative, got {c[name]}")
+        for name in ("iterations", "batch_size", "log_every", "densify_pool"):
+            check_number("recover", name, c[name], integer=True, minimum=1)
+        for name in ("patch_cells", "conv_target_images", "jitter"):
+            check_number("recover", name, c[name], integer=True, minimum=0)
+        for name in ("r_bn", "r_conv", "densify_weight", "first_bn_multiplier"):
+            check_number("recover", name, c[name], minimum=0)
+        check_number("recover", "lr", c["lr"], above=0)
+        check_number("recover", "densify_temperature", c["densify_temperature"], above=0)
+        for name in ("crop_scale_min", "conv_drop"):
+            check_number("recover", name, c[name], minimum=0, maximum=1)
+        check_number("recover", "milestone", c["milestone"], minimum=0, maximum=1)
+        for name in ("crop", "crop_per_sample", "densify_normalize"):
+            check_flag("recover", name, c[name])
         for name, choices in (("curriculum", CURRICULA), ("patch_policy", PATCH_POLICIES), ("batch_mode", BATCH_MODES),
                               ("stat_norm", ("l2", "l2sq", "mse"))):
             check_option("recover", name, c[name], choices)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ddkit.errors import DDKitError
 from ddkit.methods.squeeze import build_net, frozen, train_cached
+from ddkit.utils import check_number
 
 
 def draw_seed(generator: torch.Generator) -> int:
@@ -121,14 +122,15 @@ class PretrainedPool:
 
     def __init__(self, config: dict, real, device, show_progress: bool = False, compiled: bool = False):
         self.config, self.real, self.device, self.compiled = config, real, device, compiled
-        self.nets = [self._member(index, show_progress) for index in range(int(config["pool_size"]))]
+        check_number("cc", "pool_size", config["pool_size"], integer=True, minimum=1)
+        self.nets = [self._member(index, show_progress) for index in range(config["pool_size"])]
 
     def _member(self, index: int, show_progress: bool) -> torch.nn.Module:
         keys = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay")
         schedule = {"decay_at": 0.5, "decay_factor": 0.1, **{k: self.config[k] for k in keys}}
         teacher = train_cached(self.real, self.config["model"], schedule, seed=1000 + index, device=self.device,
                                kind="pretrained", show_progress=show_progress, desc=f"pretrain feature net {index}",
-                               compiled=self.compiled)
+                               compiled=self.compiled, options_name="cc")
         return teacher.model
 
     def next(self, generator: torch.Generator) -> torch.nn.Module:

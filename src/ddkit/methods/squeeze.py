@@ -32,8 +32,8 @@ from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
-from ddkit.models.training import RunCheckpoint, test_accuracy, train_classifier
-from ddkit.utils import apply_overrides, lock_file, make_generator, normalize, seeded_global_rng, write_json_atomic
+from ddkit.models.training import RunCheckpoint, check_training_options, test_accuracy, train_classifier
+from ddkit.utils import apply_overrides, check_number, lock_file, make_generator, normalize, seeded_global_rng, write_json_atomic
 
 #: Teacher training recipes per tier (every key overridable).
 SQUEEZE_PRESETS: dict[str, dict] = {
@@ -157,7 +157,8 @@ def load_teacher(path: str | Path, real, device="cpu") -> Teacher:
 
 
 def train_cached(real, model_config: dict, schedule: dict, seed: int, device, kind: str = "teachers",
-                 show_progress: bool = False, desc: str = "squeeze", compiled: bool = False) -> Teacher:
+                 show_progress: bool = False, desc: str = "squeeze", compiled: bool = False,
+                 options_name: str = "squeeze") -> Teacher:
     """Train ``model_config`` on ``real``'s training split with ``schedule`` (or load it from cache).
 
     Args:
@@ -168,10 +169,13 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
         kind: cache sub-folder ("teachers", or "pretrained" for IID's feature extractors).
         compiled: train through ``torch.compile`` (an execution detail: not part of the cache key;
             the manifest says ``"compiled": true``).
+        options_name: what a bad ``schedule`` value is called in the error ("squeeze", "cc").
 
     Returns:
         A frozen :class:`Teacher` in eval mode on ``device``.
     """
+    check_training_options(schedule, options_name)
+    check_number(options_name, "train_subset", schedule.get("train_subset", 0), integer=True, minimum=0)
     recipe = recipe_for(real, model_config, schedule, seed)
     folder = cache_folder(kind, real, recipe)
     teacher = _load_cached(folder, real, device)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddkit.errors import DDKitError
-from ddkit.utils import progress
+from ddkit.utils import check_flag, check_number, progress
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -361,6 +361,37 @@ def test_accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size:
         logits = model(images[start:start + batch_size])
         correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
     return correct / max(1, images.shape[0])
+
+
+def check_training_options(config: dict, what: str) -> None:
+    """Refuse, with one line, options of a classifier-training config that no loop could use.
+
+    Checks what is present of: ``epochs``, ``batch_size``, ``eval_batch_size`` (integers >= 1),
+    ``lr`` (> 0), ``weight_decay`` (>= 0), ``momentum`` (in [0, 1]), ``decay_at`` (None or 0 for no
+    decay, else in (0, 1]), ``decay_factor`` (> 0), ``reset_momentum`` and ``sync_bn`` (flags) and
+    ``model`` (a dict). Without this a string reached ``int()`` deep inside the loop (a traceback),
+    and ``epochs=0`` or a negative batch size trained nothing and went on as if it had.
+
+    Args:
+        config: the resolved options (preset plus ``--set`` overrides).
+        what: names the options in the message: "evaluation", "squeeze", ...
+    """
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if key in config:
+            check_number(what, key, config[key], integer=True, minimum=1)
+    check_number(what, "lr", config["lr"], above=0)
+    check_number(what, "weight_decay", config["weight_decay"], minimum=0)
+    check_number(what, "momentum", config["momentum"], minimum=0, maximum=1)
+    if config.get("decay_at") not in (None, 0):
+        check_number(what, "decay_at", config["decay_at"], above=0, maximum=1)
+    if "decay_factor" in config:
+        check_number(what, "decay_factor", config["decay_factor"], above=0)
+    for key in ("reset_momentum", "sync_bn"):
+        if key in config:
+            check_flag(what, key, config[key])
+    if not isinstance(config.get("model", {}), dict):
+        raise DDKitError(f"{what} option model={config['model']!r} is not valid; set model options one by one, "
+                         f"e.g. --set model.width=64")
 
 
 def train_classifier(
