@@ -273,6 +273,23 @@ def test_bad_hard_protocol_options_are_refused_before_training(digits, overrides
     assert not subset.meta.get("evaluations")
 
 
+def test_api_arguments_of_the_wrong_type_are_refused_or_read_as_on_the_command_line(digits):
+    from ddkit.utils import override_items
+
+    subset = random_subset(digits, 1, seed=0)
+    with pytest.raises(DDKitError, match="--runs must be an integer"):
+        evaluate(subset, preset="smoke", runs="2", real=digits)
+    with pytest.raises(DDKitError, match="seed='x' is not valid"):
+        evaluate(subset, preset="smoke", seed="x", real=digits)
+    with pytest.raises(DDKitError, match="overrides must be a dict or a list"):
+        evaluate(subset, preset="smoke", overrides=5, real=digits)
+    assert override_items(["epochs=2", "model.width=8"]) == [("epochs", 2), ("model.width", 8)]
+    # a string of architectures is split like --arch, not iterated letter by letter
+    results = evaluate(subset, preset="smoke", runs=1, archs="mlp", overrides={"epochs": 1}, real=digits,
+                       show_progress=False, record=False)
+    assert list(results) == ["mlp"]
+
+
 def test_number_and_flag_checks():
     from ddkit.utils import check_flag, check_number
 

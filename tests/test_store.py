@@ -53,6 +53,17 @@ def test_replacing_a_set_through_a_path_with_dotdot_keeps_it_in_place(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no staging or retired directory left
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0, 2.0]), "integer tensor"),  # would be truncated to 0 silently
+    (torch.tensor([0, 0, 1, 1, 2, 3]), "labels run from 0 to 3, but there are 3 class names"),
+    (torch.tensor([-1, 0, 1, 1, 2, 2]), "give labels 0 to 2"),
+])
+def test_labels_that_are_not_class_indices_are_refused(tiny_set, labels, message):
+    with pytest.raises(DDKitError, match=message):
+        DistilledSet(images=tiny_set.images, labels=labels, class_names=["a", "b", "c"], dataset="digits",
+                     mean=(0.5,), std=(0.25,))
+
+
 def test_uint8_images_load_as_pixel_floats(tmp_path, tiny_set):
     tiny_set.images = (tiny_set.images * 255).round().to(torch.uint8)
     out = tiny_set.save(tmp_path / "set")

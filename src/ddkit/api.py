@@ -68,9 +68,10 @@ def distill(
     from ddkit.data import load_dataset
     from ddkit.methods import get_method
     from ddkit.methods.matching import NonFiniteLoss
-    from ddkit.utils import peak_memory_bytes, resolve_device
+    from ddkit.utils import check_number, peak_memory_bytes, resolve_device
 
     fn = get_method(method)
+    check_number("distillation", "seed", seed, integer=True, minimum=0)
     device = resolve_device(device)
     compiled = bool(compiled) and getattr(fn, "supports_compile", False)
     if compiled:

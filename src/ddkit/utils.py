@@ -63,6 +63,16 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def override_items(overrides: dict | Iterable[str], what: str = "option") -> list[tuple[str, Any]]:
+    """``(key, value)`` pairs of a dict, or of ``key=value`` strings (values parsed by
+    :func:`parse_value`); anything else is refused with one line."""
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple)):
+        raise DDKitError(f"{what} overrides must be a dict or a list of 'key=value' strings, got {overrides!r}")
+    return [_split_pair(str(text)) for text in overrides]
+
+
 def apply_overrides(config: dict, overrides: dict | Iterable[str] | None, what: str = "option") -> dict:
     """Return a copy of ``config`` with overrides applied.
 
@@ -78,8 +88,7 @@ def apply_overrides(config: dict, overrides: dict | Iterable[str] | None, what: 
     result = _deep_copy(config)
     if not overrides:
         return result
-    items = overrides.items() if isinstance(overrides, dict) else [_split_pair(text) for text in overrides]
-    for key, value in items:
+    for key, value in override_items(overrides, what):
         target = result
         parts = str(key).replace("-", "_").split(".")
         for part in parts[:-1]:

@@ -24,7 +24,7 @@ import numpy as np
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, train_soft
 from ddkit.models.training import check_training_options, test_accuracy, train_classifier
-from ddkit.utils import apply_overrides, check_flag, make_generator, normalize, resolve_device, seeded_global_rng
+from ddkit.utils import apply_overrides, check_flag, check_number, make_generator, normalize, resolve_device, seeded_global_rng
 
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``).
 HARD_PRESETS: dict[str, dict] = {
@@ -299,8 +299,11 @@ def evaluate(
         distilled = load(distilled)
     checkpoints = record  # epoch checkpoints of a recorded run: read by every rank, written by rank 0
     record = record and distributed.current().is_main  # under torchrun, rank 0 writes the manifest
-    if runs < 1:
-        raise DDKitError(f"--runs must be at least 1, got {runs}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise DDKitError(f"--runs must be an integer of at least 1, got {runs!r}")
+    check_number("evaluation", "seed", seed, integer=True, minimum=0)
+    if isinstance(archs, str):  # "convnet" or "convnet,resnet18", as on the command line
+        archs = [name for name in archs.split(",") if name.strip()]
     if teachers is not None and protocol != "soft":
         raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
     soft, config = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info)

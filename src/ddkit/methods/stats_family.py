@@ -22,7 +22,7 @@ from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
 from ddkit.methods.registry import register_method
 from ddkit.methods.squeeze import SQUEEZE_PRESETS, load_teacher, train_cached
-from ddkit.utils import _split_pair, apply_overrides, check_flag, check_number
+from ddkit.utils import apply_overrides, check_flag, check_number, override_items
 
 #: Recover options shared by the family (= SRe2L's Tiny-ImageNet recipe, SPEC 3.1).
 RECOVER_DEFAULTS: dict = {
@@ -115,9 +115,7 @@ def _qualify(overrides):
     """Bare option names address the recover stage."""
     if overrides is None:
         return None
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        items = [_split_pair(text) for text in overrides]
+    items = override_items(overrides)
     stages = ("teachers", "squeeze", "recover", "relabel")
     return {(k if k.split(".")[0] in stages else f"recover.{k}"): v for k, v in items}
 

@@ -96,7 +96,12 @@ class DistilledSet:
             raise DDKitError(
                 f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}; give one label per image"
             )
+        if self.labels.is_floating_point() or self.labels.is_complex() or self.labels.dtype == torch.bool:
+            raise DDKitError(f"labels must be class indices (an integer tensor), got dtype {self.labels.dtype}")
         self.labels = self.labels.to(torch.int64)
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
+            raise DDKitError(f"labels run from {int(self.labels.min())} to {int(self.labels.max())}, but there are "
+                             f"{len(self.class_names)} class names; give labels 0 to {len(self.class_names) - 1}")
         clash = set(self.extras) & set(RESERVED_TENSORS)
         if clash:
             raise DDKitError(f"extra tensor names {sorted(clash)} are reserved; rename them")
