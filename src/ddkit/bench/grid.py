@@ -465,13 +465,26 @@ def _stopped_at(checkpoint: Path) -> str:
         return f"seed {seed}, unreadable"
 
 
-def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, archs=("convnet",)) -> list[str]:
-    """What ``run_bench`` with these arguments would do, one line per (cell, architecture), without
-    running or writing anything; the last line counts the states."""
+def check_bench_request(tier, datasets, methods, ipcs, archs, runs, out):
+    """The checked ``(tier, datasets, methods, ipcs, archs, out)`` of a bench request, the same for
+    ``run_bench`` and ``--plan``; one-line DDKitError for anything a run would refuse."""
     tier = check_tier(tier)
     datasets, methods = check_datasets(_as_list(datasets)), check_methods(_as_list(methods))
     ipcs, archs = check_ipcs(_as_list(ipcs)), check_archs(_as_list(archs))
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise DDKitError(f"runs must be a positive integer, got {runs!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DDKitError(f"{out} exists and is not a directory; choose another --out")
+    if (out / "manifest.json").is_file():
+        raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
+    return tier, datasets, methods, ipcs, archs, out
+
+
+def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, archs=("convnet",)) -> list[str]:
+    """What ``run_bench`` with these arguments would do, one line per (cell, architecture), without
+    running or writing anything; the last line counts the states."""
+    tier, datasets, methods, ipcs, archs, out = check_bench_request(tier, datasets, methods, ipcs, archs, runs, out)
     latest = latest_by_key(out)
     cells = plan_cells(datasets, methods, ipcs)
     report, counts = [], {}
@@ -755,21 +768,12 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     from ddkit.bench.table import write_table
     from ddkit.utils import resolve_device, write_json_atomic
 
-    tier = check_tier(tier)
-    datasets, methods = check_datasets(_as_list(datasets)), check_methods(_as_list(methods))
-    ipcs, archs = check_ipcs(_as_list(ipcs)), check_archs(_as_list(archs))
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise DDKitError(f"runs must be a positive integer, got {runs!r}")
+    tier, datasets, methods, ipcs, archs, out = check_bench_request(tier, datasets, methods, ipcs, archs, runs, out)
     device = resolve_device(device)
     if compiled:
         from ddkit.models.training import check_compile_available
 
         check_compile_available(device)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DDKitError(f"{out} exists and is not a directory; choose another --out")
-    if (out / "manifest.json").is_file():
-        raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
     cells = plan_cells(datasets, methods, ipcs)
     latest = latest_by_key(out)
     # A cell's status depends on its own set and result lines only, which no other cell touches.
