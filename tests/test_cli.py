@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import ddkit
+
 from ddkit.cli import build_parser, main
 
 COMMANDS = [
@@ -82,6 +84,24 @@ def test_baseline_eval_export_show_flow(capsys, tmp_path):
     (out / "grid.png").unlink()
     code, text, _ = run_cli(capsys, "show", str(out))
     assert code == 0 and text.strip() == str(out / "grid.png") and (out / "grid.png").is_file()
+
+
+def test_a_set_in_out_is_not_replaced_without_overwrite(capsys, tmp_path, isolated_data):
+    out = tmp_path / "set"
+    assert run_cli(capsys, "baseline", "random", "--dataset", "digits", "--ipc", "1", "--out", str(out))[0] == 0
+    record = {"protocol": "hard", "preset": "quick", "arch": "convnet", "accuracies": [50.0], "mean": 50.0, "std": 0.0}
+    ddkit.load(out).record_evaluation(record)  # an hour of evaluation, in a real case
+    for command in (["baseline", "random", "--dataset", "digits", "--ipc", "2"],
+                    ["distill", "dm", "--dataset", "digits", "--ipc", "1", "--preset", "smoke", "--quiet"],
+                    ["import", str(out / "data.safetensors"), "--dataset", "digits"]):
+        code, _, err = run_cli(capsys, *command, "--out", str(out))
+        assert code == 2 and "already holds a random set with 1 stored evaluation(s)" in err and "--overwrite" in err
+    assert ddkit.load(out).meta["evaluations"][0]["mean"] == 50.0
+    code, _, err = run_cli(capsys, "baseline", "random", "--dataset", "digits", "--ipc", "2", "--out", str(out),
+                           "--overwrite")
+    assert code == 0, err
+    replaced = ddkit.load(out)
+    assert replaced.ipc == 2 and not replaced.meta["evaluations"]
 
 
 def test_distill_with_terms_from_the_command_line(capsys, tmp_path, isolated_data):

@@ -6,6 +6,7 @@ Every user error is one line on stderr and exit code 2 (no traceback); Ctrl-C ex
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def cmd_baseline(args) -> int:
     from ddkit.data import load_dataset
     from ddkit.evaluate import random_subset
 
+    refuse_to_replace(args.out, args.overwrite)
     real = load_dataset(args.dataset, image_size=args.image_size)
     distilled = random_subset(real, args.ipc, seed=args.seed)
     if args.image_size:
@@ -141,6 +143,7 @@ def cmd_import(args) -> int:
     import ddkit
     from ddkit.store.importer import class_count_note
 
+    refuse_to_replace(args.out, args.overwrite)
     distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
                                  entry=args.entry, images_key=args.images_key, labels_key=args.labels_key,
                                  image_size=args.image_size, show_progress=not args.quiet,
@@ -170,12 +173,36 @@ def cmd_show(args) -> int:
     return 0
 
 
+def refuse_to_replace(out, overwrite: bool, keep=None) -> None:
+    """Refuse an ``--out`` that already holds a set unless ``--overwrite`` (or it is ``keep``, the
+    set being updated in place): saving would replace the set and the evaluations stored in it."""
+    if out is None or overwrite:
+        return
+    manifest = Path(out) / "manifest.json"
+    if not manifest.is_file() or (keep is not None and Path(out).resolve() == Path(keep).resolve()):
+        return
+    try:
+        stored = json.loads(manifest.read_text())
+        what = f"a {stored.get('method', '?')} set with {len(stored.get('evaluations') or [])} stored evaluation(s)"
+    except (OSError, ValueError, AttributeError):
+        what = "a set"
+    raise DDKitError(f"{out} already holds {what}; choose another --out, or pass --overwrite to replace it")
+
+
+def _add_overwrite(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a set already in --out (its stored evaluations go with it); without it such "
+                             "an --out is refused")
+
+
 def cmd_distill(args) -> int:
     """`ddkit distill` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import os
 
     import ddkit
 
+    if not args.resume:
+        refuse_to_replace(args.out, args.overwrite)
     if _needs_launch(args):
         return _launch_torchrun(args)
     options = dict(device=args.device, show_progress=not args.quiet, checkpoint_every=args.checkpoint_every,
@@ -292,6 +319,7 @@ def cmd_relabel(args) -> int:
     from ddkit.utils import resolve_device
 
     distilled = ddkit.load(args.set)
+    refuse_to_replace(args.out, args.overwrite, keep=args.set)
     device = resolve_device(args.device)
     real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
     config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options)
@@ -374,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matching family: set a term's weight, e.g. --weight style=1e4 (0 turns it off; repeatable)")
     _add_teacher_option(p)
     _add_common(p)
+    _add_overwrite(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("squeeze", help="train (or load the cached) teacher for a dataset",
@@ -412,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (torchrun); the recover batches are split across them")
     _add_common(p)
+    _add_overwrite(p)
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("relabel", help="add soft-label records to a set (any set, e.g. the random baseline)",
@@ -427,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a relabel option, e.g. --set relabel.epochs=50 --set relabel.topk=5")
     _add_teacher_option(p)
     _add_common(p)
+    _add_overwrite(p)
     p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("eval", help="evaluate a distilled set",
@@ -463,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("export", help="export a set as image files",
@@ -501,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "images, decoded like ddkit's IDM sets (default 1: as stored)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     _add_common(p, device=False)
+    _add_overwrite(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("show", help="(re)write a set's grid.png and print its path",
