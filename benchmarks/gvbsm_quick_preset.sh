@@ -11,9 +11,9 @@ mkdir -p "$out"
 published=(--set lr=0.05 --set r_bn=0.01 --set r_conv=0.01 --set jitter=32)
 run() {  # NAME IPC RUNS [--set ...]: distill, evaluate, print the accuracy line
   local name=$1 ipc=$2 runs=$3; shift 3
-  ddkit distill gvbsm --dataset fashion-mnist --ipc "$ipc" --preset quick --quiet "${published[@]}" "$@" \
-    --out "$out/$name" > "$out/$name.log" 2>&1
-  ddkit eval "$out/$name" --protocol soft --preset quick --runs "$runs" --quiet >> "$out/$name.log" 2>&1
+  [ -f "$out/$name/manifest.json" ] || ddkit distill gvbsm --dataset fashion-mnist --ipc "$ipc" --preset quick \
+    --quiet "${published[@]}" "$@" --out "$out/$name" > "$out/$name.log" 2>&1
+  ddkit eval "$out/$name" --protocol soft --preset quick --runs "$runs" --reuse --quiet >> "$out/$name.log" 2>&1
   echo "$name ($*): $(grep '^convnet' "$out/$name.log" | tail -1)"
 }
 stats=(--set r_bn=1 --set r_conv=1)
