@@ -52,6 +52,7 @@ def run_cli(capsys, *words):
     (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--weight", "cm=-2"], "non-negative"),
     (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--set", "nosuch=1"], "unknown dm option"),
     (["eval", "NOSET"], "not a directory"),
+    (["show", "NOSET", "--columns", "0"], "--columns must be at least 1"),
     (["recover", "--dataset", "digits", "--ipc", "1"], "recover needs METHOD, --out (or --resume DIR"),
     (["recover", "--resume", "NOSET"], "no checkpoint in"),
     (["distill", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--device", "cuda"], "CUDA"),

@@ -166,6 +166,8 @@ def cmd_show(args) -> int:
     import ddkit
     from ddkit.store import save_grid
 
+    if args.columns < 1:
+        raise DDKitError(f"--columns must be at least 1, got {args.columns}")
     distilled = ddkit.load(args.set)
     path = save_grid(distilled.images, distilled.labels, distilled.class_names, Path(args.set) / "grid.png",
                      max_columns=args.columns)
