@@ -501,10 +501,11 @@ def test_plan_says_what_a_bench_would_do_and_what_a_stopped_one_left(isolated_da
     assert plan_bench("smoke", ["digits"], ["dm"], [1], runs=2, out=out)[-1] == "2 to run"
     assert not out.exists()  # the plan writes nothing
     (tmp_path / "a-file").write_text("")
-    for runs, where, message in ((0, out, "runs must be a positive integer"),
-                                 (1, tmp_path / "a-file", "exists and is not a directory")):
+    for runs, where, seed, message in ((0, out, 0, "runs must be a positive integer"),
+                                       (1, tmp_path / "a-file", 0, "exists and is not a directory"),
+                                       (1, out, -1, "seed must be an integer >= 0")):
         with pytest.raises(DDKitError, match=message):  # refused as a run would refuse it
-            plan_bench("smoke", ["digits"], ["dm"], [1], runs=runs, out=where)
+            plan_bench("smoke", ["digits"], ["dm"], [1], runs=runs, out=where, seed=seed)
     small_grid(out, ipcs=(1,))  # runs=1
     with open(out / "results.jsonl", "a") as handle:  # a failed cell, as a bench records it
         handle.write(json.dumps({"dataset": "digits", "method": "dm", "ipc": 2, "tier": "smoke", "arch": "convnet",

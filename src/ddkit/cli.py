@@ -166,8 +166,6 @@ def cmd_show(args) -> int:
     import ddkit
     from ddkit.store import save_grid
 
-    if args.columns < 1:
-        raise DDKitError(f"--columns must be at least 1, got {args.columns}")
     distilled = ddkit.load(args.set)
     path = save_grid(distilled.images, distilled.labels, distilled.class_names, Path(args.set) / "grid.png",
                      max_columns=args.columns)
@@ -549,6 +547,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: (option, smallest value) of the numeric options, checked for every command that has them
+NUMBER_FLOORS = (("nproc", 1), ("runs", 1), ("seed", 0), ("columns", 1), ("image_size", 1), ("checkpoint_every", 0),
+                 ("decode_factor", 1))
+
+
+def check_numbers(args) -> None:
+    """Refuse, with one line, numeric options out of range that argparse's ``type=int`` lets through
+    (``--nproc 0`` ran one process, ``--checkpoint-minutes -1`` checkpointed every iteration)."""
+    for name, floor in NUMBER_FLOORS:
+        value = getattr(args, name, None)
+        if value is not None and value < floor:
+            raise DDKitError(f"--{name.replace('_', '-')} must be at least {floor}, got {value}")
+    minutes = getattr(args, "checkpoint_minutes", None)
+    if minutes is not None and not minutes > 0:
+        raise DDKitError(f"--checkpoint-minutes must be above 0, got {minutes}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ddkit`` console script; returns the exit code."""
     parser = build_parser()
@@ -567,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_numbers(args)
         return int(args.func(args) or 0)
     except DDKitError as exc:
         print(f"ddkit: error: {exc}", file=sys.stderr)

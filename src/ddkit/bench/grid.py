@@ -465,7 +465,7 @@ def _stopped_at(checkpoint: Path) -> str:
         return f"seed {seed}, unreadable"
 
 
-def check_bench_request(tier, datasets, methods, ipcs, archs, runs, out):
+def check_bench_request(tier, datasets, methods, ipcs, archs, runs, out, seed=0):
     """The checked ``(tier, datasets, methods, ipcs, archs, out)`` of a bench request, the same for
     ``run_bench`` and ``--plan``; one-line DDKitError for anything a run would refuse."""
     tier = check_tier(tier)
@@ -473,6 +473,8 @@ def check_bench_request(tier, datasets, methods, ipcs, archs, runs, out):
     ipcs, archs = check_ipcs(_as_list(ipcs)), check_archs(_as_list(archs))
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise DDKitError(f"runs must be a positive integer, got {runs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DDKitError(f"seed must be an integer >= 0, got {seed!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DDKitError(f"{out} exists and is not a directory; choose another --out")
@@ -484,7 +486,7 @@ def check_bench_request(tier, datasets, methods, ipcs, archs, runs, out):
 def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, archs=("convnet",)) -> list[str]:
     """What ``run_bench`` with these arguments would do, one line per (cell, architecture), without
     running or writing anything; the last line counts the states."""
-    tier, datasets, methods, ipcs, archs, out = check_bench_request(tier, datasets, methods, ipcs, archs, runs, out)
+    tier, datasets, methods, ipcs, archs, out = check_bench_request(tier, datasets, methods, ipcs, archs, runs, out, seed)
     latest = latest_by_key(out)
     cells = plan_cells(datasets, methods, ipcs)
     report, counts = [], {}
@@ -768,7 +770,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     from ddkit.bench.table import write_table
     from ddkit.utils import resolve_device, write_json_atomic
 
-    tier, datasets, methods, ipcs, archs, out = check_bench_request(tier, datasets, methods, ipcs, archs, runs, out)
+    tier, datasets, methods, ipcs, archs, out = check_bench_request(tier, datasets, methods, ipcs, archs, runs, out, seed)
     device = resolve_device(device)
     if compiled:
         from ddkit.models.training import check_compile_available
