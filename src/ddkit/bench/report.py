@@ -254,7 +254,7 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
     import ddkit
     from ddkit.bench.grid import is_baseline
 
-    rows, classes, unreadable, loaded = [], [], [], []
+    rows, unreadable, loaded = [], [], []
     for set_dir in child_sets(directory):
         try:
             distilled = ddkit.load(set_dir)

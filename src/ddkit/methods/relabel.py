@@ -33,7 +33,7 @@ import torch
 from ddkit.augment.dsa import dsa_strategy_for
 from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
 from ddkit.errors import DDKitError
-from ddkit.utils import make_generator, normalize, progress, resolve_device
+from ddkit.utils import check_flag, check_number, make_generator, normalize, progress, resolve_device
 
 __all__ = ["NORM_SCOPES", "ensemble_logits", "auto_flip_prob", "plan_for", "relabel", "EVAL_LOSSES"]
 
@@ -204,10 +204,10 @@ def relabel(
             f"{distilled.decode_factor} (decode {distilled.decode}); relabel an identity-decoded set"
         )
     teachers = _as_teacher_list(teachers)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise DDKitError(f"epochs={epochs!r} is not valid; give the number of record epochs (>= 1)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DDKitError(f"batch_size={batch_size!r} is not valid; give an integer >= 1")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        check_number("relabel", name, value, integer=True, minimum=1)
+    check_number("relabel", "mix_beta", mix_beta, above=0)
+    check_flag("relabel", "equalize_norm", equalize_norm)
     if mix not in MIX_MODES:
         raise DDKitError(f"mix={mix!r} is not valid; choose one of: {', '.join(MIX_MODES)}")
     if norm_scope not in NORM_SCOPES:

@@ -22,7 +22,7 @@ from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
 from ddkit.methods.registry import register_method
 from ddkit.methods.squeeze import SQUEEZE_PRESETS, load_teacher, train_cached
-from ddkit.utils import apply_overrides, check_flag, check_number, override_items
+from ddkit.utils import apply_overrides, check_number, override_items
 
 #: Recover options shared by the family (= SRe2L's Tiny-ImageNet recipe, SPEC 3.1).
 RECOVER_DEFAULTS: dict = {
@@ -136,15 +136,12 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
     from ddkit.methods.relabel import relabel
 
     options = config["relabel"]
-    for key in ("epochs", "batch_size"):
-        check_number("relabel", key, options[key], integer=True, minimum=1)
+    # relabel() checks its own arguments; this key only exists here, as the low end of crop_scale.
     check_number("relabel", "crop_scale_min", options["crop_scale_min"], minimum=0, maximum=1)
-    check_number("relabel", "mix_beta", options["mix_beta"], above=0)
-    check_flag("relabel", "equalize_norm", options["equalize_norm"])
-    result = relabel(distilled, [t.model for t in teachers], epochs=int(options["epochs"]), seed=seed,
-                     crop_scale=(float(options["crop_scale_min"]), 1.0), mix=options["mix"],
-                     mix_beta=float(options["mix_beta"]), topk=options["topk"],
-                     equalize_norm=bool(options["equalize_norm"]), batch_size=int(options["batch_size"]),
+    result = relabel(distilled, [t.model for t in teachers], epochs=options["epochs"], seed=seed,
+                     crop_scale=(options["crop_scale_min"], 1.0), mix=options["mix"],
+                     mix_beta=options["mix_beta"], topk=options["topk"],
+                     equalize_norm=options["equalize_norm"], batch_size=options["batch_size"],
                      device=device, teacher_info=[t.info() for t in teachers], eval_loss=options["eval_loss"],
                      show_progress=show_progress)
     return result

@@ -327,6 +327,10 @@ def import_set(
     shape = tuple(int(v) for v in info["image_shape"])
     num_classes = int(info["num_classes"])
     class_names = list(info["class_names"]) or [str(c) for c in range(num_classes)]
+    if decode_factor < 1 or shape[1] % decode_factor or shape[2] % decode_factor:
+        raise DDKitError(
+            f"decode factor {decode_factor} does not divide the image size {shape[1]}x{shape[2]}; give 1 or a divisor"
+        )
     raw_images, raw_labels, description, folders = read_source(source, entry, images_key, labels_key, shape[0],
                                                                show_progress, labels_file)
     images, channels_last = to_nchw(raw_images, shape, info["name"])
@@ -353,10 +357,6 @@ def import_set(
         record["class_folders"] = [f.name for f in folders]
     if not folders and (entry or images_key != "images" or labels_key != "labels"):
         record.update(entry=entry, images_key=images_key, labels_key=labels_key)
-    if decode_factor < 1 or shape[1] % decode_factor or shape[2] % decode_factor:
-        raise DDKitError(
-            f"decode factor {decode_factor} does not divide the image size {shape[1]}x{shape[2]}; give 1 or a divisor"
-        )
     decode = {"kind": "partition", "factor": decode_factor} if decode_factor > 1 else {"kind": "identity"}
     counts = torch.bincount(labels, minlength=num_classes)
     meta = {"config": {"ipc": int(counts.max())}, "imported": record}
