@@ -687,6 +687,10 @@ def test_imagefolder_flat_split_and_resize(tmp_path):
     with pytest.raises(DDKitError) as e:
         load_dataset(f"imagefolder:{root}")
     assert one_line_error(e) == "imagefolder needs an image size; pass --image-size N"
+    # A missing folder is reported as missing, not as a missing --image-size.
+    with pytest.raises(DDKitError) as e:
+        load_dataset(f"imagefolder:{tmp_path / 'nowhere'}")
+    assert "nowhere" in one_line_error(e) and "image size" not in one_line_error(e)
 
     ds = load_dataset(f"imagefolder:{root}", image_size=16)
     assert ds.class_names == ["cat", "dog"]

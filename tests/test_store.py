@@ -117,6 +117,46 @@ def test_resave_is_atomic_and_keeps_foreign_files(tmp_path, tiny_set):
     assert leftovers == []
 
 
+@pytest.mark.parametrize("failing_step", ["park the old set", "move the new set in"])
+def test_a_resave_that_fails_mid_swap_restores_the_old_set_and_the_users_files(
+        tmp_path, tiny_set, monkeypatch, failing_step):
+    import os
+
+    out = tiny_set.save(tmp_path / "set")
+    (out / "notes.txt").write_text("mine")
+    old_images = load(out).images.clone()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        src, dst = os.fspath(src), os.fspath(dst)
+        parking = failing_step == "park the old set" and dst.endswith("/set") and ".old-" in dst
+        moving_in = failing_step == "move the new set in" and dst == str(out.resolve()) and ".tmp-" in src
+        if parking or moving_in:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    tiny_set.images = tiny_set.images * 0.5
+    with pytest.raises(OSError, match="No space"):
+        tiny_set.save(out)
+    monkeypatch.undo()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert torch.equal(load(out).images, old_images)
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_loading_a_set_whose_save_was_killed_mid_swap_says_where_the_old_copy_is(tmp_path, tiny_set):
+    # What a SIGKILL between the two renames of save() leaves: no "set", its old copy parked.
+    parked = tmp_path / ".set.old-x1y2" / "set"
+    tiny_set.save(parked)
+    with pytest.raises(DDKitError) as e:
+        load(tmp_path / "set")
+    message = str(e.value)
+    assert "interrupted" in message and str(parked) in message
+    with pytest.raises(DDKitError, match="not a directory"):
+        load(tmp_path / "other")
+
+
 def test_save_refuses_a_foreign_directory(tmp_path, tiny_set):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "thesis.tex").write_text("x")

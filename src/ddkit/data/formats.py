@@ -564,9 +564,10 @@ def load_imagefolder(
     bilinear filter (aspect ratio not kept). When every file is grayscale (mode 1/L/LA) the
     result has one channel. Returns ``(train, test, class_names, grayscale)``.
     """
+    # The layout first: a missing or empty folder is the more basic mistake to report.
+    classes, train_files, test_files = imagefolder_layout(root)
     if image_size is None:
         raise DDKitError("imagefolder needs an image size; pass --image-size N")
-    classes, train_files, test_files = imagefolder_layout(root)
     train_x, train_gray = decode_images([p for p, _ in train_files], image_size, "train", quiet)
     test_x, test_gray = decode_images([p for p, _ in test_files], image_size, "test", quiet)
     gray = train_gray and (test_gray or not test_files)

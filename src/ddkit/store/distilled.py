@@ -11,7 +11,7 @@ A set is a directory holding
 - ``grid.png``: the stored images, one row per class.
 
 Writes are atomic: a whole set is written into a sibling temporary directory and renamed into
-place; the manifest alone is rewritten through a temporary file and ``os.replace``. Loading checks
+place (a failed re-save rolls back; see :meth:`DistilledSet.save`); the manifest alone is rewritten through a temporary file and ``os.replace``. Loading checks
 the format version and the hash and refuses a damaged or edited set with one line.
 """
 
@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 DATA_FILE = "data.safetensors"
 MANIFEST_FILE = "manifest.json"
 GRID_FILE = "grid.png"
+RETIRED_MARK = ".old-"  # a save parks the previous set in a sibling ".NAME.old-XXXX/set"
 #: tensor names of data.safetensors with a fixed meaning; everything else is an extra
 RESERVED_TENSORS = ("images", "labels", "soft_labels")
 
@@ -202,7 +203,10 @@ class DistilledSet:
         """Write the set to ``directory`` atomically (replacing an existing set there).
 
         Everything is written into a temporary sibling directory first and renamed into place,
-        so a crash never leaves a half-written set under ``directory``.
+        so a crash never leaves a half-written set under ``directory``. Replacing a set takes two
+        renames (old set aside, new set in); an exception at any step restores the old set and
+        the user's files it held. A hard kill between the renames leaves ``directory`` missing and
+        the old set in ``.NAME.old-XXXX/set``, which :func:`load` then names.
 
         Returns:
             The directory path.
@@ -219,6 +223,8 @@ class DistilledSet:
                 f"{directory} exists and is not a distilled set; choose another --out or remove it"
             )
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        carried: list[str] = []  # names of the user's files moved from target into staging
+        retired: Path | None = None
         try:
             tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.cpu().contiguous()}
             if self.soft_labels is not None:
@@ -240,15 +246,21 @@ class DistilledSet:
                 for item in target.iterdir():
                     if item.name not in (DATA_FILE, MANIFEST_FILE, GRID_FILE) and not (staging / item.name).exists():
                         os.replace(item, staging / item.name)
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                        carried.append(item.name)
+                # POSIX has no atomic swap of two directories: between these two renames
+                # the old set lives in retired/ (load() points there if a crash hits now).
+                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}{RETIRED_MARK}", dir=target.parent))
                 os.replace(target, retired / "set")
                 os.replace(staging, target)
-                shutil.rmtree(retired, ignore_errors=True)
             else:
                 os.replace(staging, target)
+        except BaseException:
+            _roll_back(target, staging, retired, carried)
+            raise
         finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            for leftover in (staging, retired):
+                if leftover is not None and leftover.exists():
+                    shutil.rmtree(leftover, ignore_errors=True)
         self.path = directory
         return directory
 
@@ -275,6 +287,32 @@ class DistilledSet:
             self.update_manifest()
 
 
+def _roll_back(target: Path, staging: Path, retired: Path | None, carried: list[str]) -> None:
+    """Undo a save that failed part-way: the old set back at ``target`` with the user's files."""
+    if retired is not None and (retired / "set").is_dir() and not target.exists():
+        os.replace(retired / "set", target)
+    if target.is_dir() and staging.is_dir():
+        for name in carried:
+            if (staging / name).exists() and not (target / name).exists():
+                os.replace(staging / name, target / name)
+
+
+def interrupted_save(directory: Path) -> Path | None:
+    """The old copy of the set at ``directory`` that a save killed mid-swap left behind, if any.
+
+    Only a hard kill (power loss, SIGKILL) between the two renames of :meth:`DistilledSet.save`
+    leaves one: ``.NAME.old-XXXX/set`` beside the missing ``NAME``. Returns its path or ``None``.
+    """
+    directory = Path(directory)
+    parent = directory.parent if directory.parent.is_dir() else None
+    if parent is None:
+        return None
+    for candidate in sorted(parent.glob(f".{directory.name}{RETIRED_MARK}*")):
+        if (candidate / "set" / MANIFEST_FILE).is_file():
+            return candidate / "set"
+    return None
+
+
 def load(directory: str | Path) -> DistilledSet:
     """Load a distilled set, refusing anything damaged, edited or of an unknown format version.
 
@@ -284,6 +322,11 @@ def load(directory: str | Path) -> DistilledSet:
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     data_path = directory / DATA_FILE
+    if not directory.exists() and (left := interrupted_save(directory)) is not None:
+        raise DDKitError(
+            f"{directory} is missing but a save of it was interrupted; its previous version is at "
+            f"{left}, move that folder to {directory} to restore it"
+        )
     if not directory.is_dir():
         raise DDKitError(f"{directory} is not a directory; pass the directory a distill/baseline command wrote")
     if not manifest_path.is_file() or not data_path.is_file():
