@@ -1,6 +1,7 @@
 """The distilled-set format: round trip, atomic writes, refusal of damaged sets, export, grid."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -120,8 +121,6 @@ def test_resave_is_atomic_and_keeps_foreign_files(tmp_path, tiny_set):
 @pytest.mark.parametrize("failing_step", ["park the old set", "move the new set in"])
 def test_a_resave_that_fails_mid_swap_restores_the_old_set_and_the_users_files(
         tmp_path, tiny_set, monkeypatch, failing_step):
-    import os
-
     out = tiny_set.save(tmp_path / "set")
     (out / "notes.txt").write_text("mine")
     old_images = load(out).images.clone()

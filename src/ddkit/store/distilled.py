@@ -11,8 +11,9 @@ A set is a directory holding
 - ``grid.png``: the stored images, one row per class.
 
 Writes are atomic: a whole set is written into a sibling temporary directory and renamed into
-place (a failed re-save rolls back; see :meth:`DistilledSet.save`); the manifest alone is rewritten through a temporary file and ``os.replace``. Loading checks
-the format version and the hash and refuses a damaged or edited set with one line.
+place (a failed re-save rolls back; see :meth:`DistilledSet.save`); the manifest alone is
+rewritten through a temporary file and ``os.replace``. Loading checks the format version and the
+hash and refuses a damaged or edited set with one line.
 """
 
 from __future__ import annotations
@@ -252,15 +253,16 @@ class DistilledSet:
                 retired = Path(tempfile.mkdtemp(prefix=f".{target.name}{RETIRED_MARK}", dir=target.parent))
                 os.replace(target, retired / "set")
                 os.replace(staging, target)
+                shutil.rmtree(retired, ignore_errors=True)
             else:
                 os.replace(staging, target)
         except BaseException:
             _roll_back(target, staging, retired, carried)
             raise
         finally:
-            for leftover in (staging, retired):
-                if leftover is not None and leftover.exists():
-                    shutil.rmtree(leftover, ignore_errors=True)
+            # A roll back that itself failed leaves the user's files in staging: keep them then.
+            if staging.exists() and not any((staging / name).exists() for name in carried):
+                shutil.rmtree(staging, ignore_errors=True)
         self.path = directory
         return directory
 
@@ -289,8 +291,11 @@ class DistilledSet:
 
 def _roll_back(target: Path, staging: Path, retired: Path | None, carried: list[str]) -> None:
     """Undo a save that failed part-way: the old set back at ``target`` with the user's files."""
-    if retired is not None and (retired / "set").is_dir() and not target.exists():
-        os.replace(retired / "set", target)
+    if retired is not None:
+        if (retired / "set").is_dir() and not target.exists():
+            os.replace(retired / "set", target)
+        if not any(retired.iterdir()):  # else it holds the old set still: load() names it
+            retired.rmdir()
     if target.is_dir() and staging.is_dir():
         for name in carried:
             if (staging / name).exists() and not (target / name).exists():
@@ -304,10 +309,9 @@ def interrupted_save(directory: Path) -> Path | None:
     leaves one: ``.NAME.old-XXXX/set`` beside the missing ``NAME``. Returns its path or ``None``.
     """
     directory = Path(directory)
-    parent = directory.parent if directory.parent.is_dir() else None
-    if parent is None:
+    if not directory.parent.is_dir():
         return None
-    for candidate in sorted(parent.glob(f".{directory.name}{RETIRED_MARK}*")):
+    for candidate in sorted(directory.parent.glob(f".{directory.name}{RETIRED_MARK}*")):
         if (candidate / "set" / MANIFEST_FILE).is_file():
             return candidate / "set"
     return None
