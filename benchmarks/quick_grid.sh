@@ -9,17 +9,24 @@
 # Logs: runs/bench-grid-quick-w<K>.log (progress bars end in carriage returns: read them with
 #   tail -c 300 runs/bench-grid-quick-w1.log | tr '\r' '\n'). Progress: the same bench command with --plan.
 # Stop: pkill -f "ddkit bench --tier quick"; a stopped grid loses at most about a minute per worker.
+#
+# The finished cells live in git, in benchmarks/results/quick-grid/results.jsonl (runs/ is not
+# tracked, and a fresh checkout starts without it). A run directory without results.jsonl starts
+# from a copy of that file, and the workers run with --trust-results, so cells finished on another
+# machine (their sets are not carried) stay finished. After a cell finishes, save it to git with
+#   cp runs/bench-grid-quick/results.jsonl benchmarks/results/quick-grid/results.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-$(nproc)}
 src=${SRC:-$PWD/src}
 commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
-mkdir -p runs
+mkdir -p runs/bench-grid-quick
+[ -f runs/bench-grid-quick/results.jsonl ] || cp benchmarks/results/quick-grid/results.jsonl runs/bench-grid-quick/
 for worker in $(seq 1 "$workers"); do
   log=runs/bench-grid-quick-w$worker.log
   echo "=== start $(date -u +%FT%TZ) on $commit ($src), worker $worker of $workers" >> "$log"
   PYTHONPATH="$src" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup nice -n 19 .venv/bin/python -m ddkit bench \
-    --tier quick --datasets fashion-mnist,mnist --ipc 1,10,50 --runs 3 --out runs/bench-grid-quick --compile \
+    --tier quick --datasets fashion-mnist,mnist --ipc 1,10,50 --runs 3 --out runs/bench-grid-quick --compile --trust-results \
     >> "$log" 2>&1 &
   sleep 20  # the first worker claims its cell before the next one starts looking
 done

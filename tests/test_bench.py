@@ -448,6 +448,37 @@ def test_a_cell_made_under_an_older_preset_is_made_again_and_its_old_set_kept(is
     assert (out / third["dm"]["set"] / "manifest.json").is_file() and third["dm"]["date"] != second["dm"]["date"]
 
 
+def test_trust_results_counts_a_line_whose_set_is_missing_as_finished(isolated_data, tmp_path, monkeypatch):
+    from ddkit.bench.grid import cell_status, latest_by_key, plan_cells
+
+    out = tmp_path / "bench"
+    first = {l["method"]: l for l in small_grid(out, ipcs=(1,))}
+    carried = tmp_path / "carried"  # results.jsonl alone, as carried to another machine
+    carried.mkdir()
+    shutil.copy(out / "results.jsonl", carried / "results.jsonl")
+    assert plan_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=carried)[-1] == "2 make again"
+    plan = plan_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=carried, trust_results=True)
+    assert plan[-1] == "2 done" and plan[1].startswith("[2/2] digits dm ipc 1 (hard, convnet): done, ")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a trusted cell was made again")
+
+    monkeypatch.setattr(ddkit, "distill", refuse)
+    monkeypatch.setattr(ddkit, "evaluate", refuse)
+    lines = {l["method"]: l for l in run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=carried,
+                                               show_progress=False, trust_results=True)}
+    assert lines == first and not (carried / "sets" / "digits-dm-ipc1").exists()
+    # A set that is there is still checked: the evaluation preset changed, so it is evaluated again.
+    from ddkit.evaluate import HARD_PRESETS
+
+    monkeypatch.setitem(HARD_PRESETS, "smoke", dict(HARD_PRESETS["smoke"], epochs=150))
+    cell = plan_cells(["digits"], ["dm"], [1])[1]
+    status = cell_status(cell, out / "sets", "smoke", ["convnet"], 1, 0, latest_by_key(out), trust_results=True)
+    assert [s.state for s in status] == ["evaluate again"]
+    assert main(["bench", "--tier", "smoke", "--datasets", "digits", "--methods", "dm", "--ipc", "1", "--runs",
+                 "1", "--out", str(carried), "--trust-results", "--plan"]) == 0
+
+
 def _grid_to_docs():
     """benchmarks/grid_to_docs.py (a script, not a package module), imported from its path."""
     import importlib.util

@@ -43,11 +43,13 @@ def cmd_bench(args) -> int:
     if args.plan:
         print("\n".join(plan_bench(args.tier, _names(args.datasets, "--datasets"), methods,
                                     _positive_ints(args.ipc, "--ipc"), runs=args.runs, out=args.out,
-                                    seed=args.seed, archs=_names(args.arch, "--arch"))))
+                                    seed=args.seed, archs=_names(args.arch, "--arch"),
+                                    trust_results=args.trust_results)))
         return 0
     lines = run_bench(args.tier, _names(args.datasets, "--datasets"), methods, _positive_ints(args.ipc, "--ipc"),
                       runs=args.runs, out=args.out, seed=args.seed, device=args.device,
-                      show_progress=not args.quiet, archs=_names(args.arch, "--arch"), compiled=args.compile)
+                      show_progress=not args.quiet, archs=_names(args.arch, "--arch"), compiled=args.compile,
+                      trust_results=args.trust_results)
     failed = [line for line in lines if "error" in line]
     print(f"{len(lines) - len(failed)} of {len(lines)} cells done; table: {args.out}/{TABLE_FILE}")
     for line in failed:
@@ -102,6 +104,10 @@ def add_commands(subparsers) -> None:
                    help=COMPILE_HELP.format(what="train the evaluation networks, run the matching family's "
                                                  "distillation networks and train teachers not cached yet"))
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no per-cell lines")
+    p.add_argument("--trust-results", action="store_true",
+                   help="count a cell whose line is in OUT/results.jsonl as finished even when its set under "
+                        "OUT/sets is missing (a results.jsonl carried to another machine without the sets); by "
+                        "default such a cell is made again. Cells whose set is there are checked as usual")
     p.add_argument("--plan", action="store_true",
                    help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "
                         "again, and what a stopped bench left to continue from) and exit; runs and writes nothing")
