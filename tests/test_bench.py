@@ -480,14 +480,48 @@ def test_trust_results_counts_a_line_whose_set_is_missing_as_finished(isolated_d
 
 
 def _grid_to_docs():
-    """benchmarks/grid_to_docs.py (a script, not a package module), imported from its path."""
+    """benchmarks/grid_to_docs.py, imported from its path."""
+    return _benchmarks_script("grid_to_docs")
+
+
+def _benchmarks_script(name):
+    """A script of benchmarks/ (not a package module), imported from its path."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grid_to_docs.py"
-    spec = importlib.util.spec_from_file_location("grid_to_docs", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_table_row_is_rebuilt_into_the_line_it_was_rendered_from_and_trusted_by_grid_to_docs(tmp_path):
+    from ddkit.bench.table import row_cells
+
+    recover = _benchmarks_script("recover_grid_lines")
+    row = ["fashion-mnist", "10", "gvbsm", "soft", "3", "80.82 +- 0.23", "217.0", "351.9 (compiled)", "761",
+           "313600", "1230000"]
+    line = recover.line_from_row(row, "docs/benchmarks.md at abc1234")
+    assert line["mean"] == 80.82 and line["std"] == 0.23 and line["eval_seconds_per_run"] == 351.9
+    assert line["compiled"] is True and "distill_compiled" not in line
+    assert line["peak_memory_bytes"] == 761 * 1024 * 1024 and line["ipc"] == 10 and line["seed"] == 0
+    assert row_cells(line) == row
+    baseline = recover.line_from_row(["fashion-mnist", "10", "random", "hard", "3", "76.60 +- 0.18", "0.0", "329.2",
+                                      "-", "313600", "0"], "docs/benchmarks.md at abc1234")
+    assert "peak_memory_bytes" not in baseline and row_cells(baseline)[8] == "-"
+    with pytest.raises(SystemExit, match="runs=1"):
+        recover.line_from_row(["digits", "1", "dm", "hard", "1", "1.00 +- 0.00", "1.0", "1.0", "-", "1", "0"], "x")
+
+    bench = tmp_path / "kept"  # results.jsonl alone, as kept in git
+    bench.mkdir()
+    (bench / "results.jsonl").write_text("".join(json.dumps(dict(l, dataset="fashion-mnist")) + "\n"
+                                                 for l in (line, baseline)))
+    docs = _grid_to_docs()
+    assert docs.section(bench, ["fashion-mnist"], ["gvbsm"], [10]).startswith("**Progress:** 0 of 3 cells")
+    trusted = docs.section(bench, ["fashion-mnist"], ["gvbsm"], [10], trust_results=True)
+    assert trusted.startswith("**Progress:** 2 of 3 cells finished.")
+    assert "2 lines from docs/benchmarks.md at abc1234" in trusted and "- IPC 10, fashion-mnist: random+gvbsm" in trusted
+    assert "| fashion-mnist | 10 | gvbsm | soft | 3 | 80.82 +- 0.23 | 217.0 | 351.9 (compiled) | 761 |" in trusted
 
 
 def test_a_cell_evaluated_under_an_older_evaluation_preset_is_evaluated_again_on_its_set(
