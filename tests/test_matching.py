@@ -33,8 +33,11 @@ def test_batched_pass_equals_per_class_loop(digits):
 
 def test_channels_last_nets_give_the_same_images(digits):
     """The layout is a speed option only: same nets, same draws, same images to float rounding."""
-    for method in ("dm", "ddm"):  # DDM's style terms read the intermediate maps too
-        config = smoke(method, iterations=3)
+    # DDM's style terms read the intermediate maps too. Its smoke step (lr 1, style weight 1e4) is
+    # chaotic: rounding differences grow about a hundredfold per iteration (on an AMD EPYC, mean
+    # 7e-6 after one iteration, 6e-4 after three), so DDM is compared after one.
+    for method, iterations in (("dm", 3), ("ddm", 1)):
+        config = smoke(method, iterations=iterations)
         runs = {}
         for layout in (True, False):
             engine = MatchingEngine(digits, 2, apply_overrides(config, {"channels_last": layout}), seed=3, device=CPU,
@@ -46,8 +49,8 @@ def test_channels_last_nets_give_the_same_images(digits):
         difference = (runs[True] - runs[False]).abs()
         if method == "dm":
             assert float(difference.max()) < 1e-5
-        else:  # the smoke DDM step (lr 1, style weight 1e4) scales rounding up: pixels reach +-9
-            assert float(difference.mean()) < 1e-4
+        else:  # one DDM step moves pixels by about 0.6 on average; a layout bug would show at that scale
+            assert float(difference.mean()) < 1e-4 and float(difference.max()) < 1e-2
     assert MatchingEngine(digits, 2, smoke("dm"), seed=3, device=CPU, show_progress=False).source.channels_last  # auto
 
 
