@@ -10,18 +10,23 @@
 #   tail -c 300 runs/bench-grid-quick-w1.log | tr '\r' '\n'). Progress: the same bench command with --plan.
 # Stop: pkill -f "ddkit bench --tier quick"; a stopped grid loses at most about a minute per worker.
 #
-# The finished cells live in git, in benchmarks/results/quick-grid/results.jsonl (runs/ is not
-# tracked, and a fresh checkout starts without it). A run directory without results.jsonl starts
-# from a copy of that file, and the workers run with --trust-results, so cells finished on another
-# machine (their sets are not carried) stay finished. After a cell finishes, save it to git with
-#   cp runs/bench-grid-quick/results.jsonl benchmarks/results/quick-grid/results.jsonl
+# The grid's progress lives in git, in benchmarks/results/quick-grid/ (runs/ is not tracked, and a
+# fresh checkout starts without it): results.jsonl, and sets/ with the sets of cells not finished
+# yet. A run directory without results.jsonl starts from a copy of both, and the workers run with
+# --trust-results, so cells finished on another machine (their sets are not kept) stay finished.
+# Save the progress with `python benchmarks/keep_grid.py` and commit benchmarks/results/quick-grid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-$(nproc)}
 src=${SRC:-$PWD/src}
 commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
-mkdir -p runs/bench-grid-quick
-[ -f runs/bench-grid-quick/results.jsonl ] || cp benchmarks/results/quick-grid/results.jsonl runs/bench-grid-quick/
+mkdir -p runs/bench-grid-quick/sets
+if [ ! -f runs/bench-grid-quick/results.jsonl ]; then
+  cp benchmarks/results/quick-grid/results.jsonl runs/bench-grid-quick/
+  if [ -d benchmarks/results/quick-grid/sets ]; then
+    cp -r benchmarks/results/quick-grid/sets/. runs/bench-grid-quick/sets/
+  fi
+fi
 for worker in $(seq 1 "$workers"); do
   log=runs/bench-grid-quick-w$worker.log
   echo "=== start $(date -u +%FT%TZ) on $commit ($src), worker $worker of $workers" >> "$log"

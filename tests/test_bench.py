@@ -717,3 +717,34 @@ def test_a_cell_another_process_finished_meanwhile_is_not_run_again(isolated_dat
     lines = small_grid(out, ipcs=(1,))
     assert made == ["random"]
     assert [line["method"] for line in lines] == ["random", "dm"] and lines[1] == dm_line
+
+
+def test_keep_grid_copies_the_results_and_the_sets_of_unfinished_cells_only(tmp_path):
+    keep_grid = _benchmarks_script("keep_grid")
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    kept.mkdir()
+    first = json.dumps({"dataset": "mnist", "method": "random", "ipc": 50}) + "\n"
+    (kept / "results.jsonl").write_text(first)
+    (run / "sets").mkdir(parents=True)
+    (run / "results.jsonl").write_text(first + json.dumps({"dataset": "mnist", "method": "dm", "ipc": 50}) + "\n")
+    for name in ("mnist-dm-ipc50", "mnist-idm-ipc50", "mnist-iid-ipc50.superseded-20261122T1600"):
+        folder = run / "sets" / name
+        (folder / "eval-checkpoint").mkdir(parents=True)
+        (folder / "checkpoint").mkdir()
+        for file in ("data.safetensors", "manifest.json", "grid.png", "checkpoint/latest.json",
+                     "eval-checkpoint/hard-quick-convnet-seed1.safetensors"):
+            (folder / file).write_text(name)
+    (run / "sets" / "mnist-iid-ipc50").mkdir()  # being distilled: no manifest yet
+    (kept / "sets" / "mnist-dm-ipc50").mkdir(parents=True)  # carried earlier, finished since
+    (kept / "sets" / "mnist-dm-ipc50" / "manifest.json").write_text("old")
+
+    report = keep_grid.keep(run, kept)
+    assert report == ["results.jsonl: 1 new lines", "mnist-dm-ipc50: finished, carried set removed",
+                      "mnist-idm-ipc50: not finished, set carried (0.0 MiB)"]
+    assert (kept / "results.jsonl").read_text() == (run / "results.jsonl").read_text()
+    carried = sorted(str(p.relative_to(kept / "sets")) for p in (kept / "sets").rglob("*") if p.is_file())
+    assert carried == ["mnist-idm-ipc50/data.safetensors", "mnist-idm-ipc50/eval-checkpoint/hard-quick-convnet-seed1"
+                       ".safetensors", "mnist-idm-ipc50/manifest.json"]
+    (kept / "results.jsonl").write_text(first + first)  # not a start of the run's results: refused
+    with pytest.raises(SystemExit, match="does not start with"):
+        keep_grid.keep(run, kept)
