@@ -7,7 +7,7 @@ Usage:
 The section between ``<!-- quick-grid:start -->`` and ``<!-- quick-grid:end -->`` is replaced by:
 - how many cells of the planned grid (``--datasets`` x ``--methods`` x ``--ipc``, with the random
   and ``random+M`` baselines, as ``ddkit bench`` plans it) have a result, and which are missing;
-- the dates of the first and last result line, and the devices they ran on;
+- the dates of the first and last result line, and the machines they ran on;
 - the table of the finished cells, rendered as the bench's own ``table.md`` (``ddkit.bench.table``).
 
 A cell the bench would make or evaluate again (``ddkit.bench.grid.line_changes``: its set was made
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ddkit.bench.grid import SETS_DIR, latest_results, line_changes, plan_cells, read_results, set_name
 from ddkit.store.distilled import MANIFEST_FILE
-from ddkit.bench.table import COLUMNS, markdown_table, row_cells, sorted_lines
+from ddkit.bench.table import COLUMNS, extra_columns, markdown_table, row_cells, sorted_lines
 from ddkit.methods import METHODS
 
 START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
@@ -51,7 +51,7 @@ def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int
     planned = plan_cells(datasets, methods, ipcs)
     missing = [cell for cell in planned if (cell.dataset, cell.method, cell.ipc) not in finished]
     dates = sorted(line["date"] for line in lines if line.get("date"))
-    devices = sorted({str(line.get("device")) for line in lines})
+    devices = sorted({str(line.get("machine") or line.get("device")) for line in lines if line.get("date")})
     text = [f"**Progress:** {len(planned) - len(missing)} of {len(planned)} cells finished."]
     recovered: dict[str, int] = {}
     for line in lines:
@@ -70,8 +70,10 @@ def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int
         text.append("Still to run:\n" + "\n".join(f"- IPC {ipc}, {dataset}: {', '.join(names)}"
                                                    for (ipc, dataset), names in groups.items()))
     keys = {(c.dataset, c.method, c.ipc) for c in planned}
-    rows = [row_cells(line) for line in sorted_lines(lines) if (line["dataset"], line["method"], line["ipc"]) in keys]
-    return "\n\n".join(text + [markdown_table(list(COLUMNS), rows)])
+    shown = [line for line in sorted_lines(lines) if (line["dataset"], line["method"], line["ipc"]) in keys]
+    extra = extra_columns(shown)
+    rows = [row_cells(line, extra) for line in shown]
+    return "\n\n".join(text + [markdown_table(list(COLUMNS) + list(extra), rows)])
 
 
 def replace_section(doc: Path, body: str) -> None:

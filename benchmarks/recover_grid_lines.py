@@ -25,6 +25,9 @@ from ddkit.bench.table import COLUMNS, MIB, row_cells
 START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
 # What the bench command of the grid fixed (docs/benchmarks.md: --tier quick --runs 3, default seed and arch).
 GRID_FIELDS = {"tier": "quick", "arch": "convnet", "runs": 3, "seed": 0}
+# The machine those rows ran on, as docs/benchmarks.md described it then ("2 cores of an AMD EPYC
+# (AVX2, no AVX-512)"), in the form of ddkit.utils.describe_cpu.
+MACHINE = "AMD EPYC, AVX2, 2 cores"
 
 
 def _seconds(text: str) -> tuple[float | None, bool]:
@@ -43,7 +46,7 @@ def line_from_row(cells: list[str], source: str) -> dict:
     line = {"dataset": dataset, "method": method, "ipc": int(ipc), **GRID_FIELDS, "protocol": protocol,
             "mean": mean, "std": std, "distill_seconds": distill_seconds, "eval_seconds_per_run": eval_seconds,
             "image_bytes": int(image_bytes), "soft_label_bytes": int(soft_bytes), "device": "cpu",
-            "recovered_from": source}
+            "machine": MACHINE, "recovered_from": source}
     if int(runs) != GRID_FIELDS["runs"]:
         raise SystemExit(f"a row with runs={runs}: not a row of the quick grid")
     if distill_compiled:

@@ -78,6 +78,7 @@ def test_grid_writes_results_table_plots_matching_the_manifests(isolated_data, t
         assert all(field in line for field in LINE_FIELDS), line
         assert (line["tier"], line["protocol"], line["arch"], line["device"]) == ("smoke", "hard", "convnet", "cpu")
         assert len(line["accuracies"]) == 1
+        assert line["machine"].endswith(" cores")  # which CPU: timings compare only on one machine
     plots = out / "plots"
     assert (plots / "accuracy-digits-hard-convnet-smoke.png").stat().st_size > 1000
     assert (plots / "loss-digits-dm-ipc1.png").is_file() and (plots / "loss-digits-dm-ipc2.png").is_file()
@@ -748,3 +749,27 @@ def test_keep_grid_copies_the_results_and_the_sets_of_unfinished_cells_only(tmp_
     (kept / "results.jsonl").write_text(first + first)  # not a start of the run's results: refused
     with pytest.raises(SystemExit, match="does not start with"):
         keep_grid.keep(run, kept)
+
+
+def test_describe_cpu_names_the_model_its_vector_width_and_cores():
+    from ddkit.utils import describe_cpu, describe_device
+
+    zen5 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512bw\n\n"
+            "processor\t: 1\nmodel name\t: something else\n")
+    assert describe_cpu(zen5, cores=2) == "AMD EPYC (family 26, model 2), AVX-512, 2 cores"
+    assert describe_cpu("model name\t: Old CPU\nflags\t: sse avx2\n", cores=4) == "Old CPU, AVX2, 4 cores"
+    assert describe_cpu("", cores=1).endswith(", 1 cores")  # no /proc/cpuinfo: the platform's name
+    assert describe_device("cpu") == describe_cpu()
+
+
+def test_a_table_of_lines_from_two_machines_names_the_machine_of_each_row():
+    from ddkit.bench.table import extra_columns, row_cells
+
+    line = {"dataset": "mnist", "method": "dm", "ipc": 1, "protocol": "hard", "runs": 3, "mean": 89.13, "std": 0.2,
+            "distill_seconds": 10.0, "eval_seconds_per_run": 5.0, "image_bytes": 1, "soft_label_bytes": 0,
+            "arch": "convnet", "tier": "quick", "machine": "A, AVX2, 2 cores"}
+    other = dict(line, method="random", machine="B, AVX-512, 2 cores")
+    assert extra_columns([line, dict(line, method="iid")]) == ()
+    assert extra_columns([line, other]) == ("machine",)
+    assert row_cells(other, ("machine",))[-1] == "B, AVX-512, 2 cores"

@@ -161,6 +161,51 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """The first processor's ``key: value`` fields of a ``/proc/cpuinfo`` text."""
+    fields: dict[str, str] = {}
+    for text in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, _, value = text.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def describe_cpu(cpuinfo: str | None = None, cores: int | None = None) -> str:
+    """The CPU in words, enough to tell two machines' timings apart, e.g.
+    ``"AMD EPYC (family 26, model 2), AVX-512, 2 cores"``.
+
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None; where there is none, the platform's
+    processor name is used); ``cores``: usable cores (default: those this process may run on).
+    """
+    import platform
+
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields = _cpu_fields(cpuinfo)
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return ", ".join(part for part in (name, vector, f"{cores} cores") if part)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """The device in words for result records: the GPU's name (``"NVIDIA H100 80GB HBM3"``) for
+    CUDA, :func:`describe_cpu` for the CPU, else the device's type."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return describe_cpu()
+    return device.type
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """(images - mean) / std per channel; images float [N, C, H, W] in pixel space [0, 1]."""
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

@@ -702,8 +702,10 @@ def adopt_twin_evaluations(distilled, cell: Cell, sets: Path, tier: str, archs: 
 def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, archs: list[str],
              show_progress: bool, compiled: bool = False) -> list[dict]:
     """Distill (or load) and evaluate one cell; returns one result line per architecture
-    (``compiled``: distillation and evaluation networks run through ``torch.compile``)."""
+    (``compiled``: distillation and evaluation networks run through ``torch.compile``). A line's
+    ``machine`` names the device (:func:`ddkit.utils.describe_device`: the GPU model, or the CPU)."""
     import ddkit
+    from ddkit.utils import describe_device
 
     distilled = _distilled_set(cell, out / SETS_DIR, tier, seed, device, show_progress, compiled)
     twins = adopt_twin_evaluations(distilled, cell, out / SETS_DIR, tier, archs, runs, seed, device, compiled)
@@ -713,6 +715,7 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
                   flush=True)
     manifest = distilled.meta
     sizes = distilled.stored_bytes()
+    machine = describe_device(device)  # timings are only comparable on one machine: say which
     lines = []
     for arch in archs:
         result = ddkit.evaluate(distilled, protocol=cell.protocol, preset=tier, runs=runs, archs=[arch], seed=seed,
@@ -727,6 +730,7 @@ def run_cell(cell: Cell, out: Path, tier: str, runs: int, seed: int, device, arc
             "peak_memory_bytes": _peak_memory(manifest),
             "image_bytes": sizes["images"], "soft_label_bytes": sizes["soft_labels"],
             "set": f"{SETS_DIR}/{cell.name}", "date": _now(), "device": str(device),
+            "machine": machine,
         })
         if result.compiled:
             lines[-1]["compiled"] = True

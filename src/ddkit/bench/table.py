@@ -63,8 +63,9 @@ def row_cells(line: dict, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def extra_columns(lines: list[dict]) -> tuple[str, ...]:
-    """``arch`` and ``tier`` when the lines hold more than one of them."""
-    return tuple(name for name in ("arch", "tier") if len({line.get(name) for line in lines}) > 1)
+    """``arch``, ``tier`` and ``machine`` when the lines hold more than one of them (times are
+    comparable only between rows of one machine)."""
+    return tuple(name for name in ("arch", "tier", "machine") if len({line.get(name) for line in lines}) > 1)
 
 
 def table_rows(directory: str | Path) -> tuple[list[str], list[list[str]]]:
