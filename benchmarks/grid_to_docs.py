@@ -25,38 +25,27 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections import Counter
 from pathlib import Path
 
-from ddkit.bench.grid import SETS_DIR, latest_results, line_changes, plan_cells, read_results, set_name
-from ddkit.store.distilled import MANIFEST_FILE
+from ddkit.bench.grid import SETS_DIR, latest_results, line_changes, plan_cells, read_results
 from ddkit.bench.table import COLUMNS, extra_columns, markdown_table, row_cells, sorted_lines
 from ddkit.methods import METHODS
 
 START, END = "<!-- quick-grid:start -->", "<!-- quick-grid:end -->"
 
 
-def stands(line: dict, bench: Path, trust_results: bool) -> bool:
-    """Whether a result line counts as finished (see the module docstring)."""
-    sets = bench / SETS_DIR
-    if trust_results and not (sets / set_name(line["dataset"], line["method"], line["ipc"]) / MANIFEST_FILE).is_file():
-        return True
-    return not line_changes(line, sets)
-
-
 def section(bench: Path, datasets: list[str], methods: list[str], ipcs: list[int], trust_results: bool = False) -> str:
     """The markdown that goes between the markers."""
     lines = [line for line in latest_results(read_results(bench)) if "error" not in line]
-    lines = [line for line in lines if stands(line, bench, trust_results)]
+    lines = [line for line in lines if not line_changes(line, bench / SETS_DIR, trust_results)]
     finished = {(line["dataset"], line["method"], line["ipc"]) for line in lines}
     planned = plan_cells(datasets, methods, ipcs)
     missing = [cell for cell in planned if (cell.dataset, cell.method, cell.ipc) not in finished]
     dates = sorted(line["date"] for line in lines if line.get("date"))
     devices = sorted({str(line.get("machine") or line.get("device")) for line in lines if line.get("date")})
     text = [f"**Progress:** {len(planned) - len(missing)} of {len(planned)} cells finished."]
-    recovered: dict[str, int] = {}
-    for line in lines:
-        if line.get("recovered_from"):
-            recovered[line["recovered_from"]] = recovered.get(line["recovered_from"], 0) + 1
+    recovered = Counter(line["recovered_from"] for line in lines if line.get("recovered_from"))
     if dates:
         text.append(f"Result lines written from {dates[0]} to {dates[-1]}, on: {', '.join(devices)}.")
     if recovered:

@@ -374,11 +374,21 @@ def evaluation_changes(cell: Cell, sets: Path, tier: str, archs: list[str], runs
     return changed
 
 
-def line_changes(line: dict, sets: Path) -> list[str]:
+def trusted_without_set(cell: Cell, sets: Path, trust_results: bool) -> bool:
+    """True when ``trust_results`` is asked for and the cell's set is missing: its result lines
+    came without their sets (e.g. a ``results.jsonl`` carried to another machine), so they stand
+    with nothing to check them against."""
+    return trust_results and not (sets / cell.name / MANIFEST_FILE).is_file()
+
+
+def line_changes(line: dict, sets: Path, trust_results: bool = False) -> list[str]:
     """Why a result line no longer counts as finished: its set must be made again
     (:func:`reasons_to_remake`) or its evaluation no longer matches the tier's evaluation preset
-    (:func:`evaluation_changes`); [] when it stands."""
+    (:func:`evaluation_changes`); [] when it stands (always, for a set missing under
+    ``trust_results``: :func:`trusted_without_set`)."""
     cell = Cell(line["dataset"], line["method"], line["ipc"])
+    if trusted_without_set(cell, sets, trust_results):
+        return []
     return reasons_to_remake(cell, sets, line["tier"]) or evaluation_changes(
         cell, sets, line["tier"], [line["arch"]], line["runs"], line["seed"]).get(line["arch"], [])
 
@@ -413,9 +423,8 @@ def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, 
     """The status of ``cell`` for each of ``archs``; ``latest`` maps :func:`line_key` to the latest
     result line. A cell whose lines all stand is checked against the presets (set, then evaluation).
 
-    With ``trust_results``, a cell whose lines all stand but whose set is missing counts as done:
-    its result lines came without their sets (e.g. a ``results.jsonl`` carried to another machine),
-    so there is nothing to check them against. A cell whose set is there is checked as usual."""
+    With ``trust_results``, a cell whose lines all stand but whose set is missing counts as done
+    (:func:`trusted_without_set`). A cell whose set is there is checked as usual."""
     statuses = []
     for arch in archs:
         line = latest.get(cell_key(cell, tier, arch, runs, seed))
@@ -427,7 +436,7 @@ def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, 
             statuses.append(CellStatus(cell, arch, "done", [], line))
     if any(status.state != "done" for status in statuses):
         return statuses
-    if trust_results and not (sets / cell.name / MANIFEST_FILE).is_file():
+    if trusted_without_set(cell, sets, trust_results):
         return statuses
     remake = reasons_to_remake(cell, sets, tier)
     if remake:
