@@ -480,6 +480,40 @@ def test_trust_results_counts_a_line_whose_set_is_missing_as_finished(isolated_d
                  "1", "--out", str(carried), "--trust-results", "--plan"]) == 0
 
 
+def test_trust_results_keeps_a_random_cell_whose_subset_another_cell_made_again(isolated_data, tmp_path):
+    from ddkit.bench.grid import EVAL_CHECKPOINT_DIR, cell_status, latest_by_key, plan_cells
+
+    out = tmp_path / "bench"
+    small_grid(out, ipcs=(1,))
+    random_cell = plan_cells(["digits"], ["dm"], [1])[0]
+    manifest_path = out / "sets" / random_cell.name / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    evaluated = manifest.pop("evaluations")
+    manifest_path.write_text(json.dumps(manifest))  # the subset as a random+M cell makes it: never evaluated
+
+    def states(cell, trust_results=True):
+        return [s.state for s in cell_status(cell, out / "sets", "smoke", ["convnet"], 1, 0, latest_by_key(out),
+                                             trust_results=trust_results)]
+
+    assert states(random_cell, trust_results=False) == ["evaluate again"]
+    assert states(random_cell) == ["done"]
+    # A distilled set is not a function of its seed alone: the same state of its set is checked.
+    dm_cell = plan_cells(["digits"], ["dm"], [1])[1]
+    dm_path = out / "sets" / dm_cell.name / "manifest.json"
+    dm_manifest = json.loads(dm_path.read_text())
+    dm_manifest.pop("evaluations")
+    dm_path.write_text(json.dumps(dm_manifest))
+    assert states(dm_cell) == ["evaluate again"]
+    # A random set the cell itself began to evaluate (a partial record, or a stopped run) is checked.
+    manifest_path.write_text(json.dumps(dict(manifest, evaluations=[dict(evaluated[0], partial=True)])))
+    assert states(random_cell) == ["evaluate again"]
+    manifest_path.write_text(json.dumps(manifest))
+    stopped = out / "sets" / random_cell.name / EVAL_CHECKPOINT_DIR / "hard-smoke-convnet-seed0.safetensors"
+    stopped.parent.mkdir(exist_ok=True)
+    stopped.write_bytes(b"")
+    assert states(random_cell) == ["evaluate again"]
+
+
 def _grid_to_docs():
     """benchmarks/grid_to_docs.py, imported from its path."""
     return _benchmarks_script("grid_to_docs")

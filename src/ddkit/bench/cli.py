@@ -106,8 +106,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no per-cell lines")
     p.add_argument("--trust-results", action="store_true",
                    help="count a cell whose line is in OUT/results.jsonl as finished even when its set under "
-                        "OUT/sets is missing (a results.jsonl carried to another machine without the sets); by "
-                        "default such a cell is made again. Cells whose set is there are checked as usual")
+                        "OUT/sets is missing (a results.jsonl carried to another machine without the sets), or is "
+                        "a random subset a random+M cell made again and nobody evaluated; by default such a cell "
+                        "is made or evaluated again. Other cells whose set is there are checked as usual")
     p.add_argument("--plan", action="store_true",
                    help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "
                         "again, and what a stopped bench left to continue from) and exit; runs and writes nothing")

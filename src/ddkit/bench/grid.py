@@ -374,20 +374,41 @@ def evaluation_changes(cell: Cell, sets: Path, tier: str, archs: list[str], runs
     return changed
 
 
-def trusted_without_set(cell: Cell, sets: Path, trust_results: bool) -> bool:
-    """True when ``trust_results`` is asked for and the cell's set is missing: its result lines
-    came without their sets (e.g. a ``results.jsonl`` carried to another machine), so they stand
-    with nothing to check them against."""
-    return trust_results and not (sets / cell.name / MANIFEST_FILE).is_file()
+def trusted_unchecked(cell: Cell, sets: Path, tier: str, archs: list[str], trust_results: bool) -> bool:
+    """True when ``trust_results`` is asked for and the cell's set cannot check its result lines.
+
+    That is when the set is missing: the lines came without their sets (e.g. a ``results.jsonl``
+    carried to another machine), so they stand with nothing to check them against. It is also
+    when the cell is the ``random`` baseline and its set holds no evaluation for ``tier`` and
+    ``archs``, finished, partial or stopped: a ``random+M`` cell made that set again here, and a
+    random subset depends on dataset, IPC and seed alone, so it is the set the lines measured.
+    A set the cell itself has begun to evaluate is checked as usual."""
+    if not trust_results:
+        return False
+    path = sets / cell.name
+    if not (path / MANIFEST_FILE).is_file():
+        return True
+    return cell.method == BASELINE and not _evaluation_begun(path, cell.protocol, tier, archs)
+
+
+def _evaluation_begun(path: Path, protocol: str, tier: str, archs: list[str]) -> bool:
+    """Whether the set at ``path`` holds an evaluation record (finished or partial) or a stopped
+    evaluation run for ``protocol`` at ``tier`` on any of ``archs`` (read from disk, nothing loaded)."""
+    records = json.loads((path / MANIFEST_FILE).read_text()).get("evaluations", [])
+    if any((rec.get("protocol"), rec.get("preset"), rec.get("arch")) == (protocol, tier, arch)
+           for rec in records for arch in archs):
+        return True
+    return any(next((path / EVAL_CHECKPOINT_DIR).glob(f"{protocol}-{tier}-{arch}-seed*.safetensors"), None)
+               for arch in archs)
 
 
 def line_changes(line: dict, sets: Path, trust_results: bool = False) -> list[str]:
     """Why a result line no longer counts as finished: its set must be made again
     (:func:`reasons_to_remake`) or its evaluation no longer matches the tier's evaluation preset
     (:func:`evaluation_changes`); [] when it stands (always, for a set missing under
-    ``trust_results``: :func:`trusted_without_set`)."""
+    ``trust_results``: :func:`trusted_unchecked`)."""
     cell = Cell(line["dataset"], line["method"], line["ipc"])
-    if trusted_without_set(cell, sets, trust_results):
+    if trusted_unchecked(cell, sets, line["tier"], [line["arch"]], trust_results):
         return []
     return reasons_to_remake(cell, sets, line["tier"]) or evaluation_changes(
         cell, sets, line["tier"], [line["arch"]], line["runs"], line["seed"]).get(line["arch"], [])
@@ -423,8 +444,9 @@ def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, 
     """The status of ``cell`` for each of ``archs``; ``latest`` maps :func:`line_key` to the latest
     result line. A cell whose lines all stand is checked against the presets (set, then evaluation).
 
-    With ``trust_results``, a cell whose lines all stand but whose set is missing counts as done
-    (:func:`trusted_without_set`). A cell whose set is there is checked as usual."""
+    With ``trust_results``, a cell whose lines all stand but whose set is missing counts as done, and
+    so does a ``random`` cell whose set a ``random+M`` cell made again (:func:`trusted_unchecked`).
+    Any other cell whose set is there is checked as usual."""
     statuses = []
     for arch in archs:
         line = latest.get(cell_key(cell, tier, arch, runs, seed))
@@ -436,7 +458,7 @@ def cell_status(cell: Cell, sets: Path, tier: str, archs: list[str], runs: int, 
             statuses.append(CellStatus(cell, arch, "done", [], line))
     if any(status.state != "done" for status in statuses):
         return statuses
-    if trusted_without_set(cell, sets, trust_results):
+    if trusted_unchecked(cell, sets, tier, archs, trust_results):
         return statuses
     remake = reasons_to_remake(cell, sets, tier)
     if remake:
