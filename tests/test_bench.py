@@ -557,6 +557,16 @@ def test_a_table_row_is_rebuilt_into_the_line_it_was_rendered_from_and_trusted_b
     assert trusted.startswith("**Progress:** 2 of 3 cells finished.")
     assert "2 lines from docs/benchmarks.md at abc1234" in trusted and "- IPC 10, fashion-mnist: random+gvbsm" in trusted
     assert "| fashion-mnist | 10 | gvbsm | soft | 3 | 80.82 +- 0.23 | 217.0 | 351.9 (compiled) | 761 |" in trusted
+    assert "![" not in trusted  # plots only when asked for
+
+    doc = tmp_path / "docs" / "benchmarks.md"
+    plotted = docs.section(bench, ["fashion-mnist"], ["gvbsm"], [10], trust_results=True,
+                           plots=tmp_path / "docs" / "img" / "grid", doc_dir=doc.parent)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", plotted)  # hard (random) and soft (gvbsm, random+gvbsm)
+    assert links == ["img/grid/accuracy-fashion-mnist-hard-convnet-quick.png",
+                     "img/grid/accuracy-fashion-mnist-soft-convnet-quick.png"]
+    for link in links:
+        assert (doc.parent / link).read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_cell_evaluated_under_an_older_evaluation_preset_is_evaluated_again_on_its_set(

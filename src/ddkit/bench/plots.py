@@ -166,6 +166,19 @@ def accuracy_plot_name(dataset: str, protocol: str, arch: str, tier: str) -> str
     return f"accuracy-{slug(dataset)}-{protocol}-{arch}-{tier}.png"
 
 
+def write_accuracy_plots(lines: list[dict], plots: str | Path) -> list[Path]:
+    """Write one accuracy-against-IPC plot per (dataset, protocol, arch, tier) of ``lines`` (result
+    lines, errors skipped) into the folder ``plots``; returns their paths, sorted."""
+    plots = Path(plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (dataset, protocol, arch, tier), group in sorted(accuracy_groups(lines).items()):
+        title = f"{dataset}: {protocol}-label protocol, {arch}, {tier} tier"
+        figure = accuracy_figure(group, title)
+        written.append(save_figure(figure, plots / accuracy_plot_name(dataset, protocol, arch, tier)))
+    return written
+
+
 def write_plots(directory: str | Path) -> list[Path]:
     """(Re)write the bench directory's plots and missing grids; returns the plot paths, sorted."""
     import ddkit
@@ -173,13 +186,8 @@ def write_plots(directory: str | Path) -> list[Path]:
 
     directory = Path(directory)
     plots = directory / PLOTS_DIR
-    plots.mkdir(parents=True, exist_ok=True)
     lines = latest_results(read_results(directory))
-    written = []
-    for (dataset, protocol, arch, tier), group in sorted(accuracy_groups(lines).items()):
-        title = f"{dataset}: {protocol}-label protocol, {arch}, {tier} tier"
-        figure = accuracy_figure(group, title)
-        written.append(save_figure(figure, plots / accuracy_plot_name(dataset, protocol, arch, tier)))
+    written = write_accuracy_plots(lines, plots)
     for set_path in sorted({line["set"] for line in lines if line.get("set")}):
         set_dir = directory / set_path
         manifest_path = set_dir / "manifest.json"
