@@ -40,7 +40,7 @@ from pathlib import Path
 from ddkit.api import CHECKPOINT_DIR
 from ddkit.checkpoint import LATEST
 from ddkit.errors import DDKitError
-from ddkit.evaluate.protocols import EVAL_CHECKPOINT_DIR
+from ddkit.evaluate.protocols import EVAL_CHECKPOINT_DIR, eval_checkpoint_name
 from ddkit.store.distilled import MANIFEST_FILE
 from ddkit.utils import lock_file
 
@@ -394,19 +394,30 @@ def trusted_unchecked(cell: Cell, sets: Path, tier: str, archs: list[str], trust
 def _evaluation_begun(path: Path, protocol: str, tier: str, archs: list[str]) -> bool:
     """Whether the set at ``path`` holds an evaluation record (finished or partial) or a stopped
     evaluation run for ``protocol`` at ``tier`` on any of ``archs`` (read from disk, nothing loaded)."""
-    records = json.loads((path / MANIFEST_FILE).read_text()).get("evaluations", [])
-    if any((rec.get("protocol"), rec.get("preset"), rec.get("arch")) == (protocol, tier, arch)
-           for rec in records for arch in archs):
-        return True
-    return any(next((path / EVAL_CHECKPOINT_DIR).glob(f"{protocol}-{tier}-{arch}-seed*.safetensors"), None)
+    return any(_evaluation_records(path, protocol, tier, arch) or _stopped_runs(path, protocol, tier, arch)
                for arch in archs)
+
+
+def _evaluation_records(path: Path, protocol: str, tier: str, arch: str) -> list[dict]:
+    """The evaluation records (finished and partial) in the manifest of the set at ``path`` for
+    ``protocol`` at ``tier`` on ``arch``; [] without a manifest."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return []
+    return [rec for rec in json.loads(manifest.read_text()).get("evaluations", [])
+            if (rec.get("protocol"), rec.get("preset"), rec.get("arch")) == (protocol, tier, arch)]
+
+
+def _stopped_runs(path: Path, protocol: str, tier: str, arch: str) -> list[Path]:
+    """The epoch checkpoints of stopped evaluation runs in the set at ``path``, sorted."""
+    return sorted((path / EVAL_CHECKPOINT_DIR).glob(eval_checkpoint_name(protocol, tier, arch, "*")))
 
 
 def line_changes(line: dict, sets: Path, trust_results: bool = False) -> list[str]:
     """Why a result line no longer counts as finished: its set must be made again
     (:func:`reasons_to_remake`) or its evaluation no longer matches the tier's evaluation preset
-    (:func:`evaluation_changes`); [] when it stands (always, for a set missing under
-    ``trust_results``: :func:`trusted_unchecked`)."""
+    (:func:`evaluation_changes`); [] when it stands (always, for a line :func:`trusted_unchecked`
+    trusts under ``trust_results``)."""
     cell = Cell(line["dataset"], line["method"], line["ipc"])
     if trusted_unchecked(cell, sets, line["tier"], [line["arch"]], trust_results):
         return []
@@ -475,17 +486,14 @@ def work_in_progress(cell: Cell, sets: Path, tier: str, arch: str, runs: int, se
     found = []
     if (path / CHECKPOINT_DIR / LATEST).is_file():
         found.append("an interrupted distillation")
-    manifest = path / MANIFEST_FILE
-    if manifest.is_file():
-        seeds = set(range(seed, seed + runs))
-        stored = set()
-        for rec in json.loads(manifest.read_text()).get("evaluations", []):
-            if rec.get("partial") and (rec.get("protocol"), rec.get("preset"), rec.get("arch")) == (
-                    cell.protocol, tier, arch) and set(rec.get("seeds", [])) <= seeds:
-                stored |= set(rec["seeds"])
-        if stored:
-            found.append(f"{len(stored)} of {runs} evaluation runs stored")
-    for checkpoint in sorted((path / EVAL_CHECKPOINT_DIR).glob(f"{cell.protocol}-{tier}-{arch}-seed*.safetensors")):
+    seeds = set(range(seed, seed + runs))
+    stored = set()
+    for rec in _evaluation_records(path, cell.protocol, tier, arch):
+        if rec.get("partial") and set(rec.get("seeds", [])) <= seeds:
+            stored |= set(rec["seeds"])
+    if stored:
+        found.append(f"{len(stored)} of {runs} evaluation runs stored")
+    for checkpoint in _stopped_runs(path, cell.protocol, tier, arch):
         found.append(f"a stopped evaluation run ({_stopped_at(checkpoint)})")
     return found
 

@@ -211,6 +211,12 @@ def stored_runs(distilled, protocol: str, preset: str, arch: str, config: dict, 
 
 
 EVAL_CHECKPOINT_DIR = "eval-checkpoint"
+
+
+def eval_checkpoint_name(protocol: str, preset: str, arch: str, seed: int | str) -> str:
+    """File name, under ``EVAL_CHECKPOINT_DIR`` of a set, of one evaluation run's epoch checkpoint
+    (``seed="*"`` gives the glob pattern of every seed's)."""
+    return f"{protocol}-{preset}-{arch}-seed{seed}.safetensors"
 EVAL_CHECKPOINT_SECONDS = 60.0  # least time between two epoch checkpoints of an evaluation run (2.5 MB at quick)
 
 
@@ -231,7 +237,7 @@ def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dic
 
     if distilled.path is None:
         return None
-    name = f"{protocol}-{preset}-{arch}-seed{seed}.safetensors"
+    name = eval_checkpoint_name(protocol, preset, arch, seed)
     # the data file's hash as its manifest records it (checked when the set was loaded; no re-read)
     data_sha256 = (json.loads((distilled.path / MANIFEST_FILE).read_text()).get("sha256") or {}).get(DATA_FILE)
     identity = {"protocol": protocol, "preset": preset, "arch": arch, "config": config, "seed": seed,
