@@ -1,9 +1,10 @@
-"""Shared fixtures: the bundled digits set (no fetch) and an isolated $DDKIT_DATA."""
+"""Shared fixtures: the bundled digits set (no fetch), an isolated $DDKIT_DATA, the golden cases."""
 
 import pytest
 import torch
 
 from ddkit.data import load_dataset
+from golden_case import load_case
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,9 @@ def compiler_missing() -> bool:
     except DDKitError:
         return True
     return False
+
+
+@pytest.fixture
+def golden():
+    """``golden(name)`` -> the reference case ``tests/golden/<name>.safetensors`` (see golden_case.py)."""
+    return load_case

@@ -1,8 +1,9 @@
-"""Loading the golden reference cases (numbers from running the published code; see README.md here).
+"""Loading the golden reference cases (numbers from running the published code; see golden/README.md).
 
-Each case is a safetensors file whose metadata names its inputs, outputs, learnable tensors and
-tolerance. ``golden(name)`` returns a :class:`GoldenCase`; ``case.check(name, value)`` compares one
-of ddkit's tensors with the reference elementwise under the case's own tolerance.
+Each case is a safetensors file in ``tests/golden/`` whose metadata names its inputs, outputs,
+learnable tensors and tolerance. The ``golden`` fixture (tests/conftest.py) is :func:`load_case`:
+``golden(name)`` returns a :class:`GoldenCase`, and ``case.check(name, value)`` compares one of
+ddkit's tensors with the reference elementwise under the case's own tolerance.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 
-GOLDEN_DIR = Path(__file__).parent
+GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 @dataclass
@@ -59,9 +59,3 @@ def load_case(name: str) -> GoldenCase:
         meta = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     return GoldenCase(name, tensors, meta)
-
-
-@pytest.fixture
-def golden():
-    """``golden(name)`` -> the reference case ``name`` (see the README in this folder)."""
-    return load_case
