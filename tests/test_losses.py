@@ -9,6 +9,7 @@ from ddkit.errors import DDKitError
 from ddkit.losses import (
     TERMS,
     check_grouped,
+    class_aware_ce_loss,
     class_centralization_loss,
     gram_loss,
     icd_neighbours,
@@ -37,7 +38,7 @@ def spatial(x):
     return x.detach().flatten(3).tolist()
 
 
-def loop_moment(real_layers, syn_layers, eps):
+def loop_moment(real_layers, syn_layers, eps, unbiased=True):
     total = 0.0
     for real, syn in zip(real_layers, syn_layers):
         stats = []
@@ -49,7 +50,7 @@ def loop_moment(real_layers, syn_layers, eps):
                 for ch in range(c):
                     avg = [sum(samples[i][ch][q] for i in range(n)) / n for q in range(p)]
                     mu = sum(avg) / p
-                    var = sum((a - mu) ** 2 for a in avg) / p
+                    var = sum((a - mu) ** 2 for a in avg) / (p - 1 if unbiased else p)
                     mus.append(mu)
                     sds.append(math.sqrt(var + eps))
                 per_class.append((mus, sds))
@@ -111,8 +112,9 @@ def loop_log_softmax(v):
 
 
 def loop_icd(emb, k, max_kl):
-    vals = []
+    total = 0.0
     for samples in emb.detach().tolist():
+        vals = []
         n = len(samples)
         for i in range(n):
             dists = sorted(
@@ -123,7 +125,8 @@ def loop_icd(emb, k, max_kl):
             lp, lq = loop_log_softmax(samples[i]), loop_log_softmax(m)
             kl = sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
             vals.append(-min(kl, max_kl))
-    return sum(vals) / len(vals)
+        total += sum(vals) / len(vals)  # mean over a class's samples, sum over classes
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,11 +177,12 @@ def layers(seed, n):
     return [rand(2, n, 2, 2, 2, seed=seed), rand(2, n, 3, 2, 1, seed=seed + 1)]
 
 
-def test_moment_loss_matches_loop():
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_moment_loss_matches_loop(unbiased):
     real, syn = layers(0, 3), layers(10, 2)
-    got = moment_loss(real, syn, eps=1e-5)
+    got = moment_loss(real, syn, eps=1e-5, unbiased=unbiased)
     assert got.dim() == 0
-    assert got.item() == pytest.approx(loop_moment(real, syn, 1e-5), rel=1e-12)
+    assert got.item() == pytest.approx(loop_moment(real, syn, 1e-5, unbiased), rel=1e-12)
     single = moment_loss(real[0], syn[0])  # a bare tensor is one layer
     assert single.item() == pytest.approx(loop_moment(real[:1], syn[:1], 1e-5), rel=1e-12)
 
@@ -307,7 +311,7 @@ def test_icd_skipped_for_single_sample():
 def test_icd_guard_caps_at_max_kl():
     emb = (100 * torch.eye(3, dtype=D64)).unsqueeze(0).repeat(2, 1, 1).requires_grad_(True)
     loss = intra_class_kl_loss(emb, max_kl=5.0)
-    assert loss.item() == -5.0
+    assert loss.item() == -10.0  # two classes at the cap, summed
     loss.backward()
     assert emb.grad.abs().max().item() == 0.0
 
@@ -317,7 +321,7 @@ def test_icd_no_nan_for_large_inputs(dtype):
     emb = (rand(2, 6, 8) * 1e4).to(dtype).requires_grad_(True)
     loss = intra_class_kl_loss(emb)
     loss.backward()
-    assert torch.isfinite(loss) and -5.0 <= loss.item() <= 0.0
+    assert torch.isfinite(loss) and -10.0 <= loss.item() <= 0.0
     assert torch.isfinite(emb.grad).all()
 
 
@@ -359,6 +363,7 @@ def test_check_grouped_message_names_the_problem():
 
 def test_terms_registry():
     assert TERMS == {
+        "ce": class_aware_ce_loss,
         "mean": mean_feature_loss,
         "style": moment_loss,
         "gram": gram_loss,

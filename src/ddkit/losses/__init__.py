@@ -9,6 +9,7 @@ which inputs each term receives.
 
 from ddkit.losses.matching import (
     check_grouped,
+    class_aware_ce_loss,
     class_centralization_loss,
     feature_mean,
     gram_loss,
@@ -31,6 +32,7 @@ from ddkit.losses.statistics import (
 )
 
 TERMS = {
+    "ce": class_aware_ce_loss,
     "mean": mean_feature_loss,
     "style": moment_loss,
     "gram": gram_loss,
@@ -42,6 +44,7 @@ TERMS = {
 __all__ = [
     "TERMS",
     "check_grouped",
+    "class_aware_ce_loss",
     "class_centralization_loss",
     "feature_mean",
     "gram_loss",

@@ -36,6 +36,10 @@ __all__ = [
     "class_centralization_loss",
     "intra_class_kl_loss",
     "icd_neighbours",
+    "class_aware_ce_loss",
+    "moment_per_class_layer",
+    "gram_per_class_layer",
+    "style_weights",
 ]
 
 # exp form of the class centralization loss: exponents above this are continued linearly (see the
@@ -186,45 +190,94 @@ def mean_feature_loss(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def moment_loss(
+def style_weights(class_ids: Sequence[int], num_classes: int, layers: int, legacy_accumulator: bool = False,
+                  device=None, dtype=torch.float64) -> torch.Tensor:
+    """Weight of each class's layer-summed style value ``sum_l s(c, l)`` in the style total.
+
+    ``[len(class_ids)]`` tensor. The intended reduction (DDM paper, Malakshan et al., WACV 2025) is
+    the mean over layers and the sum over classes, so every weight is ``1 / layers``.
+
+    ``legacy_accumulator=True`` reproduces the published DDM scripts, which create the style
+    accumulator once before the class loop and never reset it: for classes in the order
+    ``0 .. K-1`` they set ``acc <- (acc + sum_l s(c, l)) / layers`` and add ``acc`` to the loss.
+    Unrolled, class ``c`` (global index among ``num_classes``) then counts with weight
+    ``sum_{m=1}^{K-c} layers^-m``: ``1 / layers`` for the last class, approaching
+    ``1 / (layers - 1)`` for the first (1.5x the intended weight with 3 layers). The value and the
+    gradient of that sum are exactly the script's, and the weight depends only on the class's
+    global index, so it is the same in batched, per-class and class-split runs.
+    """
+    if not legacy_accumulator:
+        return torch.full((len(class_ids),), 1.0 / layers, dtype=dtype, device=device)
+    weights = [sum(float(layers) ** -m for m in range(1, num_classes - int(c) + 1)) for c in class_ids]
+    return torch.tensor(weights, dtype=dtype, device=device)
+
+
+def _reduce_style(per_class_layer: torch.Tensor, class_ids, num_classes, legacy_accumulator: bool) -> torch.Tensor:
+    """``[K, L]`` per-class, per-layer style values -> the weighted total (see :func:`style_weights`)."""
+    k, layers = per_class_layer.shape
+    ids = list(range(k)) if class_ids is None else list(class_ids)
+    if len(ids) != k:
+        raise DDKitError(f"class_ids names {len(ids)} classes but the features hold {k}; pass one id per class")
+    total_classes = k if num_classes is None else int(num_classes)
+    weights = style_weights(ids, total_classes, layers, legacy_accumulator, per_class_layer.device,
+                            per_class_layer.dtype)
+    return (per_class_layer.sum(dim=1) * weights).sum()
+
+
+def moment_per_class_layer(
     real_maps: Sequence[torch.Tensor] | torch.Tensor,
     syn_maps: Sequence[torch.Tensor] | torch.Tensor,
     eps: float = 1e-5,
+    unbiased: bool = True,
 ) -> torch.Tensor:
-    """Style (first and second moment) matching of feature maps, DDM style.
+    """DDM's moment (mean/std) style value of every class and layer: ``[K, L]``.
 
     Shapes: ``real_maps`` and ``syn_maps`` are sequences (one entry per layer) of
-    ``[K, Nr, C, H, W]`` and ``[K, Ns, C, H, W]`` tensors (any spatial dims after ``C`` are
-    flattened into ``P = H*W``). A bare tensor counts as a single layer.
+    ``[K, Nr, C, H, W]`` and ``[K, Ns, C, H, W]`` tensors (spatial dims are flattened into
+    ``P = H*W``); a bare tensor counts as a single layer.
 
-    Per layer, per class ``c``:
+    Per layer ``l`` and class ``c`` (Malakshan et al., "Decomposed Distribution Matching in Dataset
+    Condensation", WACV 2025):
 
-    1. average the maps over the batch: ``A_c = mean_n X[c, n]``  -> ``[C, P]``;
-    2. per channel ``j``: ``mu_cj = mean_p A_c[j, p]`` and
-       ``sigma_cj = sqrt(var_p A_c[j, p] + eps)`` with the biased variance over the ``P`` positions;
-    3. ``MSE(a, b) = sum_c (1/C) sum_j (a_cj - b_cj)^2`` -- MEAN over channels, SUM over classes;
-    4. ``L_layer = ( MSE(mu_syn, mu_real) + MSE(sigma_syn, sigma_real) ) / 2``.
-
-    Result: ``L = mean over layers of L_layer`` (0-dim tensor). ``eps`` keeps ``sqrt``
-    differentiable for constant channels.
+    1. average the maps over the batch: ``A_c = mean_n X[c, n]`` -> ``[C, P]``;
+    2. per channel ``j``: ``mu_cj = mean_p A_c[j, p]`` and ``sigma_cj = sqrt(var_p A_c[j, p] + eps)``;
+       ``unbiased=True`` divides the variance by ``P - 1`` as the authors' ``calc_mean_std`` does
+       (``torch.var``'s default), ``False`` by ``P``;
+    3. ``s(c, l) = ( mean_j (mu_syn - mu_real)^2 + mean_j (sigma_syn - sigma_real)^2 ) / 2``.
     """
     if not (math.isfinite(eps) and eps >= 0):
         raise DDKitError(f"eps must be a finite number >= 0, got {eps}")
-    pairs = _paired_layers(real_maps, syn_maps)
-    total = None
-    for real, syn in pairs:
+    columns = []
+    for real, syn in _paired_layers(real_maps, syn_maps):
         stats = []
         for x in (real, syn):
             avg = x.mean(dim=1)  # [K, C, P]
             mu = avg.mean(dim=2)  # [K, C]
-            sigma = torch.sqrt(avg.var(dim=2, unbiased=False) + eps)  # [K, C]
+            sigma = torch.sqrt(avg.var(dim=2, unbiased=unbiased) + eps)  # [K, C]
             stats.append((mu, sigma))
         (mu_r, sd_r), (mu_s, sd_s) = stats
-        mse_mu = (mu_s - mu_r).pow(2).mean(dim=1).sum()
-        mse_sd = (sd_s - sd_r).pow(2).mean(dim=1).sum()
-        layer = 0.5 * (mse_mu + mse_sd)
-        total = layer if total is None else total + layer
-    return total / len(pairs)
+        columns.append(0.5 * ((mu_s - mu_r).pow(2).mean(dim=1) + (sd_s - sd_r).pow(2).mean(dim=1)))
+    return torch.stack(columns, dim=1)
+
+
+def moment_loss(
+    real_maps: Sequence[torch.Tensor] | torch.Tensor,
+    syn_maps: Sequence[torch.Tensor] | torch.Tensor,
+    eps: float = 1e-5,
+    unbiased: bool = True,
+    legacy_accumulator: bool = False,
+    class_ids: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Style (first and second moment) matching of feature maps, DDM's ``L_MM``.
+
+    Shapes as in :func:`moment_per_class_layer`. Result (0-dim tensor): the mean over layers of
+    ``s(c, l)``, SUMMED over classes. ``legacy_accumulator``, ``class_ids`` (the global index of
+    each of the ``K`` classes, default ``0..K-1``) and ``num_classes`` (default ``K``) select the
+    authors' never-reset accumulator instead; see :func:`style_weights`.
+    """
+    per_class_layer = moment_per_class_layer(real_maps, syn_maps, eps=eps, unbiased=unbiased)
+    return _reduce_style(per_class_layer, class_ids, num_classes, legacy_accumulator)
 
 
 def _mean_gram(x: torch.Tensor) -> torch.Tensor:
@@ -233,29 +286,39 @@ def _mean_gram(x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("knip,knjp->kij", x, x) / (n * c * p)
 
 
-def gram_loss(
+def gram_per_class_layer(
     real_maps: Sequence[torch.Tensor] | torch.Tensor,
     syn_maps: Sequence[torch.Tensor] | torch.Tensor,
 ) -> torch.Tensor:
-    """Gram (channel correlation) matching of feature maps, DDM's optional correlation term.
+    """DDM's Gram (correlation) style value of every class and layer: ``[K, L]``.
 
     Shapes: sequences (one per layer) of ``[K, Nr, C, H, W]`` and ``[K, Ns, C, H, W]`` tensors
-    (spatial dims flattened to ``P = H*W``); a bare tensor counts as one layer.
+    (spatial dims flattened to ``P = H*W``); a bare tensor counts as one layer. For each sample with
+    ``F = X[c, n]`` as a ``[C, P]`` matrix::
 
-    Per layer, for each sample ``n`` of class ``c`` with ``F = X[c, n]`` as a ``[C, P]`` matrix::
-
-        G(F)    = F F^T / (C * P)                          # [C, C]
-        Gbar_c  = mean_n G(X[c, n])                        # batch average per class
-        L_layer = sum_c || Gbar_c^syn - Gbar_c^real ||_F^2  # squared entries, SUM over classes
-
-    Result: ``mean over layers of L_layer`` (0-dim tensor).
+        G(F)    = F F^T / (C * P)                                 # [C, C]
+        Gbar_c  = mean_n G(X[c, n])                               # batch average per class
+        s(c, l) = sum of squares of (Gbar_c^syn - Gbar_c^real)     # MSELoss with sum reduction
     """
-    pairs = _paired_layers(real_maps, syn_maps)
-    total = None
-    for real, syn in pairs:
-        layer = (_mean_gram(syn) - _mean_gram(real)).pow(2).sum()
-        total = layer if total is None else total + layer
-    return total / len(pairs)
+    columns = [(_mean_gram(syn) - _mean_gram(real)).pow(2).sum(dim=(1, 2))
+               for real, syn in _paired_layers(real_maps, syn_maps)]
+    return torch.stack(columns, dim=1)
+
+
+def gram_loss(
+    real_maps: Sequence[torch.Tensor] | torch.Tensor,
+    syn_maps: Sequence[torch.Tensor] | torch.Tensor,
+    legacy_accumulator: bool = False,
+    class_ids: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Gram (channel correlation) matching of feature maps, DDM's optional ``L_CM``.
+
+    Result (0-dim tensor): the mean over layers of :func:`gram_per_class_layer`, SUMMED over
+    classes; ``legacy_accumulator`` etc. as in :func:`moment_loss` (the authors' Gram script has the
+    same never-reset accumulator).
+    """
+    return _reduce_style(gram_per_class_layer(real_maps, syn_maps), class_ids, num_classes, legacy_accumulator)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +418,48 @@ def class_centralization_loss(
 
 
 # --------------------------------------------------------------------------------------------------
+# IDM: class-aware cross-entropy
+# --------------------------------------------------------------------------------------------------
+
+
+def class_aware_ce_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    accuracy: float,
+    misclassified_only: bool = False,
+) -> torch.Tensor:
+    """IDM's class-aware regularisation (Zhao et al., "Improved Distribution Matching for Dataset
+    Condensation", CVPR 2023): cross-entropy of a queued network on the synthetic images, scaled by
+    that network's running training accuracy.
+
+    Shapes: ``logits [K, N, num_outputs]`` (the network's logits on class ``c``'s ``N`` expanded,
+    augmented synthetic images), ``labels [K]`` (the class id of each group).
+
+    ``L = accuracy * sum_c mean_n CE(logits[c, n], labels[c])``: MEAN over a class's images, SUM over
+    classes, as the authors' per-class loop adds one class's term at a time. The authors pass the
+    accuracy in PERCENT (0..100, a torchnet ``ClassErrorMeter``), so with their weights 0.5 / 0.1 the
+    effective multiplier is about 10 to 50; the engine's ``ce_accuracy_scale`` says which unit it
+    passes.
+
+    ``misclassified_only``: the authors' branch for IPC 1 without the partition (``N == 1``): a
+    class counts only if the argmax of its one logit row is not its label. Returns a 0-dim tensor.
+    """
+    _check_tensor(logits, "logits", 3, "[K, N, num_outputs]")
+    k, n, outputs = logits.shape
+    if labels.shape != (k,):
+        raise DDKitError(f"labels must hold one class id per group, shape [{k}], got {_shape(labels)}")
+    per_sample = F.cross_entropy(logits.reshape(k * n, outputs), labels.repeat_interleave(n), reduction="none")
+    per_class = per_sample.reshape(k, n).mean(dim=1)
+    if misclassified_only:
+        if n != 1:
+            raise DDKitError(f"misclassified_only needs one image per class (IPC 1, no partition), got {n}")
+        with torch.no_grad():
+            wrong = (logits[:, 0].argmax(dim=1) != labels).to(per_class.dtype)
+        per_class = per_class * wrong
+    return per_class.sum() * float(accuracy)
+
+
+# --------------------------------------------------------------------------------------------------
 # DDM: intra-class diversity (negative KL to the k-nearest-neighbour mean)
 # --------------------------------------------------------------------------------------------------
 
@@ -395,16 +500,17 @@ def intra_class_kl_loss(
       ``KL_i = sum_d p_i[d] (log p_i[d] - log q_i[d])``, computed with ``log_softmax``. That way
       large inputs (even 1e4) never give NaN or inf.
 
-    Loss (MEAN over all ``K * Ns`` samples)::
+    Loss (MEAN over the samples of a class, SUM over classes, as the authors' script adds each
+    class's value inside its class loop)::
 
-        L = mean_{c,i} -min(KL_ci, max_kl)
+        L = sum_c mean_i -min(KL_ci, max_kl)
 
     ``k`` defaults to ``icd_neighbours(Ns)``. When ``Ns < 2`` the loss is an exact zero that is
     still attached to ``emb``'s graph, so its gradient is zero.
 
     Guard: ``-KL`` is unbounded below. Scaling the logits up drives it to ``-inf`` without adding
     any useful diversity. So each sample's KL is clamped at ``max_kl`` and the loss lies in
-    ``[-max_kl, 0]``. Once a sample's KL passes ``max_kl`` its gradient is exactly zero, and the
+    ``[-K * max_kl, 0]``. Once a sample's KL passes ``max_kl`` its gradient is exactly zero, and the
     matching terms take over. Default 5 nats. ``KL = E_p[log p/q]``, so at 5 nats the sample's own
     feature profile is on average ``e^5 ~ 150`` times more likely under ``p`` than under its
     neighbourhood's ``q``. That is already "clearly different samples". It sits below the ``log D``
@@ -435,4 +541,4 @@ def intra_class_kl_loss(
     log_p = F.log_softmax(x, dim=2)
     log_q = F.log_softmax(m, dim=2)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=2)  # [K, N]
-    return -kl.clamp(max=max_kl).mean()
+    return -kl.clamp(max=max_kl).mean(dim=1).sum()
