@@ -31,6 +31,23 @@ def test_batched_pass_equals_per_class_loop(digits):
     assert not torch.allclose(batched.images, initial_images(digits, 2, 1, "real", make_generator(3)), atol=1e-4)
 
 
+@pytest.mark.parametrize("method, terms", [("ddm", "cm,gram"), ("idm", "cm,style,icd")])
+def test_every_term_has_the_same_value_batched_and_per_class(digits, method, terms):
+    """Each term sums over classes, so one forward for ten classes gives the per-class total (ICD too)."""
+    config = apply_term_flags(smoke(method, iterations=1, image_step="per_iteration", legacy_style_accumulator=True),
+                              terms=terms)
+    logs = {}
+    for forward in ("batched", "per_class"):
+        engine = MatchingEngine(digits, 3, apply_overrides(config, {"forward": forward}), seed=2, device=CPU,
+                                show_progress=False)
+        if method == "idm":  # a trained net, so the CE term is not zero
+            engine.source.meters = [[3, 4]] * len(engine.source.nets)
+        logs[forward] = engine.run(method).meta["loss_log"][0]
+    assert set(logs["batched"]) >= {"mean", "cm", "icd", "total"} and logs["batched"]["icd"] < 0
+    for term, value in logs["batched"].items():
+        assert value == pytest.approx(logs["per_class"][term], rel=1e-4, abs=1e-6), term
+
+
 def test_channels_last_nets_give_the_same_images(digits):
     """The layout is a speed option only: same nets, same draws, same images to float rounding."""
     # DDM's style terms read the intermediate maps too. Its smoke step (lr 1, style weight 1e4) is
@@ -88,8 +105,15 @@ def test_idm_partition_initialises_cells_from_distinct_real_images(digits):
     images = initial_images(digits, 1, 2, "real", make_generator(0))
     assert images.shape == (10, 1, 8, 8)
     cells = images.reshape(10, 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(10, 4, 16)
+    # the reference's plain bilinear downscale: every cell is the 2x2 mean of one real image of its class
+    means = torch.nn.functional.avg_pool2d(digits.train.images.float() / 255.0, 2).reshape(-1, 16)
     for c in range(10):  # four different downscaled images per stored image
         assert len({tuple(cell.tolist()) for cell in cells[c]}) == 4
+        of_class = means[digits.train.labels == c]
+        for cell in cells[c]:
+            assert (of_class - cell).abs().amax(dim=1).min() < 1e-6
+    smoothed = initial_images(digits, 1, 2, "real", make_generator(0), downscale="antialias")
+    assert not torch.allclose(smoothed, images)
 
 
 def test_idm_run_records_decoding_and_evaluates_expanded(digits, tmp_path):
@@ -122,19 +146,63 @@ def test_compiled_distillation_is_the_same_computation_and_compiles_once(digits,
     assert "compiled" not in ddkit.load(tmp_path / "eager").meta
 
 
-def test_model_queue_pushes_trains_and_caps(digits):
-    config = smoke("idm")
-    queue = ModelQueue(config["model"], {**config["queue"], "push_every": 2, "max_size": 3, "initial": 2},
-                       digits, CPU, make_generator(0))
+def queue_and_sampler(digits, **queue_options):
     from ddkit.methods.matching import RealSampler
 
-    sampler = RealSampler(digits, CPU, make_generator(1))
+    config = smoke("idm")
+    queue = ModelQueue(config["model"], {**config["queue"], **queue_options}, digits, CPU, make_generator(0))
+    return queue, RealSampler(digits, CPU, make_generator(1))
+
+
+def test_model_queue_pushes_from_iteration_0_trains_and_caps(digits):
+    queue, sampler = queue_and_sampler(digits, push_every=2, max_size=3, initial=2, accuracy_reset_every=0)
+    queue.next(0)
+    assert len(queue.nets) == 3  # the reference pushes at iteration 0 too
     for iteration in range(7):
-        queue.next(iteration)
+        if iteration:
+            queue.next(iteration)
         queue.after_step(iteration, sampler.mixed)
-    assert len(queue.nets) == 3
-    assert max(queue.accuracies) > 0.0
+    assert len(queue.nets) == len(queue.optimizers) == len(queue.meters) == 3
+    assert max(queue.accuracy(i) for i in range(3)) > 0.0
     assert all(p.requires_grad is False for p in queue.next(7)[0].parameters())
+
+
+def test_queued_nets_keep_their_optimiser_and_accumulate_accuracy_until_reset(digits):
+    """IDM's reference: one SGD optimiser per queued net for its whole life (momentum carries over),
+    accuracy counted over every step since the last reset of the meters, 2 distinct nets trained."""
+    queue, sampler = queue_and_sampler(digits, initial=3, push_every=1000, train_nets=2, train_steps=2,
+                                       train_batch=16, accuracy_reset_every=3)
+    queue.next(0)  # pushes a fourth net
+    optimizers = list(queue.optimizers)
+    trained_per_call = []
+    for iteration in range(3):
+        if iteration:
+            queue.next(iteration)
+        before = [m[1] for m in queue.meters]
+        queue.after_step(iteration, sampler.mixed)
+        trained_per_call.append([i for i, m in enumerate(queue.meters) if m[1] > before[i]])
+    assert all(a is b for a, b in zip(queue.optimizers, optimizers, strict=True))  # not fresh ones
+    assert all(len(trained) == 2 for trained in trained_per_call)  # two DISTINCT nets each time
+    assert sum(m[1] for m in queue.meters) == 3 * 2 * 2 * 16  # counted since the start
+    net = queue.nets[trained_per_call[-1][0]]
+    assert all("momentum_buffer" in queue.optimizers[trained_per_call[-1][0]].state[p] for p in net.parameters())
+    queue.next(3)  # iteration 3: the reference's evaluation interval resets every meter
+    assert all(m == [0, 0] for m in queue.meters) and queue.accuracy(0) == 0.0
+
+
+def test_idm_resumes_its_queue_exactly(digits):
+    """Kill-then-resume equals uninterrupted: queued nets, their momentum and their meters are state."""
+    config = smoke("idm", iterations=4, **{"queue.push_every": 3})
+    whole = MatchingEngine(digits, 2, config, seed=5, device=CPU, show_progress=False).run("idm").images
+    first = MatchingEngine(digits, 2, apply_overrides(config, {"iterations": 2}), seed=5, device=CPU,
+                           show_progress=False)
+    first.run("idm")
+    part = first.state_part()
+    second = MatchingEngine(digits, 2, config, seed=5, device=CPU, show_progress=False)
+    second.restore([part])
+    for iteration in (2, 3):
+        second.step(iteration)
+    assert torch.equal(second.pixels(), whole)
 
 
 def test_every_method_runs_and_logs_its_terms(digits):
@@ -164,9 +232,19 @@ def test_term_flags_switch_on_and_reweight():
 def test_published_settings_are_in_the_paper_presets():
     dm = resolve_preset("dm", "cifar10", 10, "paper")
     assert (dm["iterations"], dm["lr_img"], dm["momentum_img"], dm["batch_real"]) == (20000, 1.0, 0.5, 256)
+    assert resolve_preset("dm", "cifar10", 100, "paper")["lr_img"] == 10.0  # DM's README for IPC >= 100
     idm = resolve_preset("idm", "cifar100", 10, "paper")
     assert (idm["lr_img"], idm["partition"], idm["weights"]["ce"], idm["queue"]["train_steps"]) == (0.2, 2, 0.1, 50)
+    assert (idm["ce_accuracy_scale"], idm["image_step"], idm["queue"]["accuracy_reset_every"]) == (100.0, "per_class", 100)
     assert resolve_preset("idm", "cifar10", 1, "paper")["queue"]["push_every"] == 5
+    assert resolve_preset("idm", "tiny-imagenet", 1, "paper")["queue"]["push_every"] == 30
+    assert resolve_preset("idm", "tiny-imagenet", 50, "paper")["queue"]["accuracy_reset_every"] == 1000
+    for dataset in ("mnist", "fashion-mnist"):  # no published IDM settings: CIFAR-10's
+        for ipc in (1, 10, 50):
+            assert resolve_preset("idm", dataset, ipc, "paper") == resolve_preset("idm", "cifar10", ipc, "paper")
+    assert resolve_preset("idm", "fashion-mnist", 50, "paper")["weights"]["ce"] == 0.1
+    pool = resolve_preset("iid", "cifar10", 10, "paper")["cc"]
+    assert (pool["pool_size"], pool["epochs"], pool["lr"], pool["lr_decay_factor"]) == (1000, 40, 0.01, 1.0)
     iid = resolve_preset("iid", "cifar10", 10, "paper")["weights"]
     assert (iid["cm"], iid["cc"]) == (0.01, 0.05)
     idm_iid = resolve_preset("idm-iid", "cifar100", 50, "paper")["weights"]
@@ -180,7 +258,10 @@ def test_published_settings_are_in_the_paper_presets():
     ({"weights.mean": 0.0}, "every loss term has weight 0"),
     ({"weights.ce": 0.5}, "needs trained networks"),
     ({"partition": 3}, "divisor"),
-    ({"batch_real": 100000}, "exceeds the smallest class"),
+    ({"image_step": "sometimes"}, "image_step must be per_iteration or per_class"),
+    ({"init_downscale": "nearest"}, "init_downscale must be bilinear or antialias"),
+    ({"queue.accuracy_reset_every": -1}, r"queue.accuracy_reset_every=-1 is not valid"),
+    ({"icd.k": 0}, r"icd.k=0 is not valid"),
     ({"channels_last": "yes"}, "channels_last must be auto, true or false"),
     ({"lr_img": "abc"}, r"lr_img='abc' is not valid; give a number > 0"),
     ({"iterations": 0}, r"iterations=0 is not valid; give an integer >= 1"),
@@ -191,6 +272,16 @@ def test_published_settings_are_in_the_paper_presets():
 def test_bad_engine_settings_are_refused(digits, overrides, match):
     with pytest.raises(DDKitError, match=match):
         MatchingEngine(digits, 2, smoke("dm", **overrides), seed=0, device=CPU, show_progress=False)
+
+
+def test_a_real_batch_larger_than_a_class_takes_all_of_the_smallest_class(digits):
+    """IDM's IPC-1 setting asks 5000 real images per class; the reference gets what a class has."""
+    engine = MatchingEngine(digits, 1, smoke("dm", batch_real=100000, iterations=1), seed=0, device=CPU,
+                            show_progress=False)
+    smallest = int(torch.bincount(digits.train.labels).min())
+    assert engine.batch_real == smallest
+    assert engine.sampler.per_class(engine.batch_real).shape[0] == 10 * smallest
+    assert resolve_preset("idm", "cifar100", 1, "paper")["batch_real"] == 5000
 
 
 def test_ipc_larger_than_a_class_is_refused(digits):
@@ -217,15 +308,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_images(tmp_path, digits, monk
 
 
 def test_pretrained_pool_is_cached_and_reused(digits, isolated_data, monkeypatch):
-    config = smoke("iid")["cc"]
+    config = {**smoke("iid")["cc"], "pool_size": 3, "in_memory": 1}
     first = PretrainedPool(config, digits, CPU)
+    assert not list(isolated_data.glob("pretrained/digits/*"))  # members are trained when first drawn
+    net = first.get(0)
     files = list(isolated_data.glob("pretrained/digits/*/model.safetensors"))
     assert len(files) == 1 and (files[0].parent / "manifest.json").is_file()
+    first.get(1)
+    assert list(first.loaded) == [1]  # at most in_memory members stay loaded
     import ddkit.methods.squeeze as squeeze_module
 
     monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached net"))
     second = PretrainedPool(config, digits, CPU)
-    for a, b in zip(first.nets[0].state_dict().values(), second.nets[0].state_dict().values()):
+    for a, b in zip(net.state_dict().values(), second.get(0).state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -236,8 +331,8 @@ def test_a_compiled_engine_trains_its_feature_extractors_compiled(digits, isolat
     real_train = sources.train_cached
     monkeypatch.setattr(sources, "train_cached",
                         lambda *a, **k: asked.append(k["compiled"]) or real_train(*a, **dict(k, compiled=False)))
-    MatchingEngine(digits, 2, smoke("iid"), seed=0, device=CPU, show_progress=False, compiled=True)
-    MatchingEngine(digits, 2, smoke("iid"), seed=0, device=CPU, show_progress=False)
+    for compiled in (True, False):
+        MatchingEngine(digits, 2, smoke("iid"), seed=0, device=CPU, show_progress=False, compiled=compiled).pool.get(0)
     assert asked == [True, False]
 
 
@@ -259,14 +354,45 @@ def test_dm_beats_the_random_subset_on_real_digits(digits):
     assert dm_acc > random_acc + 3.0, (dm_acc, random_acc)
 
 
-def test_legacy_per_class_steps_reapply_momentum(digits):
-    """Without momentum the reference's per-class stepping equals one joint step; with it, it differs."""
-    def run(legacy, momentum):
-        config = smoke("dm", iterations=3, momentum_img=momentum, legacy_step_per_class=legacy)
+def test_per_class_steps_reapply_momentum(digits):
+    """Without momentum IDM's per-class stepping equals one joint step; with it, it differs."""
+    def run(step, momentum):
+        config = smoke("dm", iterations=3, momentum_img=momentum, image_step=step)
         return MatchingEngine(digits, 2, config, seed=1, device=CPU, show_progress=False).run("dm").images
 
-    assert torch.allclose(run(True, 0.0), run(False, 0.0), atol=1e-6)
-    assert not torch.allclose(run(True, 0.5), run(False, 0.5), atol=1e-4)
+    assert torch.allclose(run("per_class", 0.0), run("per_iteration", 0.0), atol=1e-6)
+    assert not torch.allclose(run("per_class", 0.5), run("per_iteration", 0.5), atol=1e-4)
+    # a set made before the option was renamed still runs the same way on --resume
+    stored = {**smoke("dm", iterations=3, momentum_img=0.5), "legacy_step_per_class": True}
+    stored.pop("image_step")
+    assert torch.equal(MatchingEngine(digits, 2, stored, seed=1, device=CPU, show_progress=False).run("dm").images,
+                       run("per_class", 0.5))
+    with pytest.raises(DDKitError, match="legacy_step_per_class is now image_step: --set image_step=per_class"):
+        ddkit.distill("dm", dataset="digits", ipc=1, preset="smoke", overrides=["legacy_step_per_class=true"])
+
+
+def test_per_class_steps_are_the_reference_loop(digits, monkeypatch):
+    """IDM's loop: for each class, its loss on the CURRENT images, then one step of ONE momentum
+    optimiser over all images (the other classes' gradients are zero, so momentum moves them)."""
+    config = smoke("dm", dsa=False, lr_img=0.5, momentum_img=0.5, batch_real=4, image_step="per_class")
+    engine = MatchingEngine(digits, 2, config, seed=0, device=CPU, show_progress=False)
+    net = engine.source.next(0)[0]
+    monkeypatch.setattr(engine.source, "next", lambda iteration: (net, 1.0))
+    real = []
+    original = engine.sampler.per_class
+    monkeypatch.setattr(engine.sampler, "per_class", lambda n, kept=None: real.append(original(n, kept)) or real[-1])
+    images = torch.cat(engine.synthetic).detach().clone().requires_grad_(True)
+    for iteration in range(2):
+        engine.step(iteration)
+    reference = torch.optim.SGD([images], lr=0.5, momentum=0.5)
+    for batch in real:
+        for c in range(10):
+            target = net.embed(batch[c * 4:(c + 1) * 4]).detach().mean(0)
+            loss = ((target - net.embed(images[c * 2:(c + 1) * 2]).mean(0)) ** 2).sum()
+            reference.zero_grad()
+            loss.backward()
+            reference.step()
+    assert torch.allclose(torch.cat(engine.synthetic).detach(), images.detach(), atol=1e-6)
 
 
 def test_quick_class_centralization_extractor_has_a_small_pooled_embedding():

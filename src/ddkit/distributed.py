@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ddkit.errors import DDKitError
 
 
 @dataclass(frozen=True)
@@ -143,10 +142,3 @@ def maybe_inject_fault(iteration: int) -> None:
     if rank is not None and int(rank) != _WORLD.rank:
         return
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def check_supported(config: dict) -> None:
-    """Refuse options whose result would depend on the class split."""
-    if _WORLD.distributed and config.get("legacy_step_per_class"):
-        raise DDKitError("legacy_step_per_class steps every class's images once per class, so its result depends on "
-                         "the class split; run it in one process")

@@ -18,6 +18,32 @@ def repeat_params(params: DSAParams, repeats: int) -> DSAParams:
     return DSAParams(params.family, {k: v.repeat_interleave(repeats, dim=0) for k, v in params.values.items()})
 
 
+def draw_per_class(dsa: DSA, num_classes: int, shape: tuple, generator: torch.Generator,
+                   device) -> list[tuple[list[int], DSAParams]]:
+    """One siamese draw per class, grouped by the family each class drew.
+
+    Returns ``[(classes, params), ...]`` sorted by family: ``params`` holds one row per class in
+    ``classes`` (in that order). Every call spends the generator the same way whatever subset of
+    the classes is later augmented, so a class gets the same transform in any process.
+    """
+    family_of = torch.randint(len(dsa.families), (num_classes,), generator=generator, device=generator.device).tolist()
+    groups = []
+    for family_index in sorted(set(family_of)):
+        classes = [c for c in range(num_classes) if family_of[c] == family_index]
+        groups.append((classes, dsa.sample(len(classes), shape, generator, device, per_sample=True,
+                                           family=dsa.families[family_index])))
+    return groups
+
+
+def class_params(groups: list[tuple[list[int], DSAParams]], class_index: int) -> DSAParams:
+    """The draw of one class from :func:`draw_per_class`'s groups (a one-row :class:`DSAParams`)."""
+    for classes, params in groups:
+        if class_index in classes:
+            row = classes.index(class_index)
+            return DSAParams(params.family, {name: v[row:row + 1] for name, v in params.values.items()})
+    raise KeyError(class_index)
+
+
 def siamese_per_class(
     dsa: DSA,
     real: torch.Tensor,
@@ -48,40 +74,14 @@ def siamese_per_class(
         return real, syn
     k = num_classes
     nr, ns = real.shape[0] // k, syn.shape[0] // k
-    if kept is not None:
-        return _siamese_share(dsa, real, syn, nr, ns, generator, int(draw_classes), list(kept))
     shape = tuple(real.shape[1:])
-    real_k, syn_k = real.reshape(k, nr, *shape), syn.reshape(k, ns, *shape)
-    family_of = torch.randint(len(dsa.families), (k,), generator=generator, device=generator.device).tolist()
-    order, real_parts, syn_parts = [], [], []
-    for family_index in sorted(set(family_of)):
-        classes = [c for c in range(k) if family_of[c] == family_index]
-        params = dsa.sample(len(classes), shape, generator, real.device, per_sample=True,
-                            family=dsa.families[family_index])
-        pick = torch.tensor(classes, device=real.device)
-        real_parts.append(dsa.apply(real_k[pick].reshape(-1, *shape), repeat_params(params, nr)))
-        syn_parts.append(dsa.apply(syn_k[pick].reshape(-1, *shape), repeat_params(params, ns)))
-        order.extend(classes)
-    # Undo the grouping: position of class c in the concatenated groups.
-    inverse = torch.empty(k, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(k)
-    inverse = inverse.to(real.device)
-    real_out = torch.cat(real_parts).reshape(k, nr, *shape)[inverse].reshape(k * nr, *shape)
-    syn_out = torch.cat(syn_parts).reshape(k, ns, *shape)[inverse].reshape(k * ns, *shape)
-    return real_out, syn_out
-
-
-def _siamese_share(dsa: DSA, real, syn, nr: int, ns: int, generator, total: int, kept: list[int]):
-    """:func:`siamese_per_class` for the classes ``kept`` of ``total`` (draws for all of them)."""
-    shape = tuple(real.shape[1:])
-    real_k, syn_k = real.reshape(len(kept), nr, *shape), syn.reshape(len(kept), ns, *shape)
-    family_of = torch.randint(len(dsa.families), (total,), generator=generator, device=generator.device).tolist()
+    kept = list(range(k)) if kept is None else list(kept)
+    groups = draw_per_class(dsa, k if draw_classes is None else int(draw_classes), shape, generator, real.device)
     position = {c: i for i, c in enumerate(kept)}
-    real_out, syn_out = [None] * len(kept), [None] * len(kept)
-    for family_index in sorted(set(family_of)):
-        classes = [c for c in range(total) if family_of[c] == family_index]
-        params = dsa.sample(len(classes), shape, generator, real.device, per_sample=True,
-                            family=dsa.families[family_index])
+    real_k, syn_k = real.reshape(k, nr, *shape), syn.reshape(k, ns, *shape)
+    real_out, syn_out = [None] * k, [None] * k
+    # one call per family group: the group's classes with their per-class parameters repeated
+    for classes, params in groups:
         mine = [i for i, c in enumerate(classes) if c in position]
         if not mine:
             continue

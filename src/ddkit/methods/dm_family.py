@@ -1,9 +1,9 @@
 """DM, IDM, IID, IDM+IID and DDM: presets over the one matching engine.
 
 A method is data: which loss terms are on, their weights, and the engine's switches (partition
-factor, model queue). Presets are three tiers: ``paper`` (SPEC section 2's published settings per
+factor, model queue, image steps). Presets are three tiers: ``paper`` (the published settings per
 dataset and IPC, with the published accuracy where there is one), ``quick`` (minutes on two CPU
-cores) and ``smoke`` (seconds, for tests). Any option can be overridden (``--set key=value``),
+cores: the same algorithm, smaller) and ``smoke`` (seconds, for tests). Any option can be overridden (``--set key=value``),
 and any term switched on or re-weighted (``--terms``, ``--weight``).
 """
 
@@ -14,15 +14,19 @@ import copy
 from ddkit.errors import DDKitError
 from ddkit.methods.matching import DEFAULT_TERM_WEIGHTS, TERMS, MatchingEngine
 from ddkit.methods.registry import register_method
-from ddkit.utils import apply_overrides, parse_value
+from ddkit.utils import apply_overrides, override_items, parse_value
 
-#: Engine defaults = DM's published settings (SPEC 2.1).
+#: Engine defaults = DM's published settings (Zhao & Bilen, "Dataset Condensation with Distribution
+#: Matching", WACV 2023, and its code).
 ENGINE_DEFAULTS: dict = {
     "iterations": 20000,
     "lr_img": 1.0,
     "momentum_img": 0.5,
+    # real images per class per iteration; a class with fewer gives all it has (as the references draw)
     "batch_real": 256,
     "init": "real",
+    # IDM's quadrant initialisation: the reference's plain bilinear downscale (a 2x2 mean at factor 2)
+    "init_downscale": "bilinear",
     "model": {"arch": "convnet", "width": 128, "depth": None, "norm": "instance"},
     "dsa": True,
     "dsa_strategy": "auto",
@@ -33,23 +37,34 @@ ENGINE_DEFAULTS: dict = {
     "channels_last": "auto",
     "partition": 1,
     "model_source": "random",
+    # per_iteration: DM's one optimiser step after all classes; per_class: IDM's step after each class
+    "image_step": "per_iteration",
+    # accuracy_reset_every: the reference resets its accuracy meters at every evaluation interval
     "queue": {"initial": 3, "push_every": 30, "max_size": 100, "train_nets": 2, "train_steps": 10,
-              "train_batch": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4},
+              "train_batch": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "accuracy_reset_every": 100},
     "weights": {term: 0.0 for term in TERMS} | {"mean": 1.0},
-    # The IDM reference multiplies by accuracy in percent (0..100); ddkit uses a fraction (0..1)
-    # times this scale, so scale 100 reproduces the reference's effective weight.
-    "ce_accuracy_scale": 1.0,
-    # IDM reference quirk: one shared optimiser stepped once per class (momentum then moves every
-    # other class's images again). Off = separate state per class, the intended behaviour.
-    "legacy_step_per_class": False,
-    "cc": {"form": "square", "beta": 0.0, "temperature": 0.02, "pool_size": 5,
+    # IDM's CE multiplier is the queued net's accuracy times this: 100 = percent, as the reference
+    # (its weights 0.5 / 0.1 assume it); 1 = a fraction, which makes the term 100x weaker
+    "ce_accuracy_scale": 100.0,
+    # IDM's branch for IPC 1 without the partition: keep this many lowest-CE real images per class
+    "real_lowest_loss": 2560,
+    # IID's pretrained pool (Deng et al., CVPR 2024, pre_model.py): instance-norm ResNet-18s, 40
+    # epochs at a constant lr on un-augmented data; trained (and cached) when first drawn
+    "cc": {"form": "square", "beta": 0.0, "temperature": 0.02, "pool_size": 1000, "in_memory": 4,
            "model": {"arch": "resnet18", "norm": "instance"}, "epochs": 40, "train_subset": 0,
-           "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4},
-    "icd": {"max_kl": 5.0},
+           "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+           "lr_decay_at": 0.5, "lr_decay_factor": 1.0},
+    # DDM: the authors' calc_mean_std uses torch.var's unbiased default
+    "style": {"unbiased": True},
+    # DDM scripts never reset their style accumulator between classes (about 1.4x-1.5x on the style term)
+    "legacy_style_accumulator": False,
+    # k "auto" = round(0.2 IPC) clipped to [1, IPC-1]; the authors' script fixes k = 2
+    "icd": {"max_kl": 5.0, "k": "auto"},
     "log_every": 10,
 }
 
-IDM_SWITCHES = {"partition": 2, "model_source": "queue", "lr_img": 0.2, "weights": {"ce": 0.5}}
+IDM_SWITCHES = {"partition": 2, "model_source": "queue", "lr_img": 0.2, "image_step": "per_class",
+                "weights": {"ce": 0.5}}
 METHOD_SETTINGS: dict[str, dict] = {
     "dm": {},
     "idm": IDM_SWITCHES,
@@ -58,21 +73,43 @@ METHOD_SETTINGS: dict[str, dict] = {
     "ddm": {"weights": {"style": 1e4, "icd": 10.0}},
 }
 
-#: Published settings that differ per (dataset, IPC) (SPEC 2.2); MNIST-like sets have none
-#: published for IDM, so they take CIFAR-10's.
-PAPER_PER_SETTING: dict[tuple[str, str, int], dict] = {
-    ("idm", "cifar10", 1): {"batch_real": 5000, "queue": {"push_every": 5}, "weights": {"ce": 0.5}},
-    ("idm", "cifar10", 10): {"weights": {"ce": 0.5}},
-    ("idm", "cifar10", 50): {"weights": {"ce": 0.1}},
-    ("idm", "cifar100", 1): {"batch_real": 5000, "queue": {"push_every": 5}, "weights": {"ce": 0.5}},
-    ("idm", "cifar100", 10): {"weights": {"ce": 0.1}, "queue": {"train_steps": 50}},
-    ("idm", "cifar100", 50): {"weights": {"ce": 0.1}, "queue": {"train_steps": 40}},
-    ("idm", "tiny-imagenet", 1): {"weights": {"ce": 0.5}, "queue": {"push_every": 5}},
-    ("idm", "tiny-imagenet", 10): {"weights": {"ce": 0.5}},
-    ("idm", "tiny-imagenet", 50): {"weights": {"ce": 0.8}, "queue": {"train_steps": 50}},
+#: IDM's published settings per (dataset, IPC), from the authors' command.txt: CE weight, real batch,
+#: push interval, queue training steps, and the evaluation interval at which the accuracy meters
+#: reset. Datasets without published IDM settings (MNIST, Fashion-MNIST, SVHN, ...) take CIFAR-10's.
+IDM_PAPER: dict[tuple[str, int], dict] = {
+    ("cifar10", 1): {"batch_real": 5000, "queue": {"push_every": 5, "accuracy_reset_every": 100}, "weights": {"ce": 0.5}},
+    ("cifar10", 10): {"queue": {"accuracy_reset_every": 100}, "weights": {"ce": 0.5}},
+    ("cifar10", 50): {"queue": {"accuracy_reset_every": 500}, "weights": {"ce": 0.1}},
+    # 5000 asked, CIFAR-100 has 500 per class: the reference (and ddkit) use all of the class
+    ("cifar100", 1): {"batch_real": 5000, "queue": {"push_every": 5, "accuracy_reset_every": 100},
+                      "weights": {"ce": 0.5}},
+    ("cifar100", 10): {"queue": {"train_steps": 50, "accuracy_reset_every": 100}, "weights": {"ce": 0.1}},
+    ("cifar100", 50): {"queue": {"train_steps": 40, "accuracy_reset_every": 500}, "weights": {"ce": 0.1}},
+    ("tiny-imagenet", 1): {"queue": {"accuracy_reset_every": 100}, "weights": {"ce": 0.5}},
+    ("tiny-imagenet", 10): {"queue": {"accuracy_reset_every": 500}, "weights": {"ce": 0.5}},
+    ("tiny-imagenet", 50): {"queue": {"train_steps": 50, "accuracy_reset_every": 1000}, "weights": {"ce": 0.8}},
 }
+IDM_PAPER_DATASETS = {dataset for dataset, _ in IDM_PAPER}
 
-#: Published ConvNet-3 accuracies (SPEC 2), recorded in the manifest of paper-tier runs.
+
+def paper_settings(method: str, dataset: str, ipc: int) -> dict:
+    """The published settings of ``method`` that depend on (dataset, IPC), or {}.
+
+    IDM (and IDM+IID, which runs IDM's script): :data:`IDM_PAPER`, CIFAR-10's for other datasets;
+    at an IPC the table lacks, the nearest published IPC below it (IPC 1 below 10). DM on CIFAR-10
+    at IPC >= 100: image lr 10 (the DM code's README).
+    """
+    if method.startswith("idm"):
+        source = dataset if dataset in IDM_PAPER_DATASETS else "cifar10"
+        published = sorted(i for d, i in IDM_PAPER if d == source)
+        nearest = max([i for i in published if i <= ipc], default=published[0])
+        return IDM_PAPER[(source, nearest)]
+    if method == "dm" and dataset == "cifar10" and ipc >= 100:
+        return {"lr_img": 10.0}
+    return {}
+
+
+#: Published ConvNet-3 accuracies, recorded in the manifest of paper-tier runs.
 PUBLISHED: dict[tuple[str, str, int], float] = {
     **{("dm", "mnist", i): a for i, a in ((1, 89.7), (10, 97.5), (50, 98.6))},
     **{("dm", "cifar10", i): a for i, a in ((1, 26.0), (10, 48.9), (50, 63.0))},
@@ -88,17 +125,19 @@ PUBLISHED: dict[tuple[str, str, int], float] = {
 TIER_SETTINGS: dict[str, dict] = {
     "paper": {},
     "quick": {
-        "iterations": 200, "batch_real": 64, "log_every": 5,
+        # 64 real images per class (256 in the papers) and 1 queued net trained 2 steps of 128 images
+        # per iteration (2 nets x 10 x 256), a push every 10 iterations and at most 20 nets (30, 100)
+        "iterations": 200, "batch_real": 64, "real_lowest_loss": 64, "log_every": 5,
         "queue": {"train_nets": 1, "train_steps": 2, "train_batch": 128, "push_every": 10, "max_size": 20},
-        # The paper's extractor (instance-norm ResNet-18, pooled embedding) at width 16: a 128-d pooled
-        # embedding keeps the class-centralization term on the scale its weight was tuned for. An
-        # unpooled width-64 ConvNet (1024-d) let the term dominate and cost IID 6 points
-        # (docs/benchmarks.md, "IID quick extractor").
+        # ONE extractor (the reference draws from 1000) of the paper's kind (instance-norm ResNet-18,
+        # pooled embedding) at width 16, 2 epochs on 10,000 images: a 128-d pooled embedding keeps
+        # the class-centralization term on the scale its weight was tuned for. An unpooled width-64
+        # ConvNet (1024-d) let the term dominate and cost IID 6 points (docs/benchmarks.md).
         "cc": {"pool_size": 1, "model": {"arch": "resnet18", "width": 16, "norm": "instance"}, "epochs": 2,
                "train_subset": 10000},
     },
     "smoke": {
-        "iterations": 4, "batch_real": 8, "log_every": 1, "model": {"width": 16},
+        "iterations": 4, "batch_real": 8, "real_lowest_loss": 4, "log_every": 1, "model": {"width": 16},
         "queue": {"initial": 2, "train_nets": 1, "train_steps": 1, "train_batch": 16, "push_every": 2, "max_size": 3},
         "cc": {"pool_size": 1, "model": {"arch": "convnet", "width": 8, "norm": "instance"}, "epochs": 1,
                "train_subset": 200},
@@ -132,23 +171,26 @@ def resolve_preset(method: str, dataset: str, ipc: int, preset: str) -> dict:
     if preset not in TIER_SETTINGS:
         raise DDKitError(f"unknown preset {preset!r}; choose one of: {', '.join(TIER_SETTINGS)}")
     config = deep_merge(ENGINE_DEFAULTS, METHOD_SETTINGS[method])
-    base_method = "idm" if method.startswith("idm") else method
-    config = deep_merge(config, PAPER_PER_SETTING.get((base_method, dataset, ipc), {}))
+    config = deep_merge(config, paper_settings(method, dataset, ipc))
     config = deep_merge(config, TIER_SETTINGS[preset])
     return deep_merge(config, TIER_METHOD_SETTINGS.get((method, preset), {}))
 
 
 def active_options(config: dict) -> dict:
-    """``config`` without the sections its run never reads, for comparing two configurations.
+    """``config`` without the options its run never reads, for comparing two configurations.
 
     The ``cc`` extractor settings matter only with a class-centralization weight, ``icd`` only with
-    an intra-class-diversity weight, and ``queue`` only when the nets come from IDM's queue; DM's
-    result does not depend on IID's extractor.
+    an intra-class-diversity weight, ``style`` and the style accumulator only with a style or Gram
+    weight, ``ce_accuracy_scale`` only with a CE weight, and ``queue`` (with ``real_lowest_loss``)
+    only when the nets come from IDM's queue; DM's result does not depend on IID's extractor.
     """
     weights = config.get("weights") or {}
-    inert = {section for section, used in (("cc", weights.get("cc", 0) > 0), ("icd", weights.get("icd", 0) > 0),
-                                           ("queue", config.get("model_source") == "queue")) if not used}
-    return {key: value for key, value in config.items() if key not in inert}
+    styled = weights.get("style", 0) > 0 or weights.get("gram", 0) > 0
+    queued = config.get("model_source") == "queue"
+    used = {"cc": weights.get("cc", 0) > 0, "icd": weights.get("icd", 0) > 0, "style": weights.get("style", 0) > 0,
+            "legacy_style_accumulator": styled, "ce_accuracy_scale": weights.get("ce", 0) > 0,
+            "queue": queued, "real_lowest_loss": queued}
+    return {key: value for key, value in config.items() if used.get(key, True)}
 
 
 def apply_term_flags(config: dict, terms=None, weights=None) -> dict:
@@ -186,11 +228,26 @@ def apply_term_flags(config: dict, terms=None, weights=None) -> dict:
     return config
 
 
+#: Options renamed since an earlier release: old name -> the line that says what to use now.
+RENAMED_OPTIONS = {
+    "legacy_step_per_class": "legacy_step_per_class is now image_step: --set image_step=per_class "
+                             "(IDM's default) or image_step=per_iteration (DM's)",
+}
+
+
+def check_renamed(overrides, what: str) -> None:
+    """Refuse an option of an earlier release with one line that names its new spelling."""
+    for key, _ in override_items(overrides or [], what):
+        if str(key) in RENAMED_OPTIONS:
+            raise DDKitError(RENAMED_OPTIONS[str(key)])
+
+
 def distill_matching(method: str):
     """The registered entry point of one matching-family method."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True,
             terms=None, weights=None, checkpoint=None, compiled=False):
+        check_renamed(overrides, f"{method} option")
         config = resolve_preset(method, real.name, ipc, preset)
         config = apply_term_flags(config, terms, weights)
         config = apply_overrides(config, overrides, what=f"{method} option")
@@ -201,8 +258,8 @@ def distill_matching(method: str):
             result.meta["published_accuracy"] = expected
         return result
 
-    run.__doc__ = (f"Distill with {method} (matching engine; preset per SPEC section 2); ``compiled``: the "
-                   "matching networks' forward runs through torch.compile.")
+    run.__doc__ = (f"Distill with {method} (matching engine; presets in ddkit.methods.dm_family); ``compiled``: "
+                   "the matching networks' forward runs through torch.compile.")
     run.supports_checkpoints = True
     run.supports_compile = True
     run.splits_work = True

@@ -21,12 +21,15 @@ Each iteration:
    icd      DDM intra-class diversity (guarded -KL to k-NN means)            10
    ce       IDM class-aware cross-entropy, scaled by the net's accuracy      0.5 / 0.1
    ======== ================================================================ =============
-5. one SGD step on every synthetic pixel.
+5. one SGD step on every synthetic pixel (``image_step: per_iteration``, DM's reference), or, as
+   IDM's reference does, one class at a time (``image_step: per_class``): class c's loss is
+   computed from its images as the earlier classes' steps left them, then ONE shared momentum
+   optimiser steps, so momentum moves every other class's images too.
 
 With instance-norm networks a class's features depend on its own samples only, so the batched
 pass gives exactly the per-class result, far faster. Synthetic images are kept as one leaf tensor
-per class; an elementwise optimiser over them is exactly "separate optimiser state per class", so
-stepping per class (the IDM reference) needs no separate optimiser objects.
+per class; stepping with zero (not absent) gradients for the other classes is exactly the
+reference's one optimiser over all images.
 """
 
 from __future__ import annotations
@@ -38,18 +41,17 @@ import torch
 import torch.nn.functional as F
 
 from ddkit.augment import DSA, dsa_strategy_for
-from ddkit.augment.grouped import siamese_per_class
+from ddkit.augment.grouped import class_params, draw_per_class, repeat_params, siamese_per_class
 from ddkit.augment.partition import partition_expand
 from ddkit.data.sampling import check_ipc, sample_real_per_class
 from ddkit.errors import DDKitError
 from ddkit.losses import (
-    class_centralization_loss, gram_loss, icd_neighbours, intra_class_kl_loss, local_covariance_loss,
-    mean_feature_loss, moment_loss,
+    class_aware_ce_loss, class_centralization_loss, gram_loss, icd_neighbours, intra_class_kl_loss,
+    local_covariance_loss, mean_feature_loss, moment_loss,
 )
 from ddkit import distributed
 from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
-from ddkit.methods.squeeze import build_net
 from ddkit.models.training import taps_forward
 from ddkit.utils import check_flag, check_number, denormalize, make_generator, normalize, progress
 
@@ -85,32 +87,60 @@ def check_config(config: dict, real, ipc: int) -> None:
         raise DDKitError(f"forward must be batched or per_class, got {config['forward']!r}")
     if config["init"] not in ("real", "noise"):
         raise DDKitError(f"init must be real or noise, got {config['init']!r}")
+    if config.get("init_downscale", "bilinear") not in ("bilinear", "antialias"):
+        raise DDKitError(f"init_downscale must be bilinear or antialias, got {config['init_downscale']!r}")
+    if image_step(config) not in ("per_iteration", "per_class"):
+        raise DDKitError(f"image_step must be per_iteration or per_class, got {config['image_step']!r}")
     for key in ("iterations", "batch_real", "partition", "log_every"):
         check_number("distillation", key, config[key], integer=True, minimum=1)
     check_number("distillation", "real_chunk", config["real_chunk"], integer=True, minimum=0)
     check_number("distillation", "lr_img", config["lr_img"], above=0)
     check_number("distillation", "momentum_img", config["momentum_img"], minimum=0, maximum=1)
     check_number("distillation", "ce_accuracy_scale", config["ce_accuracy_scale"], minimum=0)
-    for key in ("dsa", "legacy_step_per_class"):
-        check_flag("distillation", key, config[key])
+    check_flag("distillation", "dsa", config["dsa"])
+    for key in ("legacy_step_per_class", "legacy_style_accumulator"):
+        if key in config:
+            check_flag("distillation", key, config[key])
+    check_flag("distillation", "style.unbiased", config.get("style", {}).get("unbiased", True))
+    icd_k = config.get("icd", {}).get("k", "auto")
+    if icd_k != "auto":
+        check_number("distillation", "icd.k", icd_k, integer=True, minimum=1)
     queue = config["queue"]
     for key in ("initial", "push_every", "max_size", "train_nets", "train_steps", "train_batch"):
         check_number("distillation", f"queue.{key}", queue[key], integer=True, minimum=1)
+    check_number("distillation", "queue.accuracy_reset_every", queue.get("accuracy_reset_every", 0),
+                 integer=True, minimum=0)
     check_number("distillation", "queue.lr", queue["lr"], above=0)
+    check_number("distillation", "real_lowest_loss", config.get("real_lowest_loss", 0), integer=True, minimum=0)
     factor = config["partition"]
     _, height, width = real.image_shape
     if height % factor or width % factor:
         raise DDKitError(f"partition {factor} must be a positive divisor of the image size {height}x{width}")
     check_ipc(real, ipc * factor * factor if config["init"] == "real" else ipc)
-    if config["batch_real"] > int(torch.bincount(real.train.labels).min()):
-        raise DDKitError(f"batch_real {config['batch_real']} exceeds the smallest class of {real.name}; lower it")
 
 
-def initial_images(real, ipc: int, factor: int, init: str, generator: torch.Generator) -> torch.Tensor:
+def image_step(config: dict) -> str:
+    """``per_iteration`` or ``per_class`` (``legacy_step_per_class: true`` is the old spelling of the latter)."""
+    if config.get("legacy_step_per_class"):
+        return "per_class"
+    return config.get("image_step", "per_iteration")
+
+
+def effective_batch_real(config: dict, real) -> int:
+    """Real images per class per iteration: ``batch_real``, or all of the smallest class when it has
+    fewer (the references draw ``min(batch_real, class size)``: IDM's IPC-1 setting asks 5000 of
+    CIFAR-100's 500 per class)."""
+    return min(int(config["batch_real"]), int(torch.bincount(real.train.labels).min()))
+
+
+def initial_images(real, ipc: int, factor: int, init: str, generator: torch.Generator,
+                   downscale: str = "bilinear") -> torch.Tensor:
     """Starting synthetic images in pixel space, class-major: float [K*ipc, C, H, W].
 
     ``init="real"``: random real images of each class; with ``factor > 1`` every cell of the
-    factor x factor grid is a different real image downscaled by ``factor`` (IDM).
+    factor x factor grid is a different real image downscaled by ``factor`` (IDM). ``downscale``:
+    ``bilinear`` is the IDM reference's plain bilinear resize (for factor 2, the mean of each 2x2
+    block); ``antialias`` low-pass filters first.
     ``init="noise"``: N(0, 1) in normalised space, mapped back to pixels.
     """
     channels, height, width = real.image_shape
@@ -124,7 +154,7 @@ def initial_images(real, ipc: int, factor: int, init: str, generator: torch.Gene
     if factor == 1:
         return images
     small = F.interpolate(images, size=(height // factor, width // factor), mode="bilinear",
-                          align_corners=False, antialias=True)
+                          align_corners=False, antialias=downscale == "antialias")
     small = small.reshape(count, factor, factor, channels, height // factor, width // factor)
     return small.permute(0, 3, 1, 4, 2, 5).reshape(count, channels, height, width)
 
@@ -152,8 +182,8 @@ class RealSampler:
         return self._prepare(torch.cat([self.class_indices[c][picks[c].to(self.device)] for c in classes]))
 
     def mixed(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``count`` random images from all classes (no augmentation): (images, labels)."""
-        index = torch.randint(self.labels.numel(), (count,), generator=self.generator).to(self.device)
+        """``count`` distinct random images from all classes (no augmentation): (images, labels)."""
+        index = torch.randperm(self.labels.numel(), generator=self.generator)[:count].to(self.device)
         return self._prepare(index), self.labels[index]
 
 
@@ -171,7 +201,6 @@ class MatchingEngine:
     def __init__(self, real, ipc: int, config: dict, seed: int, device, show_progress: bool = True,
                  compiled: bool = False):
         check_config(config, real, ipc)
-        distributed.check_supported(config)
         self.world = distributed.current()
         # this process's classes; every rank still makes every random draw (see docs/scaling.md)
         self.classes = self.world.share(real.num_classes)
@@ -182,6 +211,8 @@ class MatchingEngine:
         self.taps_of = taps_forward(compiled)
         self.weights = {t: float(w) for t, w in config["weights"].items() if w}
         self.factor = int(config["partition"])
+        self.batch_real = effective_batch_real(config, real)
+        self.per_class_steps = image_step(config) == "per_class"
         self.generator = make_generator(seed)
         strategy = dsa_strategy_for(real.name) if config["dsa_strategy"] == "auto" else config["dsa_strategy"]
         self.dsa = DSA(strategy if config["dsa"] else "none")
@@ -193,21 +224,29 @@ class MatchingEngine:
                                      channels_last=use_channels_last(config.get("channels_last", "auto"), device))
         self.pool = (PretrainedPool(config["cc"], real, device, show_progress, compiled=compiled)
                      if "cc" in self.weights else None)
-        pixels = initial_images(real, ipc, self.factor, config["init"], self.generator)
+        pixels = initial_images(real, ipc, self.factor, config["init"], self.generator,
+                                config.get("init_downscale", "bilinear"))
         start = normalize(pixels, real.mean, real.std).to(device)
         # One leaf tensor per class: per-class optimiser state comes for free (see module docstring).
         self.synthetic = [start[c * ipc:(c + 1) * ipc].clone().requires_grad_(True) for c in range(real.num_classes)]
         self.optimizer = torch.optim.SGD(self.synthetic, lr=float(config["lr_img"]),
                                          momentum=float(config["momentum_img"]))
         self.expanded_per_class = ipc * self.factor * self.factor
-        self.icd_k = icd_neighbours(self.expanded_per_class)
+        icd_k = config.get("icd", {}).get("k", "auto")
+        self.icd_k = icd_neighbours(self.expanded_per_class) if icd_k == "auto" else min(int(icd_k), self.expanded_per_class - 1)
+        # IDM's branch for IPC 1 without the partition: CE only on misclassified classes, and the
+        # real side keeps its ``real_lowest_loss`` lowest-loss images under the matching network
+        self.ipc1_branch = config["model_source"] == "queue" and self.expanded_per_class == 1
         self.log: list[dict] = []
 
     # ---- one iteration ---------------------------------------------------------------------
     def _taps(self, net) -> tuple[list[str], list[str], list[str]]:
         blocks = block_taps(net) if ("style" in self.weights or "gram" in self.weights) else []
         real_taps = blocks + (["features"] if "cm" in self.weights else []) + ["embedding"]
-        syn_taps = real_taps + (["logits"] if "ce" in self.weights else [])
+        if self.ipc1_branch and int(self.config.get("real_lowest_loss", 0)):
+            real_taps.append("logits")
+        syn_taps = blocks + (["features"] if "cm" in self.weights else []) + ["embedding"]
+        syn_taps += ["logits"] if "ce" in self.weights else []
         return blocks, real_taps, syn_taps
 
     def _real_taps(self, net, real_aug: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
@@ -221,33 +260,56 @@ class MatchingEngine:
             parts = [self.taps_of(net, real_aug[i:i + chunk], tuple(taps)) for i in range(0, real_aug.shape[0], chunk)]
         return {name: torch.cat([part[name] for part in parts]) for name in taps}
 
-    def _class_losses(self, net, accuracy: float, real_aug, syn_aug, syn_labels, classes: int, extractor) -> dict:
-        """Weighted terms for ``classes`` class-major groups already augmented."""
+    def _lowest_loss_real(self, real_out: dict, class_ids: list[int]) -> dict:
+        """IDM's IPC-1 branch: keep each class's ``real_lowest_loss`` real images of lowest CE."""
+        keep = int(self.config.get("real_lowest_loss", 0))
+        logits = real_out.pop("logits", None)
+        if logits is None:
+            return real_out
+        k = len(class_ids)
+        grouped_logits = logits.reshape(k, -1, logits.shape[-1])
+        keep = min(keep, grouped_logits.shape[1])
+        labels = torch.tensor(class_ids, device=logits.device).repeat_interleave(grouped_logits.shape[1])
+        losses = F.cross_entropy(logits, labels, reduction="none").reshape(k, -1)
+        index = losses.topk(keep, dim=1, largest=False).indices  # [k, keep]
+        rows = (index + torch.arange(k, device=index.device).unsqueeze(1) * grouped_logits.shape[1]).reshape(-1)
+        return {name: value[rows] for name, value in real_out.items()}
+
+    def _class_losses(self, net, accuracy: float, real_aug, syn_aug, class_ids: list[int], extractor) -> dict:
+        """Unweighted terms for the classes ``class_ids`` (global ids), already augmented and class-major."""
+        classes = len(class_ids)
         blocks, real_taps, syn_taps = self._taps(net)
         real_out = self._real_taps(net, real_aug, real_taps)
+        if self.ipc1_branch:
+            real_out = self._lowest_loss_real(real_out, class_ids)
         syn_out = self.taps_of(net, syn_aug, tuple(syn_taps))
 
         def grouped(t):
             return t.reshape(classes, -1, *t.shape[1:])
 
+        legacy_style = bool(self.config.get("legacy_style_accumulator", False))
         terms = {}
         if "mean" in self.weights:
             terms["mean"] = mean_feature_loss(grouped(real_out["embedding"]), grouped(syn_out["embedding"]))
         if "cm" in self.weights:
             terms["cm"] = local_covariance_loss(grouped(real_out["features"]), grouped(syn_out["features"]))
         if "style" in self.weights:
-            terms["style"] = moment_loss([grouped(real_out[b]) for b in blocks], [grouped(syn_out[b]) for b in blocks])
+            terms["style"] = moment_loss([grouped(real_out[b]) for b in blocks], [grouped(syn_out[b]) for b in blocks],
+                                         unbiased=bool(self.config.get("style", {}).get("unbiased", True)),
+                                         legacy_accumulator=legacy_style, class_ids=class_ids,
+                                         num_classes=self.real.num_classes)
         if "gram" in self.weights:
-            terms["gram"] = gram_loss([grouped(real_out[b]) for b in blocks], [grouped(syn_out[b]) for b in blocks])
-        if "icd" in self.weights:
-            if self.icd_k >= 1:
-                terms["icd"] = intra_class_kl_loss(grouped(syn_out["embedding"]), k=self.icd_k,
-                                                   max_kl=float(self.config["icd"]["max_kl"]))
+            terms["gram"] = gram_loss([grouped(real_out[b]) for b in blocks], [grouped(syn_out[b]) for b in blocks],
+                                      legacy_accumulator=legacy_style, class_ids=class_ids,
+                                      num_classes=self.real.num_classes)
+        if "icd" in self.weights and self.icd_k >= 1:
+            terms["icd"] = intra_class_kl_loss(grouped(syn_out["embedding"]), k=self.icd_k,
+                                               max_kl=float(self.config["icd"]["max_kl"]))
         if "ce" in self.weights:
-            # Sum over classes of each class's mean cross-entropy, as the per-class reference loop does.
-            per_class = syn_aug.shape[0] // classes
-            ce = F.cross_entropy(syn_out["logits"], syn_labels, reduction="sum") / per_class
-            terms["ce"] = ce * accuracy * float(self.config["ce_accuracy_scale"])
+            labels = torch.tensor(class_ids, device=syn_aug.device)
+            terms["ce"] = class_aware_ce_loss(grouped(syn_out["logits"]), labels,
+                                              accuracy * float(self.config["ce_accuracy_scale"]),
+                                              misclassified_only=self.ipc1_branch)
         if "cc" in self.weights:
             cc_config = self.config["cc"]
             terms["cc"] = class_centralization_loss(grouped(extractor.embed(syn_aug)), form=cc_config["form"],
@@ -255,56 +317,78 @@ class MatchingEngine:
                                                     temperature=float(cc_config["temperature"]))
         return terms
 
+    def _backward(self, terms: dict, iteration: int, values: dict) -> float:
+        """Backpropagate the weighted sum of ``terms``, add each term's value to ``values``; the total."""
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        if not torch.isfinite(total):
+            bad = {name: float(value.detach()) for name, value in terms.items()}
+            raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {iteration} (terms {bad}); "
+                                "lower the image learning rate (--set lr_img=...) or a term's weight")
+        total.backward()
+        for name, value in terms.items():
+            values[name] = values.get(name, 0.0) + float(value.detach())
+        return float(total.detach())
+
+    def _step_per_iteration(self, iteration: int, net, accuracy: float, real: torch.Tensor, extractor) -> dict:
+        """All classes' terms (one batched forward, or class by class), then one optimiser step."""
+        split = self.world.distributed
+        k = len(self.classes)
+        syn = partition_expand(torch.cat([self.synthetic[c] for c in self.classes]), self.factor)
+        real_aug, syn_aug = siamese_per_class(self.dsa, real, syn, k, self.generator, self.real.num_classes,
+                                              self.classes if split else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        values: dict[str, float] = {"total": 0.0}
+        if self.config["forward"] == "batched":
+            terms = self._class_losses(net, accuracy, real_aug, syn_aug, list(self.classes), extractor)
+            values["total"] += self._backward(terms, iteration, values)
+        else:
+            nr, ns = self.batch_real, self.expanded_per_class
+            # Each class backpropagates into this leaf and frees its own graph at once; the summed
+            # gradient then goes through the shared augmentation and expansion in one backward.
+            syn_input = syn_aug.detach().requires_grad_(True)
+            for i, c in enumerate(self.classes):
+                terms = self._class_losses(net, accuracy, real_aug[i * nr:(i + 1) * nr],
+                                           syn_input[i * ns:(i + 1) * ns], [c], extractor)
+                values["total"] += self._backward(terms, iteration, values)
+            syn_aug.backward(syn_input.grad)
+        self.optimizer.step()
+        return values
+
+    def _step_per_class(self, iteration: int, net, accuracy: float, real: torch.Tensor, extractor) -> dict:
+        """IDM's reference step: class by class, each from the images the earlier classes' steps left,
+        with ONE optimiser step after each class (zero gradients for every other class's images)."""
+        draws = (draw_per_class(self.dsa, self.real.num_classes, tuple(real.shape[1:]), self.generator, real.device)
+                 if self.dsa.enabled else None)
+        nr = self.batch_real
+        position = {c: i for i, c in enumerate(self.classes)}
+        values: dict[str, float] = {"total": 0.0}
+        for c in range(self.real.num_classes):
+            for leaf in self.synthetic:
+                leaf.grad = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad.zero_()
+            if c in position:
+                i = position[c]
+                real_c = real[i * nr:(i + 1) * nr]
+                syn_c = partition_expand(self.synthetic[c], self.factor)
+                if draws is not None:
+                    params = class_params(draws, c)
+                    real_c = self.dsa.apply(real_c, repeat_params(params, real_c.shape[0]))
+                    syn_c = self.dsa.apply(syn_c, repeat_params(params, syn_c.shape[0]))
+                terms = self._class_losses(net, accuracy, real_c, syn_c, [c], extractor)
+                values["total"] += self._backward(terms, iteration, values)
+            # a class of another process still steps here: its momentum moves this process's images
+            self.optimizer.step()
+        return values
+
     def step(self, iteration: int) -> dict[str, float]:
         """One matching iteration; returns the unweighted value of each term and the total."""
         net, accuracy = self.source.next(iteration)
         split = self.world.distributed
-        k = len(self.classes)
-        real = self.sampler.per_class(int(self.config["batch_real"]), kept=self.classes if split else None)
-        syn = partition_expand(torch.cat([self.synthetic[c] for c in self.classes]), self.factor)
-        syn_labels = torch.tensor(self.classes, device=self.device).repeat_interleave(self.expanded_per_class)
-        real_aug, syn_aug = siamese_per_class(self.dsa, real, syn, k, self.generator, self.real.num_classes,
-                                              self.classes if split else None)
+        real = self.sampler.per_class(self.batch_real, kept=self.classes if split else None)
         # one extractor per iteration, drawn before any forward, whatever the forward mode or split
         extractor = self.pool.next(self.generator) if self.pool is not None else None
-        self.optimizer.zero_grad(set_to_none=not self.config.get("legacy_step_per_class"))
-        values: dict[str, float] = {}
-        total_value = 0.0
-        legacy_steps = bool(self.config.get("legacy_step_per_class"))
-        if self.config["forward"] == "batched" and not legacy_steps:
-            groups = [(slice(0, real.shape[0]), slice(0, syn.shape[0]), k)]
-            syn_input = syn_aug
-        else:
-            nr, ns = int(self.config["batch_real"]), self.expanded_per_class
-            groups = [(slice(c * nr, (c + 1) * nr), slice(c * ns, (c + 1) * ns), 1) for c in range(k)]
-            # Each class backpropagates into this leaf and frees its own graph at once; the summed
-            # gradient then goes through the shared augmentation and expansion in one backward.
-            syn_input = syn_aug.detach().requires_grad_(True)
-        for real_part, syn_part, classes in groups:
-            terms = self._class_losses(net, accuracy, real_aug[real_part], syn_input[syn_part],
-                                       syn_labels[syn_part], classes, extractor)
-            total = sum(self.weights[name] * value for name, value in terms.items())
-            if not torch.isfinite(total):
-                bad = {name: float(value.detach()) for name, value in terms.items()}
-                raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {iteration} (terms {bad}); "
-                                    "lower the image learning rate (--set lr_img=...) or a term's weight")
-            total.backward()
-            for name, value in terms.items():
-                values[name] = values.get(name, 0.0) + float(value.detach())
-            total_value += float(total.detach())
-            if legacy_steps:
-                # IDM reference: one shared optimiser stepped after every class, so momentum moves
-                # the other classes' images again (their gradient is zero, not absent).
-                syn_aug.backward(syn_input.grad, retain_graph=True)
-                syn_input.grad = None
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=False)
-        if not legacy_steps:
-            if syn_input is not syn_aug:
-                syn_aug.backward(syn_input.grad)
-            self.optimizer.step()
+        run = self._step_per_class if self.per_class_steps else self._step_per_iteration
+        values = run(iteration, net, accuracy, real, extractor)
         self.source.after_step(iteration, self.sampler.mixed)
-        values["total"] = total_value
         return values
 
     # ---- the whole run -----------------------------------------------------------------------
@@ -316,7 +400,8 @@ class MatchingEngine:
     # ---- checkpoints -------------------------------------------------------------------------
     def state_part(self) -> tuple[dict[str, torch.Tensor], dict]:
         """This rank's share of the run state: its classes' images and momentum, the RNG and (rank 0)
-        the model queue. Every rank holds the same RNG and queue, so one copy is enough."""
+        the model queue with its optimisers and meters. Every rank holds the same RNG and queue, so
+        one copy is enough."""
         tensors = {"generator": generator_state(self.generator)}
         for c in self.classes:
             tensors[f"syn.{c}"] = self.synthetic[c].detach()
@@ -325,9 +410,9 @@ class MatchingEngine:
                 tensors[f"momentum.{c}"] = buffer
         state = {"classes": self.classes, "log": self.log}
         if isinstance(self.source, ModelQueue) and self.world.is_main:
-            for i, net in enumerate(self.source.nets):
-                tensors.update({f"queue.{i}.{name}": value for name, value in net.state_dict().items()})
-            state["queue_accuracies"] = self.source.accuracies
+            queue_tensors, queue_state = self.source.state()
+            tensors.update(queue_tensors)
+            state.update(queue_state)
         return tensors, state
 
     def restore(self, parts: list[tuple[dict, dict]]) -> None:
@@ -344,14 +429,7 @@ class MatchingEngine:
         main_tensors, main_state = parts[0]
         self.log = list(main_state["log"])
         if isinstance(self.source, ModelQueue):
-            accuracies = main_state["queue_accuracies"]
-            nets = []
-            for i in range(len(accuracies)):
-                net = build_net(self.config["model"], self.real, seed=0, device=self.device)
-                prefix = f"queue.{i}."
-                net.load_state_dict({k[len(prefix):]: v for k, v in main_tensors.items() if k.startswith(prefix)})
-                nets.append(net.train())
-            self.source.nets, self.source.accuracies = nets, list(accuracies)
+            self.source.restore(main_tensors, main_state)
 
     def _checkpoint(self, checkpoint: dict, next_iteration: int) -> None:
         tensors, state = self.state_part()
