@@ -7,14 +7,26 @@ import torch
 from torch import nn
 
 from ddkit.errors import DDKitError
-from ddkit.models import TapModel, available, count_parameters, create, default_depth, register
+from ddkit.models import (
+    CRD_MODELS,
+    TapModel,
+    available,
+    count_parameters,
+    create,
+    default_depth,
+    load_crd_state_dict,
+    register,
+)
 from ddkit.models import registry as registry_module
 
-ALL_MODELS = ["alexnet", "convnet", "mlp", "resnet18", "resnet18_bn", "resnet18_in", "vgg11"]
+ALL_MODELS = ["alexnet", "convnet", "mlp", "mobilenetv2_crd", "resnet18", "resnet18_bn", "resnet18_in",
+              "shufflenetv2_crd", "vgg11"]
 SIZES = [(1, 28), (3, 32), (1, 8)]
 # small widths keep the CPU tests fast where the option exists
 FAST_OPTIONS = {"convnet": {"width": 32}, "mlp": {"width": 32}, "resnet18": {"width": 8},
-                "resnet18_bn": {"width": 8}, "resnet18_in": {"width": 8}}  # fmt: skip
+                "resnet18_bn": {"width": 8}, "resnet18_in": {"width": 8},
+                "mobilenetv2_crd": {"width_mult": 0.25, "last_channels": 32},
+                "shufflenetv2_crd": {"width_mult": 0.25, "last_channels": 32}}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +112,7 @@ def test_output_shapes_and_taps(name, channels, size):
         torch.testing.assert_close(taps["features"].mean((2, 3)), emb)
 
 
-@pytest.mark.parametrize("name", ["convnet", "alexnet", "vgg11", "resnet18", "mlp"])
+@pytest.mark.parametrize("name", ["convnet", "alexnet", "vgg11", "resnet18", "mlp", "mobilenetv2_crd"])
 def test_64px_rgb(name):
     model = create(name, 3, 5, 64, **FAST_OPTIONS.get(name, {})).eval()
     with torch.no_grad():
@@ -318,6 +330,69 @@ def test_resnet_variants():
     torch.testing.assert_close(taps["features"], taps["layer4"])
     with pytest.raises(DDKitError, match="width"):
         create("resnet18_in", 3, 10, 32, norm="batch")
+
+
+# -- the CRD model zoo (G-VBSM's teachers; the golden tests check their outputs) --------------------
+
+
+def test_crd_forms_differ_from_ddkit_forms_where_the_reference_does():
+    x = _images(2, 3, 32)
+    crd_mob, own_mob = create("mobilenetv2_crd", 3, 10, 32).eval(), create("mobilenetv2", 3, 10, 32).eval()
+    with torch.no_grad():
+        crd_taps = crd_mob.forward_taps(x, ["stem", "stage1", "head"])
+        own_taps = own_mob.forward_taps(x, ["stem", "stage1", "head"])
+    assert crd_taps["stem"].shape == (2, 16, 16, 16) and own_taps["stem"].shape == (2, 16, 32, 32)  # stride 2
+    assert crd_taps["stage1"].shape[1] == 8 and own_taps["stage1"].shape[1] == 8
+    assert crd_taps["head"].shape == (2, 1280, 2, 2) and own_taps["head"].shape == (2, 1280, 4, 4)
+    assert crd_mob.stages[1][0].project[0].out_channels == 12  # int(24 * 0.5), not rounded up to 16
+    assert own_mob.stages[1][0].project[0].out_channels == 16
+    assert crd_mob.stages[0][0].expand is not None and own_mob.stages[0][0].expand is None  # t = 1
+    assert create("shufflenetv2_crd", 3, 10, 32).stem[0].kernel_size == (1, 1)
+    assert create("shufflenetv2", 3, 10, 32).stem[0].kernel_size == (3, 3)
+    assert set(CRD_MODELS.values()) <= set(available())
+
+
+def test_mobilenetv2_crd_starts_from_the_reference_initialisation():
+    model = create("mobilenetv2_crd", 3, 100, 32)
+    assert model.classifier.bias.abs().sum() == 0
+    assert abs(model.classifier.weight.std().item() - 0.01) < 0.001  # N(0, 0.01), 128,000 draws
+    # He-normal over the fan-out: std sqrt(2 / 160) = 0.112 (PyTorch's default would give 0.026)
+    projection = model.stages[6][0].project[0].weight  # [160, 480, 1, 1]
+    assert abs(projection.std().item() - (2 / 160) ** 0.5) < 0.005
+    assert all(m.weight.eq(1).all() and m.bias.eq(0).all() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _as_crd_resnet18(model) -> dict:
+    """A ddkit ResNet-18's state dict under the CRD zoo's keys (its head is ``linear``)."""
+    return {k.replace("classifier.", "linear.", 1): v.clone() for k, v in model.state_dict().items()}
+
+
+def test_load_crd_state_dict_round_trip():
+    source = create("resnet18_bn", 3, 10, 32, width=8).eval()
+    target = create("resnet18_bn", 3, 10, 32, width=8).eval()
+    assert load_crd_state_dict(target, _as_crd_resnet18(source)) is target
+    x = _images(2, 3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name,options,match",
+    [("resnet18_bn", {"width": 8}, "class count"),  # 10 classes into a 5-class head
+     ("convnet", {"width": 8}, "no counterpart"),
+     ("resnet18_in", {"width": 8}, "no counterpart"),
+     ("mobilenetv2", {}, "mobilenetv2_crd")],
+)  # fmt: skip
+def test_load_crd_state_dict_refuses_what_does_not_fit(name, options, match):
+    state = _as_crd_resnet18(create("resnet18_bn", 3, 10, 32, width=8))
+    with pytest.raises(DDKitError, match=match) as err:
+        load_crd_state_dict(create(name, 3, 5, 32, **options), state)
+    assert "\n" not in str(err.value)
+
+
+def test_mobilenetv2_crd_width_too_small():
+    with pytest.raises(DDKitError, match="width_mult"):
+        create("mobilenetv2_crd", 3, 10, 32, width_mult=0.05)
 
 
 def test_mlp_taps():

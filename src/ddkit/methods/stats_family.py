@@ -44,7 +44,7 @@ RELABEL_DEFAULTS: dict = {"epochs": 1000, "crop_scale_min": 0.08, "mix": "cutmix
 PAPER_TEACHERS = {
     "single": [{"arch": "resnet18_bn"}],
     "pool": [{"arch": "resnet18_bn"}, {"arch": "convnet", "width": 128, "norm": "instance", "depth": None},
-             {"arch": "mobilenetv2", "width_mult": 0.5}, {"arch": "wrn16_2"}, {"arch": "shufflenetv2", "width_mult": 0.5}],
+             {"arch": "mobilenetv2_crd", "width_mult": 0.5}, {"arch": "wrn16_2"}, {"arch": "shufflenetv2_crd", "width_mult": 0.5}],
 }
 QUICK_TEACHERS = {
     "single": [{"arch": "convnet", "width": 32, "norm": "batch", "depth": None}],

@@ -1,4 +1,9 @@
-"""ResNet-18 with a small-image stem (CIFAR style), as in the dataset-condensation papers."""
+"""ResNet-18 with a small-image stem (CIFAR style), as in the dataset-condensation papers.
+
+With BatchNorm and width 64 (``resnet18_bn``) it is the ``ResNet18`` of the CRD model zoo (Tian et
+al., "Contrastive Representation Distillation", ICLR 2020) in G-VBSM's teacher pool;
+:func:`ddkit.models.crd.load_crd_state_dict` loads its checkpoints.
+"""
 
 from __future__ import annotations
 

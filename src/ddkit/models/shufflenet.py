@@ -1,9 +1,16 @@
-"""ShuffleNetV2 (Ma et al., ECCV 2018) with a small-image stem, for the G-VBSM teacher pool.
+"""ShuffleNetV2 (Ma et al., ECCV 2018) for small images, in two forms.
 
 Each stage starts with a down-sampling unit (two branches, both stride 2, concatenated) followed by
 basic units (channel split in halves, one half through ``1x1 -> 3x3 depthwise -> 1x1``, the other
-untouched, concatenated), and every unit ends with a channel shuffle over 2 groups. The CIFAR
-variant: a stride-1 3x3 stem and no max-pool, so a 32 px image reaches the head as a 4x4 map.
+untouched, concatenated), and every unit ends with a channel shuffle over 2 groups. No max-pool
+after the stem, so a 32 px image reaches the head as a 4x4 map. The two registered forms differ
+only in the stem:
+
+* ``shufflenetv2_crd``: a 1x1 stem, as in the ShuffleNetV2 of the CRD model zoo (Tian et al.,
+  "Contrastive Representation Distillation", ICLR 2020) that G-VBSM (Shao et al., CVPR 2024) uses
+  as its ``ShuffleNetV2_0_5`` teacher.
+* ``shufflenetv2``: ddkit's form with a 3x3 stem (the common CIFAR adaptation). It is not a G-VBSM
+  teacher.
 """
 
 from __future__ import annotations
@@ -103,11 +110,14 @@ class ShuffleUnit(nn.Module):
 class ShuffleNetV2(GlobalPoolTapModel):
     """ShuffleNetV2 for 8..64 px images.
 
-    Stem ``Conv3x3(stride 1, 24) -> BN -> ReLU`` (no max-pool), stages ``stage2`` .. ``stage4``
+    Stem ``Conv(stride 1, 24) -> BN -> ReLU`` (no max-pool), 3x3 (``crd=False``) or 1x1
+    (``crd=True``, the CRD zoo's), stages ``stage2`` .. ``stage4``
     of 4, 8, 4 :class:`ShuffleUnit` (the first a down-sampling unit, stride 2) with
     :func:`stage_channels` widths (x0.5: 48, 96, 192), a head ``Conv1x1(last) -> BN -> ReLU``
     (``last`` = 1024, 2048 for ``width_mult`` 2.0, or ``last_channels``), global average pool and
     ``classifier = Linear(last, num_classes)``. Accepts any spatial size; checks only the channels.
+    With ``crd=True`` and ``width_mult`` 0.5 this is G-VBSM's ``ShuffleNetV2_0_5`` teacher;
+    :func:`ddkit.models.crd.load_crd_state_dict` loads its checkpoints.
 
     Tiny images: a stage whose stride 2 would leave a map smaller than 2x2 uses stride 1 (as in
     :class:`ddkit.models.resnet.ResNet18`). 32 px inputs give maps 32, 16, 8, 4.
@@ -126,6 +136,7 @@ class ShuffleNetV2(GlobalPoolTapModel):
         width_mult: float = 0.5,
         last_channels: int | None = None,
         arch: str = "shufflenetv2",
+        crd: bool = False,
     ) -> None:
         super().__init__(in_channels, num_classes, image_size, arch=arch)
         width_mult = check_width_mult(arch, width_mult)
@@ -137,8 +148,10 @@ class ShuffleNetV2(GlobalPoolTapModel):
         if any(c % 2 for c in channels):  # cannot happen with stage_channels; a guard for edits
             raise DDKitError(f"{arch}: stage widths {channels} must be even; change width_mult")
 
+        self.crd = crd
+        stem_kernel = 1 if crd else 3
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, STEM_CHANNELS, 3, stride=1, padding=1, bias=False),
+            nn.Conv2d(in_channels, STEM_CHANNELS, stem_kernel, stride=1, padding=stem_kernel // 2, bias=False),
             nn.BatchNorm2d(STEM_CHANNELS),
             nn.ReLU(),
         )
@@ -181,6 +194,21 @@ def shufflenetv2(
     width_mult: float = 0.5,
     last_channels: int | None = None,
 ) -> ShuffleNetV2:
-    """ShuffleNetV2 factory (CIFAR stem). Options: width_mult (0.5; the paper's 0.5/1.0/1.5/2.0
-    widths, other values scale the x0.5 row), last_channels (None = 1024, 2048 at x2.0)."""
+    """ddkit's ShuffleNetV2 (3x3 stem; not the G-VBSM teacher, which is ``shufflenetv2_crd``).
+    Options: width_mult (0.5; the paper's 0.5/1.0/1.5/2.0 widths, other values scale the x0.5
+    row), last_channels (None = 1024, 2048 at x2.0)."""
     return ShuffleNetV2(in_channels, num_classes, image_size, width_mult, last_channels)
+
+
+@register("shufflenetv2_crd")
+def shufflenetv2_crd(
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    width_mult: float = 0.5,
+    last_channels: int | None = None,
+) -> ShuffleNetV2:
+    """The CRD zoo's ShuffleNetV2 (1x1 stem), G-VBSM's ``ShuffleNetV2_0_5`` teacher at the default
+    width_mult 0.5. Options: width_mult (0.5), last_channels (None = 1024, 2048 at x2.0)."""
+    return ShuffleNetV2(in_channels, num_classes, image_size, width_mult, last_channels,
+                        arch="shufflenetv2_crd", crd=True)

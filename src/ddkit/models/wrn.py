@@ -4,6 +4,10 @@ Pre-activation basic blocks ``BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> con
 1x1 projection shortcut where the width or the stride changes, three groups of ``(depth - 4) / 6``
 blocks with widths ``16k, 32k, 64k`` (``k = widen``) and strides 1, 2, 2, then BN -> ReLU, global
 average pool and a linear classifier. No dropout (the G-VBSM teacher pool uses none).
+
+``wrn16_2`` at the default stem width 16 is the ``WRN_16_2`` of the CRD model zoo (Tian et al.,
+"Contrastive Representation Distillation", ICLR 2020) in G-VBSM's teacher pool;
+:func:`ddkit.models.crd.load_crd_state_dict` loads its checkpoints.
 """
 
 from __future__ import annotations
