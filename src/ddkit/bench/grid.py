@@ -330,7 +330,11 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
         relabel = manifest.get("relabel") or {}
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
                   "relabel": relabel}
-        return _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+        changes = _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+        # a teacher's cache key holds its training recipe: new teachers make new soft labels
+        keys = [teacher.get("key") for teacher in relabel.get("teacher_info", [])]
+        wanted = stats_family.teacher_keys(config, cell.dataset, int(relabel.get("seed", 0)))
+        return changes + ([f"teachers: {keys} -> {wanted}"] if keys != wanted else [])
     stored = manifest.get("config") or {}
     if cell.method in statistics_methods():
         return _differences(stored, _plain(stats_family.resolve_preset(cell.method, cell.dataset, tier)))
