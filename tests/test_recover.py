@@ -173,6 +173,9 @@ def test_item_order_spread_and_class_major():
     assert spread.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
     major = item_order(3, 2, "class-major")
     assert major.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]]
+    tenths = item_order(3, 20, "class-tenths")  # G-VBSM's Tiny-ImageNet order: 2 slots of each class at a time
+    assert tenths[:8].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [0, 2], [0, 3]]
+    assert torch.equal(tenths[tenths[:, 0].argsort(stable=True)], item_order(3, 20, "class-major"))
     with pytest.raises(DDKitError, match="batch_mode"):
         item_order(3, 2, "random")
 
@@ -397,10 +400,11 @@ def test_teacher_cache_keys_change_with_the_recipe():
 def test_a_published_teacher_recipe_trains_with_its_augmentation_and_schedule(digits, tmp_path, monkeypatch):
     import ddkit.augment.crops as crops_module
     import ddkit.methods.squeeze as squeeze_module
+    import ddkit.optim as optim_module
 
     monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
     crops, rates = [], []
-    set_lr, augment_batch = squeeze_module.set_lr, crops_module.augment_batch
+    set_lr, augment_batch = optim_module.set_lr, crops_module.augment_batch
 
     def record_lr(optimizer, lr):
         rates.append(lr)
@@ -410,7 +414,7 @@ def test_a_published_teacher_recipe_trains_with_its_augmentation_and_schedule(di
         crops.append((crop, flip_prob, per_sample))
         return augment_batch(x, generator, crop, flip_prob, per_sample, *args)
 
-    monkeypatch.setattr(squeeze_module, "set_lr", record_lr)
+    monkeypatch.setattr(optim_module, "set_lr", record_lr)
     monkeypatch.setattr(crops_module, "augment_batch", record_crop)
     monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("the generic loop trained"))
     recipe = stats_family.resolve_preset("sre2l", "tiny-imagenet", "smoke")["squeeze"]

@@ -354,7 +354,7 @@ def cmd_relabel(args) -> int:
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
     device = resolve_device(args.device)
     real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options)
+    config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
     if args.teacher_paths:
         teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
     else:

@@ -90,3 +90,56 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate to ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def train_scheduled(model: torch.nn.Module, n: int, config: dict, generator: torch.Generator, batch_loss,
+                    show_progress: bool = False, desc: str = "train", checkpoint=None,
+                    compiled: bool = False) -> list[float]:
+    """The training loop of the papers' recipes (teachers, soft-label students).
+
+    Per epoch a ``torch.randperm(n, generator)`` order cut into batches of ``batch_size``; before
+    each step the learning rate of :func:`lr_factor`; the optimiser of :func:`make_optimizer`.
+    ``batch_loss(module, epoch, index, mine)`` returns the mean loss of this process's share
+    ``index[mine]`` of the batch ``index`` (int64, CPU), computed with ``module`` (the model, or its
+    DDP / compiled wrapper). Under torchrun the model trains with
+    :class:`ddkit.models.training.DataParallel` (``sync_bn`` for whole-batch BatchNorm).
+
+    Args:
+        config: ``epochs``, ``batch_size``, ``lr``, the optimiser's and the schedule's options.
+        generator: CPU generator of the batch order (``batch_loss`` may draw from it too).
+        checkpoint: a :class:`ddkit.models.training.RunCheckpoint` to continue from and to write
+            at epoch ends, or None; the last epoch's is always written.
+
+    Returns:
+        The mean training loss of each epoch (this process's shares).
+    """
+    from ddkit.models.training import DataParallel, end_epoch, optimizer_step
+    from ddkit.utils import progress
+
+    parallel = DataParallel(model, bool(config.get("sync_bn", False)), compiled)
+    optimizer = make_optimizer(model, config)
+    epochs, batch_size, lr = int(config["epochs"]), int(config["batch_size"]), float(config["lr"])
+    total_steps = epochs * -(-n // batch_size)
+    step, losses, first_epoch = 0, [], 0
+    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
+    if resumed is not None:
+        optimizer_state, loop = resumed
+        optimizer.load_state_dict(optimizer_state)
+        step, losses, first_epoch = int(loop["step"]), list(loop["losses"]), int(loop["next_epoch"])
+    bar = progress(range(first_epoch, epochs), desc=desc, enabled=show_progress, initial=first_epoch, total=epochs)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            set_lr(optimizer, lr * lr_factor(config, epoch, step, total_steps))
+            index = order[start:start + batch_size]
+            mine, factor = parallel.share(index.numel())
+            loss = batch_loss(parallel.module, epoch, index, mine)
+            optimizer_step(optimizer, loss, factor)
+            step += 1
+            total += float(loss.detach()) * index[mine].numel()
+            count += index[mine].numel()
+        end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,
+                  {"next_epoch": epoch + 1, "step": step}, last=epoch + 1 == epochs)
+    return losses

@@ -549,7 +549,8 @@ def jitter_roll(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 
 
 def cda_min_scale(t: int, total: int, milestone: float = 1.0, mode: str = "cosine") -> float:
-    """CDA's lower RandomResizedCrop scale bound at iteration ``t`` of ``total`` (SPEC 3.2).
+    """CDA's lower RandomResizedCrop scale bound at iteration ``t`` of ``total`` (Yin & Shen, "Dataset
+    Distillation via Curriculum Data Augmentation").
 
     With ``E = milestone * total`` and ``t < E``: ``step`` gives 1.0; ``linear`` gives
     ``0.08 + 0.92 * (1 - t / E)``; ``cosine`` gives ``0.08 + 0.92 * (1 + cos(pi * t / E)) / 2``.

@@ -1,6 +1,6 @@
 """Replay plans: the per-(epoch, sample) augmentation records behind FKD-style soft labels.
 
-The statistics-matching family (SRe2L, CDA, G-VBSM; SPEC 3.1) relabels its synthetic images once
+The statistics-matching family (SRe2L, CDA, G-VBSM) relabels its synthetic images once
 with a teacher: for every record epoch ``e`` and stored image ``i`` it draws a RandomResizedCrop
 box, a flip and a mixing partner, runs the teacher on exactly that input and stores the logits.
 The student later *replays* the same input and learns from the stored logits.
@@ -19,7 +19,7 @@ Design note (differs from FKD on purpose): FKD draws one mixing permutation and 
 per *batch*, so its records are tied to the batch size and to the sampler's order. Here the
 partner is drawn as one random permutation of all ``N`` samples per epoch and the mix box / lam
 per ``(epoch, sample)``, so the records, and therefore every replayed input, are independent of
-any batch size, batch order or sampler state (SPEC 3.1: "never depend on sampler RNG order").
+any batch size, batch order or sampler state (as SRe2L's FKD records should: never tied to the sampler's random order).
 
 Nothing here touches the global RNG: every draw goes through the caller's ``torch.Generator``.
 """

@@ -680,7 +680,7 @@ def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device,
 
     _reset_peak_memory(device)
     real = load_dataset(base.dataset, **base.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(method, real.name, tier)
+    config = stats_family.resolve_preset(method, real.name, tier, real=real)
     started = time.perf_counter()
     teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
     squeezed = time.perf_counter()

@@ -1,6 +1,6 @@
 """Evaluation protocols: train fresh networks on a distilled set and test them on real data.
 
-The hard-label protocol (SPEC 1.3): a fresh network trained from scratch with hard labels, SGD
+The hard-label protocol (the DC / DSA / DM papers' evaluation): a fresh network trained from scratch with hard labels, SGD
 (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, DSA with per-sample parameters on every
 batch, lr x0.1 at half the epochs (re-creating the optimiser, as the reference does, which resets
 momentum), and the FINAL-epoch test accuracy. Nothing is ever selected on the test set.
@@ -8,7 +8,7 @@ momentum), and the FINAL-epoch test accuracy. Nothing is ever selected on the te
 Runs differ only in their seed (network initialisation, batch order, augmentation draws). The
 reported spread is the population standard deviation over runs, as the reference scripts print.
 
-The soft-label protocol (SPEC 3.1, 3.3; ``protocol="soft"``) lives in :mod:`ddkit.evaluate.soft`;
+The soft-label protocol of the statistics family (``protocol="soft"``) lives in :mod:`ddkit.evaluate.soft`;
 :func:`evaluate` dispatches to it and stores its results the same way.
 """
 
@@ -64,7 +64,7 @@ def resolve_config(protocol: str, preset: str, overrides=None, recipe: str = "dd
 
 
 def default_model_options(arch: str, image_size: int) -> dict:
-    """Per-architecture defaults that depend on the image size (ConvNet depth, SPEC 1.1)."""
+    """Per-architecture defaults that depend on the image size (ConvNet depth: 3 up to 32 px, 4 at 64 px)."""
     if arch == "convnet":
         from ddkit.models.convnet import default_depth
 
@@ -131,7 +131,7 @@ class EvalResult:
 
 
 def check_hard_config(config: dict) -> None:
-    """The hard-label protocol's options (SPEC 1.3), refused with one line before any training."""
+    """The hard-label protocol's options, refused with one line before any training."""
     check_training_options(config, "evaluation")
     check_flag("evaluation", "dsa", config["dsa"])
     if not isinstance(config["dsa_strategy"], str):
@@ -278,7 +278,7 @@ def evaluate(
 
     Args:
         distilled: a :class:`ddkit.DistilledSet` (or a path to one).
-        protocol: "hard" (SPEC 1.3) or "soft" (relabel records, SPEC 3.1/3.3; see
+        protocol: "hard" or "soft" (relabel records under an evaluation recipe; see
             :mod:`ddkit.evaluate.soft`).
         preset: "paper" (1000 epochs), "quick" (300), "smoke" (seconds).
         runs: networks per architecture; run r uses seed ``seed + r``.

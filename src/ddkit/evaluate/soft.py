@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
 from ddkit.errors import DDKitError
 from ddkit.models.training import check_training_options
-from ddkit.optim import check_schedule_options, lr_factor, make_optimizer, set_lr
-from ddkit.utils import check_flag, check_number, check_option, normalize, progress
+from ddkit.optim import check_schedule_options, train_scheduled
+from ddkit.utils import check_flag, check_number, check_option, normalize
 
 __all__ = [
     "SOFT_PRESETS", "SOFT_RECIPES", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss",
@@ -337,46 +337,20 @@ def train_soft(
     Returns:
         The mean training loss of each epoch (this rank's slices).
     """
-    from ddkit.models.training import DataParallel, end_epoch, optimizer_step
-
-    parallel = DataParallel(model, bool(config.get("sync_bn", False)), compiled)
-    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
-    n = source.num_samples
-    lr = float(config["lr"])
-    optimizer = make_optimizer(model, config)
-    total_steps = epochs * -(-n // batch_size)
-    step, losses, first_epoch = 0, [], 0
-    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
-    if resumed is not None:
-        optimizer_state, loop = resumed
-        optimizer.load_state_dict(optimizer_state)
-        step, losses, first_epoch = int(loop["step"]), list(loop["losses"]), int(loop["next_epoch"])
     loss_name = config["loss"]
-    bar = progress(range(first_epoch, epochs), desc=desc, enabled=show_progress, initial=first_epoch, total=epochs)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        record_epoch = epoch % source.epochs
-        total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            set_lr(optimizer, lr * lr_factor(config, epoch, step, total_steps))
-            index = order[start:start + batch_size]
-            mine, factor = parallel.share(index.numel())
-            index = index[mine]  # each view and its mix partner come from the records, not the batch
-            batch = source.batch(record_epoch, index)
-            own = labels[index.to(labels.device)]
-            mixed_in = labels[batch.partner.to(labels.device)]
-            loss = soft_loss(parallel.module(batch.inputs), batch.values, batch.indices, loss=loss_name,
-                             temperature=float(config["temperature"]), t2=bool(config["t2"]),
-                             gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam,
-                             ce_label=config["ce_label"])
-            optimizer_step(optimizer, loss, factor)
-            step += 1
-            total += float(loss.detach()) * index.numel()
-            count += index.numel()
-        end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,
-                  {"next_epoch": epoch + 1, "step": step}, last=epoch + 1 == epochs)
-    return losses
+
+    def batch_loss(module, epoch, index, mine):
+        index = index[mine]  # each view and its mix partner come from the records, not the batch
+        batch = source.batch(epoch % source.epochs, index)
+        own = labels[index.to(labels.device)]
+        mixed_in = labels[batch.partner.to(labels.device)]
+        return soft_loss(module(batch.inputs), batch.values, batch.indices, loss=loss_name,
+                         temperature=float(config["temperature"]), t2=bool(config["t2"]),
+                         gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam,
+                         ce_label=config["ce_label"])
+
+    return train_scheduled(model, source.num_samples, config, generator, batch_loss, show_progress, desc, checkpoint,
+                           compiled)
 
 
 class SoftProtocol:

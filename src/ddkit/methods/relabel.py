@@ -1,6 +1,6 @@
 """Relabel a distilled set with a teacher ensemble: FKD-style per-(epoch, sample) soft labels.
 
-SRe2L, CDA and G-VBSM (SPEC 3.1, 3.3) train their students on soft labels that a teacher gives
+SRe2L, CDA and G-VBSM train their students on soft labels that a teacher gives
 to randomly cropped, flipped and mixed views of the synthetic images. :func:`relabel` draws those
 views once for ``E`` record epochs (a :class:`ddkit.augment.replay.ReplayPlan`), runs the teacher
 ensemble on exactly each view and stores the logits (fp16) beside the images, in
@@ -10,6 +10,7 @@ ensemble on exactly each view and stores the logits (fp16) beside the images, in
 name                           dtype        shape / meaning
 ============================== ============ ===============================================
 ``relabel.crop``               int16        ``[E, N, 4]`` crop box (top, left, h, w), input px
+``relabel.crop_padding``       int16        ``[1]`` RandomCrop padding (padded crops only)
 ``relabel.flip``               uint8        ``[E, N]`` 1 = mirrored
 ``relabel.partner``            int32        ``[E, N]`` sample mixed into ``i`` (``i``: none)
 ``relabel.mix_box``            int16        ``[E, N, 4]`` CutMix box (cutmix only)
@@ -59,7 +60,7 @@ def ensemble_logits(
     equalize_norm: bool = False,
     norm_scope: str = "sample",
 ) -> torch.Tensor:
-    """The mean of the teachers' logits on ``inputs`` (G-VBSM's soft labels, SPEC 3.3).
+    """The mean of the teachers' logits on ``inputs`` (G-VBSM's soft labels).
 
     With ``equalize_norm`` (G-VBSM's ImageNet variant) each teacher's logits are first rescaled to
     a common norm, the mean of the teachers' norms, so no teacher dominates by logit scale:
@@ -107,7 +108,7 @@ def ensemble_logits(
 
 def auto_flip_prob(dataset: str, flip_prob: float | None) -> float:
     """``flip_prob`` itself, or for None 0.5 when the dataset's DSA strategy flips and 0.0 when it
-    does not (digits: MNIST, SVHN, digits; SPEC 1.2)."""
+    does not (digits: MNIST, SVHN, digits, as DSA's strategy)."""
     if flip_prob is not None:
         return float(flip_prob)
     return 0.5 if "flip" in dsa_strategy_for(dataset).split("_") else 0.0

@@ -36,16 +36,8 @@ from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
-from ddkit.models.training import (
-    DataParallel,
-    RunCheckpoint,
-    check_training_options,
-    end_epoch,
-    optimizer_step,
-    test_accuracy,
-    train_classifier,
-)
-from ddkit.optim import check_schedule_options, lr_factor, make_optimizer, set_lr
+from ddkit.models.training import RunCheckpoint, check_training_options, test_accuracy, train_classifier
+from ddkit.optim import check_schedule_options, train_scheduled
 from ddkit.utils import (
     apply_overrides,
     check_flag,
@@ -53,7 +45,6 @@ from ddkit.utils import (
     lock_file,
     make_generator,
     normalize,
-    progress,
     seeded_global_rng,
     write_json_atomic,
 )
@@ -76,7 +67,7 @@ RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "decay_
 def build_net(model_config: dict, real, seed: int, device) -> torch.nn.Module:
     """A network for ``real`` from ``{"arch": ..., **options}``, initialised from ``seed``.
 
-    ``depth: None`` of a ConvNet means the SPEC 1.1 default for the image size; other None
+    ``depth: None`` of a ConvNet means the default depth for the image size (3 up to 32 px, 4 at 64 px); other None
     options are dropped (the factory's default applies).
     """
     options = dict(model_config)
@@ -321,44 +312,24 @@ def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         The mean training loss of each epoch (this rank's share under torchrun).
     """
     from ddkit.augment.crops import augment_batch, padding_for
-    from ddkit.methods.relabel import auto_flip_prob
+    from ddkit.methods.relabel import auto_flip_prob, padding_fill
 
-    parallel = DataParallel(model, bool(recipe.get("sync_bn", False)), compiled)
-    optimizer = make_optimizer(model, recipe)
-    epochs, batch_size, lr = int(recipe["epochs"]), int(recipe["batch_size"]), float(recipe["lr"])
-    n = images.shape[0]
-    total_steps = epochs * -(-n // batch_size)
     size = int(images.shape[-1])
     padding = padding_for(size) if recipe.get("crop_padding", "auto") == "auto" else int(recipe["crop_padding"])
     flip = recipe.get("flip", "auto")
     flip_prob = auto_flip_prob(real.name, None) if flip == "auto" else (0.5 if flip else 0.0)
-    black = normalize(torch.zeros(1, images.shape[1], 1, 1, device=images.device), real.mean, real.std).reshape(-1)
-    step, losses, first_epoch = 0, [], 0
-    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
-    if resumed is not None:
-        optimizer_state, loop = resumed
-        optimizer.load_state_dict(optimizer_state)
-        step, losses, first_epoch = int(loop["step"]), list(loop["losses"]), int(loop["next_epoch"])
-    bar = progress(range(first_epoch, epochs), desc=desc, enabled=show_progress, initial=first_epoch, total=epochs)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=generator).to(images.device)
-        total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            set_lr(optimizer, lr * lr_factor(recipe, epoch, step, total_steps))
-            index = order[start:start + batch_size]
-            batch = augment_batch(images[index], generator, recipe.get("crop", "none"), flip_prob, True,
-                                  (float(recipe.get("crop_scale_min", 0.08)), 1.0), padding, black)
-            mine, factor = parallel.share(index.numel())
-            index, batch = index[mine], batch[mine]
-            loss = F.cross_entropy(parallel.module(batch), labels[index])
-            optimizer_step(optimizer, loss, factor)
-            step += 1
-            total += float(loss.detach()) * index.numel()
-            count += index.numel()
-        end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,
-                  {"next_epoch": epoch + 1, "step": step}, last=epoch + 1 == epochs)
-    return losses
+    black = padding_fill(real.mean, real.std).to(images.device)
+    scale = (float(recipe.get("crop_scale_min", 0.08)), 1.0)
+
+    def batch_loss(module, epoch, index, mine):
+        # the whole batch is augmented (every process draws the same), then this process's share
+        index = index.to(images.device)
+        batch = augment_batch(images[index], generator, recipe.get("crop", "none"), flip_prob, True, scale, padding,
+                              black)
+        return F.cross_entropy(module(batch[mine]), labels[index[mine]])
+
+    return train_scheduled(model, images.shape[0], recipe, generator, batch_loss, show_progress, desc, checkpoint,
+                           compiled)
 
 
 def squeeze_config(preset: str, overrides=None) -> dict:

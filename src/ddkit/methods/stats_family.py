@@ -111,11 +111,12 @@ PUBLISHED: dict[tuple[str, str], dict] = {
         "relabel": {"epochs": 1000, "eval_loss": "mse_ce", "eval_recipe": "gvbsm-cifar10"},
     },
     # Branch_Tiny_ImageNet: the pool 50 epochs, SGD 0.1, batch 128, cosine per epoch,
-    # RandomCrop(64, 8) + flip; recover as CIFAR (padding 8); relabel 100 epochs, MSE + 0.1 CE
+    # RandomCrop(64, 8) + flip; recover as CIFAR (padding 8) with the IPC cut in ten groups per
+    # batch; relabel 100 epochs, MSE + 0.1 CE
     ("gvbsm", "tiny"): {
         "teachers": GVBSM_POOL,
         "squeeze": {"lr": 0.1, "batch_size": 128, "schedule": "cosine_epoch"},
-        "recover": _GVBSM_RECOVER,
+        "recover": {**_GVBSM_RECOVER, "batch_mode": "class-tenths"},
         "relabel": {"epochs": 100, "eval_loss": "mse_ce", "eval_recipe": "gvbsm-tiny"},
     },
 }
@@ -148,23 +149,24 @@ METHODS = ("sre2l", "cda", "gvbsm")
 STAGES = ("teachers", "squeeze", "recover", "relabel")
 
 
-def dataset_facts(dataset: str, real=None) -> tuple[str, int, int]:
-    """``(canonical name, image side in pixels, class count)`` of ``dataset``: from ``real`` when
-    given, else from the dataset registry's metadata (no file is read).
+def dataset_facts(dataset: str, real=None):
+    """What the presets need to know of ``dataset``: ``name``, ``image_shape`` ``(C, H, W)`` and
+    ``num_classes``, from ``real`` when given, else from the dataset registry's metadata (no file
+    is read; an ``imagefolder:`` dataset is read to be described)."""
+    from types import SimpleNamespace
 
-    Raises:
-        DDKitError: an ``imagefolder:`` dataset without ``real`` (its size is in its files).
-    """
-    if real is not None:
-        return real.name, int(real.image_shape[1]), int(real.num_classes)
     from ddkit.data.registry import DATASETS, resolve_name
 
+    if real is not None:
+        return SimpleNamespace(name=real.name, image_shape=tuple(real.image_shape), num_classes=int(real.num_classes))
     name, folder = resolve_name(dataset)
     if folder is not None:
-        raise DDKitError(f"the preset for {dataset} depends on its image size and classes; load it first "
-                         "(ddkit distill resolves it from the images)")
+        from ddkit.data import dataset_info
+
+        info = dataset_info(dataset)
+        return SimpleNamespace(name=name, image_shape=tuple(info["image_shape"]), num_classes=info["num_classes"])
     spec = DATASETS[name]
-    return name, int(spec.image_shape[1]), int(spec.num_classes)
+    return SimpleNamespace(name=name, image_shape=tuple(spec.image_shape), num_classes=int(spec.num_classes))
 
 
 def reference_for(method: str, dataset: str, real=None) -> tuple[str, str]:
@@ -178,7 +180,8 @@ def reference_for(method: str, dataset: str, real=None) -> tuple[str, str]:
     """
     if method not in METHODS:
         raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    name, size, classes = dataset_facts(dataset, real)
+    facts = dataset_facts(dataset, real)
+    name, size, classes = facts.name, int(facts.image_shape[1]), facts.num_classes
     published = PUBLISHED_DATASETS.get(name)
     if published is not None and (method, published) in PUBLISHED:
         return published, f"{method}'s published recipe for {name}"
@@ -251,15 +254,9 @@ def teacher_keys(config: dict, dataset: str, seed: int = 0, real=None) -> list[s
     """The cache folder names (``<arch>-<hash>``) of the teachers :func:`method_teachers` would
     train or load for ``config``, from the dataset registry's metadata (no file is read); they
     change with the recipe, as the teachers do."""
-    from types import SimpleNamespace
-
-    from ddkit.data.registry import DATASETS, resolve_name
     from ddkit.methods.squeeze import cache_folder, recipe_for
 
-    if real is None:
-        name, _ = resolve_name(dataset)
-        spec = DATASETS[name]
-        real = SimpleNamespace(name=name, image_shape=tuple(spec.image_shape), num_classes=spec.num_classes)
+    real = dataset_facts(dataset, real)
     return [cache_folder("teachers", real, recipe_for(real, model, config["squeeze"], seed + i)).name
             for i, model in enumerate(config["teachers"])]
 
@@ -296,24 +293,19 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
     evaluation recipe (``describe_recipe(name)`` adds its options, when given). Reads the dataset
     registry's metadata only: no image is loaded and nothing trains.
     """
-    from types import SimpleNamespace
-
-    from ddkit.data.registry import DATASETS, resolve_name
     from ddkit.methods.recover import StatisticsHooks, conv_modules
     from ddkit.methods.squeeze import build_net
 
-    config = resolve_preset(method, dataset, preset, overrides)
-    name, _ = resolve_name(dataset)
-    spec = DATASETS[name]
-    size = int(spec.image_shape[1])
-    real = SimpleNamespace(name=name, image_shape=tuple(spec.image_shape), num_classes=spec.num_classes)
-    reference, why = reference_for(method, dataset)
+    real = dataset_facts(dataset)
+    config = resolve_preset(method, dataset, preset, overrides, real=real)
+    name, (channels, size, _), classes = real.name, real.image_shape, real.num_classes
+    reference, why = reference_for(method, dataset, real)
     sq, rc, rl = config["squeeze"], config["recover"], config["relabel"]
-    lines = [f"{method} on {name} ({spec.image_shape[0]}x{size}x{size}, {spec.num_classes} classes), preset {preset}: "
+    lines = [f"{method} on {name} ({channels}x{size}x{size}, {classes} classes), preset {preset}: "
              f"{why} (reference {reference})"]
     lines.append(f"teachers ({len(config['teachers'])}, one per iteration in turn; cached in "
                  f"$DDKIT_DATA/teachers/{name}/):")
-    for model, key in zip(config["teachers"], teacher_keys(config, dataset, seed)):
+    for model, key in zip(config["teachers"], teacher_keys(config, dataset, seed, real)):
         net = build_net(model, real, seed=0, device="cpu")
         hooks = StatisticsHooks(net, rc, [None] * len(conv_modules(net)) if float(rc["r_conv"]) > 0 else None)
         names = {module: module_name for module_name, module in net.named_modules()}
