@@ -53,7 +53,6 @@ from ddkit.augment.crops import CROP_KINDS, JITTER_MODES, augment_batch, cda_min
 from ddkit.checkpoint import BatchCheckpoints, generator_state, restore_generator
 from ddkit.errors import DDKitError
 from ddkit.losses.statistics import (
-    DENSIFY_REDUCTIONS,
     PATCH_FORMS,
     ConvStatistics,
     bn_statistics,
@@ -462,7 +461,7 @@ class RecoverEngine:
         c = self.config
         unit = c["densify_form"] == "unit"
         return densification_loss(x_aug, labels, int(c["densify_pool"]), float(c["densify_temperature"]),
-                                  normalize=unit, reduction=DENSIFY_REDUCTIONS[1] if unit else DENSIFY_REDUCTIONS[0])
+                                  normalize=unit, reduction="mean" if unit else "sum")
 
     def _start_batch(self, labels: torch.Tensor, batch_index: int, saved=None):
         """The optimisation state of a batch: fresh (noise from the batch's own generator) or as
