@@ -669,6 +669,12 @@ def test_preset_changes_names_each_changed_option_and_ignores_added_ones():
                "teacher_info": [{"name": "t", "model": model} for model in config["teachers"]]}
     baseline = Cell("digits", "random+gvbsm", 10)
     assert preset_changes(baseline, {"relabel": relabel}, "smoke") == []
+    # a teacher's cache key holds its training recipe: another recipe means other soft labels
+    keyed = dict(relabel, teacher_info=[dict(teacher, key=key) for teacher, key in
+                                        zip(relabel["teacher_info"], stats_family.teacher_keys(config, "digits"))])
+    assert preset_changes(baseline, {"relabel": keyed}, "smoke") == []
+    keyed["teacher_info"][0]["key"] = "convnet-of-another-recipe"
+    assert preset_changes(baseline, {"relabel": keyed}, "smoke")[0].startswith("teachers: ['convnet-of-another-recipe'")
     relabel["epochs"] += 1
     relabel["teacher_info"] = relabel["teacher_info"][:1]
     changes = preset_changes(baseline, {"relabel": relabel}, "smoke")

@@ -333,8 +333,10 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
         changes = _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
         # a teacher's cache key holds its training recipe: new teachers make new soft labels
         keys = [teacher.get("key") for teacher in relabel.get("teacher_info", [])]
-        wanted = stats_family.teacher_keys(config, cell.dataset, int(relabel.get("seed", 0)))
-        return changes + ([f"teachers: {keys} -> {wanted}"] if keys != wanted else [])
+        if keys and None not in keys:
+            wanted = stats_family.teacher_keys(config, cell.dataset, int(relabel.get("seed", 0)))
+            changes += [f"teachers: {keys} -> {wanted}"] if keys != wanted else []
+        return changes
     stored = manifest.get("config") or {}
     if cell.method in statistics_methods():
         return _differences(stored, _plain(stats_family.resolve_preset(cell.method, cell.dataset, tier)))
