@@ -13,7 +13,8 @@ run() {  # NAME IPC RUNS [--set ...]: distill, evaluate, print the accuracy line
   local name=$1 ipc=$2 runs=$3; shift 3
   [ -f "$out/$name/manifest.json" ] || ddkit distill gvbsm --dataset fashion-mnist --ipc "$ipc" --preset quick \
     --quiet "${published[@]}" "$@" --out "$out/$name" > "$out/$name.log" 2>&1
-  ddkit eval "$out/$name" --protocol soft --preset quick --runs "$runs" --reuse --quiet >> "$out/$name.log" 2>&1
+  ddkit eval "$out/$name" --protocol soft --recipe ddkit --arch convnet --preset quick --runs "$runs" --reuse --quiet \
+    >> "$out/$name.log" 2>&1
   echo "$name ($*): $(grep '^convnet' "$out/$name.log" | tail -1)"
 }
 stats=(--set r_bn=1 --set r_conv=1)

@@ -217,8 +217,12 @@ def test_a_cell_holding_the_same_set_as_another_reuses_its_evaluation(isolated_d
     real_train = soft.train_soft
     monkeypatch.setattr(sys.modules["ddkit.evaluate.protocols"], "train_soft",
                         lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
+    from ddkit.methods import stats_family
+
     out = tmp_path / "bench"
-    # sre2l and cda share teachers and relabel options: random+cda is random+sre2l's set, byte for byte
+    # On Tiny-ImageNet sre2l and cda share teachers and relabel options (CDA follows SRe2L's), so
+    # random+cda is random+sre2l's set, byte for byte; here sre2l takes its Tiny recipe on digits too.
+    monkeypatch.setitem(stats_family.PUBLISHED, ("sre2l", "cifar100"), stats_family.PUBLISHED[("sre2l", "tiny")])
     lines = {l["method"]: l for l in small_grid(out, methods=("sre2l", "cda"), ipcs=(1,))}
     assert len(trained) == 3  # random+sre2l, sre2l, cda; not random+cda
     twin = lines["random+cda"]
@@ -665,6 +669,12 @@ def test_preset_changes_names_each_changed_option_and_ignores_added_ones():
                "teacher_info": [{"name": "t", "model": model} for model in config["teachers"]]}
     baseline = Cell("digits", "random+gvbsm", 10)
     assert preset_changes(baseline, {"relabel": relabel}, "smoke") == []
+    # a teacher's cache key holds its training recipe: another recipe means other soft labels
+    keyed = dict(relabel, teacher_info=[dict(teacher, key=key) for teacher, key in
+                                        zip(relabel["teacher_info"], stats_family.teacher_keys(config, "digits"))])
+    assert preset_changes(baseline, {"relabel": keyed}, "smoke") == []
+    keyed["teacher_info"][0]["key"] = "convnet-of-another-recipe"
+    assert preset_changes(baseline, {"relabel": keyed}, "smoke")[0].startswith("teachers: ['convnet-of-another-recipe'")
     relabel["epochs"] += 1
     relabel["teacher_info"] = relabel["teacher_info"][:1]
     changes = preset_changes(baseline, {"relabel": relabel}, "smoke")

@@ -11,7 +11,15 @@ from ddkit.cli import main
 from ddkit.errors import DDKitError
 from ddkit.losses.statistics import bn_statistics
 from ddkit.methods import stats_family
-from ddkit.methods.recover import RecoverEngine, capture_inputs, item_order, patch_cells_for, real_conv_targets
+from ddkit.losses.statistics import conv_statistics
+from ddkit.methods.recover import (
+    RecoverEngine,
+    StatisticsHooks,
+    capture_inputs,
+    item_order,
+    patch_cells_for,
+    real_conv_targets,
+)
 from ddkit.methods.squeeze import load_teacher, squeeze
 from ddkit.utils import normalize
 
@@ -165,6 +173,9 @@ def test_item_order_spread_and_class_major():
     assert spread.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]]
     major = item_order(3, 2, "class-major")
     assert major.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]]
+    tenths = item_order(3, 20, "class-tenths")  # G-VBSM's Tiny-ImageNet order: 2 slots of each class at a time
+    assert tenths[:8].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [0, 2], [0, 3]]
+    assert torch.equal(tenths[tenths[:, 0].argsort(stable=True)], item_order(3, 20, "class-major"))
     with pytest.raises(DDKitError, match="batch_mode"):
         item_order(3, 2, "random")
 
@@ -177,7 +188,8 @@ def test_patch_cells_fit_and_strict():
 
 
 def test_conv_targets_are_exact_pooled_statistics_and_cached(teacher, digits, monkeypatch):
-    cfg = config("gvbsm", crop=False, flip=False, conv_target_images=0, patch_cells=2)["recover"]
+    cfg = config("gvbsm", crop="none", flip=False, conv_target_images=0, conv_target_batch=0, patch_form="cells",
+                 patch_cells=2)["recover"]
     targets = real_conv_targets(teacher, digits, cfg, CPU)
     x = normalize(digits.train.images.float() / 255, digits.mean, digits.std)
     with torch.no_grad(), capture_inputs(teacher.model, (nn.Conv2d,)) as taps:
@@ -195,8 +207,25 @@ def test_conv_targets_are_exact_pooled_statistics_and_cached(teacher, digits, mo
     assert all(torch.equal(a.var, b.var) for a, b in zip(cached, targets))
 
 
+def test_conv_targets_average_the_statistics_of_batches_as_published(teacher, digits):
+    cfg = config("gvbsm", crop="none", flip=False, conv_target_images=0, conv_target_batch=500)["recover"]
+    targets = real_conv_targets(teacher, digits, cfg, CPU)
+    x = normalize(digits.train.images.float() / 255, digits.mean, digits.std)
+    batches = [x[start:start + 500] for start in range(0, x.shape[0], 500)]  # 500, 500, 442 images
+    per_batch = []
+    for batch in batches:
+        with torch.no_grad(), capture_inputs(teacher.model, (nn.Conv2d,)) as taps:
+            teacher.model(batch)
+        per_batch.append([conv_statistics(inputs.double(), 4) for _, inputs in taps])
+    weights = [b.shape[0] / x.shape[0] for b in batches]
+    for layer, target in enumerate(targets):
+        for field in ("mean", "var", "patch_mean", "patch_var"):  # the reference form: 4 x 4-px patches everywhere
+            expected = sum(w * getattr(stats[layer], field) for w, stats in zip(weights, per_batch))
+            assert torch.allclose(getattr(target, field).double(), expected, atol=1e-5)
+
+
 def test_recover_lowers_both_losses_and_the_teacher_recognises_the_images(teacher, digits):
-    cfg = config(iterations=60, lr=0.1, r_bn=0.1, crop=False, jitter=1)
+    cfg = config(iterations=60, lr=0.1, r_bn=0.1, crop="none", jitter=1)
     images, labels, record = RecoverEngine(digits, 2, cfg["recover"], [teacher], 0, CPU, False).run()
     assert images.shape == (20, 1, 8, 8) and labels.tolist() == torch.arange(10).repeat_interleave(2).tolist()
     assert float(images.min()) >= 0 and float(images.max()) <= 1
@@ -222,9 +251,49 @@ def test_cda_curriculum_reaches_the_floor(teacher, digits):
 
 
 def test_gvbsm_uses_every_term_round_robin(teacher, digits):
-    cfg = config("gvbsm", iterations=4, log_every=1, conv_drop=0.0)["recover"]
+    cfg = config("gvbsm", iterations=4, log_every=1, conv_drop=0.0, densify_form="unit")["recover"]
     log = RecoverEngine(digits, 2, cfg, [teacher, teacher], 0, CPU, False).run()[2]["loss_log"]
     assert all(row["conv"] > 0 and row["bn"] > 0 and row["dense"] > 0 for row in log)
+    # the published densification at image scale: eigenvalues far apart, softmaxes one-hot, the term ~ 0
+    cfg = config("gvbsm", iterations=2, log_every=1)["recover"]
+    log = RecoverEngine(digits, 2, cfg, [teacher], 0, CPU, False).run()[2]["loss_log"]
+    assert all(row["dense"] < 1e-6 for row in log)
+
+
+def test_the_x10_weight_goes_to_the_first_hooked_module_the_stem_conv(teacher, digits):
+    model = teacher.model
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    gvbsm = StatisticsHooks(model, config("gvbsm")["recover"], [None] * len(convs))
+    assert gvbsm.modules[0] is convs[0] and gvbsm.weights[0] == 10.0
+    assert gvbsm.weights[gvbsm.modules.index(bns[0])] == 1.0  # the first BatchNorm counts once
+    sre2l = StatisticsHooks(model, config("sre2l")["recover"])
+    assert sre2l.modules == bns and sre2l.weights == [10.0] + [1.0] * (len(bns) - 1)
+
+
+def test_the_ema_lives_for_the_whole_run_and_a_dropped_conv_keeps_its_own(teacher, digits):
+    cfg = config("gvbsm", iterations=2, batch_size=10, conv_drop=0.5)["recover"]
+    engine = RecoverEngine(digits, 2, cfg, [teacher], 0, CPU, False)
+    seen = []
+    original = engine._statistics_losses
+
+    def spy(t_index, taps):
+        before = {key: value.clone() for key, value in engine.ema.items()}
+        result = original(t_index, taps)
+        seen.append((before, {key: value.clone() for key, value in engine.ema.items()}))
+        return result
+
+    engine._statistics_losses = spy
+    engine.run()
+    assert len(seen) == 4  # two batches of 10 images, two iterations each
+    carried = seen[2][0]  # the second batch starts from the EMA the first one left
+    assert carried and all(torch.equal(carried[key], seen[1][1][key]) for key in carried)
+    convs = {index for index, module in enumerate(engine.hooks[0].modules) if isinstance(module, nn.Conv2d)}
+    unchanged = [key for before, after in seen[1:] for key in before
+                 if key[1] in convs and torch.equal(before[key], after[key])]
+    assert unchanged  # some conv hook was dropped in some forward and left its EMA as it was
+    bn_keys = [key for key in seen[-1][0] if key[1] not in convs]
+    assert all(not torch.equal(seen[-1][0][key], seen[-1][1][key]) for key in bn_keys)  # BN hooks always count
 
 
 def test_bad_recover_options(teacher, digits):
@@ -233,11 +302,15 @@ def test_bad_recover_options(teacher, digits):
     for options, message in (({"iterations": "abc"}, "iterations='abc' is not valid; give an integer >= 1"),
                              ({"lr": 0}, "lr=0 is not valid; give a number > 0"),
                              ({"milestone": 1.5}, "milestone=1.5 is not valid"),
-                             ({"crop": "maybe"}, "crop='maybe' is not valid; give true or false")):
+                             ({"crop": "maybe"}, "crop='maybe' is not valid; choose one of: resized, padded, none"),
+                             ({"crop": "padded", "curriculum": "cosine"}, "set crop=resized or curriculum=none"),
+                             ({"ema_alpha": 2}, "ema_alpha=2 is not valid"),
+                             ({"densify_form": "cosine"}, "densify_form='cosine' is not valid")):
         with pytest.raises(DDKitError, match=message):
             RecoverEngine(digits, 1, config(**options)["recover"], [teacher], 0, CPU, False)
     with pytest.raises(DDKitError, match="larger than the 8px"):
-        RecoverEngine(digits, 1, config("gvbsm", patch_cells=9)["recover"], [teacher], 0, CPU, False)
+        RecoverEngine(digits, 1, config("gvbsm", patch_form="cells", patch_cells=9)["recover"], [teacher], 0, CPU,
+                      False)
     no_bn = squeeze(digits, {"arch": "convnet", "width": 8, "norm": "instance", "depth": None}, preset="smoke",
                     overrides={"epochs": 1}, show_progress=False)
     with pytest.raises(DDKitError, match="no teacher has a BatchNorm2d"):
@@ -271,26 +344,92 @@ def test_preset_overrides_bare_and_qualified():
     assert len(cfg["teachers"]) == 4
     with pytest.raises(DDKitError, match="unknown gvbsm option"):
         stats_family.resolve_preset("gvbsm", "digits", "quick", ["nope=1"])
-    assert stats_family.resolve_preset("sre2l", "cifar100", "paper")["recover"]["crop"] is False
 
 
-def test_gvbsm_quick_tier_takes_its_measured_recover_options_and_paper_keeps_the_published_ones():
-    quick = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick")["recover"]
-    paper = stats_family.resolve_preset("gvbsm", "fashion-mnist", "paper")["recover"]
-    assert (quick["lr"], quick["r_bn"], quick["r_conv"], quick["jitter"]) == (0.1, 1.0, 1.0, 4)
-    assert (paper["lr"], paper["r_bn"], paper["r_conv"], paper["jitter"]) == (0.05, 0.01, 0.01, 32)
-    # the rest of G-VBSM stays as published in both tiers; other methods are untouched
-    for tier in (quick, paper):
-        assert (tier["ema_alpha"], tier["conv_drop"], tier["densify_weight"]) == (0.8, 0.4, 1.0)
-    assert stats_family.resolve_preset("sre2l", "fashion-mnist", "quick")["recover"]["lr"] == 0.1
-    assert stats_family.resolve_preset("cda", "fashion-mnist", "quick")["recover"]["lr"] == 0.4
-    # an override still wins over the tier's method settings
-    assert stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["jitter=32"])["recover"]["jitter"] == 32
+def test_paper_presets_are_the_published_recipes_of_each_dataset():
+    sre2l = stats_family.resolve_preset("sre2l", "cifar100", "paper")
+    assert sre2l["reference"] == "cifar100" and sre2l["teachers"] == [{"arch": "resnet18_bn"}]
+    assert (sre2l["recover"]["iterations"], sre2l["recover"]["lr"], sre2l["recover"]["r_bn"]) == (1000, 0.25, 0.01)
+    assert (sre2l["recover"]["crop"], sre2l["recover"]["flip"], sre2l["recover"]["jitter_mode"]) == ("none", False,
+                                                                                                      "positive")
+    assert (sre2l["squeeze"]["epochs"], sre2l["squeeze"]["lr"], sre2l["squeeze"]["schedule"]) == (200, 0.1,
+                                                                                                   "cosine_epoch")
+    assert sre2l["relabel"]["mix"] == "mixup" and sre2l["relabel"]["eval_recipe"] == "sre2l-cifar100"
+    tiny = stats_family.resolve_preset("sre2l", "tiny-imagenet", "paper")
+    assert tiny["recover"]["jitter_mode"] == "symmetric" and tiny["squeeze"]["warmup_epochs"] == 5
+    assert tiny["relabel"]["epochs"] == 100 and tiny["relabel"]["mix"] == "none"
+    cda = stats_family.resolve_preset("cda", "cifar10", "paper")
+    assert cda["reference"] == "tiny" and cda["recover"]["curriculum"] == "cosine" and cda["recover"]["lr"] == 0.4
+    for dataset, epochs, relabel in (("cifar10", 5, 1000), ("cifar100", 50, 1000), ("tiny-imagenet", 50, 100)):
+        gvbsm = stats_family.resolve_preset("gvbsm", dataset, "paper")
+        assert len(gvbsm["teachers"]) == 5 and gvbsm["squeeze"]["epochs"] == epochs
+        assert gvbsm["relabel"]["epochs"] == relabel
+        assert (gvbsm["recover"]["crop"], gvbsm["recover"]["patch_form"], gvbsm["recover"]["densify_form"]) == (
+            "padded", "reference", "reference")
+    assert stats_family.resolve_preset("gvbsm", "tiny-imagenet", "paper")["squeeze"]["lr"] == 0.1
+    # sets without a published recipe take the closest one
+    assert stats_family.reference_for("gvbsm", "fashion-mnist")[0] == "cifar10"
+    assert stats_family.reference_for("sre2l", "fashion-mnist")[0] == "cifar100"
+
+
+def test_quick_tier_is_the_same_algorithm_made_smaller():
+    for method in stats_family.METHODS:
+        quick = stats_family.resolve_preset(method, "fashion-mnist", "quick")
+        paper = stats_family.resolve_preset(method, "fashion-mnist", "paper")
+        shrunk = {("recover", "iterations"), ("recover", "conv_target_images"), ("relabel", "epochs"),
+                  ("squeeze", "epochs"), ("squeeze", "train_subset"), ("squeeze", "warmup_epochs")}
+        for stage in ("recover", "relabel", "squeeze"):
+            for key, value in paper[stage].items():
+                if (stage, key) not in shrunk:
+                    assert quick[stage][key] == value, (method, stage, key)
+        assert quick["recover"]["iterations"] <= 500 and quick["squeeze"]["epochs"] == 2
+    # an override still wins
+    assert stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["jitter=4"])["recover"]["jitter"] == 4
+
+
+def test_teacher_cache_keys_change_with_the_recipe():
+    quick = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick")
+    keys = stats_family.teacher_keys(quick, "fashion-mnist")
+    assert len(set(keys)) == len(keys) == 4
+    other = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["squeeze.lr=0.1"])
+    assert not set(keys) & set(stats_family.teacher_keys(other, "fashion-mnist"))
+    padded = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["squeeze.crop=none"])
+    assert not set(keys) & set(stats_family.teacher_keys(padded, "fashion-mnist"))
+
+
+def test_a_published_teacher_recipe_trains_with_its_augmentation_and_schedule(digits, tmp_path, monkeypatch):
+    import ddkit.augment.crops as crops_module
+    import ddkit.methods.squeeze as squeeze_module
+    import ddkit.optim as optim_module
+
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    crops, rates = [], []
+    set_lr, augment_batch = optim_module.set_lr, crops_module.augment_batch
+
+    def record_lr(optimizer, lr):
+        rates.append(lr)
+        set_lr(optimizer, lr)
+
+    def record_crop(x, generator, crop, flip_prob, per_sample, *args):
+        crops.append((crop, flip_prob, per_sample))
+        return augment_batch(x, generator, crop, flip_prob, per_sample, *args)
+
+    monkeypatch.setattr(optim_module, "set_lr", record_lr)
+    monkeypatch.setattr(crops_module, "augment_batch", record_crop)
+    monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("the generic loop trained"))
+    recipe = stats_family.resolve_preset("sre2l", "tiny-imagenet", "smoke")["squeeze"]
+    recipe.update(epochs=4, warmup_epochs=2, train_subset=300, batch_size=100)
+    teacher = squeeze_module.train_cached(digits, TEACHER, recipe, seed=0, device=CPU)
+    assert teacher.recipe["crop"] == "resized" and teacher.recipe["warmup_epochs"] == 2
+    # 3 batches per epoch: warm-up from 0.01 of lr 0.2 over 2 epochs, then a cosine over the other 2
+    assert rates[::3] == pytest.approx([0.002, 0.101, 0.2, 0.1]) and len(rates) == 12
+    assert crops == [("resized", 0.0, True)] * 12  # per image, no flip on digits
 
 
 def test_cli_cell_size_that_does_not_fit_exits_2(isolated_data, capsys):
     code = main(["recover", "gvbsm", "--dataset", "digits", "--ipc", "1", "--preset", "smoke", "--out",
-                 str(isolated_data / "x"), "--set", "patch_cells=3", "--set", "patch_policy=strict", "-q"])
+                 str(isolated_data / "x"), "--set", "patch_form=cells", "--set", "patch_cells=3", "--set",
+                 "patch_policy=strict", "-q"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("ddkit: error: patch_cells=3 does not fit") and "Traceback" not in err
@@ -314,3 +453,52 @@ def test_cli_sre2l_end_to_end_then_soft_eval_and_a_set_without_soft_labels(isola
     assert main(["relabel", str(random_set), "--like", "sre2l", "--preset", "smoke", "-q",
                  "--set", "relabel.epochs=2"]) == 0
     assert ddkit.load(random_set).extras["relabel.logits"].shape == (2, 20, 10)
+
+
+def test_cli_plan_shows_the_published_configuration_without_any_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path / "empty"))  # no dataset and no teacher is there
+    assert main(["distill", "gvbsm", "--preset", "paper", "--plan"]) == 0
+    out = capsys.readouterr().out
+    for dataset, padding, recipe in (("cifar10", 4, "gvbsm-cifar10"), ("cifar100", 4, "gvbsm-cifar100"),
+                                     ("tiny-imagenet", 8, "gvbsm-tiny")):
+        block = out.split(f"gvbsm on {dataset} ")[1].split("\n\n")[0]
+        assert f"recover: 4000 iterations, Adam lr 0.05" in block
+        assert f"RandomCrop padded {padding} px + flip, one per batch, then a cyclic roll of 0..32 px" in block
+        assert "4x4-pixel patches pooled over batch and channels" in block and "EMA 0.8 over the whole run" in block
+        assert "x10 on the first, conv1 (Conv2d)" in block and "tempered target detached, summed over classes" in block
+        assert f"recipe {recipe} (" in block and "teachers (5," in block
+    assert "MSE + 0.1 CE (base label), student resnet18" in out.split("gvbsm on tiny-imagenet")[1]
+    assert not (tmp_path / "empty").exists()  # nothing was fetched, trained or cached
+    assert main(["distill", "sre2l", "--dataset", "fashion-mnist", "--preset", "quick", "--plan",
+                 "--set", "jitter=2"]) == 0
+    out = capsys.readouterr().out
+    assert "reference cifar100" in out and "no crop + no flip, one per batch, then a cyclic roll of 0..2 px" in out
+    assert main(["distill", "dm", "--dataset", "mnist", "--plan"]) == 2
+    assert main(["eval", "--recipe", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "sre2l-cifar100" in listed and "KL T 30" in listed and "gvbsm-cifar100" in listed
+
+
+def test_a_run_long_ema_resumes_from_its_checkpoints_exactly(teacher, digits, tmp_path, monkeypatch):
+    """G-VBSM's EMA carries over from batch to batch: a stopped run takes it from the last finished
+    batch and the batch in progress, and ends with the images of a run never stopped."""
+    import ddkit.methods.recover as recover_module
+
+    cfg = config("gvbsm", iterations=6, batch_size=10, conv_target_images=100)["recover"]
+    whole = RecoverEngine(digits, 3, cfg, [teacher], 0, CPU, False).run()[0]  # 3 batches
+    steps = []
+
+    def stop_in_the_third_batch(step):
+        steps.append(step)
+        if len(steps) == 15:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recover_module.distributed, "maybe_inject_fault", stop_in_the_third_batch)
+    checkpoint = {"dir": str(tmp_path / "ckpt"), "every": 2, "seconds": 0, "resume": False, "run": {}}
+    with pytest.raises(KeyboardInterrupt):
+        RecoverEngine(digits, 3, cfg, [teacher], 0, CPU, False).run(checkpoint)
+    monkeypatch.setattr(recover_module.distributed, "maybe_inject_fault", lambda step: None)
+    resumed = RecoverEngine(digits, 3, cfg, [teacher], 0, CPU, False).run({**checkpoint, "resume": True})[0]
+    assert torch.equal(resumed, whole)
+    fresh = RecoverEngine(digits, 3, {**cfg, "ema_scope": "batch"}, [teacher], 0, CPU, False).run()[0]
+    assert not torch.equal(fresh[20:], whole[20:]) and torch.equal(fresh[:10], whole[:10])

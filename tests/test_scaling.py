@@ -123,8 +123,10 @@ def test_resume_needs_a_checkpoint_and_a_checkpointing_method(env):
 
 # ---- the statistics family: per-batch recover checkpoints ---------------------------------------------
 # 4 batches of 5 images, 8 iterations each; rank-local steps count on across batches (batch 1 starts at 8).
+# EMA: more state; per batch, so that a batch's images do not depend on which process recovered it
 RECOVER = ["sre2l", "--dataset", "digits", "--ipc", "2", "--preset", "smoke", "--set", "batch_size=5",
-           "--set", "iterations=8", "--set", "ema_alpha=0.5", "--set", "relabel.epochs=2", "-q"]  # EMA: more state
+           "--set", "iterations=8", "--set", "ema_alpha=0.5", "--set", "ema_scope=batch", "--set", "relabel.epochs=2",
+           "-q"]
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from ddkit.augment.crops import CropParams, apply_crops
 from ddkit.augment.replay import ReplayPlan, replay_inputs, sample_replay_plan
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, random_subset, resolve_config, soft_loss
-from ddkit.evaluate.soft import ReplaySource, SoftProtocol, train_soft
+from ddkit.evaluate.protocols import evaluation_config
+from ddkit.evaluate.soft import SOFT_RECIPES, ReplaySource, SoftProtocol, recipe_for_set, train_soft
 from ddkit.methods.relabel import auto_flip_prob, ensemble_logits, relabel
 from ddkit.models import create
 from ddkit.models.training import train_classifier
@@ -158,8 +159,12 @@ def test_kl_and_mse_ce_losses_by_hand():
     labels, partners, lam = torch.tensor([2, 0]), torch.tensor([1, 0]), torch.tensor([0.75, 0.4])
     mse = sum((a - b) ** 2 for r1, r2 in zip(s, t) for a, b in zip(r1, r2)) / 6
     ce = lambda row, y: -math.log(_softmax(row)[y])  # noqa: E731
-    mixed = (0.75 * ce(s[0], 2) + 0.25 * ce(s[0], 1) + 0.4 * ce(s[1], 0) + 0.6 * ce(s[1], 0)) / 2
+    base = (ce(s[0], 2) + ce(s[1], 0)) / 2  # G-VBSM: the base image's label, whatever was pasted in
     got = soft_loss(student, teacher, loss="mse_ce", gamma=0.15, labels=labels, partner_labels=partners, lam=lam)
+    assert got.item() == pytest.approx(mse + 0.15 * base, rel=1e-5)
+    mixed = (0.75 * ce(s[0], 2) + 0.25 * ce(s[0], 1) + 0.4 * ce(s[1], 0) + 0.6 * ce(s[1], 0)) / 2
+    got = soft_loss(student, teacher, loss="mse_ce", gamma=0.15, labels=labels, partner_labels=partners, lam=lam,
+                    ce_label="mixed")
     assert got.item() == pytest.approx(mse + 0.15 * mixed, rel=1e-5)
 
     # top-k: the teacher distribution is the softmax over the kept logits only; MSE on kept entries
@@ -237,10 +242,78 @@ def test_soft_presets():
     assert (paper["epochs"], paper["optimizer"], paper["lr"], paper["weight_decay"], paper["batch_size"]) == (
         1000, "adamw", 1e-3, 0.01, 64)
     assert (paper["temperature"], paper["t2"], paper["gamma"], paper["loss"]) == (20.0, False, 0.15, "auto")
+    assert paper["recipe"] == "ddkit" and paper["schedule"] == "cosine" and not paper["exempt_1d"]
     assert resolve_config("soft", "quick")["epochs"] == 300
     assert resolve_config("soft", "smoke")["epochs"] == 20 and resolve_config("soft", "smoke")["model"] == {"width": 32}
     tiny = resolve_config("soft", "paper", ["optimizer=sgd", "lr=0.2", "weight_decay=1e-4", "t2=true"])
     assert (tiny["optimizer"], tiny["lr"], tiny["t2"]) == ("sgd", 0.2, True)
+
+
+def test_evaluation_recipes_are_the_published_ones_and_tiers_shrink_their_epochs():
+    recipe = resolve_config("soft", "paper", recipe="gvbsm-cifar100")
+    assert (recipe["optimizer"], recipe["lr"], recipe["weight_decay"], recipe["exempt_1d"], recipe["batch_size"],
+            recipe["epochs"], recipe["loss"], recipe["gamma"], recipe["arch"]) == (
+        "sgd", 0.1, 5e-4, True, 64, 1000, "mse_ce", 0.15, "convnet")
+    assert resolve_config("soft", "quick", recipe="gvbsm-cifar100")["epochs"] == 300
+    tiny = resolve_config("soft", "quick", recipe="sre2l-tiny")
+    assert (tiny["epochs"], tiny["t2"], tiny["warmup_epochs"], tiny["arch"]) == (100, True, 5, "resnet18")
+    cifar = resolve_config("soft", "paper", recipe="sre2l-cifar100")
+    assert (cifar["temperature"], cifar["epochs"], cifar["batch_size"], cifar["schedule"]) == (30.0, 400, 128,
+                                                                                               "cosine_epoch")
+    assert resolve_config("soft", "paper", recipe="gvbsm-tiny")["gamma"] == 0.1
+    assert resolve_config("soft", "smoke", recipe="gvbsm-cifar10")["model"] == {"width": 32}
+    assert set(SOFT_RECIPES) >= {"ddkit", "sre2l-imagenet", "sre2l-cifar100", "sre2l-tiny", "gvbsm-cifar100",
+                                 "gvbsm-cifar10", "gvbsm-tiny"}  # CDA's code evaluates with SRe2L's
+    with pytest.raises(DDKitError, match="unknown evaluation recipe 'nope'"):
+        resolve_config("soft", "paper", recipe="nope")
+
+
+def test_recipe_auto_is_the_one_the_relabel_step_named(digits):
+    subset = random_subset(digits, 1, seed=0)
+    named = relabel(subset, _teacher(), epochs=1, eval_recipe="gvbsm-cifar10", eval_loss="mse_ce",
+                    show_progress=False)
+    assert recipe_for_set(named) == "gvbsm-cifar10" and recipe_for_set(named, "ddkit") == "ddkit"
+    assert recipe_for_set(relabel(subset, _teacher(), epochs=1, show_progress=False)) == "ddkit"
+    config = evaluation_config(named, "soft", "smoke")
+    assert config["recipe"] == "gvbsm-cifar10" and config["arch"] == "resnet18" and config["loss"] == "mse_ce"
+    with pytest.raises(DDKitError, match="add --protocol soft"):
+        evaluation_config(named, "hard", "smoke", recipe="gvbsm-tiny")
+
+
+def test_learning_rate_schedules_and_weight_decay_groups():
+    from ddkit.optim import lr_factor, parameter_groups
+
+    warm = {"schedule": "cosine_epoch", "epochs": 10, "warmup_epochs": 5, "warmup_start": 0.01}
+    # torchvision's LinearLR(0.01, 5) then CosineAnnealingLR(T_max=5), stepped per epoch
+    assert [round(lr_factor(warm, e, 0, 1), 6) for e in (0, 1, 4, 5, 6, 9)] == [
+        0.01, 0.208, 0.802, 1.0, round(0.5 * (1 + math.cos(math.pi / 5)), 6), round(0.5 * (1 + math.cos(4 * math.pi / 5)), 6)]
+    assert lr_factor({"schedule": "cosine", "epochs": 2}, 1, 5, 10) == pytest.approx(0.5)  # per step
+    assert lr_factor({"schedule": "constant", "epochs": 2}, 1, 5, 10) == 1.0
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(2, 3))
+    decayed, exempt = parameter_groups(net, 5e-4, exempt_1d=True)
+    assert [p.dim() for p in decayed["params"]] == [4, 2] and exempt["weight_decay"] == 0.0
+    assert len(exempt["params"]) == 4  # conv bias, BN weight and bias, linear bias
+    assert len(parameter_groups(net, 5e-4, exempt_1d=False)) == 1
+
+
+def test_padded_crop_records_replay_torchvisions_randomcrop(digits):
+    from ddkit.augment.crops import apply_padded_crops
+    from ddkit.methods.relabel import padding_fill
+
+    subset = random_subset(digits, 2, seed=0)
+    out = relabel(subset, _teacher(), epochs=2, crop="padded", mix="mixup", mix_beta=0.8, show_progress=False)
+    plan = ReplayPlan.from_extras(out.extras)
+    assert plan.padding == 1 and out.meta["relabel"]["crop"] == "padded"  # 8 px digits: ceil(8 / 8)
+    assert int(out.extras["relabel.crop"][..., :2].abs().max()) <= 1
+    images = normalize(subset.images, subset.mean, subset.std)
+    index = torch.arange(20)
+    fill = padding_fill(subset)
+    inputs, partner, lam = replay_inputs(images, plan, 1, index, fill)
+    own = apply_padded_crops(images, plan.crop_params(torch.ones(20, dtype=torch.long), index, (8, 8)), fill)
+    other = own[partner]
+    weight = lam.view(-1, 1, 1, 1)
+    assert torch.allclose(inputs, weight * own + (1 - weight) * other)
+    assert torch.allclose(fill, (0 - torch.tensor(subset.mean)) / torch.tensor(subset.std))
 
 
 # ---- online teachers ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Building blocks of the statistics-matching family (SRe2L, CDA, G-VBSM).
 
 Models (mobilenetv2, wrn / wrn16_2, shufflenetv2), batched crops / flips / jitter and the CDA
-schedule, and the statistics losses (BN, patch, EMA, densification). Tiny tensors only.
+schedule, padded crops, and the statistics losses (BN, patch, cell, EMA, densification). Tiny tensors
+only.
 """
 
 import math
@@ -14,6 +15,8 @@ from torch import nn
 from ddkit.augment import (
     CropParams,
     apply_crops,
+    apply_padded_crops,
+    augment_batch,
     apply_flips,
     apply_jitter,
     cda_min_scale,
@@ -22,14 +25,16 @@ from ddkit.augment import (
     random_resized_crop,
     sample_crops,
     sample_jitter,
+    sample_padded_crops,
 )
 from ddkit.errors import DDKitError
 from ddkit.losses import (
     ConvStatistics,
     bn_matching_loss,
     bn_statistics,
+    cell_statistics,
     conv_statistics,
-    conv_statistics_loss,
+    conv_statistics_distance,
     densification_loss,
     ema_statistic,
     patch_statistics,
@@ -273,6 +278,10 @@ def test_jitter_roll_matches_torch_roll():
     g = gen(0)
     draws = torch.tensor([sample_jitter(2, g) for _ in range(300)])
     assert draws.min() == -2 and draws.max() == 2
+    draws = torch.tensor([sample_jitter(2, g, mode="positive") for _ in range(300)])
+    assert draws.min() == 0 and draws.max() == 2  # the published random.randint(0, J)
+    with pytest.raises(DDKitError, match="jitter mode"):
+        sample_jitter(2, g, mode="both")
     assert jitter_roll(x, 0, gen()) is x
     with pytest.raises(DDKitError):
         jitter_roll(x, -1, gen())
@@ -366,10 +375,10 @@ def test_bn_matching_loss_gradient_flows_to_images_only():
     assert torch.equal(z.grad, torch.zeros(3))  # no NaN at a zero difference
 
 
-def test_patch_statistics_vs_loop():
+def test_cell_statistics_vs_loop():
     x = torch.randn(3, 2, 8, 4, generator=gen(3), dtype=torch.float64)
     cells = 2
-    mean, var = patch_statistics(x, cells)
+    mean, var = cell_statistics(x, cells)
     assert mean.shape == var.shape == (2, 2, 2)
     ph, pw = 8 // cells, 4 // cells
     for c in range(2):
@@ -378,16 +387,33 @@ def test_patch_statistics_vs_loop():
                 patch = x[:, c, i * ph : (i + 1) * ph, j * pw : (j + 1) * pw].reshape(-1)
                 assert torch.allclose(mean[c, i, j], patch.mean())
                 assert torch.allclose(var[c, i, j], ((patch - patch.mean()) ** 2).mean())
-    m1, v1 = patch_statistics(x, 1)
+    m1, v1 = cell_statistics(x, 1)
     m, v = bn_statistics(x)
     assert torch.allclose(m1.reshape(-1), m) and torch.allclose(v1.reshape(-1), v)
 
 
-def test_patch_statistics_bad_cells():
+def test_cell_statistics_bad_cells():
     with pytest.raises(DDKitError, match="does not fit the feature map"):
-        patch_statistics(torch.randn(2, 3, 6, 6), 4)
+        cell_statistics(torch.randn(2, 3, 6, 6), 4)
     with pytest.raises(DDKitError):
-        patch_statistics(torch.randn(2, 3, 8, 8), 0)
+        cell_statistics(torch.randn(2, 3, 8, 8), 0)
+
+
+def test_patch_statistics_pool_batch_and_channels_after_resizing_up():
+    x = torch.randn(3, 2, 6, 9, generator=gen(4), dtype=torch.float64)
+    mean, var = patch_statistics(x, 4)
+    # 6 x 9 is resized to 8 x 12: a 2 x 3 grid of 4 x 4-pixel patches, row-major
+    assert mean.shape == var.shape == (6,)
+    resized = F.interpolate(x, size=(8, 12), mode="bilinear", align_corners=False)
+    for p in range(6):
+        u, v = divmod(p, 3)
+        values = resized[:, :, 4 * u:4 * u + 4, 4 * v:4 * v + 4].reshape(-1)  # every sample and channel
+        assert torch.allclose(mean[p], values.mean()) and torch.allclose(var[p], values.var(unbiased=False))
+    exact = torch.randn(2, 3, 8, 8, generator=gen(5), dtype=torch.float64)
+    m, v = patch_statistics(exact, 8)  # one patch of a map that needs no resize: all values
+    assert torch.allclose(m, exact.mean().reshape(1)) and torch.allclose(v, exact.var(unbiased=False).reshape(1))
+    with pytest.raises(DDKitError):
+        patch_statistics(exact, 0)
 
 
 def test_ema_statistic_forward_value_and_gradient():
@@ -417,37 +443,70 @@ def test_ema_statistic_forward_value_and_gradient():
         ema_statistic(s, torch.zeros(3), 0.5)
 
 
-def test_conv_statistics_loss_composes_with_ema_and_drop():
+def test_conv_statistics_distance_composes_with_ema():
     g = gen(4)
-    xs = [torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)]
-    xs.append(torch.randn(2, 2, 8, 8, generator=g))
-    stats = [conv_statistics(xs[0], cells=2), conv_statistics(xs[1])]
-    assert stats[0].patch_mean.shape == (3, 2, 2) and stats[1].patch_mean is None
-    targets = [
-        ConvStatistics(torch.zeros(3), torch.ones(3), torch.zeros(3, 2, 2), torch.ones(3, 2, 2)),
-        ConvStatistics(torch.zeros(2), torch.ones(2)),
-    ]
+    x = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+    stats = conv_statistics(x, 2, form="cells")
+    reference = conv_statistics(x, 2)
+    assert stats.patch_mean.shape == (3, 2, 2) and reference.patch_mean.shape == (4,)
+    assert conv_statistics(x).patch_mean is None
+    target = ConvStatistics(torch.zeros(3), torch.ones(3), torch.zeros(3, 2, 2), torch.ones(3, 2, 2))
 
     def d(a, b):
         return (a - b).reshape(-1).norm()
 
-    layer = [
-        d(stats[0].mean, 0) + d(stats[0].var, 1)
-        + d(stats[0].patch_mean, 0) + d(stats[0].patch_var, 1),
-        d(stats[1].mean, 0) + d(stats[1].var, 1),
-    ]
-    full = conv_statistics_loss(stats, targets)
-    assert torch.allclose(full, layer[0] + layer[1])
-    keep = (torch.rand(2, generator=gen(9)) >= 0.5).tolist()
-    dropped = conv_statistics_loss(stats, targets, drop_prob=0.5, generator=gen(9))
-    assert torch.allclose(dropped, sum((layer[i] for i in range(2) if keep[i]), torch.tensor(0.0)))
+    expected = d(stats.mean, 0) + d(stats.var, 1) + d(stats.patch_mean, 0) + d(stats.patch_var, 1)
+    assert torch.allclose(conv_statistics_distance(stats, target), expected)
+    no_patch = ConvStatistics(torch.zeros(3), torch.ones(3))  # a target without patch statistics
+    assert torch.allclose(conv_statistics_distance(stats, no_patch), d(stats.mean, 0) + d(stats.var, 1))
     # EMA values slot in through _replace
-    v, _ = ema_statistic(stats[0].mean, torch.zeros(3), 0.8)
-    ema_stats = [stats[0]._replace(mean=v), stats[1]]
-    conv_statistics_loss(ema_stats, targets).backward()
-    assert torch.isfinite(xs[0].grad).all()
+    v, _ = ema_statistic(stats.mean, torch.zeros(3), 0.8)
+    conv_statistics_distance(stats._replace(mean=v), target).backward()
+    assert torch.isfinite(x.grad).all()
     with pytest.raises(DDKitError):
-        conv_statistics_loss(stats, targets, drop_prob=0.4)  # no generator
+        conv_statistics(x, 2, form="grid")
+
+
+def test_ema_zero_start_is_the_published_codes_first_value():
+    s = torch.tensor([1.0, 2.0])
+    value, ema = ema_statistic(s, None, 0.8, start="zero")
+    assert torch.allclose(value, 0.2 * s) and torch.allclose(ema, 0.2 * s)
+    with pytest.raises(DDKitError):
+        ema_statistic(s, None, 0.8, start="one")
+
+
+def test_padded_crops_equal_torchvision_randomcrop_with_padding():
+    x = torch.randn(5, 3, 6, 7, generator=gen(8), dtype=torch.float64)
+    params = sample_padded_crops(5, (6, 7), gen(9), padding=2, per_sample=True, flip_prob=0.5)
+    assert params.top.abs().max() <= 2 and params.left.abs().max() <= 2
+    fill = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    out = apply_padded_crops(x, params, fill)
+    for i in range(5):  # pad, then cut the window at (top + pad, left + pad), then flip
+        padded = torch.stack([F.pad(x[i, c], (2, 2, 2, 2), value=float(fill[c])) for c in range(3)])
+        t, left = int(params.top[i]) + 2, int(params.left[i]) + 2
+        window = padded[:, t:t + 6, left:left + 7]
+        assert torch.equal(out[i], window.flip(2) if params.flip[i] else window)
+    shared = sample_padded_crops(5, (6, 7), gen(9), padding=2, per_sample=False)
+    assert len(shared) == 1 and apply_padded_crops(x, shared).shape == x.shape
+    draws = sample_padded_crops(400, 8, gen(1), padding=4)
+    assert draws.top.min() == -4 and draws.top.max() == 4
+    y = x.clone().requires_grad_(True)
+    apply_padded_crops(y, params).sum().backward()
+    assert y.grad.abs().sum() > 0
+    with pytest.raises(DDKitError):
+        apply_padded_crops(x, sample_padded_crops(5, 8, gen(), 2))  # drawn for another size
+    with pytest.raises(DDKitError):
+        sample_padded_crops(5, 8, gen(), -1)
+
+
+def test_augment_batch_crops_flips_and_rolls_from_one_generator():
+    x = torch.randn(4, 1, 8, 8, generator=gen(2))
+    a = augment_batch(x, gen(3), "padded", 0.5, True, padding=2, jitter=3)
+    b = augment_batch(x, gen(3), "padded", 0.5, True, padding=2, jitter=3)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert torch.equal(augment_batch(x, gen(), "none", 0.0, True), x)
+    with pytest.raises(DDKitError, match="crop"):
+        augment_batch(x, gen(), "random", 0.5)
 
 
 def test_densification_matches_independent_computation():
@@ -459,8 +518,27 @@ def test_densification_matches_independent_computation():
     p = torch.softmax(lam / 4.0, 0)
     expected = (p * (p.log() - torch.log_softmax(lam, 0))).sum()
     got = densification_loss(images, labels, pool_size=3)
-    assert got.dim() == 0 and torch.allclose(got, expected)
+    assert got.dim() == 0 and torch.allclose(got, expected)  # one-image classes add 0 to the sum
     assert densification_loss(images, torch.arange(5), pool_size=3) == 0  # no class with >= 2
+    two = densification_loss(images, torch.tensor([0, 1, 0, 1, 1]), pool_size=3)
+    assert torch.allclose(densification_loss(images, torch.tensor([0, 1, 0, 1, 1]), 3, reduction="mean"), two / 2)
+
+
+def test_densification_gradient_flattens_a_collinear_class_spectrum():
+    g = gen(12)
+    base = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    images = (0.3 * base + 0.05 * torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    labels = torch.zeros(4, dtype=torch.long)
+
+    def spectrum(x):
+        z = x.flatten(1)
+        return torch.softmax(torch.linalg.eigvalsh(z @ z.T), 0)
+
+    densification_loss(images, labels, pool_size=4).backward()
+    with torch.no_grad():
+        stepped = images - 0.05 * images.grad
+    entropy = lambda p: -(p * p.log()).sum()  # noqa: E731
+    assert entropy(spectrum(stepped)) > entropy(spectrum(images.detach()))  # the class spreads out
 
 
 def test_densification_step_lowers_low_rank_loss():

@@ -75,6 +75,9 @@ def _print_results(results) -> None:
     for arch, result in results.items():
         print(f"{arch:12s} {result.protocol:8s} {result.preset:6s} {len(result.accuracies):4d}  "
               f"{result.summary():26s} {result.seconds_per_run:7.1f}")
+    recipes = {result.config.get("recipe") for result in results.values()} - {None}
+    if recipes:
+        print(f"evaluation recipe: {', '.join(sorted(recipes))}")
 
 
 def cmd_eval(args) -> int:
@@ -82,16 +85,25 @@ def cmd_eval(args) -> int:
     import ddkit
     from ddkit import distributed
 
+    if args.recipe == "list":
+        from ddkit.evaluate.soft import SOFT_RECIPES, describe_recipe
+
+        print("evaluation recipes of the soft protocol (--protocol soft --recipe NAME; auto = the set's method's):")
+        for name in SOFT_RECIPES:
+            print(describe_recipe(name))
+        return 0
+    if args.set is None:
+        raise DDKitError("eval needs SET, the distilled-set directory (or --recipe list)")
     if _needs_launch(args):
         return _launch_torchrun(args)
     distilled = ddkit.load(args.set)
     world = distributed.setup(args.device)
     try:
         results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
-                                 archs=_csv(args.arch), seed=args.seed, device=distributed.process_device(args.device),
-                                 overrides=args.set_options,
+                                 archs=_csv(args.arch) if args.arch else None, seed=args.seed,
+                                 device=distributed.process_device(args.device), overrides=args.set_options,
                                  show_progress=not args.quiet and world.is_main, reuse=args.reuse,
-                                 compiled=args.compile)
+                                 compiled=args.compile, recipe=args.recipe)
     finally:
         distributed.teardown()
     if world.is_main:
@@ -201,6 +213,8 @@ def cmd_distill(args) -> int:
 
     import ddkit
 
+    if getattr(args, "plan", False):
+        return _print_plan(args)
     if not args.resume:
         refuse_to_replace(args.out, args.overwrite)
     if _needs_launch(args):
@@ -226,6 +240,24 @@ def cmd_distill(args) -> int:
     print(f"{method}: {distilled.ipc} images per class of {dataset} in "
           f"{timings.get('distill_seconds', float('nan')):.1f} s -> {distilled.path}")
     print(f"grid: {distilled.path / 'grid.png'}")
+    return 0
+
+
+def _print_plan(args) -> int:
+    """`ddkit distill METHOD --plan`: the resolved configuration, without loading images or training."""
+    from ddkit.evaluate.soft import describe_recipe
+    from ddkit.methods import stats_family
+
+    if args.method not in stats_family.METHODS:
+        raise DDKitError(f"--plan shows the statistics family's configuration ({', '.join(stats_family.METHODS)}); "
+                         f"got {args.method!r}")
+    # without --dataset: every dataset the method's paper publishes a recipe for
+    datasets = _csv(args.dataset) if args.dataset else [
+        name for name, reference in stats_family.PUBLISHED_DATASETS.items()
+        if (args.method, reference) in stats_family.PUBLISHED]
+    blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed,
+                                                    describe_recipe)) for dataset in datasets]
+    print("\n\n".join(blocks))
     return 0
 
 
@@ -322,7 +354,7 @@ def cmd_relabel(args) -> int:
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
     device = resolve_device(args.device)
     real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options)
+    config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
     if args.teacher_paths:
         teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
     else:
@@ -395,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset option, e.g. --set iterations=200 --set model.width=64 (repeatable)")
+    p.add_argument("--plan", action="store_true",
+                   help="statistics family: print the resolved configuration (statistics, augmentation, teachers and "
+                        "their cache keys, relabel, evaluation recipe) and exit, without loading images or training")
     p.add_argument("--terms", action="append", default=[], metavar="T1,T2",
                    help="matching family: switch loss terms on (mean, cm, cc, style, gram, icd, ce) "
                         "at their default weights, e.g. --terms cc,cm")
@@ -463,13 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a distilled set",
                        description="Train fresh networks on a distilled set and report final-epoch test accuracy "
                                    "(mean +- std over runs); results are stored in the set's manifest.")
-    p.add_argument("set", help="distilled-set directory")
+    p.add_argument("set", nargs="?", help="distilled-set directory")
     p.add_argument("--protocol", default="hard",
-                   help="hard (hard labels, SPEC 1.3) | soft (replays the set's relabel records: KL or MSE+CE)")
-    p.add_argument("--preset", default="quick", help="paper (1000 epochs) | quick (300) | smoke (seconds)")
+                   help="hard (hard labels) | soft (replays the set's relabel records under an evaluation recipe)")
+    p.add_argument("--preset", default="quick",
+                   help="paper (the recipe's epochs; hard: 1000) | quick (at most 300) | smoke (seconds)")
+    p.add_argument("--recipe", default="auto",
+                   help="soft protocol: the evaluation recipe, e.g. sre2l-cifar100, gvbsm-tiny, or ddkit (one shared "
+                        "recipe, to compare methods under one protocol); auto (default) = the set's method's published "
+                        "one; `--recipe list` prints them all")
     p.add_argument("--runs", type=int, default=3, help="networks per architecture (default 3)")
-    p.add_argument("--arch", default="convnet",
-                   help="comma-separated (student) architectures, e.g. convnet,alexnet,vgg11,resnet18")
+    p.add_argument("--arch", default=None,
+                   help="comma-separated (student) architectures, e.g. convnet,alexnet,vgg11,resnet18 (default: the "
+                        "soft recipe's student, convnet for the hard protocol)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first run; run r uses seed+r")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol option, e.g. --set epochs=500 --set lr=0.02 (repeatable)")

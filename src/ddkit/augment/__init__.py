@@ -7,17 +7,22 @@ per-sample parameters (for training evaluation networks). See :mod:`ddkit.augmen
 
 from .crops import (
     CDA_MODES,
+    JITTER_MODES,
     CropParams,
     apply_crops,
     apply_flips,
     apply_jitter,
+    apply_padded_crops,
+    augment_batch,
     cda_min_scale,
     jitter_roll,
     random_flip,
+    padding_for,
     random_resized_crop,
     sample_crops,
     sample_flips,
     sample_jitter,
+    sample_padded_crops,
 )
 from .replay import MIX_MODES, ReplayPlan, replay_inputs, sample_replay_plan
 from .dsa import (
@@ -37,8 +42,13 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "DIGITS_STRATEGY",
     "CDA_MODES",
+    "JITTER_MODES",
     "CropParams",
     "apply_crops",
+    "apply_padded_crops",
+    "augment_batch",
+    "padding_for",
+    "sample_padded_crops",
     "apply_flips",
     "apply_jitter",
     "cda_min_scale",

@@ -1,14 +1,17 @@
-"""Batched RandomResizedCrop, flips, jitter rolls and the CDA crop-scale curriculum.
+"""Batched RandomResizedCrop, padded RandomCrop, flips, jitter rolls and the CDA curriculum.
 
-The statistics-matching family (SRe2L, CDA, G-VBSM) augments the synthetic batch with a
-RandomResizedCrop + horizontal flip and a random cyclic roll ("jitter") before each teacher pass,
-and the relabel step must replay exactly the crop that produced each stored soft label. So the
-crop is split in two pure steps:
+The statistics-matching family (SRe2L, CDA, G-VBSM) augments the synthetic batch before each
+teacher pass: SRe2L and CDA (and G-VBSM on ImageNet) with a RandomResizedCrop + horizontal flip,
+G-VBSM on CIFAR and Tiny-ImageNet with torchvision's padded ``RandomCrop(size, padding)`` + flip;
+then a random cyclic roll ("jitter"). The relabel step must replay exactly the crop that produced
+each stored soft label. So every augmentation is split in two pure steps:
 
-* :func:`sample_crops` draws boxes and flips from an explicit ``torch.Generator`` and returns a
-  :class:`CropParams` (integer pixel boxes, storable and replayable);
+* :func:`sample_crops` / :func:`sample_padded_crops` draw boxes and flips from an explicit
+  ``torch.Generator`` and return a :class:`CropParams` (integer pixel boxes, storable and
+  replayable);
 * :func:`apply_crops` cuts and resizes the boxes out of a batch in one vectorised
-  ``F.grid_sample`` call, differentiable with respect to the images.
+  ``F.grid_sample`` call, :func:`apply_padded_crops` shifts the batch over a padded border in one
+  gather; both are differentiable with respect to the images and run on the images' device.
 
 Images are normalised tensors ``[N, C, H, W]`` (floating point). ``H`` is the row (``y``,
 ``top``/``height``) axis, ``W`` the column (``x``, ``left``/``width``) axis. Boxes are in input
@@ -29,10 +32,16 @@ __all__ = [
     "CropParams",
     "sample_crops",
     "apply_crops",
+    "sample_padded_crops",
+    "apply_padded_crops",
+    "padding_for",
+    "CROP_KINDS",
+    "augment_batch",
     "random_resized_crop",
     "sample_flips",
     "apply_flips",
     "random_flip",
+    "JITTER_MODES",
     "sample_jitter",
     "apply_jitter",
     "jitter_roll",
@@ -314,6 +323,155 @@ def random_resized_crop(
     return apply_crops(x, params, hw if out_size is None else out_size), params
 
 
+def padding_for(image_size: int) -> int:
+    """The padding of G-VBSM's ``RandomCrop(size, padding)``: 4 px at 32 px (CIFAR), 8 px at 64 px
+    (Tiny-ImageNet), i.e. ``ceil(size / 8)`` (4 at 28 px, 1 at 8 px)."""
+    return max(1, -(-int(image_size) // 8))
+
+
+def sample_padded_crops(
+    n: int,
+    image_size: int | tuple[int, int],
+    generator: torch.Generator,
+    padding: int,
+    per_sample: bool = True,
+    flip_prob: float = 0.5,
+) -> CropParams:
+    """Draw torchvision's ``RandomCrop(size, padding)`` (then horizontal flips) for ``n`` images.
+
+    The image is padded by ``padding`` pixels on every side and an ``H x W`` window is cut at a
+    uniform offset, so the box is ``top, left`` uniform on ``{-padding..padding}`` (relative to
+    the unpadded image) with ``height, width = H, W``: rows outside the image are padding. Draw
+    order: top, left, flip ``[m]`` uniforms, ``m = n`` or 1.
+
+    Args:
+        n: batch size (>= 1).
+        image_size: ``H`` or ``(H, W)`` in pixels.
+        generator: the source of every draw; its device is where the draws are made.
+        padding: pixels of padding (>= 0; :func:`padding_for` gives G-VBSM's).
+        per_sample: one box and flip per image, or one for the whole batch (torchvision on a batch
+            tensor, as G-VBSM's recover does).
+        flip_prob: probability of a horizontal flip.
+
+    Returns:
+        :class:`CropParams` for :func:`apply_padded_crops`.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DDKitError(f"n={n!r} is not valid; give the batch size as an integer >= 1")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise DDKitError(f"padding={padding!r} is not valid; give an integer >= 0 (pixels)")
+    height, width = _image_hw(image_size)
+    generator = _check_generator(generator)
+    if isinstance(flip_prob, bool) or not isinstance(flip_prob, (int, float)) or not 0.0 <= flip_prob <= 1.0:
+        raise DDKitError(f"flip_prob={flip_prob!r} is not valid; give a probability in [0, 1]")
+    m = n if per_sample else 1
+    dev = generator.device
+    kw = dict(generator=generator, device=dev, dtype=torch.float64)
+    span = 2 * padding + 1
+    top = torch.clamp(torch.floor(torch.rand(m, **kw) * span), max=span - 1) - padding
+    left = torch.clamp(torch.floor(torch.rand(m, **kw) * span), max=span - 1) - padding
+    flip = torch.rand(m, generator=generator, device=dev) < float(flip_prob)
+    full = lambda size: torch.full((m,), size, dtype=torch.int64, device=dev)  # noqa: E731
+    return CropParams(top.to(torch.int64), left.to(torch.int64), full(height), full(width), flip, (height, width))
+
+
+def apply_padded_crops(x: torch.Tensor, params: CropParams, fill=0.0) -> torch.Tensor:
+    """Cut the windows of :func:`sample_padded_crops` out of ``x`` padded with ``fill``, then flip.
+
+    Output pixel ``(r, c)`` of sample ``i`` is ``x[i, :, r + top_i, c + left_i]`` where that lies
+    inside the image, else ``fill``: torchvision's ``RandomCrop(size, padding, fill)``. One
+    gather per axis for the whole batch; exact (no interpolation) and differentiable with
+    respect to ``x``.
+
+    Args:
+        x: images ``[N, C, H, W]`` (floating point), ``(H, W) == params.image_size``.
+        params: windows with ``height, width == H, W``; ``len(params)`` is ``N`` or 1 (shared).
+        fill: the padding value in ``x``'s units: a number, or one value per channel (``[C]``).
+            G-VBSM pads its normalised synthetic batch with 0; torchvision pads a real image
+            before normalising, i.e. with the normalised value of a black pixel.
+
+    Returns:
+        ``[N, C, H, W]`` on ``x``'s device and dtype.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DDKitError(f"apply_padded_crops expects float images [N, C, H, W], got {got}")
+    n_img, channels, height, width = x.shape
+    if (height, width) != tuple(params.image_size) or bool((params.height != height).any()) or bool(
+            (params.width != width).any()):
+        raise DDKitError(
+            f"padded crops of {params.image_size[0]}x{params.image_size[1]} windows do not fit {height}x{width} images; "
+            "sample them with the images' size"
+        )
+    if len(params) not in (1, n_img):
+        raise DDKitError(f"{len(params)} crop(s) for a batch of {n_img}; draw n={n_img} crops or one shared crop")
+    top, left = params.top.to(x.device), params.left.to(x.device)
+    pad = int(max(top.abs().max(), left.abs().max()))
+    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    if fill_t.shape[1] not in (1, channels):
+        raise DDKitError(f"fill has {fill_t.shape[1]} values for {channels} channels; give one number or one per channel")
+    rows = (torch.arange(height, device=x.device) + pad + top.view(-1, 1)).expand(n_img, height)
+    cols = (torch.arange(width, device=x.device) + pad + left.view(-1, 1)).expand(n_img, width)
+
+    def window(t: torch.Tensor, value: float) -> torch.Tensor:
+        """``t`` ``[N, c, H, W]`` padded with ``value``, each sample's window cut out."""
+        t = F.pad(t, (pad, pad, pad, pad), value=value) if pad else t
+        n, c = t.shape[:2]
+        t = t.gather(2, rows.view(n_img, 1, height, 1).expand(n, c, height, t.shape[3]))
+        return t.gather(3, cols.view(n_img, 1, 1, width).expand(n, c, height, width))
+
+    # zeros outside the image, plus fill times an indicator of the outside: exact on both sides
+    outside = window(torch.zeros(n_img, 1, height, width, dtype=x.dtype, device=x.device), 1.0)
+    return apply_flips(window(x, 0.0) + outside * fill_t, params.flip)
+
+
+#: crops of :func:`augment_batch`: torchvision's RandomResizedCrop, its padded RandomCrop, or none
+CROP_KINDS = ("resized", "padded", "none")
+
+
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    crop: str = "resized",
+    flip_prob: float = 0.5,
+    per_sample: bool = True,
+    scale: tuple[float, float] = (0.08, 1.0),
+    padding: int = 4,
+    fill=0.0,
+    jitter: int = 0,
+    jitter_mode: str = "positive",
+) -> torch.Tensor:
+    """Crop + horizontal flip, then a cyclic roll: the augmentations of the statistics family.
+
+    ``crop="resized"``: RandomResizedCrop with ``scale`` back to the input size
+    (:func:`sample_crops`, :func:`apply_crops`); ``"padded"``: RandomCrop with ``padding`` and
+    ``fill`` (:func:`sample_padded_crops`, :func:`apply_padded_crops`); ``"none"``: the flip
+    alone. One draw per image (``per_sample``, a data loader's transform) or one for the batch
+    (torchvision on a batch tensor, as the recover loops do). Then, for ``jitter > 0``, one roll
+    of the batch (:func:`sample_jitter`). Every draw comes from ``generator``.
+
+    Args:
+        x: images ``[N, C, H, W]`` (floating point, normalised).
+
+    Returns:
+        ``[N, C, H, W]``, differentiable with respect to ``x``.
+    """
+    if crop not in CROP_KINDS:
+        raise DDKitError(f"crop={crop!r} is not valid; choose one of: {', '.join(CROP_KINDS)}")
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    n = int(x.shape[0])
+    if crop == "resized":
+        x = apply_crops(x, sample_crops(n, size, generator, scale=scale, per_sample=per_sample,
+                                        flip_prob=flip_prob), size)
+    elif crop == "padded":
+        x = apply_padded_crops(x, sample_padded_crops(n, size, generator, padding, per_sample, flip_prob), fill)
+    elif flip_prob > 0:
+        x = apply_flips(x, sample_flips(n if per_sample else 1, generator, flip_prob))
+    if jitter > 0:
+        x = apply_jitter(x, sample_jitter(jitter, generator, jitter_mode))
+    return x
+
+
 def sample_flips(n: int, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Bool ``[n]`` on the generator's device: True with probability ``p`` (flip that sample)."""
     generator = _check_generator(generator)
@@ -345,8 +503,15 @@ def random_flip(
     return apply_flips(x, sample_flips(int(x.shape[0]) if per_sample else 1, generator, p))
 
 
-def sample_jitter(max_shift: int, generator: torch.Generator) -> tuple[int, int]:
-    """A random cyclic shift ``(dy, dx)`` in pixels, each uniform on ``{-max_shift..max_shift}``.
+#: ranges of :func:`sample_jitter`: ``positive`` is ``{0..J}`` (SRe2L on ImageNet and CIFAR-100,
+#: CDA, G-VBSM), ``symmetric`` ``{-J..J}`` (SRe2L on Tiny-ImageNet)
+JITTER_MODES = ("positive", "symmetric")
+
+
+def sample_jitter(max_shift: int, generator: torch.Generator, mode: str = "symmetric") -> tuple[int, int]:
+    """A random cyclic shift ``(dy, dx)`` in pixels, each uniform on ``{-max_shift..max_shift}``
+    (``mode="symmetric"``) or ``{0..max_shift}`` (``mode="positive"``, the published code's
+    ``random.randint(0, J)``).
 
     One ``torch.randint`` of two values (``dy`` first). ``max_shift=0`` draws nothing and returns
     ``(0, 0)``.
@@ -354,10 +519,13 @@ def sample_jitter(max_shift: int, generator: torch.Generator) -> tuple[int, int]
     generator = _check_generator(generator)
     if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
         raise DDKitError(f"max_shift={max_shift!r} is not valid; give an integer >= 0 (pixels)")
+    if mode not in JITTER_MODES:
+        raise DDKitError(f"jitter mode {mode!r} is not valid; choose one of: {', '.join(JITTER_MODES)}")
     if max_shift == 0:
         return 0, 0
+    low = 0 if mode == "positive" else -max_shift
     dy, dx = torch.randint(
-        -max_shift, max_shift + 1, (2,), generator=generator, device=generator.device
+        low, max_shift + 1, (2,), generator=generator, device=generator.device
     ).tolist()
     return int(dy), int(dx)
 
@@ -381,7 +549,8 @@ def jitter_roll(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 
 
 def cda_min_scale(t: int, total: int, milestone: float = 1.0, mode: str = "cosine") -> float:
-    """CDA's lower RandomResizedCrop scale bound at iteration ``t`` of ``total`` (SPEC 3.2).
+    """CDA's lower RandomResizedCrop scale bound at iteration ``t`` of ``total`` (Yin & Shen, "Dataset
+    Distillation via Curriculum Data Augmentation").
 
     With ``E = milestone * total`` and ``t < E``: ``step`` gives 1.0; ``linear`` gives
     ``0.08 + 0.92 * (1 - t / E)``; ``cosine`` gives ``0.08 + 0.92 * (1 + cos(pi * t / E)) / 2``.

@@ -1,6 +1,6 @@
 """Replay plans: the per-(epoch, sample) augmentation records behind FKD-style soft labels.
 
-The statistics-matching family (SRe2L, CDA, G-VBSM; SPEC 3.1) relabels its synthetic images once
+The statistics-matching family (SRe2L, CDA, G-VBSM) relabels its synthetic images once
 with a teacher: for every record epoch ``e`` and stored image ``i`` it draws a RandomResizedCrop
 box, a flip and a mixing partner, runs the teacher on exactly that input and stores the logits.
 The student later *replays* the same input and learns from the stored logits.
@@ -19,7 +19,7 @@ Design note (differs from FKD on purpose): FKD draws one mixing permutation and 
 per *batch*, so its records are tied to the batch size and to the sampler's order. Here the
 partner is drawn as one random permutation of all ``N`` samples per epoch and the mix box / lam
 per ``(epoch, sample)``, so the records, and therefore every replayed input, are independent of
-any batch size, batch order or sampler state (SPEC 3.1: "never depend on sampler RNG order").
+any batch size, batch order or sampler state (as SRe2L's FKD records should: never tied to the sampler's random order).
 
 Nothing here touches the global RNG: every draw goes through the caller's ``torch.Generator``.
 """
@@ -34,7 +34,7 @@ import torch
 
 from ddkit.errors import DDKitError
 
-from .crops import CropParams, apply_crops, sample_crops
+from .crops import CropParams, apply_crops, apply_padded_crops, sample_crops, sample_padded_crops
 
 __all__ = [
     "MIX_MODES",
@@ -57,8 +57,10 @@ class ReplayPlan:
     """The augmentation draws of ``E`` record epochs over ``N`` stored images.
 
     Attributes:
-        crop: int16 ``[E, N, 4]`` RandomResizedCrop boxes ``(top, left, height, width)`` in input
-            pixels (rows ``[top, top + height)``, columns ``[left, left + width)``).
+        crop: int16 ``[E, N, 4]`` crop boxes ``(top, left, height, width)`` in input pixels (rows
+            ``[top, top + height)``, columns ``[left, left + width)``): RandomResizedCrop boxes, or
+            with ``padding`` the windows of a padded RandomCrop (``top``, ``left`` in
+            ``[-padding, padding]``, the full image size; rows outside the image are padding).
         flip: uint8 ``[E, N]``, 1 = mirror the crop left-right.
         partner: int32 ``[E, N]``, the sample mixed into sample ``i`` at epoch ``e`` (a
             permutation of ``0..N-1`` per epoch; the identity when ``mix == "none"``).
@@ -66,6 +68,7 @@ class ReplayPlan:
         mix_box: int16 ``[E, N, 4]`` CutMix boxes ``(top, left, height, width)`` in output pixels
             (``mix == "cutmix"`` only, else None).
         mix_lam: float32 ``[E, N]`` mixup weights of sample ``i`` (``mix == "mixup"`` only).
+        padding: 0 for RandomResizedCrop boxes, else the padding of RandomCrop windows.
     """
 
     crop: torch.Tensor
@@ -74,6 +77,7 @@ class ReplayPlan:
     mix: str = "cutmix"
     mix_box: torch.Tensor | None = None
     mix_lam: torch.Tensor | None = None
+    padding: int = 0
 
     def __post_init__(self):
         if self.mix not in MIX_MODES:
@@ -105,12 +109,13 @@ class ReplayPlan:
         """The same plan with every tensor on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ReplayPlan(move(self.crop), move(self.flip), move(self.partner), self.mix, move(self.mix_box),
-                          move(self.mix_lam))
+                          move(self.mix_lam), self.padding)
 
     def to_extras(self) -> dict[str, torch.Tensor]:
         """The records as ``DistilledSet.extras`` entries: ``relabel.crop``, ``relabel.flip``,
-        ``relabel.partner`` and ``relabel.mix_box`` (cutmix) or ``relabel.mix_lam`` (mixup); CPU
-        tensors in their storage dtypes."""
+        ``relabel.partner``, ``relabel.mix_box`` (cutmix) or ``relabel.mix_lam`` (mixup), and
+        ``relabel.crop_padding`` (int16 ``[1]``, padded RandomCrop windows only); CPU tensors in
+        their storage dtypes."""
         out = {
             RECORD_PREFIX + "crop": self.crop.to("cpu", torch.int16),
             RECORD_PREFIX + "flip": self.flip.to("cpu", torch.uint8),
@@ -120,6 +125,8 @@ class ReplayPlan:
             out[RECORD_PREFIX + "mix_box"] = self.mix_box.to("cpu", torch.int16)
         elif self.mix == "mixup":
             out[RECORD_PREFIX + "mix_lam"] = self.mix_lam.to("cpu", torch.float32)
+        if self.padding:
+            out[RECORD_PREFIX + "crop_padding"] = torch.tensor([self.padding], dtype=torch.int16)
         return out
 
     @classmethod
@@ -142,8 +149,9 @@ class ReplayPlan:
         if box is not None and lam is not None:
             raise DDKitError("the set has both cutmix and mixup relabel records; the set is damaged")
         mix = "cutmix" if box is not None else "mixup" if lam is not None else "none"
+        padding = extras.get(RECORD_PREFIX + "crop_padding")
         return cls(extras[RECORD_PREFIX + "crop"], extras[RECORD_PREFIX + "flip"], extras[RECORD_PREFIX + "partner"],
-                   mix, box, lam)
+                   mix, box, lam, int(padding.reshape(-1)[0]) if padding is not None else 0)
 
     def crop_params(self, epoch: torch.Tensor, index: torch.Tensor, image_size: tuple[int, int]) -> CropParams:
         """The :class:`~ddkit.augment.crops.CropParams` of samples ``index`` at epochs ``epoch``
@@ -201,11 +209,14 @@ def sample_replay_plan(
     flip_prob: float = 0.5,
     mix: str = "cutmix",
     beta: float = 1.0,
+    padding: int = 0,
 ) -> ReplayPlan:
     """Draw the crops, flips and mixing of ``epochs`` record epochs over ``n`` images.
 
     Per epoch, in this order: :func:`~ddkit.augment.crops.sample_crops` of ``n`` per-sample boxes
-    and flips (RandomResizedCrop with ``scale``, ratio 3/4..4/3); for ``mix != "none"`` one
+    and flips (RandomResizedCrop with ``scale``, ratio 3/4..4/3; with ``padding`` > 0 instead
+    :func:`~ddkit.augment.crops.sample_padded_crops`, RandomCrop with that padding, as SRe2L's
+    CIFAR-100 evaluation draws); for ``mix != "none"`` one
     ``torch.randperm(n)`` (the partners); then ``lam ~ Beta(beta, beta)`` per sample (see
     :func:`_beta`) and, for cutmix, the box centres (:func:`cutmix_box`). Because epochs are drawn
     one after another, the plan of ``E`` epochs is the first ``E`` epochs of a longer plan from the
@@ -220,6 +231,7 @@ def sample_replay_plan(
         flip_prob: probability of a horizontal flip per (epoch, sample); 0 for digits.
         mix: ``"cutmix"``, ``"mixup"`` or ``"none"``.
         beta: the Beta(beta, beta) parameter of the mixing weight (> 0).
+        padding: 0 for RandomResizedCrop, else the padding of a RandomCrop in pixels.
 
     Returns:
         a :class:`ReplayPlan` of CPU tensors.
@@ -235,9 +247,14 @@ def sample_replay_plan(
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if max(hw) > _INT16_MAX:
         raise DDKitError(f"image size {hw} is too large for int16 replay records (max {_INT16_MAX})")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise DDKitError(f"padding={padding!r} is not valid; give 0 (RandomResizedCrop) or the RandomCrop padding")
     crops, flips, partners, boxes, lams = [], [], [], [], []
     for _ in range(epochs):
-        params = sample_crops(n, hw, generator, scale=scale, per_sample=True, flip_prob=flip_prob)
+        if padding:
+            params = sample_padded_crops(n, hw, generator, padding, per_sample=True, flip_prob=flip_prob)
+        else:
+            params = sample_crops(n, hw, generator, scale=scale, per_sample=True, flip_prob=flip_prob)
         crops.append(params.boxes().cpu())
         flips.append(params.flip.cpu())
         if mix == "none":
@@ -256,11 +273,12 @@ def sample_replay_plan(
         mix=mix,
         mix_box=torch.stack(boxes).to(torch.int16) if mix == "cutmix" else None,
         mix_lam=torch.stack(lams).to(torch.float32) if mix == "mixup" else None,
+        padding=padding,
     )
 
 
 def replay_inputs(
-    images: torch.Tensor, plan: ReplayPlan, epoch: int | torch.Tensor, index: torch.Tensor
+    images: torch.Tensor, plan: ReplayPlan, epoch: int | torch.Tensor, index: torch.Tensor, fill=0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rebuild the recorded inputs of samples ``index`` at record epoch ``epoch``.
 
@@ -274,6 +292,8 @@ def replay_inputs(
         plan: the records (any device); ``plan.num_samples == N``.
         epoch: a record epoch in ``[0, E)``, or int64 ``[B]`` (one epoch per sample).
         index: int64 ``[B]`` sample indices in ``[0, N)``.
+        fill: the padding value of a padded-crop plan in ``images``' units (a number or one per
+            channel); torchvision pads before normalising, i.e. with the normalised black.
 
     Returns:
         ``(inputs, partner, lam)``: inputs float ``[B, C, H, W]`` on ``images``' device; partner
@@ -300,17 +320,26 @@ def replay_inputs(
     size = (int(height), int(width))
     dev = images.device
     crop_a = plan.crop_params(epoch_t, index, size)
-    if index.numel() and (int((crop_a.top + crop_a.height).max()) > height or
-                          int((crop_a.left + crop_a.width).max()) > width):
+    if plan.padding:
+        misfit = index.numel() and (bool((crop_a.height != height).any()) or bool((crop_a.width != width).any())
+                                    or int(torch.maximum(crop_a.top.abs(), crop_a.left.abs()).max()) > plan.padding)
+    else:
+        misfit = index.numel() and (int((crop_a.top + crop_a.height).max()) > height or
+                                    int((crop_a.left + crop_a.width).max()) > width)
+    if misfit:
         raise DDKitError(
             f"replay crop boxes do not fit {height}x{width} images; replay the set the records were made for"
         )
     move = lambda p: CropParams(*(t.to(dev) for t in (p.top, p.left, p.height, p.width, p.flip)), size)  # noqa: E731
-    a = apply_crops(images[index.to(dev)], move(crop_a), size)
+
+    def crop(x, params):
+        return apply_padded_crops(x, move(params), fill) if plan.padding else apply_crops(x, move(params), size)
+
+    a = crop(images[index.to(dev)], crop_a)
     if plan.mix == "none":
         return a, index.to(dev), torch.ones(index.numel(), dtype=torch.float32, device=dev)
     partner = plan.partner[epoch_t, index].long()
-    b = apply_crops(images[partner.to(dev)], move(plan.crop_params(epoch_t, partner, size)), size)
+    b = crop(images[partner.to(dev)], plan.crop_params(epoch_t, partner, size))
     if plan.mix == "cutmix":
         box = plan.mix_box[epoch_t, index].long().to(dev)
         top, left, h, w = box.unbind(1)

@@ -330,7 +330,13 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
         relabel = manifest.get("relabel") or {}
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
                   "relabel": relabel}
-        return _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+        changes = _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+        # a teacher's cache key holds its training recipe: new teachers make new soft labels
+        keys = [teacher.get("key") for teacher in relabel.get("teacher_info", [])]
+        if keys and None not in keys:
+            wanted = stats_family.teacher_keys(config, cell.dataset, int(relabel.get("seed", 0)))
+            changes += [f"teachers: {keys} -> {wanted}"] if keys != wanted else []
+        return changes
     stored = manifest.get("config") or {}
     if cell.method in statistics_methods():
         return _differences(stored, _plain(stats_family.resolve_preset(cell.method, cell.dataset, tier)))
@@ -676,7 +682,7 @@ def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device,
 
     _reset_peak_memory(device)
     real = load_dataset(base.dataset, **base.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(method, real.name, tier)
+    config = stats_family.resolve_preset(method, real.name, tier, real=real)
     started = time.perf_counter()
     teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
     squeezed = time.perf_counter()

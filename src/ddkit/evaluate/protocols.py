@@ -1,6 +1,6 @@
 """Evaluation protocols: train fresh networks on a distilled set and test them on real data.
 
-The hard-label protocol (SPEC 1.3): a fresh network trained from scratch with hard labels, SGD
+The hard-label protocol (the DC / DSA / DM papers' evaluation): a fresh network trained from scratch with hard labels, SGD
 (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, DSA with per-sample parameters on every
 batch, lr x0.1 at half the epochs (re-creating the optimiser, as the reference does, which resets
 momentum), and the FINAL-epoch test accuracy. Nothing is ever selected on the test set.
@@ -8,7 +8,7 @@ momentum), and the FINAL-epoch test accuracy. Nothing is ever selected on the te
 Runs differ only in their seed (network initialisation, batch order, augmentation draws). The
 reported spread is the population standard deviation over runs, as the reference scripts print.
 
-The soft-label protocol (SPEC 3.1, 3.3; ``protocol="soft"``) lives in :mod:`ddkit.evaluate.soft`;
+The soft-label protocol of the statistics family (``protocol="soft"``) lives in :mod:`ddkit.evaluate.soft`;
 :func:`evaluate` dispatches to it and stores its results the same way.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddkit.errors import DDKitError
-from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, train_soft
+from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, recipe_for_set, resolve_soft_config, train_soft
 from ddkit.models.training import check_training_options, test_accuracy, train_classifier
 from ddkit.utils import apply_overrides, check_flag, check_number, make_generator, normalize, resolve_device, seeded_global_rng
 
@@ -48,21 +48,23 @@ PROTOCOLS = ("hard", "soft")
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18", "resnet18_bn", "mlp")
 
 
-def resolve_config(protocol: str, preset: str, overrides=None) -> dict:
+def resolve_config(protocol: str, preset: str, overrides=None, recipe: str = "ddkit") -> dict:
     """The protocol's preset with overrides applied. Unknown protocol/preset/key -> DDKitError.
 
-    ``protocol`` "hard" reads :data:`HARD_PRESETS`, "soft" :data:`ddkit.evaluate.soft.SOFT_PRESETS`.
+    ``protocol`` "hard" reads :data:`HARD_PRESETS`, "soft" :data:`ddkit.evaluate.soft.SOFT_PRESETS`
+    with the evaluation ``recipe`` over it (:func:`ddkit.evaluate.soft.resolve_soft_config`).
     """
     if protocol not in PROTOCOLS:
         raise DDKitError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     presets = SOFT_PRESETS if protocol == "soft" else HARD_PRESETS
     if preset not in presets:
         raise DDKitError(f"unknown evaluation preset {preset!r}; choose one of: {', '.join(presets)}")
-    return apply_overrides(presets[preset], overrides, what="evaluation option")
+    config = resolve_soft_config(preset, recipe) if protocol == "soft" else presets[preset]
+    return apply_overrides(config, overrides, what="evaluation option")
 
 
 def default_model_options(arch: str, image_size: int) -> dict:
-    """Per-architecture defaults that depend on the image size (ConvNet depth, SPEC 1.1)."""
+    """Per-architecture defaults that depend on the image size (ConvNet depth: 3 up to 32 px, 4 at 64 px)."""
     if arch == "convnet":
         from ddkit.models.convnet import default_depth
 
@@ -129,7 +131,7 @@ class EvalResult:
 
 
 def check_hard_config(config: dict) -> None:
-    """The hard-label protocol's options (SPEC 1.3), refused with one line before any training."""
+    """The hard-label protocol's options, refused with one line before any training."""
     check_training_options(config, "evaluation")
     check_flag("evaluation", "dsa", config["dsa"])
     if not isinstance(config["dsa_strategy"], str):
@@ -137,21 +139,26 @@ def check_hard_config(config: dict) -> None:
                          f"augmentations joined by '_', e.g. color_crop_cutout_flip_scale_rotate")
 
 
-def protocol_for_set(distilled, protocol: str, preset: str, overrides=None, teachers=None, teacher_info=None):
+def protocol_for_set(distilled, protocol: str, preset: str, overrides=None, teachers=None, teacher_info=None,
+                     recipe: str | None = "auto"):
     """(the :class:`SoftProtocol` of ``distilled``, validated, or None for "hard"; the resolved
-    options an evaluation stores, soft ones completed from the set's records)."""
-    config = resolve_config(protocol, preset, overrides)
+    options an evaluation stores, soft ones completed from the set's records). ``recipe``: the
+    soft protocol's evaluation recipe, ``"auto"`` = the one the set's relabel step named."""
     if protocol != "soft":
+        if recipe not in (None, "auto"):
+            raise DDKitError(f"--recipe {recipe} is an evaluation recipe of the soft protocol; add --protocol soft")
+        config = resolve_config(protocol, preset, overrides)
         check_hard_config(config)
         return None, config
+    config = resolve_config(protocol, preset, overrides, recipe_for_set(distilled, recipe))
     soft = SoftProtocol(distilled, config, teachers=teachers, teacher_info=teacher_info)
     return soft, soft.config
 
 
-def evaluation_config(distilled, protocol: str, preset: str, overrides=None) -> dict:
+def evaluation_config(distilled, protocol: str, preset: str, overrides=None, recipe: str | None = "auto") -> dict:
     """The resolved options an evaluation of ``distilled`` would store, which is what a stored
     evaluation is matched on."""
-    return protocol_for_set(distilled, protocol, preset, overrides)[1]
+    return protocol_for_set(distilled, protocol, preset, overrides, recipe=recipe)[1]
 
 
 def _comparable(config):
@@ -254,7 +261,7 @@ def evaluate(
     protocol: str = "hard",
     preset: str = "quick",
     runs: int = 3,
-    archs=("convnet",),
+    archs=None,
     seed: int = 0,
     device: str | None = "cpu",
     overrides=None,
@@ -265,16 +272,18 @@ def evaluate(
     teachers=None,
     teacher_info=None,
     compiled: bool = False,
+    recipe: str | None = "auto",
 ) -> dict[str, EvalResult]:
     """Evaluate a distilled set: train ``runs`` fresh networks per architecture, test on real data.
 
     Args:
         distilled: a :class:`ddkit.DistilledSet` (or a path to one).
-        protocol: "hard" (SPEC 1.3) or "soft" (relabel records, SPEC 3.1/3.3; see
+        protocol: "hard" or "soft" (relabel records under an evaluation recipe; see
             :mod:`ddkit.evaluate.soft`).
         preset: "paper" (1000 epochs), "quick" (300), "smoke" (seconds).
         runs: networks per architecture; run r uses seed ``seed + r``.
-        archs: model names (``ddkit.models.available()``), e.g. ("convnet", "resnet18").
+        archs: model names (``ddkit.models.available()``), e.g. ("convnet", "resnet18"); None: the
+            soft recipe's student (``arch``), ConvNet for the hard protocol.
         overrides: dict or ``key=value`` strings over the preset.
         real: the real dataset (loaded from ``distilled.dataset`` when None).
         record: append the results to the set's manifest (rewritten on disk when it was saved).
@@ -291,6 +300,9 @@ def evaluate(
             the same computation in fused kernels, faster after a first step that compiles. Like
             the device, it is an execution detail: the record says ``"compiled": true``, and a
             stored evaluation is reused (``reuse``) whether it was compiled or not.
+        recipe: protocol "soft" only: the evaluation recipe (``ddkit.evaluate.soft.SOFT_RECIPES``,
+            e.g. "sre2l-cifar100", or "ddkit" for the shared one); "auto" takes the one the set's
+            relabel step named (its method's published recipe).
 
     Returns:
         {arch: EvalResult}; accuracies in percent.
@@ -312,7 +324,9 @@ def evaluate(
         archs = [name for name in archs.split(",") if name.strip()]
     if teachers is not None and protocol != "soft":
         raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
-    soft, config = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info)
+    soft, config = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info, recipe)
+    if not archs:
+        archs = [config["arch"]] if soft is not None else ["convnet"]
     device = resolve_device(device)
     if compiled:
         from ddkit.models.training import check_compile_available

@@ -1,4 +1,4 @@
-"""The soft-label evaluation protocol of the statistics-matching family (SPEC 3.1, 3.3).
+"""The soft-label evaluation protocol of the statistics-matching family (SRe2L, CDA, G-VBSM).
 
 A fresh student is trained from scratch on the replayed views of a relabelled set
 (:func:`ddkit.methods.relabel.relabel`) against the teacher logits recorded for exactly those
@@ -8,15 +8,25 @@ Per student epoch ``t``: the order is ``torch.randperm(N, generator)``, cut into
 ``batch_size``; each batch's inputs are :func:`ddkit.augment.replay.replay_inputs` of record epoch
 ``t % E``. When the student trains for more epochs than were recorded it cycles through the
 records (epoch ``E`` replays record epoch 0 again, in a new order), as FKD reuses its soft labels.
-The learning rate follows a per-step cosine from ``lr`` to 0 (``schedule="cosine"``) or stays
-constant (``"constant"``).
+
+How the student trains is a *recipe* (:data:`SOFT_RECIPES`), data chosen by (method, dataset):
+each paper's published one (``sre2l-cifar100``, ``gvbsm-tiny``, ...; optimiser, weight decay and
+whether 1-d parameters are exempt, learning-rate schedule and warm-up, epochs, batch, loss,
+temperature, student) or ddkit's shared one (``ddkit``: AdamW 1e-3, weight decay 0.01, a per-step
+cosine, batch 64, the set's loss), under which any two methods can be compared. ``recipe="auto"``
+takes the one the set's relabel step named (:func:`recipe_for_set`). The tier (:data:`SOFT_PRESETS`)
+makes a recipe smaller: ``quick`` trains at most 300 epochs, ``smoke`` 20 epochs of a width-32
+student.
 
 Losses (``loss``):
 
 * ``"kl"``: ``KL(softmax(t / T) || softmax(s / T))``, summed over classes and averaged over the
-  batch, times ``T**2`` when ``t2`` (SRe2L: ImageNet plain with T = 20; Tiny-ImageNet ``T**2``).
-* ``"mse_ce"``: ``MSE(s, t)`` (raw logits, mean over all ``B * K`` entries) ``+ gamma *`` the
-  mixed hard-label cross-entropy ``lam * CE(s, y_i) + (1 - lam) * CE(s, y_partner)`` (G-VBSM).
+  batch, times ``T**2`` when ``t2`` (SRe2L: ImageNet plain with T = 20, CIFAR-100 plain with
+  T = 30; Tiny-ImageNet ``T**2`` with T = 20).
+* ``"mse_ce"``: ``MSE(s, t)`` (raw logits, mean over all ``B * K`` entries) ``+ gamma *``
+  the cross-entropy with the label of each view's BASE image (``ce_label="base"``, G-VBSM's
+  ``--loss-type mse_gt``: CutMix's partner and weight are not used), or ddkit's former mixed
+  ``lam * CE(s, y_i) + (1 - lam) * CE(s, y_partner)`` (``ce_label="mixed"``).
 * ``"auto"``: the set's ``meta["relabel"]["eval_loss"]`` when present, else ``"kl"``.
 
 Top-k records (``relabel.topk_values`` / ``relabel.topk_indices``) keep only ``k`` of ``K`` teacher
@@ -34,7 +44,6 @@ None = the student's epochs), so online training sees exactly the inputs of the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -43,32 +52,110 @@ import torch.nn.functional as F
 from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
 from ddkit.errors import DDKitError
 from ddkit.models.training import check_training_options
-from ddkit.utils import check_flag, check_number, check_option, normalize, progress
+from ddkit.optim import check_schedule_options, train_scheduled
+from ddkit.utils import check_flag, check_number, check_option, normalize
 
 __all__ = [
-    "SOFT_PRESETS", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss", "train_soft",
+    "SOFT_PRESETS", "SOFT_RECIPES", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss",
+    "train_soft", "resolve_soft_config", "recipe_for_set", "describe_recipe",
 ]
 
 _ONLINE = {
-    "epochs": None, "seed": 0, "crop_scale": [0.08, 1.0], "flip_prob": None, "mix": "cutmix", "mix_beta": 1.0,
-    "equalize_norm": False, "norm_scope": "sample", "fp16": True,
+    "epochs": None, "seed": 0, "crop": "resized", "crop_padding": "auto", "crop_scale": [0.08, 1.0],
+    "flip_prob": None, "mix": "cutmix", "mix_beta": 1.0, "equalize_norm": False, "norm_scope": "sample", "fp16": True,
 }
 _PAPER = {
-    "epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9, "schedule": "cosine",
-    "batch_size": 64, "loss": "auto", "temperature": 20.0, "t2": False, "gamma": 0.15, "model": {},
-    "eval_batch_size": 1000, "online": _ONLINE, "sync_bn": False,
+    "recipe": "ddkit", "epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": False,
+    "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0, "warmup_start": 0.01, "batch_size": 64,
+    "loss": "auto", "temperature": 20.0, "t2": False, "gamma": 0.15, "ce_label": "base", "arch": "convnet",
+    "model": {}, "eval_batch_size": 1000, "online": _ONLINE, "sync_bn": False,
 }
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``); ``momentum`` is
-# used by ``optimizer="sgd"`` only (SRe2L's Tiny-ImageNet recipe: optimizer=sgd lr=0.2
-# weight_decay=1e-4 t2=true epochs=100); ``online.*`` only by the online-teacher mode.
+# used by ``optimizer="sgd"`` only; ``online.*`` only by the online-teacher mode. A tier's ``epochs``
+# caps the recipe's (paper: the recipe's own).
 SOFT_PRESETS: dict[str, dict] = {
     "paper": {**_PAPER, "online": dict(_ONLINE)},
     "quick": {**_PAPER, "epochs": 300, "online": dict(_ONLINE)},
     "smoke": {**_PAPER, "epochs": 20, "model": {"width": 32}, "online": dict(_ONLINE)},
 }
+_SRE2L_IMAGENET = {  # SRe2L validate/train_FKD.py: AdamW, get_parameters, LambdaLR cosine per epoch
+    "epochs": 300, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": True,
+    "schedule": "cosine_epoch", "batch_size": 1024, "loss": "kl", "temperature": 20.0, "t2": False,
+    "arch": "resnet18",
+}
+_SRE2L_TINY = {  # zeyuanyin/tiny-imagenet train_kd.sh: SGD 0.2, LinearLR(0.01, 5) then CosineAnnealingLR, T^2 KL
+    "epochs": 100, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4, "exempt_1d": False,
+    "schedule": "cosine_epoch", "warmup_epochs": 5, "warmup_start": 0.01, "batch_size": 256, "loss": "kl",
+    "temperature": 20.0, "t2": True, "arch": "resnet18",
+}
+#: The evaluation recipes, by name: ddkit's shared one and each paper's published one (the student
+#: side; the views come from the set's relabel records, see ``ddkit relabel --like``). CDA evaluates
+#: with SRe2L's recipes, as its code does.
+SOFT_RECIPES: dict[str, dict] = {
+    "ddkit": {},
+    "sre2l-imagenet": _SRE2L_IMAGENET,
+    # small_dataset/relabel_cifar.py: AdamW 1e-3 on every parameter, CosineAnnealingLR(400), T = 30
+    "sre2l-cifar100": {"epochs": 400, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": False,
+                       "schedule": "cosine_epoch", "batch_size": 128, "loss": "kl", "temperature": 30.0,
+                       "t2": False, "arch": "resnet18"},
+    "sre2l-tiny": _SRE2L_TINY,
+    # G-VBSM Branch_*/train/train.sh + train_FKD.py: get_parameters, LambdaLR cosine per epoch, mse_gt
+    "gvbsm-cifar100": {"epochs": 1000, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                       "exempt_1d": True, "schedule": "cosine_epoch", "batch_size": 64, "loss": "mse_ce",
+                       "gamma": 0.15, "ce_label": "base", "arch": "convnet"},
+    "gvbsm-cifar10": {"epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "exempt_1d": True,
+                      "schedule": "cosine_epoch", "batch_size": 100, "loss": "mse_ce", "gamma": 0.15,
+                      "ce_label": "base", "arch": "resnet18"},
+    "gvbsm-tiny": {"epochs": 100, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                   "exempt_1d": True, "schedule": "cosine_epoch", "batch_size": 100, "loss": "mse_ce",
+                   "gamma": 0.1, "ce_label": "base", "arch": "resnet18"},
+}
 SOFT_LOSSES = ("auto", "kl", "mse_ce")
-_OPTIMIZERS = ("adamw", "sgd")
-_SCHEDULES = ("cosine", "constant")
+CE_LABELS = ("base", "mixed")
+
+
+def resolve_soft_config(preset: str, recipe: str = "ddkit") -> dict:
+    """The soft protocol's options: the tier ``preset`` (:data:`SOFT_PRESETS`) with the evaluation
+    ``recipe`` (:data:`SOFT_RECIPES`) over it; a smaller tier caps the recipe's epochs at its own.
+
+    Raises:
+        DDKitError: an unknown recipe (the message lists them).
+    """
+    if recipe not in SOFT_RECIPES:
+        raise DDKitError(f"unknown evaluation recipe {recipe!r}; choose one of: {', '.join(SOFT_RECIPES)} "
+                         "(ddkit eval --recipe list)")
+    base, options = SOFT_PRESETS[preset], SOFT_RECIPES[recipe]
+    config = {**base, **{k: v for k, v in options.items() if k != "model"}, "recipe": recipe}
+    config["model"] = {**options.get("model", {}), **base["model"]}
+    config["online"] = dict(base["online"])
+    if preset != "paper":
+        config["epochs"] = min(int(options.get("epochs", SOFT_PRESETS["paper"]["epochs"])), int(base["epochs"]))
+    return config
+
+
+def recipe_for_set(distilled, recipe: str | None = "auto") -> str:
+    """The recipe name ``recipe`` means for ``distilled``: itself, or for ``"auto"`` (or None) the
+    one its relabel step named (``meta["relabel"]["eval_recipe"]``: the method's published
+    recipe), else ``"ddkit"``."""
+    if recipe in (None, "auto"):
+        return (distilled.meta.get("relabel") or {}).get("eval_recipe") or "ddkit"
+    return recipe
+
+
+def describe_recipe(name: str) -> str:
+    """One line of what recipe ``name`` trains (at the ``paper`` tier), for ``ddkit eval --recipe list``."""
+    c = resolve_soft_config("paper", name)
+    optimizer = f"{c['optimizer']} lr {c['lr']:g}" + (f" momentum {c['momentum']:g}" if c["optimizer"] == "sgd" else "")
+    decay = f"wd {c['weight_decay']:g}" + (" (1-d exempt)" if c["exempt_1d"] else "")
+    schedule = c["schedule"] + (f" after {c['warmup_epochs']} warm-up epochs" if c["warmup_epochs"] else "")
+    if c["loss"] == "kl":
+        loss = f"KL T {c['temperature']:g}" + (" x T^2" if c["t2"] else "")
+    elif c["loss"] == "mse_ce":
+        loss = f"MSE + {c['gamma']:g} CE ({c['ce_label']} label)"
+    else:
+        loss = "the set's loss (KL T 20, or MSE + 0.15 CE for G-VBSM)"
+    return (f"{name:15s} {optimizer}, {decay}, {schedule}, {c['epochs']} epochs, batch {c['batch_size']}, {loss}, "
+            f"student {c['arch']}")
 
 
 def soft_loss(
@@ -83,42 +170,46 @@ def soft_loss(
     labels: torch.Tensor | None = None,
     partner_labels: torch.Tensor | None = None,
     lam: torch.Tensor | None = None,
+    ce_label: str = "base",
 ) -> torch.Tensor:
     """The soft-label loss of a batch (see the module docstring for the formulas).
 
     Args:
         student: student logits float ``[B, K]``.
-        values: teacher logits float ``[B, K]``, or ``[B, k]`` kept logits with ``indices``.
+        values: teacher logits ``[B, K]``, or ``[B, k]`` kept logits with ``indices``; computed in
+            the student's dtype.
         indices: int ``[B, k]`` classes of the kept logits (top-k records), or None.
         loss: ``"kl"`` or ``"mse_ce"``.
         temperature: ``T`` of the KL softmaxes (> 0).
         t2: multiply the KL by ``T**2``.
         gamma: weight of the hard-label CE in ``"mse_ce"``.
-        labels, partner_labels: int64 ``[B]`` classes of the sample and of its mixing partner
-            (``"mse_ce"`` only; partner defaults to ``labels``).
-        lam: float ``[B]`` weight of ``labels`` (default 1).
+        labels, partner_labels: int64 ``[B]`` classes of the sample (its base image) and of its
+            mixing partner (``"mse_ce"`` only; the partner counts with ``ce_label="mixed"``).
+        lam: float ``[B]`` weight of ``labels`` in the mixed CE (default 1).
+        ce_label: ``"base"`` (G-VBSM) or ``"mixed"``.
 
     Returns:
         a scalar tensor.
     """
+    values = values.to(student.dtype)
     if loss == "kl":
         t = float(temperature)
         log_student = F.log_softmax(student / t, dim=1)
         if indices is not None:
             log_student = log_student.gather(1, indices.long())
-        teacher = F.softmax(values.float() / t, dim=1)
+        teacher = F.softmax(values / t, dim=1)
         kl = F.kl_div(log_student, teacher, reduction="batchmean")
         return kl * (t * t) if t2 else kl
     if loss == "mse_ce":
         if labels is None:
             raise DDKitError("the mse_ce soft loss needs the hard labels; pass labels=")
         picked = student if indices is None else student.gather(1, indices.long())
-        mse = F.mse_loss(picked, values.float())
-        partner_labels = labels if partner_labels is None else partner_labels
+        mse = F.mse_loss(picked, values)
         ce_own = F.cross_entropy(student, labels, reduction="none")
-        if lam is None:
+        if ce_label == "base" or lam is None:
             ce = ce_own.mean()
         else:
+            partner_labels = labels if partner_labels is None else partner_labels
             lam = lam.to(student.dtype)
             ce = (lam * ce_own + (1.0 - lam) * F.cross_entropy(student, partner_labels, reduction="none")).mean()
         return mse + float(gamma) * ce
@@ -156,11 +247,12 @@ class ReplaySource:
             in eval mode and run without gradients. Online targets take precedence over records.
         equalize_norm, norm_scope: ensemble options (:func:`ddkit.methods.relabel.ensemble_logits`).
         fp16: round online targets to float16, as stored records are.
+        fill: the padding of padded-crop views in normalised units (a number or one per channel).
     """
 
     def __init__(self, images, plan: ReplayPlan, logits=None, topk_values=None, topk_indices=None, teachers=None,
-                 equalize_norm: bool = False, norm_scope: str = "sample", fp16: bool = True):
-        self.images, self.plan = images, plan
+                 equalize_norm: bool = False, norm_scope: str = "sample", fp16: bool = True, fill=0.0):
+        self.images, self.plan, self.fill = images, plan, fill
         self.logits, self.topk_values, self.topk_indices = logits, topk_values, topk_indices
         self.teachers = None if teachers is None else list(teachers)
         self.equalize_norm, self.norm_scope, self.fp16 = bool(equalize_norm), norm_scope, bool(fp16)
@@ -182,7 +274,7 @@ class ReplaySource:
     def batch(self, epoch: int, index: torch.Tensor) -> SoftBatch:
         """The inputs and targets of samples ``index`` (int64 ``[B]``) at record epoch ``epoch``
         (in ``[0, E)``)."""
-        inputs, partner, lam = replay_inputs(self.images, self.plan, epoch, index)
+        inputs, partner, lam = replay_inputs(self.images, self.plan, epoch, index, self.fill)
         dev = inputs.device
         if self.teachers is not None:
             from ddkit.methods.relabel import ensemble_logits
@@ -201,8 +293,11 @@ class ReplaySource:
 
 
 def _check_config(config: dict) -> None:
-    for name, choices in (("loss", SOFT_LOSSES), ("optimizer", _OPTIMIZERS), ("schedule", _SCHEDULES)):
+    for name, choices in (("loss", SOFT_LOSSES), ("ce_label", CE_LABELS)):
         check_option("evaluation", name, config[name], choices)
+    check_schedule_options(config, "evaluation")
+    if not isinstance(config["arch"], str):
+        raise DDKitError(f"evaluation option arch={config['arch']!r} is not valid; give a model name, e.g. resnet18")
     check_training_options(config, "evaluation")
     check_number("evaluation", "temperature", config["temperature"], above=0)
     check_number("evaluation", "gamma", config["gamma"], minimum=0)
@@ -242,51 +337,20 @@ def train_soft(
     Returns:
         The mean training loss of each epoch (this rank's slices).
     """
-    from ddkit.models.training import DataParallel, end_epoch, optimizer_step
-
-    parallel = DataParallel(model, bool(config.get("sync_bn", False)), compiled)
-    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
-    n = source.num_samples
-    lr = float(config["lr"])
-    if config["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(config["weight_decay"]))
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=float(config["momentum"]),
-                                    weight_decay=float(config["weight_decay"]))
-    total_steps = epochs * math.ceil(n / batch_size)
-    step, losses, first_epoch = 0, [], 0
-    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
-    if resumed is not None:
-        optimizer_state, loop = resumed
-        optimizer.load_state_dict(optimizer_state)
-        step, losses, first_epoch = int(loop["step"]), list(loop["losses"]), int(loop["next_epoch"])
     loss_name = config["loss"]
-    bar = progress(range(first_epoch, epochs), desc=desc, enabled=show_progress, initial=first_epoch, total=epochs)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        record_epoch = epoch % source.epochs
-        total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            if config["schedule"] == "cosine":
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-            index = order[start:start + batch_size]
-            mine, factor = parallel.share(index.numel())
-            index = index[mine]  # each view and its mix partner come from the records, not the batch
-            batch = source.batch(record_epoch, index)
-            own = labels[index.to(labels.device)]
-            mixed_in = labels[batch.partner.to(labels.device)]
-            loss = soft_loss(parallel.module(batch.inputs), batch.values, batch.indices, loss=loss_name,
-                             temperature=float(config["temperature"]), t2=bool(config["t2"]),
-                             gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam)
-            optimizer_step(optimizer, loss, factor)
-            step += 1
-            total += float(loss.detach()) * index.numel()
-            count += index.numel()
-        end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,
-                  {"next_epoch": epoch + 1, "step": step}, last=epoch + 1 == epochs)
-    return losses
+
+    def batch_loss(module, epoch, index, mine):
+        index = index[mine]  # each view and its mix partner come from the records, not the batch
+        batch = source.batch(epoch % source.epochs, index)
+        own = labels[index.to(labels.device)]
+        mixed_in = labels[batch.partner.to(labels.device)]
+        return soft_loss(module(batch.inputs), batch.values, batch.indices, loss=loss_name,
+                         temperature=float(config["temperature"]), t2=bool(config["t2"]),
+                         gamma=float(config["gamma"]), labels=own, partner_labels=mixed_in, lam=batch.lam,
+                         ce_label=config["ce_label"])
+
+    return train_scheduled(model, source.num_samples, config, generator, batch_loss, show_progress, desc, checkpoint,
+                           compiled)
 
 
 class SoftProtocol:
@@ -301,7 +365,8 @@ class SoftProtocol:
 
     Args:
         distilled: the :class:`ddkit.DistilledSet`.
-        config: from ``resolve_config("soft", preset, overrides)``.
+        config: from ``resolve_config("soft", preset, overrides, recipe)`` (the recipe already
+            resolved for this set, :func:`recipe_for_set`).
         teachers: online teachers (module or list), or None to use the set's records.
         teacher_info: JSON-able description of the online teachers, stored in the config.
     """
@@ -360,9 +425,11 @@ class SoftProtocol:
 
     def source(self, device) -> tuple[ReplaySource, torch.Tensor]:
         """The :class:`ReplaySource` and int64 hard labels ``[N]`` on ``device``."""
-        from ddkit.methods.relabel import plan_for
+        from ddkit.augment.crops import padding_for
+        from ddkit.methods.relabel import padding_fill, plan_for
 
         distilled, config = self.distilled, self.config
+        fill = padding_fill(distilled).to(device)
         if self.has_records:
             images, labels = distilled.images.float(), distilled.labels
         else:
@@ -374,15 +441,19 @@ class SoftProtocol:
             plan = self.plan
             if plan is None:
                 epochs = online["epochs"] if online["epochs"] is not None else config["epochs"]
+                padding = 0
+                if online["crop"] == "padded":
+                    padding = padding_for(images.shape[2]) if online["crop_padding"] == "auto" else int(
+                        online["crop_padding"])
                 plan = plan_for(distilled.dataset, int(images.shape[0]), tuple(images.shape[2:]), int(epochs),
                                 int(online["seed"]), online["crop_scale"], online["flip_prob"], online["mix"],
-                                online["mix_beta"])
+                                online["mix_beta"], padding)
             for teacher in self.teachers:
                 teacher.to(device)
             src = ReplaySource(images, plan, teachers=self.teachers, equalize_norm=online["equalize_norm"],
-                               norm_scope=online["norm_scope"], fp16=online["fp16"])
+                               norm_scope=online["norm_scope"], fp16=online["fp16"], fill=fill)
             return src, labels
         extras = distilled.extras
         return ReplaySource(images, self.plan, logits=extras.get(RECORD_PREFIX + "logits"),
                             topk_values=extras.get(RECORD_PREFIX + "topk_values"),
-                            topk_indices=extras.get(RECORD_PREFIX + "topk_indices")), labels
+                            topk_indices=extras.get(RECORD_PREFIX + "topk_indices"), fill=fill), labels

@@ -4,23 +4,30 @@ Synthetic images start as N(0, 1) noise in normalised space and are optimised wi
 (betas 0.5, 0.9, cosine lr to 0) so that a frozen teacher classifies their augmented views as the
 target class while the statistics they induce inside the teacher match the real data's:
 
-    L = CE(teacher(A(x)), y) + r_bn * L_bn + r_conv * L_conv + w_dense * L_dense
+    L = CE(teacher(A(x)), y) + r_bn * L_bn + r_conv * L_conv + densify_weight * L_dense
 
 - ``L_bn``: at the input of every BatchNorm2d, batch mean and biased variance against the running
-  statistics (first layer x ``first_bn_multiplier``), :func:`ddkit.losses.bn_matching_loss`;
-- ``L_conv`` (G-VBSM): at the input of every Conv2d, channel and per-cell patch mean / variance
-  against targets computed once over the augmented real training set and cached next to the
-  teacher; each layer dropped with probability ``conv_drop``;
-- EMA form (G-VBSM, ``ema_alpha``): every statistic's forward value is its EMA over iterations,
-  its gradient that of the current batch (:func:`ddkit.losses.ema_statistic`);
-- ``L_dense`` (G-VBSM): per-class eigenvalue densification of the batch's images;
-- ``A``: RandomResizedCrop (one box for the batch or one per sample; CDA's curriculum on its lower
-  scale bound) + horizontal flip, then a cyclic roll (jitter). After each step every channel is
-  clamped to the normalised image of [0, 1].
+  statistics (Yin et al., "Squeeze, Recover and Relabel", NeurIPS 2023);
+- ``L_conv`` (G-VBSM, Shao et al., CVPR 2024): at the input of every Conv2d, channel mean and
+  variance plus the patch statistics (:func:`ddkit.losses.patch_statistics`) against targets
+  computed once over the augmented real training set and cached next to the teacher; each layer
+  dropped with probability ``conv_drop`` per forward;
+- the first hooked module in module order (the stem: SRe2L's first BatchNorm, G-VBSM's stem
+  Conv2d) counts ``first_multiplier`` times;
+- EMA form (G-VBSM, ``ema_alpha``): every statistic's forward value is its EMA, its gradient that
+  of the current batch (:func:`ddkit.losses.ema_statistic`); the EMA of each hook lives for the
+  whole run of the process, as the published hooks do (``ema_scope=run``; a batch then depends on
+  the batches this process recovered before it), or for one batch (``ema_scope=batch``: every
+  batch's images are the same whatever process recovers it); a dropped conv hook leaves its EMA
+  alone;
+- ``L_dense`` (G-VBSM): per-class eigenvalue densification of the augmented batch;
+- ``A``: RandomResizedCrop (CDA's curriculum on its lower scale bound) or padded RandomCrop
+  (G-VBSM on CIFAR / Tiny-ImageNet), horizontal flip, then a cyclic roll (jitter). After each step
+  every channel is clamped to the normalised image of [0, 1].
 
-Teachers are used round-robin, one per iteration (a pool of one for SRe2L and CDA). Feature
-maps are collected by forward pre-hooks that append to a local list and are removed when the
-forward is done: no state is left on the teacher.
+Teachers are used round-robin, one per iteration, counted over the whole run (a pool of one for
+SRe2L and CDA). Feature maps are collected by forward pre-hooks that append to a local list and
+are removed when the forward is done: no state is left on the teacher.
 
 Images are processed in batches of ``batch_size`` items (class, slot); ``batch_mode`` says which
 items share a batch: ``spread`` (many classes, one image each, SRe2L) or ``class-major`` (few
@@ -42,25 +49,31 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ddkit import distributed
-from ddkit.augment.crops import apply_crops, apply_flips, apply_jitter, cda_min_scale, sample_crops, sample_flips, sample_jitter
+from ddkit.augment.crops import CROP_KINDS, JITTER_MODES, augment_batch, cda_min_scale, padding_for
 from ddkit.checkpoint import BatchCheckpoints, generator_state, restore_generator
 from ddkit.errors import DDKitError
 from ddkit.losses.statistics import (
+    PATCH_FORMS,
     ConvStatistics,
-    bn_matching_loss,
     bn_statistics,
-    conv_statistics_loss,
+    bn_statistics_distance,
+    conv_statistics,
+    conv_statistics_distance,
     densification_loss,
     ema_statistic,
-    patch_statistics,
+    first_layer_weights,
 )
 from ddkit.methods.matching import NonFiniteLoss
-from ddkit.methods.relabel import auto_flip_prob
+from ddkit.methods.relabel import auto_flip_prob, padding_fill
 from ddkit.utils import check_flag, check_number, check_option, denormalize, make_generator, normalize, progress
 
-BATCH_MODES = ("spread", "class-major")
+BATCH_MODES = ("spread", "class-major", "class-tenths")
 CURRICULA = ("none", "cosine", "linear", "step")
 PATCH_POLICIES = ("fit", "strict")
+#: G-VBSM's densification as published (``reference``) or ddkit's unit-norm, class-averaged form
+DENSIFY_FORMS = ("reference", "unit")
+#: how long an EMA statistic lives: the whole run of a process (G-VBSM's hooks) or one batch
+EMA_SCOPES = ("run", "batch")
 
 
 @contextlib.contextmanager
@@ -83,8 +96,10 @@ def capture_inputs(model: nn.Module, types: tuple[type, ...]):
 def item_order(num_classes: int, ipc: int, mode: str) -> torch.Tensor:
     """The (class, slot) items in batch order as an int64 ``[K * ipc, 2]`` tensor.
 
-    ``spread``: slot-major, so consecutive items are different classes; ``class-major``: all slots
-    of class 0, then class 1, ...
+    ``spread``: slot-major, so consecutive items are different classes (SRe2L, CDA);
+    ``class-major``: all slots of class 0, then class 1, ... (G-VBSM on CIFAR); ``class-tenths``:
+    the slots cut into ten groups, and group by group every class's slots of that group (G-VBSM on
+    Tiny-ImageNet: at IPC 50 a batch of 100 holds 20 classes of 5 images).
     """
     if mode not in BATCH_MODES:
         raise DDKitError(f"batch_mode={mode!r} is not valid; choose one of: {', '.join(BATCH_MODES)}")
@@ -93,14 +108,16 @@ def item_order(num_classes: int, ipc: int, mode: str) -> torch.Tensor:
     items = torch.stack((classes, slots), dim=1)
     if mode == "spread":
         items = items[torch.argsort(slots * num_classes + classes)]
+    elif mode == "class-tenths":
+        group = slots * 10 // ipc
+        items = items[torch.argsort((group * num_classes + classes) * ipc + slots)]
     return items
 
 
 def patch_cells_for(shape: torch.Size, cells: int, policy: str) -> int | None:
-    """The patch cell count used at a conv input of ``shape`` (None: no patch statistics there).
-
-    ``fit``: patch statistics where ``cells`` divides both sides; ``strict``: every layer must fit.
-    """
+    """The cell count of ``patch_form=cells`` at a conv input of ``shape`` (None: no cell
+    statistics there). ``fit``: cells where ``cells`` divides both sides; ``strict``: every layer
+    must fit."""
     h, w = int(shape[-2]), int(shape[-1])
     if cells <= 0:
         return None
@@ -112,31 +129,177 @@ def patch_cells_for(shape: torch.Size, cells: int, policy: str) -> int | None:
     return None
 
 
-def _cell_sums(x: torch.Tensor, cells: int | None):
-    """Per-channel and per-cell sums of x and x^2 in float64 (for exact pooled statistics)."""
-    x = x.detach().double()
-    n, c, h, w = x.shape
-    sums = [x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3))]
-    if cells:
-        v = x.reshape(n, c, cells, h // cells, cells, w // cells)
-        sums += [v.sum(dim=(0, 3, 5)), v.pow(2).sum(dim=(0, 3, 5))]
-    return sums, n * h * w
+def conv_modules(model: nn.Module) -> list[nn.Conv2d]:
+    """Every Conv2d of ``model`` in module (registration) order: the order of the conv targets."""
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def conv_patch(config: dict, shape: torch.Size) -> int | None:
+    """The ``patch`` argument of :func:`ddkit.losses.conv_statistics` at a conv input of ``shape``:
+    ``patch_size`` pixels for ``patch_form=reference`` (any map size), the cell count where it fits
+    for ``patch_form=cells``, None without patch statistics (``patch_size`` / ``patch_cells`` 0)."""
+    if config["patch_form"] == "reference":
+        return int(config["patch_size"]) or None
+    return patch_cells_for(shape, int(config["patch_cells"]), config["patch_policy"])
+
+
+def hook_distance(x: torch.Tensor, target, ema: dict, key: tuple, alpha: float | None, norm: str = "l2",
+                  patch: int | None = None, form: str = "reference", ema_start: str = "statistic") -> torch.Tensor:
+    """The distance ``r`` of one hooked layer's input ``x`` ``[N, C, H, W]`` from its target.
+
+    ``target``: ``(running_mean, running_var)`` of a BatchNorm2d, or the :class:`ConvStatistics`
+    of a Conv2d (patch statistics of the ``form`` with ``patch`` when the target has them). With
+    ``alpha`` each statistic enters through :func:`ddkit.losses.ema_statistic`, its EMA kept in
+    ``ema`` under ``(*key, field)`` (updated in place; ``ema_start`` for a new entry). Returns a
+    0-dim tensor differentiable with respect to ``x``.
+    """
+    conv = isinstance(target, ConvStatistics)
+    stats = conv_statistics(x, patch if target.patch_mean is not None else None, form) if conv else bn_statistics(x)
+    if alpha is not None:
+        values = []
+        for field, value in enumerate(stats):
+            if value is not None:
+                name = (*key, field)
+                value, ema[name] = ema_statistic(value, ema.get(name), float(alpha), ema_start)
+            values.append(value)
+        stats = ConvStatistics(*values) if conv else tuple(values)
+    if conv:
+        return conv_statistics_distance(stats, target, norm)
+    return bn_statistics_distance(stats[0], stats[1], target[0], target[1], norm)
+
+
+class StatisticsHooks:
+    """The statistics terms of one teacher: its hooked modules in module order and their weights.
+
+    BatchNorm2d inputs are hooked when ``r_bn > 0``, Conv2d inputs when ``conv_targets`` are given
+    (one :class:`ConvStatistics` per :func:`conv_modules` entry). The first hooked module in module
+    order counts ``first_multiplier`` times, as the published code weights its first hook: for
+    every network of G-VBSM's pool that is the stem Conv2d, for SRe2L the first BatchNorm2d.
+    """
+
+    def __init__(self, model: nn.Module, config: dict, conv_targets: list[ConvStatistics] | None = None):
+        self.config = config
+        bn_on = float(config["r_bn"]) > 0
+        self.conv_target = {}
+        if conv_targets is not None:
+            self.conv_target = dict(zip(conv_modules(model), conv_targets))
+        self.modules = [m for m in model.modules()
+                        if (bn_on and isinstance(m, nn.BatchNorm2d)) or m in self.conv_target]
+        self.weights = first_layer_weights(len(self.modules), float(config["first_multiplier"]))
+        self.convs = [m for m in self.modules if isinstance(m, nn.Conv2d)]
+
+    def distances(self, inputs: dict, ema: dict, key: int, keep: dict | None = None) -> list[torch.Tensor | None]:
+        """``r`` of every hooked module, in module order (None: not called, or a dropped conv).
+
+        Args:
+            inputs: module -> its input of this forward.
+            ema: the run's EMA state (updated in place for the hooks that count).
+            key: the teacher's index, which keys its EMA entries.
+            keep: conv module -> whether it counts this forward (absent: it counts).
+        """
+        c = self.config
+        alpha = c["ema_alpha"]
+        start = "zero" if c["legacy_ema_zero_start"] else "statistic"
+        out = []
+        for index, module in enumerate(self.modules):
+            x = inputs.get(module)
+            if x is None or (keep is not None and not keep.get(module, True)):
+                out.append(None)
+                continue
+            if isinstance(module, nn.Conv2d):
+                target = self.conv_target[module]
+                patch = conv_patch(c, x.shape)
+            else:
+                target, patch = (module.running_mean, module.running_var), None
+            out.append(hook_distance(x, target, ema, (key, index), alpha, c["stat_norm"], patch, c["patch_form"],
+                                     start))
+        return out
+
+    def losses(self, distances: list[torch.Tensor | None], zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_bn, L_conv): the weighted sums of the BatchNorm and Conv2d hooks' ``distances``."""
+        bn_loss = conv_loss = zero
+        for module, weight, r in zip(self.modules, self.weights, distances):
+            if r is None:
+                continue
+            if isinstance(module, nn.Conv2d):
+                conv_loss = conv_loss + weight * r
+            else:
+                bn_loss = bn_loss + weight * r
+        return bn_loss, conv_loss
+
+
+def conv_target_statistics(model: nn.Module, batches, config: dict) -> list[ConvStatistics]:
+    """G-VBSM's real targets at every Conv2d input of ``model`` (module order) from ``batches``.
+
+    Each batch's statistics (:func:`ddkit.losses.conv_statistics`, float64) are weighted by its
+    size. ``conv_target_batch > 0`` (the published code, batches of 64): the target is the
+    weighted mean of the batch statistics, a mean of batch variances; ``conv_target_batch = 0``:
+    the exactly pooled mean and variance of all the images (``E[x^2] - E[x]^2`` from the same
+    sums).
+
+    Args:
+        model: the teacher (eval mode).
+        batches: iterable of normalised, augmented image batches ``[B, C, H, W]``.
+        config: recover options (``patch_form``, ``patch_size``, ``patch_cells``, ``patch_policy``,
+            ``conv_target_batch``).
+
+    Returns:
+        One :class:`ConvStatistics` per Conv2d (float64, on the batches' device).
+    """
+    convs = conv_modules(model)
+    sums, count = None, 0
+    with torch.no_grad():
+        for batch in batches:
+            with capture_inputs(model, (nn.Conv2d,)) as taps:
+                model(batch)
+            inputs = dict(taps)
+            n = int(batch.shape[0])
+            stats = [conv_statistics(inputs[m].double(), conv_patch(config, inputs[m].shape), config["patch_form"])
+                     for m in convs]
+            if sums is None:
+                sums = [[[None, None, None] for _ in s] for s in stats]
+            for layer, s in zip(sums, stats):
+                for slot, (mean, var) in zip(layer, ((s.mean, s.var), (s.patch_mean, s.patch_var))):
+                    if mean is None:
+                        continue
+                    terms = (n * mean, n * var, n * mean.pow(2))
+                    slot[:] = terms if slot[0] is None else [a + b for a, b in zip(slot, terms)]
+            count += n
+    if sums is None:
+        raise DDKitError("no real images to compute the conv targets from; give conv_target_images >= 1 or 0 (all)")
+    exact = int(config["conv_target_batch"]) == 0
+    targets = []
+    for layer in sums:
+        fields = []
+        for mean_sum, var_sum, square_sum in layer:
+            if mean_sum is None:
+                fields += [None, None]
+                continue
+            mean = mean_sum / count
+            var = (var_sum + square_sum) / count - mean.pow(2) if exact else var_sum / count
+            fields += [mean, var.clamp_min(0)]
+        targets.append(ConvStatistics(fields[0], fields[1], fields[2], fields[3]))
+    return targets
 
 
 def real_conv_targets(teacher, real, config: dict, device, show_progress: bool = False) -> list[ConvStatistics]:
     """G-VBSM's real targets at every Conv2d input of ``teacher``: cached, computed once.
 
-    Over ``conv_target_images`` random training images (0 = all), each augmented once with the
-    recover crop + flip (lowest scale ``crop_scale_min``), the exact mean and biased variance per
-    channel (and per cell where :func:`patch_cells_for` allows) pooled over every image and pixel.
-    Cached as safetensors in the teacher's folder, keyed by everything that changes them.
+    Over ``conv_target_images`` random training images (0 = all, as published), each augmented
+    once with the recover crop and flip, drawn per image as a data loader does (no roll), in
+    batches of ``conv_target_batch`` (:func:`conv_target_statistics`). A padded crop pads the
+    image with black, as torchvision pads an image before normalising. Cached as safetensors in
+    the teacher's folder, keyed by everything that changes them.
 
     Returns:
-        One :class:`ConvStatistics` per Conv2d in forward order (float32, on ``device``).
+        One :class:`ConvStatistics` per Conv2d in module order (float32, on ``device``).
     """
-    spec = {"images": int(config["conv_target_images"]), "cells": int(config["patch_cells"]),
-            "policy": config["patch_policy"], "scale_min": float(config["crop_scale_min"]),
-            "flip": _flip_prob(config, real), "crop": bool(config["crop"]), "seed": int(config["conv_target_seed"])}
+    size = real.image_shape[1]
+    spec = {"images": int(config["conv_target_images"]), "form": config["patch_form"],
+            "patch": int(config["patch_size"]) if config["patch_form"] == "reference" else int(config["patch_cells"]),
+            "policy": config["patch_policy"], "crop": config["crop"], "scale_min": float(config["crop_scale_min"]),
+            "padding": crop_padding(config, size), "flip": _flip_prob(config, real),
+            "batch": int(config["conv_target_batch"]), "seed": int(config["conv_target_seed"])}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     cache = teacher.path / f"conv-targets-{key}.safetensors"
     if cache.is_file():
@@ -151,33 +314,18 @@ def real_conv_targets(teacher, real, config: dict, device, show_progress: bool =
     images = real.train.images
     if 0 < spec["images"] < images.shape[0]:
         images = images[torch.randperm(images.shape[0], generator=generator)[:spec["images"]]]
-    totals, counts, cells_of = None, None, None
-    bar = progress(range(0, images.shape[0], 256), desc="conv targets", enabled=show_progress)
-    with torch.no_grad():
-        for start in bar:
-            batch = normalize(images[start:start + 256].float().div(255.0), real.mean, real.std).to(device)
-            batch = _augment(batch, config, real, generator, 0, 1, per_sample=True, jitter=False)[0]
-            with capture_inputs(teacher.model, (nn.Conv2d,)) as taps:
-                teacher.model(batch)
-            if cells_of is None:
-                cells_of = [patch_cells_for(x.shape, spec["cells"], spec["policy"]) for _, x in taps]
-                totals = [None] * len(taps)
-                counts = [0] * len(taps)
-            for i, (_, x) in enumerate(taps):
-                sums, count = _cell_sums(x, cells_of[i])
-                totals[i] = sums if totals[i] is None else [a + b for a, b in zip(totals[i], sums)]
-                counts[i] += count
-    targets, tensors = [], {"layers": torch.tensor(len(totals))}
-    for i, (sums, count) in enumerate(zip(totals, counts)):
-        mean = sums[0] / count
-        var = (sums[1] / count - mean.pow(2)).clamp_min(0)
-        fields = [mean, var]
-        if cells_of[i]:
-            per_cell = count / cells_of[i] ** 2
-            p_mean = sums[2] / per_cell
-            fields += [p_mean, (sums[3] / per_cell - p_mean.pow(2)).clamp_min(0)]
-        stats = ConvStatistics(*(f.float() for f in fields))
-        targets.append(ConvStatistics(*(f.to(device) if f is not None else None for f in stats)))
+    step = spec["batch"] or 256
+    black = padding_fill(real.mean, real.std).to(device)
+
+    def batches():
+        for start in progress(range(0, images.shape[0], step), desc="conv targets", enabled=show_progress):
+            batch = normalize(images[start:start + step].float().div(255.0), real.mean, real.std).to(device)
+            yield augment(batch, config, real, generator, 0, 1, per_sample=True, jitter=False, fill=black)[0]
+
+    targets = [ConvStatistics(*(f.float() if f is not None else None for f in t))
+               for t in conv_target_statistics(teacher.model, batches(), config)]
+    tensors = {"layers": torch.tensor(len(targets))}
+    for i, stats in enumerate(targets):
         tensors.update({f"{i}.{name}": f.cpu().contiguous() for name, f in zip(ConvStatistics._fields, stats)
                         if f is not None})
     tmp = cache.with_suffix(".tmp")
@@ -193,25 +341,34 @@ def _flip_prob(config: dict, real) -> float:
     return 0.5 if config["flip"] else 0.0
 
 
-def _augment(x: torch.Tensor, config: dict, real, generator: torch.Generator, iteration: int, total: int,
-             per_sample: bool | None = None, jitter: bool = True):
-    """RandomResizedCrop (+ CDA lower bound) + flip, then the jitter roll. Returns (x_aug, min_scale).
+def crop_padding(config: dict, image_size: int) -> int:
+    """The padding of ``crop=padded``: ``crop_padding`` pixels, or for ``auto`` G-VBSM's 4 px at
+    32 px and 8 px at 64 px (:func:`ddkit.augment.crops.padding_for`)."""
+    value = config["crop_padding"]
+    return padding_for(image_size) if value == "auto" else int(value)
 
-    The real-data targets use the crop and flip only (``jitter=False``): the roll is a recover-time
-    regulariser of the synthetic images, not part of the data's distribution."""
-    flip_prob = _flip_prob(config, real)
-    per_sample = bool(config["crop_per_sample"]) if per_sample is None else per_sample
+
+def augment(x: torch.Tensor, config: dict, real, generator: torch.Generator, iteration: int, total: int,
+            per_sample: bool | None = None, jitter: bool = True, fill=0.0):
+    """The recover augmentation of ``x`` ``[N, C, H, W]`` (:func:`ddkit.augment.crops.augment_batch`).
+
+    ``crop``: ``resized`` (RandomResizedCrop, lower scale ``crop_scale_min`` raised by CDA's
+    curriculum), ``padded`` (RandomCrop with ``crop_padding``, padding value ``fill``; G-VBSM pads
+    its normalised synthetic batch with 0) or ``none`` (flip only); one draw for the batch unless
+    ``per_sample``. Then a cyclic roll of up to ``jitter`` pixels (``jitter_mode``). The real-data
+    targets use the crop and flip only (``jitter=False``): the roll is a recover-time regulariser
+    of the synthetic images.
+
+    Returns:
+        (augmented x, the crop's lower scale bound).
+    """
     low = float(config["crop_scale_min"])
     if config["curriculum"] != "none":
         low = max(low, cda_min_scale(iteration, total, float(config["milestone"]), config["curriculum"]))
-    if config["crop"]:
-        params = sample_crops(x.shape[0], tuple(x.shape[-2:]), generator, scale=(low, 1.0),
-                              per_sample=per_sample, flip_prob=flip_prob)
-        x = apply_crops(x, params, tuple(x.shape[-2:]))
-    elif flip_prob > 0:
-        x = apply_flips(x, sample_flips(x.shape[0] if per_sample else 1, generator, flip_prob).to(x.device))
-    if jitter and int(config["jitter"]) > 0:
-        x = apply_jitter(x, sample_jitter(int(config["jitter"]), generator))
+    per_sample = bool(config["crop_per_sample"]) if per_sample is None else per_sample
+    x = augment_batch(x, generator, config["crop"], _flip_prob(config, real), per_sample, (low, 1.0),
+                      crop_padding(config, int(x.shape[-2])), fill, int(config["jitter"]) if jitter else 0,
+                      config["jitter_mode"])
     return x, low
 
 
@@ -234,13 +391,15 @@ class RecoverEngine:
         mean = torch.tensor(real.mean, device=device).view(1, channels, 1, 1)
         std = torch.tensor(real.std, device=device).view(1, channels, 1, 1)
         self.low, self.high = (0 - mean) / std, (1 - mean) / std
-        self.bn_layers = [[m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d)] for t in teachers]
-        needs_bn = float(config["r_bn"]) > 0
-        if needs_bn and not any(self.bn_layers):
+        if float(config["r_bn"]) > 0 and not any(isinstance(m, nn.BatchNorm2d) for t in teachers
+                                                 for m in t.model.modules()):
             raise DDKitError("r_bn > 0 but no teacher has a BatchNorm2d layer; use BatchNorm teachers or --set r_bn=0")
-        self.conv_targets = None
+        conv_targets = [None] * len(teachers)
         if float(config["r_conv"]) > 0:
-            self.conv_targets = [real_conv_targets(t, real, config, device, show_progress) for t in teachers]
+            conv_targets = [real_conv_targets(t, real, config, device, show_progress) for t in teachers]
+        self.hooks = [StatisticsHooks(t.model, config, targets) for t, targets in zip(teachers, conv_targets)]
+        #: the EMA of every hooked statistic, kept over the whole run (G-VBSM's hooks are never reset)
+        self.ema: dict[tuple, torch.Tensor] = {}
         self.log: list[dict] = []
         self._store, self._checkpoint, self._every = None, {}, None
 
@@ -250,88 +409,97 @@ class RecoverEngine:
             raise DDKitError("the recover step needs at least one teacher")
         for name in ("iterations", "batch_size", "log_every", "densify_pool"):
             check_number("recover", name, c[name], integer=True, minimum=1)
-        for name in ("patch_cells", "conv_target_images", "jitter"):
+        for name in ("patch_cells", "patch_size", "conv_target_images", "conv_target_batch", "jitter"):
             check_number("recover", name, c[name], integer=True, minimum=0)
-        for name in ("r_bn", "r_conv", "densify_weight", "first_bn_multiplier"):
+        for name in ("r_bn", "r_conv", "densify_weight", "first_multiplier"):
             check_number("recover", name, c[name], minimum=0)
         check_number("recover", "lr", c["lr"], above=0)
         check_number("recover", "densify_temperature", c["densify_temperature"], above=0)
         for name in ("crop_scale_min", "conv_drop"):
             check_number("recover", name, c[name], minimum=0, maximum=1)
+        if c["conv_drop"] == 1:
+            raise DDKitError("recover option conv_drop=1 drops every conv term; give a probability below 1")
         check_number("recover", "milestone", c["milestone"], minimum=0, maximum=1)
-        for name in ("crop", "crop_per_sample", "densify_normalize"):
+        check_option("recover", "ema_scope", c["ema_scope"], EMA_SCOPES)
+        if c["ema_alpha"] is not None:
+            check_number("recover", "ema_alpha", c["ema_alpha"], minimum=0, maximum=1)
+        if c["crop_padding"] != "auto":
+            check_number("recover", "crop_padding", c["crop_padding"], integer=True, minimum=0)
+        for name in ("crop_per_sample", "legacy_ema_zero_start"):
             check_flag("recover", name, c[name])
+        if c["flip"] != "auto":
+            check_flag("recover", "flip", c["flip"])
         for name, choices in (("curriculum", CURRICULA), ("patch_policy", PATCH_POLICIES), ("batch_mode", BATCH_MODES),
-                              ("stat_norm", ("l2", "l2sq", "mse"))):
+                              ("stat_norm", ("l2", "l2sq", "mse")), ("crop", CROP_KINDS), ("patch_form", PATCH_FORMS),
+                              ("jitter_mode", JITTER_MODES), ("densify_form", DENSIFY_FORMS)):
             check_option("recover", name, c[name], choices)
+        if c["curriculum"] != "none" and c["crop"] != "resized":
+            raise DDKitError(f"CDA's curriculum={c['curriculum']} moves the scale of a RandomResizedCrop, but crop="
+                             f"{c['crop']}; set crop=resized or curriculum=none")
         size = self.real.image_shape[1]
-        if int(c["patch_cells"]) > size:
+        if c["patch_form"] == "cells" and int(c["patch_cells"]) > size:
             raise DDKitError(f"patch_cells={c['patch_cells']} is larger than the {size}px images; pick a cell count "
                              "that divides the teacher's feature maps")
 
-    def _statistics_losses(self, t_index: int, taps, ema: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_bn, L_conv) of one forward's captured inputs (0 when switched off)."""
-        c = self.config
-        alpha = c["ema_alpha"]
+    def _statistics_losses(self, t_index: int, taps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_bn, L_conv) of one forward's captured inputs (0 when switched off).
+
+        Each conv hook is dropped with probability ``conv_drop`` (one uniform per conv hook and
+        forward from the batch generator); a dropped hook's EMA is not updated."""
+        hooks = self.hooks[t_index]
         zero = taps[0][1].sum() * 0.0 if taps else torch.zeros((), device=self.device)
+        keep = None
+        drop = float(self.config["conv_drop"])
+        if drop > 0 and hooks.convs:
+            draws = torch.rand(len(hooks.convs), generator=self.generator, device=self.generator.device)
+            keep = dict(zip(hooks.convs, (draws >= drop).tolist()))
+        return hooks.losses(hooks.distances(dict(taps), self.ema, t_index, keep), zero)
 
-        def maybe_ema(key, value):
-            if alpha is None:
-                return value
-            out, ema[key] = ema_statistic(value, ema.get(key), float(alpha))
-            return out
-
-        bn_loss = conv_loss = zero
-        if float(c["r_bn"]) > 0 and self.bn_layers[t_index]:
-            stats, targets = [], []
-            bn_inputs = [x for m, x in taps if isinstance(m, nn.BatchNorm2d)]
-            for i, (layer, x) in enumerate(zip(self.bn_layers[t_index], bn_inputs)):
-                mean, var = bn_statistics(x)
-                stats.append((maybe_ema(("bn", t_index, i, 0), mean), maybe_ema(("bn", t_index, i, 1), var)))
-                targets.append((layer.running_mean, layer.running_var))
-            bn_loss = bn_matching_loss(stats, targets, float(c["first_bn_multiplier"]), c["stat_norm"])
-        if self.conv_targets is not None:
-            conv_inputs = [x for m, x in taps if isinstance(m, nn.Conv2d)]
-            targets = self.conv_targets[t_index]
-            stats = []
-            for i, (x, target) in enumerate(zip(conv_inputs, targets)):
-                cells = target.patch_mean.shape[-1] if target.patch_mean is not None else None
-                mean, var = bn_statistics(x)
-                fields = [mean, var]
-                if cells:
-                    fields += list(patch_statistics(x, cells))
-                fields = [maybe_ema(("conv", t_index, i, j), f) for j, f in enumerate(fields)]
-                stats.append(ConvStatistics(*fields))
-            conv_loss = conv_statistics_loss(stats, targets, c["stat_norm"], float(c["conv_drop"]), self.generator)
-        return bn_loss, conv_loss
+    def _densification(self, x_aug: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """G-VBSM's densification of the augmented batch (``densify_form``: the published form or
+        ddkit's unit-norm, class-averaged one)."""
+        c = self.config
+        unit = c["densify_form"] == "unit"
+        return densification_loss(x_aug, labels, int(c["densify_pool"]), float(c["densify_temperature"]),
+                                  normalize=unit, reduction="mean" if unit else "sum")
 
     def _start_batch(self, labels: torch.Tensor, batch_index: int, saved=None):
         """The optimisation state of a batch: fresh (noise from the batch's own generator) or as
-        ``saved`` (a :meth:`_batch_state` from a checkpoint). Returns (x, optimizer, ema, log, next
-        iteration)."""
+        ``saved`` (a :meth:`_batch_state` from a checkpoint, which also restores the run's EMA).
+        Returns (x, optimizer, log, next iteration)."""
         c = self.config
         self.generator = make_generator(self.seed * 100003 + batch_index)
         if saved is None:
+            if c["ema_scope"] == "batch":
+                self.ema = {}
             shape = (labels.numel(), *self.real.image_shape)
             x = torch.randn(shape, generator=self.generator).to(self.device).requires_grad_(True)
-            return x, torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"])), {}, [], 0
+            return x, torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"])), [], 0
         tensors, meta = saved
         x = tensors["x"].to(self.device).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=float(c["lr"]), betas=tuple(c["betas"]))
         optimizer.state[x] = {name: tensors[f"adam.{name}"].to(self.device if name != "step" else "cpu").clone()
                               for name in ("step", "exp_avg", "exp_avg_sq")}
         restore_generator(self.generator, tensors["generator"])
-        ema = {tuple(json.loads(name[len("ema."):])): value.to(self.device)
-               for name, value in tensors.items() if name.startswith("ema.")}
-        return x, optimizer, ema, list(meta["log"]), int(meta["iteration"])
+        self._restore_ema(tensors)
+        return x, optimizer, list(meta["log"]), int(meta["iteration"])
 
-    def _batch_state(self, x, optimizer, ema: dict) -> dict[str, torch.Tensor]:
+    def _ema_tensors(self) -> dict[str, torch.Tensor]:
+        """The run's EMA state as checkpoint tensors (``ema.<json key>``)."""
+        return {"ema." + json.dumps(list(key)): value.detach() for key, value in self.ema.items()}
+
+    def _restore_ema(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the run's EMA state from checkpoint tensors (:meth:`_ema_tensors`)."""
+        self.ema = {tuple(json.loads(name[len("ema."):])): value.to(self.device)
+                    for name, value in tensors.items() if name.startswith("ema.")}
+
+    def _batch_state(self, x, optimizer) -> dict[str, torch.Tensor]:
         """Everything :meth:`_start_batch` needs to continue a batch exactly: the images, Adam's
         moments and step, the batch generator and the EMA statistics."""
         state = optimizer.state[x]
         tensors = {"x": x.detach(), "generator": generator_state(self.generator)}
         tensors.update({f"adam.{name}": state[name] for name in ("step", "exp_avg", "exp_avg_sq")})
-        tensors.update({"ema." + json.dumps(list(key)): value.detach() for key, value in ema.items()})
+        tensors.update(self._ema_tensors())
         return tensors
 
     def _checkpoint_interval(self, started: float, steps: int) -> int:
@@ -353,7 +521,7 @@ class RecoverEngine:
         """
         c = self.config
         iterations = int(c["iterations"])
-        x, optimizer, ema, log, start = self._start_batch(labels, batch_index, saved)
+        x, optimizer, log, start = self._start_batch(labels, batch_index, saved)
         base_lr = float(c["lr"])
         log_every = max(1, int(c["log_every"]))
         bar.update(start)
@@ -362,15 +530,15 @@ class RecoverEngine:
             distributed.maybe_inject_fault(first_step + it)
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * it / iterations))
-            t_index = it % len(self.teachers)
+            # one teacher per iteration, counted over the run as the published loop's counter
+            t_index = (batch_index * iterations + it) % len(self.teachers)
             teacher = self.teachers[t_index]
-            x_aug, low = _augment(x, c, self.real, self.generator, it, iterations)
+            x_aug, low = augment(x, c, self.real, self.generator, it, iterations)
             with capture_inputs(teacher.model, (nn.BatchNorm2d, nn.Conv2d)) as taps:
                 logits = teacher.model(x_aug)
             ce = F.cross_entropy(logits, labels)
-            bn_loss, conv_loss = self._statistics_losses(t_index, taps, ema)
-            dense = densification_loss(x, labels, int(c["densify_pool"]), float(c["densify_temperature"]),
-                                       bool(c["densify_normalize"])) if float(c["densify_weight"]) > 0 else ce * 0.0
+            bn_loss, conv_loss = self._statistics_losses(t_index, taps)
+            dense = self._densification(x_aug, labels) if float(c["densify_weight"]) > 0 else ce * 0.0
             total = ce + float(c["r_bn"]) * bn_loss + float(c["r_conv"]) * conv_loss + float(c["densify_weight"]) * dense
             if not torch.isfinite(total):
                 raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {it} of batch {batch_index}; "
@@ -391,7 +559,7 @@ class RecoverEngine:
             if self._store is not None and it + 1 < iterations:
                 every = self._checkpoint_interval(started, it + 1 - start)
                 if every and (it + 1) % every == 0:
-                    self._store.save_running(batch_index, self._batch_state(x, optimizer, ema),
+                    self._store.save_running(batch_index, self._batch_state(x, optimizer),
                                              {"iteration": it + 1, "log": log})
         return x.detach(), log
 
@@ -440,6 +608,7 @@ class RecoverEngine:
                 finished = self._store.done(b) if resume else None
                 if finished is not None:
                     images[index] = finished[0]["pixels"]
+                    self._restore_ema(finished[0])  # the EMA as this process left it after that batch
                     self.log.extend(finished[1]["log"])
                     bar.update(iterations)
                     continue
@@ -450,7 +619,7 @@ class RecoverEngine:
                 images[index] = pixels
                 self.log.extend(log)
                 if self._store is not None:
-                    self._store.save_done(b, {"pixels": pixels}, {"log": log})
+                    self._store.save_done(b, {"pixels": pixels, **self._ema_tensors()}, {"log": log})
         seconds = time.perf_counter() - started
         labels = torch.arange(k).repeat_interleave(self.ipc)
         record = {"recover_seconds": round(seconds, 3),

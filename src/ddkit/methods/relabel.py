@@ -1,6 +1,6 @@
 """Relabel a distilled set with a teacher ensemble: FKD-style per-(epoch, sample) soft labels.
 
-SRe2L, CDA and G-VBSM (SPEC 3.1, 3.3) train their students on soft labels that a teacher gives
+SRe2L, CDA and G-VBSM train their students on soft labels that a teacher gives
 to randomly cropped, flipped and mixed views of the synthetic images. :func:`relabel` draws those
 views once for ``E`` record epochs (a :class:`ddkit.augment.replay.ReplayPlan`), runs the teacher
 ensemble on exactly each view and stores the logits (fp16) beside the images, in
@@ -10,6 +10,7 @@ ensemble on exactly each view and stores the logits (fp16) beside the images, in
 name                           dtype        shape / meaning
 ============================== ============ ===============================================
 ``relabel.crop``               int16        ``[E, N, 4]`` crop box (top, left, h, w), input px
+``relabel.crop_padding``       int16        ``[1]`` RandomCrop padding (padded crops only)
 ``relabel.flip``               uint8        ``[E, N]`` 1 = mirrored
 ``relabel.partner``            int32        ``[E, N]`` sample mixed into ``i`` (``i``: none)
 ``relabel.mix_box``            int16        ``[E, N, 4]`` CutMix box (cutmix only)
@@ -30,12 +31,13 @@ from typing import Sequence
 
 import torch
 
+from ddkit.augment.crops import padding_for
 from ddkit.augment.dsa import dsa_strategy_for
 from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
 from ddkit.errors import DDKitError
 from ddkit.utils import check_flag, check_number, make_generator, normalize, progress, resolve_device
 
-__all__ = ["NORM_SCOPES", "ensemble_logits", "auto_flip_prob", "plan_for", "relabel", "EVAL_LOSSES"]
+__all__ = ["NORM_SCOPES", "ensemble_logits", "auto_flip_prob", "plan_for", "padding_fill", "relabel", "EVAL_LOSSES"]
 
 #: how :func:`ensemble_logits` measures a teacher's logit norm when equalising
 NORM_SCOPES = ("sample", "batch")
@@ -58,7 +60,7 @@ def ensemble_logits(
     equalize_norm: bool = False,
     norm_scope: str = "sample",
 ) -> torch.Tensor:
-    """The mean of the teachers' logits on ``inputs`` (G-VBSM's soft labels, SPEC 3.3).
+    """The mean of the teachers' logits on ``inputs`` (G-VBSM's soft labels).
 
     With ``equalize_norm`` (G-VBSM's ImageNet variant) each teacher's logits are first rescaled to
     a common norm, the mean of the teachers' norms, so no teacher dominates by logit scale:
@@ -106,7 +108,7 @@ def ensemble_logits(
 
 def auto_flip_prob(dataset: str, flip_prob: float | None) -> float:
     """``flip_prob`` itself, or for None 0.5 when the dataset's DSA strategy flips and 0.0 when it
-    does not (digits: MNIST, SVHN, digits; SPEC 1.2)."""
+    does not (digits: MNIST, SVHN, digits, as DSA's strategy)."""
     if flip_prob is not None:
         return float(flip_prob)
     return 0.5 if "flip" in dsa_strategy_for(dataset).split("_") else 0.0
@@ -122,6 +124,7 @@ def plan_for(
     flip_prob: float | None = None,
     mix: str = "cutmix",
     mix_beta: float = 1.0,
+    padding: int = 0,
 ) -> ReplayPlan:
     """The replay plan :func:`relabel` draws for these settings: ``sample_replay_plan`` with a
     generator seeded by ``seed`` and flips chosen by :func:`auto_flip_prob`. The soft protocol's
@@ -130,10 +133,19 @@ def plan_for(
     Args:
         dataset: the real dataset's name (decides flips when ``flip_prob`` is None).
         n: number of images; image_size: ``(H, W)`` in pixels; epochs: record epochs ``E``.
+        padding: 0 for RandomResizedCrop views, else the padding of RandomCrop views.
     """
     return sample_replay_plan(n, int(epochs), tuple(int(v) for v in image_size), make_generator(seed),
                               scale=tuple(float(v) for v in crop_scale), flip_prob=auto_flip_prob(dataset, flip_prob),
-                              mix=mix, beta=float(mix_beta))
+                              mix=mix, beta=float(mix_beta), padding=int(padding))
+
+
+def padding_fill(distilled_or_mean, std=None) -> torch.Tensor:
+    """The normalised value of a black pixel per channel ``[C]``: what torchvision's RandomCrop pads
+    an image with before it is normalised (from a set, or from ``mean`` and ``std``)."""
+    mean = getattr(distilled_or_mean, "mean", distilled_or_mean)
+    std = getattr(distilled_or_mean, "std", std)
+    return normalize(torch.zeros(1, len(mean), 1, 1), mean, std).reshape(-1)
 
 
 def relabel(
@@ -153,6 +165,9 @@ def relabel(
     teacher_info: list | None = None,
     eval_loss: str | None = None,
     show_progress: bool = True,
+    crop: str = "resized",
+    crop_padding: int | str = "auto",
+    eval_recipe: str | None = None,
 ):
     """Store FKD-style soft-label records of a teacher ensemble on ``epochs`` replayed views.
 
@@ -170,6 +185,9 @@ def relabel(
         epochs: record epochs ``E`` (the student cycles through them).
         seed: seeds the plan's generator (crops, flips, partners, mixing).
         crop_scale: RandomResizedCrop area range (SRe2L: 0.08..1).
+        crop: ``"resized"`` (RandomResizedCrop, FKD) or ``"padded"`` (RandomCrop with
+            ``crop_padding``, ``"auto"`` = 4 px at 32 px; SRe2L's CIFAR-100 evaluation), padded with
+            black as torchvision pads an image before normalising.
         flip_prob: horizontal-flip probability; None = automatic (0.5, or 0 for digit datasets).
         mix: ``"cutmix"`` (SRe2L/FKD), ``"mixup"`` or ``"none"``.
         mix_beta: the Beta(beta, beta) parameter of the mixing weight.
@@ -184,6 +202,9 @@ def relabel(
             as ``meta["relabel"]["eval_loss"]``, read by ``loss="auto"``); None leaves it unset
             (the protocol then uses "kl").
         show_progress: tqdm bar over the chunks.
+        eval_recipe: the evaluation recipe the soft protocol should use for this set (a name of
+            :data:`ddkit.evaluate.soft.SOFT_RECIPES`, stored as ``meta["relabel"]["eval_recipe"]``,
+            read by ``recipe="auto"``); None leaves it unset.
 
     Returns:
         A new DistilledSet: the same images, labels and metadata (deep-copied; earlier soft-protocol
@@ -210,6 +231,10 @@ def relabel(
     check_flag("relabel", "equalize_norm", equalize_norm)
     if mix not in MIX_MODES:
         raise DDKitError(f"mix={mix!r} is not valid; choose one of: {', '.join(MIX_MODES)}")
+    if crop not in ("resized", "padded"):
+        raise DDKitError(f"relabel option crop={crop!r} is not valid; choose one of: resized, padded")
+    if crop_padding != "auto":
+        check_number("relabel", "crop_padding", crop_padding, integer=True, minimum=1)
     if norm_scope not in NORM_SCOPES:
         raise DDKitError(f"norm_scope={norm_scope!r} is not valid; choose one of: {', '.join(NORM_SCOPES)}")
     if eval_loss is not None and eval_loss not in EVAL_LOSSES:
@@ -226,7 +251,9 @@ def relabel(
     n = int(distilled.images.shape[0])
     height, width = distilled.image_shape[1:]
     flip = auto_flip_prob(distilled.dataset, flip_prob)
-    plan = plan_for(distilled.dataset, n, (height, width), epochs, seed, crop_scale, flip, mix, mix_beta)
+    padding = 0 if crop == "resized" else padding_for(height) if crop_padding == "auto" else int(crop_padding)
+    plan = plan_for(distilled.dataset, n, (height, width), epochs, seed, crop_scale, flip, mix, mix_beta, padding)
+    fill = padding_fill(distilled).to(device)
     images = normalize(distilled.images.float(), distilled.mean, distilled.std).to(device)
     device_plan = plan.to(device)
 
@@ -242,7 +269,7 @@ def relabel(
             chunks = range(0, total, batch_size)
             for start in progress(chunks, total=len(chunks), desc="relabel", enabled=show_progress):
                 flat = torch.arange(start, min(start + batch_size, total), device=device)
-                inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n)
+                inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n, fill)
                 logits = ensemble_logits(teachers, inputs, equalize_norm, norm_scope)
                 if logits.shape[1] != num_classes:
                     raise DDKitError(
@@ -269,7 +296,8 @@ def relabel(
     meta = copy.deepcopy(distilled.meta)
     meta["evaluations"] = [e for e in meta.get("evaluations", []) if e.get("protocol") != "soft"]
     settings = {
-        "epochs": epochs, "seed": int(seed), "crop_scale": [float(v) for v in crop_scale],
+        "epochs": epochs, "seed": int(seed), "crop": crop, "crop_padding": padding,
+        "crop_scale": [float(v) for v in crop_scale],
         "flip_prob": flip, "flip_auto": flip_prob is None, "mix": mix,
         "mix_beta": float(mix_beta) if mix != "none" else None, "topk": topk, "equalize_norm": bool(equalize_norm),
         "norm_scope": norm_scope, "batch_size": batch_size, "teachers": len(teachers),
@@ -278,6 +306,8 @@ def relabel(
     }
     if eval_loss is not None:
         settings["eval_loss"] = eval_loss
+    if eval_recipe is not None:
+        settings["eval_recipe"] = eval_recipe
     meta["relabel"] = settings
     return DistilledSet(
         images=distilled.images.clone(), labels=distilled.labels.clone(), class_names=list(distilled.class_names),

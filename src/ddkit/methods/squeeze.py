@@ -8,11 +8,14 @@ executes code) plus ``manifest.json`` (dataset, shape, classes, architecture, re
 accuracy). The folder name holds a hash of everything that determines the weights, so a changed
 recipe trains and caches a new network and an unchanged one is loaded in well under a second.
 
-The training recipe is the generic classifier schedule of :func:`ddkit.models.training.train_classifier`
-(SGD with momentum, lr x ``decay_factor`` at ``decay_at`` of the epochs), optionally on a random
-subset of the training split; the papers train their teachers the standard way, and no teacher
-recipe for MNIST-sized sets is published, so the paper tier uses a conventional one (see
-:data:`SQUEEZE_PRESETS`).
+A recipe that names a ``schedule`` is one of the papers' teacher recipes (the statistics
+family's presets in :mod:`ddkit.methods.stats_family`) and trains with :func:`train_teacher`:
+SGD with momentum, a constant, cosine or warm-up + cosine learning rate, and the papers' data
+augmentation (padded RandomCrop or RandomResizedCrop, and a flip, drawn per image). A recipe
+without one (``ddkit squeeze``'s generic presets, :data:`SQUEEZE_PRESETS`; IID's feature
+extractors) trains with the generic classifier schedule of
+:func:`ddkit.models.training.train_classifier` (lr x ``decay_factor`` at ``decay_at`` of the
+epochs, no augmentation). Either may train on a random subset of the training split.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ddkit.checkpoint import save_tensors_atomic
@@ -33,7 +37,17 @@ from ddkit.data import data_root
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
 from ddkit.models.training import RunCheckpoint, check_training_options, test_accuracy, train_classifier
-from ddkit.utils import apply_overrides, check_number, lock_file, make_generator, normalize, seeded_global_rng, write_json_atomic
+from ddkit.optim import check_schedule_options, train_scheduled
+from ddkit.utils import (
+    apply_overrides,
+    check_flag,
+    check_number,
+    lock_file,
+    make_generator,
+    normalize,
+    seeded_global_rng,
+    write_json_atomic,
+)
 
 #: Teacher training recipes per tier (every key overridable).
 SQUEEZE_PRESETS: dict[str, dict] = {
@@ -44,14 +58,16 @@ SQUEEZE_PRESETS: dict[str, dict] = {
     "smoke": {"epochs": 6, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64,
               "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 1500, "sync_bn": False},
 }
-#: Recipe keys that change the trained weights (and so the cache key).
-RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "decay_at", "decay_factor", "train_subset")
+#: Recipe keys that change the trained weights (and so the cache key); the keys a recipe lacks are
+#: left out of the key, so a generic recipe keeps the cache entries it had before the papers' ones.
+RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "decay_at", "decay_factor", "train_subset",
+               "schedule", "warmup_epochs", "warmup_start", "crop", "crop_padding", "crop_scale_min", "flip")
 
 
 def build_net(model_config: dict, real, seed: int, device) -> torch.nn.Module:
     """A network for ``real`` from ``{"arch": ..., **options}``, initialised from ``seed``.
 
-    ``depth: None`` of a ConvNet means the SPEC 1.1 default for the image size; other None
+    ``depth: None`` of a ConvNet means the default depth for the image size (3 up to 32 px, 4 at 64 px); other None
     options are dropped (the factory's default applies).
     """
     options = dict(model_config)
@@ -176,6 +192,8 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
     """
     check_training_options(schedule, options_name)
     check_number(options_name, "train_subset", schedule.get("train_subset", 0), integer=True, minimum=0)
+    if "schedule" in schedule:
+        check_teacher_recipe(schedule, options_name)
     recipe = recipe_for(real, model_config, schedule, seed)
     folder = cache_folder(kind, real, recipe)
     teacher = _load_cached(folder, real, device)
@@ -227,14 +245,18 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
         pick = torch.randperm(labels.numel(), generator=generator)[:subset]
         images, labels = images[pick], labels[pick]
     inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
-    config = {"reset_momentum": True, "sync_bn": bool(schedule.get("sync_bn", False)),
-              **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset"}}
     from ddkit import distributed
 
     # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (rank 0 writes).
     checkpoint = RunCheckpoint(folder / "training.safetensors", recipe)
-    train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
-                     desc=desc, checkpoint=checkpoint, compiled=compiled)
+    if "schedule" in schedule:
+        train_teacher(net, inputs, labels.to(device), schedule, generator, real, show_progress=show_progress, desc=desc,
+                      checkpoint=checkpoint, compiled=compiled)
+    else:
+        config = {"reset_momentum": True, "sync_bn": bool(schedule.get("sync_bn", False)),
+                  **{k: schedule[k] for k in RECIPE_KEYS if k != "train_subset" and k in schedule}}
+        train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
+                         desc=desc, checkpoint=checkpoint, compiled=compiled)
     started -= checkpoint.seconds_before
     test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
     accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
@@ -250,6 +272,64 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
     checkpoint.remove()
     distributed.barrier()
     return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
+
+
+def check_teacher_recipe(recipe: dict, what: str = "squeeze") -> None:
+    """Refuse, with one line, a papers'-style teacher recipe no loop could use."""
+    from ddkit.augment.crops import CROP_KINDS
+    from ddkit.utils import check_option
+
+    check_schedule_options(recipe, what)
+    check_option(what, "crop", recipe.get("crop", "none"), CROP_KINDS)
+    check_number(what, "crop_scale_min", recipe.get("crop_scale_min", 0.08), above=0, maximum=1)
+    if recipe.get("crop_padding", "auto") != "auto":
+        check_number(what, "crop_padding", recipe["crop_padding"], integer=True, minimum=0)
+    if recipe.get("flip", "auto") != "auto":
+        check_flag(what, "flip", recipe["flip"])
+
+
+def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: dict,
+                  generator: torch.Generator, real, show_progress: bool = False, desc: str = "squeeze",
+                  checkpoint: RunCheckpoint | None = None, compiled: bool = False) -> list[float]:
+    """Train a teacher with cross-entropy under one of the papers' recipes.
+
+    SGD (``lr``, ``momentum``, ``weight_decay`` on every parameter) with the learning rate of
+    :func:`ddkit.optim.lr_factor` (``schedule`` constant, cosine per step or per epoch, after
+    ``warmup_epochs`` of linear warm-up), batches of ``batch_size`` in a random order per epoch,
+    each image augmented on its own as a data loader would: ``crop`` = ``padded`` (RandomCrop with
+    ``crop_padding``, padded with black as torchvision pads an image before normalising),
+    ``resized`` (RandomResizedCrop from ``crop_scale_min``) or ``none``, then a flip (``flip``:
+    ``auto`` follows the dataset, as relabelling does).
+
+    Args:
+        images: float ``[N, C, H, W]``, normalised, on the model's device.
+        labels: int64 ``[N]`` on the same device.
+        generator: CPU generator of the batch order and every augmentation draw.
+        real: the dataset (name, normalisation).
+        checkpoint: epoch checkpoints (:class:`ddkit.models.training.RunCheckpoint`), or None.
+
+    Returns:
+        The mean training loss of each epoch (this rank's share under torchrun).
+    """
+    from ddkit.augment.crops import augment_batch, padding_for
+    from ddkit.methods.relabel import auto_flip_prob, padding_fill
+
+    size = int(images.shape[-1])
+    padding = padding_for(size) if recipe.get("crop_padding", "auto") == "auto" else int(recipe["crop_padding"])
+    flip = recipe.get("flip", "auto")
+    flip_prob = auto_flip_prob(real.name, None) if flip == "auto" else (0.5 if flip else 0.0)
+    black = padding_fill(real.mean, real.std).to(images.device)
+    scale = (float(recipe.get("crop_scale_min", 0.08)), 1.0)
+
+    def batch_loss(module, epoch, index, mine):
+        # the whole batch is augmented (every process draws the same), then this process's share
+        index = index.to(images.device)
+        batch = augment_batch(images[index], generator, recipe.get("crop", "none"), flip_prob, True, scale, padding,
+                              black)
+        return F.cross_entropy(module(batch[mine]), labels[index[mine]])
+
+    return train_scheduled(model, images.shape[0], recipe, generator, batch_loss, show_progress, desc, checkpoint,
+                           compiled)
 
 
 def squeeze_config(preset: str, overrides=None) -> dict:

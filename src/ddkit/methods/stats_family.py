@@ -1,17 +1,22 @@
 """SRe2L, CDA and G-VBSM: squeeze -> recover -> relabel as presets over shared stages.
 
-A method is data (SPEC section 3): which teachers, the recover options and the relabel options.
-The three stages are separate functions (and CLI commands) and ``distill`` chains them:
+A method is data: which teachers and how they are trained (squeeze), the recover options, the
+relabel options and the evaluation recipe. The three stages are separate functions (and CLI
+commands) and ``distill`` chains them:
 
 1. :func:`method_teachers` trains or loads the teacher pool (:mod:`ddkit.methods.squeeze`, cached);
 2. :class:`ddkit.methods.recover.RecoverEngine` recovers the images;
 3. :func:`ddkit.methods.relabel.relabel` stores per-(epoch, sample) soft-label records from the
-   whole pool, which ``ddkit eval --protocol soft`` replays.
+   whole pool, which ``ddkit eval --protocol soft`` replays under the method's evaluation recipe
+   (:data:`ddkit.evaluate.soft.SOFT_RECIPES`).
 
-Tiers: ``paper`` takes the published settings of the closest published dataset (Tiny-ImageNet's
-recipes for 28-64 px sets, CIFAR's for CIFAR); ``quick`` fits Fashion-MNIST IPC 10 end to end
-(teachers included) into about 20 minutes of two CPU cores with reduced-size teachers and fewer
-iterations; ``smoke`` takes seconds.
+Each method's ``paper`` preset is the published recipe of that method on the closest published
+dataset, its *reference* (:func:`reference_for`): the dataset itself when the paper covers it
+(SRe2L: CIFAR-100, Tiny-ImageNet; CDA: Tiny-ImageNet; G-VBSM: CIFAR-10, CIFAR-100,
+Tiny-ImageNet), else the one of the same image size (and, for G-VBSM's 32 px sets, class count).
+The ``quick`` and ``smoke`` tiers run the same algorithm made smaller (:data:`TIERS`): reduced
+teacher widths and epochs on a subset, fewer recover iterations, fewer relabel and evaluation
+epochs, conv targets from a subset.
 """
 
 from __future__ import annotations
@@ -21,31 +26,105 @@ import copy
 from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
 from ddkit.methods.registry import register_method
-from ddkit.methods.squeeze import SQUEEZE_PRESETS, load_teacher, train_cached
+from ddkit.methods.squeeze import load_teacher, train_cached
 from ddkit.utils import apply_overrides, check_number, override_items
 
-#: Recover options shared by the family (= SRe2L's Tiny-ImageNet recipe, SPEC 3.1).
+#: Recover options shared by the family; each method's published values are in :data:`PUBLISHED`.
 RECOVER_DEFAULTS: dict = {
     "iterations": 4000, "lr": 0.1, "betas": [0.5, 0.9], "batch_size": 100, "batch_mode": "spread",
-    "r_bn": 1.0, "first_bn_multiplier": 10.0, "stat_norm": "l2",
-    "crop": True, "crop_scale_min": 0.08, "crop_per_sample": False, "flip": "auto", "jitter": 4,
-    "curriculum": "none", "milestone": 1.0,
-    "r_conv": 0.0, "patch_cells": 4, "patch_policy": "fit", "conv_drop": 0.0, "conv_target_images": 0,
-    "conv_target_seed": 0, "ema_alpha": None,
-    # densify_normalize: unit-norm rows before the Gram matrix; the literal SPEC formula (False) is
-    # numerically a no-op at real image scale (eigenvalues in the thousands, one-hot softmaxes).
-    "densify_weight": 0.0, "densify_pool": 32, "densify_temperature": 4.0, "densify_normalize": True,
+    "r_bn": 1.0, "first_multiplier": 10.0, "stat_norm": "l2",
+    "crop": "resized", "crop_scale_min": 0.08, "crop_padding": "auto", "crop_per_sample": False, "flip": "auto",
+    "jitter": 4, "jitter_mode": "positive", "curriculum": "none", "milestone": 1.0,
+    # G-VBSM's conv statistics: patch_form reference (patch_size pixels, pooled over batch and
+    # channels) or ddkit's cells (patch_cells per side and channel, patch_policy for misfits)
+    "r_conv": 0.0, "patch_form": "reference", "patch_size": 4, "patch_cells": 4, "patch_policy": "fit",
+    "conv_drop": 0.0, "conv_target_images": 0, "conv_target_batch": 64, "conv_target_seed": 0,
+    "ema_alpha": None, "ema_scope": "run", "legacy_ema_zero_start": False,
+    "densify_weight": 0.0, "densify_pool": 32, "densify_temperature": 4.0, "densify_form": "reference",
     "log_every": 10,
 }
 #: Relabel options (FKD records; one epoch of records per student epoch of the soft protocol).
-RELABEL_DEFAULTS: dict = {"epochs": 1000, "crop_scale_min": 0.08, "mix": "cutmix", "mix_beta": 1.0, "topk": None,
-                          "equalize_norm": False, "batch_size": 256, "eval_loss": "kl"}
+#: ``eval_loss`` and ``eval_recipe`` are what ``ddkit eval --protocol soft`` uses for the set.
+RELABEL_DEFAULTS: dict = {"epochs": 1000, "crop": "resized", "crop_scale_min": 0.08, "crop_padding": "auto",
+                          "mix": "cutmix", "mix_beta": 1.0, "topk": None, "equalize_norm": False, "batch_size": 256,
+                          "eval_loss": "kl", "eval_recipe": "ddkit"}
+#: Teacher training options shared by the papers' recipes (SGD; :func:`ddkit.methods.squeeze.train_teacher`).
+SQUEEZE_DEFAULTS: dict = {"epochs": 50, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 64,
+                          "schedule": "constant", "warmup_epochs": 0, "warmup_start": 0.01, "crop": "padded",
+                          "crop_padding": "auto", "crop_scale_min": 0.08, "flip": "auto", "train_subset": 0,
+                          "sync_bn": False}
 
-PAPER_TEACHERS = {
-    "single": [{"arch": "resnet18_bn"}],
-    "pool": [{"arch": "resnet18_bn"}, {"arch": "convnet", "width": 128, "norm": "instance", "depth": None},
-             {"arch": "mobilenetv2_crd", "width_mult": 0.5}, {"arch": "wrn16_2"}, {"arch": "shufflenetv2_crd", "width_mult": 0.5}],
+#: ResNet-18 with a 3x3 stem and no max-pool: SRe2L's modified torchvision network and G-VBSM's CRD one
+RESNET18 = {"arch": "resnet18_bn"}
+#: G-VBSM's pool in its official order (ResNet18, ConvNetW128, MobileNetV2 x0.5, WRN-16-2, ShuffleNetV2 x0.5)
+GVBSM_POOL = [RESNET18, {"arch": "convnet", "width": 128, "norm": "instance", "depth": None},
+              {"arch": "mobilenetv2_crd", "width_mult": 0.5}, {"arch": "wrn16_2"}, {"arch": "shufflenetv2_crd", "width_mult": 0.5}]
+
+_SRE2L_TINY_TEACHER = {"epochs": 50, "lr": 0.2, "weight_decay": 1e-4, "batch_size": 256, "schedule": "cosine_epoch",
+                       "warmup_epochs": 5, "crop": "resized"}
+_GVBSM_RECOVER = {"iterations": 4000, "lr": 0.05, "r_bn": 0.01, "r_conv": 0.01, "crop": "padded", "jitter": 32,
+                  "conv_drop": 0.4, "ema_alpha": 0.8, "densify_weight": 1.0, "batch_mode": "class-major"}
+
+#: The published recipe of each (method, reference dataset): teachers, squeeze, recover, relabel.
+PUBLISHED: dict[tuple[str, str], dict] = {
+    # SRe2L, small_dataset/{squeeze,recover,relabel}_cifar.py: the teacher 200 epochs, SGD 0.1,
+    # cosine, RandomCrop(32, 4) + flip; recover 1000 it, lr 0.25, r_bn 0.01, no crop, no flip, roll
+    # 0..4; the student online on mixup(0.8) of RandomCrop(32, 4) + flip for 400 epochs
+    ("sre2l", "cifar100"): {
+        "teachers": [RESNET18],
+        "squeeze": {"epochs": 200, "lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine_epoch"},
+        "recover": {"iterations": 1000, "lr": 0.25, "r_bn": 0.01, "crop": "none", "flip": False},
+        "relabel": {"epochs": 400, "crop": "padded", "mix": "mixup", "mix_beta": 0.8, "eval_recipe": "sre2l-cifar100"},
+    },
+    # SRe2L on Tiny-ImageNet (zeyuanyin/tiny-imagenet): the teacher 50 epochs, SGD 0.2, 5 warm-up
+    # epochs then cosine, RandomResizedCrop + flip; recover 4000 it, lr 0.1, r_bn 1, roll -4..4;
+    # the student online on RandomResizedCrop + flip, no mixing, 100 epochs
+    ("sre2l", "tiny"): {
+        "teachers": [RESNET18],
+        "squeeze": _SRE2L_TINY_TEACHER,
+        "recover": {"iterations": 4000, "lr": 0.1, "r_bn": 1.0, "crop": "resized", "jitter_mode": "symmetric"},
+        "relabel": {"epochs": 100, "crop": "resized", "mix": "none", "eval_recipe": "sre2l-tiny"},
+    },
+    # CDA, recover_cda_tiny.py: SRe2L's Tiny teacher, relabel and evaluation (CDA/README: "we follow
+    # SRe2L"), lr 0.4, r_bn 0.05, cosine curriculum to milestone 1, roll 0..4
+    ("cda", "tiny"): {
+        "teachers": [RESNET18],
+        "squeeze": _SRE2L_TINY_TEACHER,
+        "recover": {"iterations": 4000, "lr": 0.4, "r_bn": 0.05, "crop": "resized", "curriculum": "cosine",
+                    "milestone": 1.0},
+        "relabel": {"epochs": 100, "crop": "resized", "mix": "none", "eval_recipe": "sre2l-tiny"},
+    },
+    # G-VBSM, Branch_CIFAR_100: the pool 50 epochs, SGD 0.05, wd 0, batch 64, constant lr,
+    # RandomCrop(32, 4) + flip; recover 4000 it, lr 0.05, r_loss 0.01, RandomCrop(32, 4) + flip and
+    # roll 0..32, drop 0.4, EMA 0.8, densification 1; relabel 1000 epochs of CutMix, MSE + 0.15 CE
+    ("gvbsm", "cifar100"): {
+        "teachers": GVBSM_POOL,
+        "squeeze": {},
+        "recover": _GVBSM_RECOVER,
+        "relabel": {"epochs": 1000, "eval_loss": "mse_ce", "eval_recipe": "gvbsm-cifar100"},
+    },
+    # Branch_CIFAR_10: as CIFAR-100 with teachers squeezed for 5 epochs
+    ("gvbsm", "cifar10"): {
+        "teachers": GVBSM_POOL,
+        "squeeze": {"epochs": 5},
+        "recover": _GVBSM_RECOVER,
+        "relabel": {"epochs": 1000, "eval_loss": "mse_ce", "eval_recipe": "gvbsm-cifar10"},
+    },
+    # Branch_Tiny_ImageNet: the pool 50 epochs, SGD 0.1, batch 128, cosine per epoch,
+    # RandomCrop(64, 8) + flip; recover as CIFAR (padding 8) with the IPC cut in ten groups per
+    # batch; relabel 100 epochs, MSE + 0.1 CE
+    ("gvbsm", "tiny"): {
+        "teachers": GVBSM_POOL,
+        "squeeze": {"lr": 0.1, "batch_size": 128, "schedule": "cosine_epoch"},
+        "recover": {**_GVBSM_RECOVER, "batch_mode": "class-tenths"},
+        "relabel": {"epochs": 100, "eval_loss": "mse_ce", "eval_recipe": "gvbsm-tiny"},
+    },
 }
+#: the datasets each method's papers publish a recipe for (ddkit's dataset names)
+PUBLISHED_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "tiny-imagenet": "tiny"}
+
+#: The smaller tiers: teacher pools of reduced width, and what each tier shrinks. ``caps`` lower a
+#: published count to at most the value; ``sets`` replace an option.
 QUICK_TEACHERS = {
     "single": [{"arch": "convnet", "width": 32, "norm": "batch", "depth": None}],
     # reduced sizes of the G-VBSM pool; MobileNetV2 and ShuffleNetV2 cost 2-4x more per image on
@@ -57,57 +136,98 @@ SMOKE_TEACHERS = {
     "single": [{"arch": "convnet", "width": 8, "norm": "batch", "depth": None}],
     "pool": [{"arch": "convnet", "width": 8, "norm": "batch", "depth": None}, {"arch": "resnet18_bn", "width": 4}],
 }
-
-METHOD_SETTINGS: dict[str, dict] = {
-    "sre2l": {"pool": "single", "recover": {}, "relabel": {"eval_loss": "kl"}},
-    "cda": {"pool": "single", "recover": {"lr": 0.4, "r_bn": 0.05, "curriculum": "cosine", "milestone": 1.0},
-            "relabel": {"eval_loss": "kl"}},
-    "gvbsm": {"pool": "pool",
-              "recover": {"lr": 0.05, "r_bn": 0.01, "r_conv": 0.01, "jitter": 32, "conv_drop": 0.4, "ema_alpha": 0.8,
-                          "densify_weight": 1.0, "batch_mode": "class-major"},
-              "relabel": {"eval_loss": "mse_ce"}},
-}
-#: Published settings that differ on CIFAR (SPEC 3.1 / 3.3).
-PAPER_PER_DATASET: dict[tuple[str, str], dict] = {
-    ("sre2l", "cifar100"): {"recover": {"iterations": 1000, "lr": 0.25, "r_bn": 0.01, "crop": False}},
-}
 TIERS: dict[str, dict] = {
-    "paper": {"teachers": PAPER_TEACHERS, "recover": {}, "relabel": {"epochs": 1000}},
-    "quick": {"teachers": QUICK_TEACHERS, "recover": {"iterations": 500, "conv_target_images": 5000},
-              "relabel": {"epochs": 300}},
-    "smoke": {"teachers": SMOKE_TEACHERS, "recover": {"iterations": 3, "conv_target_images": 200, "log_every": 1},
-              "relabel": {"epochs": 20}},
+    "paper": {"teachers": None, "caps": {}, "sets": {}},
+    "quick": {"teachers": QUICK_TEACHERS,
+              "caps": {"squeeze.epochs": 2, "recover.iterations": 500, "relabel.epochs": 300},
+              "sets": {"squeeze.train_subset": 20000, "recover.conv_target_images": 5000}},
+    "smoke": {"teachers": SMOKE_TEACHERS,
+              "caps": {"squeeze.epochs": 6, "recover.iterations": 3, "relabel.epochs": 20},
+              "sets": {"squeeze.train_subset": 1500, "recover.conv_target_images": 200, "recover.log_every": 1}},
 }
-#: Tier settings that depend on the method. G-VBSM's published recover options (lr 0.05, statistics
-#: weights 0.01, jitter 32) are tuned for 4000 iterations on 32 px images; in the quick tier's 500
-#: iterations on 28 px images they leave the statistics unopposed and the jitter a full cyclic roll,
-#: and the recovered images score below the random subset (docs/benchmarks.md, "G-VBSM quick preset").
-TIER_METHOD_SETTINGS: dict[tuple[str, str], dict] = {
-    ("gvbsm", "quick"): {"recover": {"lr": 0.1, "r_bn": 1.0, "r_conv": 1.0, "jitter": 4}},
-}
-METHODS = tuple(METHOD_SETTINGS)
+METHODS = ("sre2l", "cda", "gvbsm")
+STAGES = ("teachers", "squeeze", "recover", "relabel")
 
 
-def resolve_preset(method: str, dataset: str, preset: str, overrides=None) -> dict:
-    """The full configuration ``{teachers, squeeze, recover, relabel}`` of ``method`` at ``preset``.
+def dataset_facts(dataset: str, real=None):
+    """What the presets need to know of ``dataset``: ``name``, ``image_shape`` ``(C, H, W)`` and
+    ``num_classes``, from ``real`` when given, else from the dataset registry's metadata (no file
+    is read; an ``imagefolder:`` dataset is read to be described)."""
+    from types import SimpleNamespace
 
-    Overrides are ``key=value`` strings or a dict; recover options may be given bare
-    (``lr=0.1``) or qualified (``recover.lr=0.1``, ``relabel.epochs=50``, ``squeeze.epochs=3``).
+    from ddkit.data.registry import DATASETS, resolve_name
+
+    if real is not None:
+        return SimpleNamespace(name=real.name, image_shape=tuple(real.image_shape), num_classes=int(real.num_classes))
+    name, folder = resolve_name(dataset)
+    if folder is not None:
+        from ddkit.data import dataset_info
+
+        info = dataset_info(dataset)
+        return SimpleNamespace(name=name, image_shape=tuple(info["image_shape"]), num_classes=info["num_classes"])
+    spec = DATASETS[name]
+    return SimpleNamespace(name=name, image_shape=tuple(spec.image_shape), num_classes=int(spec.num_classes))
+
+
+def reference_for(method: str, dataset: str, real=None) -> tuple[str, str]:
+    """``(reference, why)``: the published dataset whose recipe ``method`` uses on ``dataset``.
+
+    The dataset itself when ``method``'s paper has a recipe for it; otherwise, by image size:
+    SRe2L takes CIFAR-100's for sets of 32 px or less and Tiny-ImageNet's above; CDA publishes
+    only Tiny-ImageNet (and ImageNet) and takes Tiny-ImageNet's; G-VBSM takes CIFAR-10's for
+    sets of 32 px or less with at most 10 classes, CIFAR-100's for other small sets, and
+    Tiny-ImageNet's above 32 px.
     """
-    if method not in METHOD_SETTINGS:
-        raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_SETTINGS)}")
+    if method not in METHODS:
+        raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    facts = dataset_facts(dataset, real)
+    name, size, classes = facts.name, int(facts.image_shape[1]), facts.num_classes
+    published = PUBLISHED_DATASETS.get(name)
+    if published is not None and (method, published) in PUBLISHED:
+        return published, f"{method}'s published recipe for {name}"
+    if method == "cda":
+        return "tiny", "CDA publishes Tiny-ImageNet and ImageNet recipes only"
+    if size > 32:
+        return "tiny", f"the published recipe of the closest image size ({size} px: Tiny-ImageNet, 64 px)"
+    if method == "gvbsm" and classes <= 10:
+        return "cifar10", f"the published recipe of the closest set ({size} px, {classes} classes: CIFAR-10)"
+    return "cifar100", f"the published recipe of the closest image size ({size} px: CIFAR-100, 32 px)"
+
+
+def resolve_preset(method: str, dataset: str, preset: str, overrides=None, real=None) -> dict:
+    """The full configuration ``{reference, teachers, squeeze, recover, relabel}`` of ``method`` at ``preset``.
+
+    ``paper`` is :data:`PUBLISHED` for the reference of :func:`reference_for`; the other tiers
+    apply :data:`TIERS`. ``real`` (optional) supplies the image size and class count of a dataset
+    the registry does not describe. Overrides are ``key=value`` strings or a dict; recover options
+    may be given bare (``lr=0.1``) or qualified (``recover.lr=0.1``, ``relabel.epochs=50``,
+    ``squeeze.epochs=3``).
+    """
+    if method not in METHODS:
+        raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if preset not in TIERS:
         raise DDKitError(f"unknown preset {preset!r}; choose one of: {', '.join(TIERS)}")
-    settings, tier = METHOD_SETTINGS[method], TIERS[preset]
+    reference, _ = reference_for(method, dataset, real)
+    published, tier = PUBLISHED[(method, reference)], TIERS[preset]
+    squeeze = deep_merge(SQUEEZE_DEFAULTS, published["squeeze"])
     config = {
-        "teachers": copy.deepcopy(tier["teachers"][settings["pool"]]),
-        "squeeze": copy.deepcopy(SQUEEZE_PRESETS[preset]),
-        "recover": deep_merge(deep_merge(RECOVER_DEFAULTS, settings["recover"]), tier["recover"]),
-        "relabel": deep_merge(deep_merge(RELABEL_DEFAULTS, settings["relabel"]), tier["relabel"]),
+        "reference": reference,
+        "teachers": copy.deepcopy(published["teachers"] if tier["teachers"] is None
+                                  else tier["teachers"]["pool" if method == "gvbsm" else "single"]),
+        "squeeze": squeeze,
+        "recover": deep_merge(RECOVER_DEFAULTS, published["recover"]),
+        "relabel": deep_merge(RELABEL_DEFAULTS, published["relabel"]),
     }
-    config = deep_merge(config, TIER_METHOD_SETTINGS.get((method, preset), {}))
-    if preset == "paper":
-        config = deep_merge(config, PAPER_PER_DATASET.get((method, dataset), {}))
+    published_epochs = squeeze["epochs"]
+    for key, cap in tier["caps"].items():
+        stage, name = key.split(".")
+        config[stage][name] = min(config[stage][name], cap)
+    for key, value in tier["sets"].items():
+        stage, name = key.split(".")
+        config[stage][name] = value
+    if squeeze["warmup_epochs"]:  # the warm-up keeps its share of a shortened squeeze
+        share = squeeze["warmup_epochs"] / published_epochs
+        squeeze["warmup_epochs"] = min(squeeze["epochs"] - 1, round(share * squeeze["epochs"]))
     return apply_overrides(config, _qualify(overrides), what=f"{method} option")
 
 
@@ -116,8 +236,7 @@ def _qualify(overrides):
     if overrides is None:
         return None
     items = override_items(overrides)
-    stages = ("teachers", "squeeze", "recover", "relabel")
-    return {(k if k.split(".")[0] in stages else f"recover.{k}"): v for k, v in items}
+    return {(k if k.split(".")[0] in STAGES else f"recover.{k}"): v for k, v in items}
 
 
 def method_teachers(real, config: dict, seed: int, device, show_progress: bool = True, compiled: bool = False) -> list:
@@ -129,6 +248,108 @@ def method_teachers(real, config: dict, seed: int, device, show_progress: bool =
                          show_progress=show_progress, desc=f"squeeze {model.get('arch', 'convnet')}",
                          compiled=compiled)
             for i, model in enumerate(config["teachers"])]
+
+
+def teacher_keys(config: dict, dataset: str, seed: int = 0, real=None) -> list[str]:
+    """The cache folder names (``<arch>-<hash>``) of the teachers :func:`method_teachers` would
+    train or load for ``config``, from the dataset registry's metadata (no file is read); they
+    change with the recipe, as the teachers do."""
+    from ddkit.methods.squeeze import cache_folder, recipe_for
+
+    real = dataset_facts(dataset, real)
+    return [cache_folder("teachers", real, recipe_for(real, model, config["squeeze"], seed + i)).name
+            for i, model in enumerate(config["teachers"])]
+
+
+def _augmentation_text(options: dict, dataset: str, size: int, per: str) -> str:
+    """How a stage crops and flips (recover, squeeze or relabel options), in words."""
+    from ddkit.augment.crops import padding_for
+    from ddkit.methods.relabel import auto_flip_prob
+
+    padding = padding_for(size) if options.get("crop_padding", "auto") == "auto" else int(options["crop_padding"])
+    crop = {"resized": f"RandomResizedCrop (scale {options.get('crop_scale_min', 0.08):g}-1)",
+            "padded": f"RandomCrop padded {padding} px", "none": "no crop"}[options.get("crop", "none")]
+    flip = options.get("flip", "auto")
+    if flip == "auto":
+        flip = "flip" if auto_flip_prob(dataset, None) else "no flip (a digit set)"
+    else:
+        flip = "flip" if flip else "no flip"
+    return f"{crop} + {flip}, {per}"
+
+
+def _schedule_text(options: dict) -> str:
+    schedule = {"constant": "constant lr", "cosine_epoch": "cosine lr per epoch", "cosine": "cosine lr per step",
+                "step": "step lr"}[options["schedule"]]
+    if options.get("warmup_epochs"):
+        schedule = f"{options['warmup_epochs']} linear warm-up epochs, then {schedule}"
+    return schedule
+
+
+def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: int = 0, describe_recipe=None) -> list[str]:
+    """What ``ddkit distill METHOD --plan`` prints: the resolved configuration in words.
+
+    The reference recipe and why, the teachers (with their first hooked module and cache keys),
+    the squeeze recipe, the recover statistics and augmentation, the relabel views and the
+    evaluation recipe (``describe_recipe(name)`` adds its options, when given). Reads the dataset
+    registry's metadata only: no image is loaded and nothing trains.
+    """
+    from ddkit.methods.recover import StatisticsHooks, conv_modules
+    from ddkit.methods.squeeze import build_net
+
+    real = dataset_facts(dataset)
+    config = resolve_preset(method, dataset, preset, overrides, real=real)
+    name, (channels, size, _), classes = real.name, real.image_shape, real.num_classes
+    reference, why = reference_for(method, dataset, real)
+    sq, rc, rl = config["squeeze"], config["recover"], config["relabel"]
+    lines = [f"{method} on {name} ({channels}x{size}x{size}, {classes} classes), preset {preset}: "
+             f"{why} (reference {reference})"]
+    lines.append(f"teachers ({len(config['teachers'])}, one per iteration in turn; cached in "
+                 f"$DDKIT_DATA/teachers/{name}/):")
+    for model, key in zip(config["teachers"], teacher_keys(config, dataset, seed, real)):
+        net = build_net(model, real, seed=0, device="cpu")
+        hooks = StatisticsHooks(net, rc, [None] * len(conv_modules(net)) if float(rc["r_conv"]) > 0 else None)
+        names = {module: module_name for module_name, module in net.named_modules()}
+        first = f"{names[hooks.modules[0]]} ({type(hooks.modules[0]).__name__})" if hooks.modules else "none"
+        options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "arch" and v is not None)
+        lines.append(f"  {key}: {model['arch']}({options}); {len(hooks.modules)} hooked modules, x{rc['first_multiplier']:g} on "
+                     f"the first, {first}")
+    lines.append(f"squeeze: SGD lr {sq['lr']:g} momentum {sq['momentum']:g} wd {sq['weight_decay']:g}, batch "
+                 f"{sq['batch_size']}, {sq['epochs']} epochs, {_schedule_text(sq)}"
+                 + (f", on {sq['train_subset']} images" if sq["train_subset"] else "")
+                 + f"; {_augmentation_text(sq, name, size, 'per image')}")
+    jitter = f"0..{rc['jitter']}" if rc["jitter_mode"] == "positive" else f"-{rc['jitter']}..{rc['jitter']}"
+    curriculum = (f", CDA {rc['curriculum']} curriculum to milestone {rc['milestone']:g}"
+                  if rc["curriculum"] != "none" else "")
+    lines.append(f"recover: {rc['iterations']} iterations, Adam lr {rc['lr']:g} (betas {rc['betas'][0]:g}, "
+                 f"{rc['betas'][1]:g}; cosine to 0), batches of {rc['batch_size']} ({rc['batch_mode']})")
+    lines.append(f"  augmentation: {_augmentation_text(rc, name, size, 'one per image' if rc['crop_per_sample'] else 'one per batch')}"
+                 f"{curriculum}, then a cyclic roll of {jitter} px")
+    statistics = [f"r_bn {rc['r_bn']:g} x BatchNorm inputs (mean, biased variance vs running statistics)"]
+    if float(rc["r_conv"]) > 0:
+        patch = (f"{rc['patch_size']}x{rc['patch_size']}-pixel patches pooled over batch and channels"
+                 if rc["patch_form"] == "reference" else f"{rc['patch_cells']}x{rc['patch_cells']} cells per channel")
+        statistics.append(f"r_conv {rc['r_conv']:g} x Conv2d inputs (channel mean, variance and {patch}; targets "
+                          f"over {rc['conv_target_images'] or 'all'} training images, "
+                          + (f"mean of batch-of-{rc['conv_target_batch']} statistics" if rc["conv_target_batch"]
+                             else "pooled exactly") + f", drop {rc['conv_drop']:g})")
+    statistics.append(f"x{rc['first_multiplier']:g} on the first hooked module, {rc['stat_norm']} distances")
+    if rc["ema_alpha"] is not None:
+        statistics.append(f"EMA {rc['ema_alpha']:g} over the whole {rc['ema_scope']}, starting at "
+                          + ("0 (legacy)" if rc["legacy_ema_zero_start"] else "the first statistic"))
+    lines.append("  statistics: " + "; ".join(statistics))
+    if float(rc["densify_weight"]) > 0:
+        form = ("published form: tempered target detached, summed over classes" if rc["densify_form"] == "reference"
+                else "ddkit's unit-norm form, averaged over classes")
+        lines.append(f"  densification: weight {rc['densify_weight']:g}, tau {rc['densify_temperature']:g}, the augmented "
+                     f"batch pooled to {rc['densify_pool']} px, {form}")
+    mix = "no mixing" if rl["mix"] == "none" else f"{rl['mix']} (beta {rl['mix_beta']:g})"
+    lines.append(f"relabel: {rl['epochs']} epochs of {_augmentation_text(rl, name, size, 'per image')} + {mix}; "
+                 f"the teachers' mean logits in fp16")
+    recipe = f"evaluation: --protocol soft, recipe {rl['eval_recipe']}"
+    if describe_recipe is not None:
+        recipe += f" ({describe_recipe(rl['eval_recipe']).split(None, 1)[1]})"
+    lines.append(recipe)
+    return lines
 
 
 def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True):
@@ -143,7 +364,8 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
                      mix_beta=options["mix_beta"], topk=options["topk"],
                      equalize_norm=options["equalize_norm"], batch_size=options["batch_size"],
                      device=device, teacher_info=[t.info() for t in teachers], eval_loss=options["eval_loss"],
-                     show_progress=show_progress)
+                     show_progress=show_progress, crop=options["crop"], crop_padding=options["crop_padding"],
+                     eval_recipe=options["eval_recipe"])
     return result
 
 
@@ -178,7 +400,7 @@ def distill_statistics(method: str):
 
         from ddkit import distributed
 
-        config = resolve_preset(method, real.name, preset, overrides)
+        config = resolve_preset(method, real.name, preset, overrides, real=real)
         started = time.perf_counter()
         if teacher_paths:
             teachers = [load_teacher(path, real, device) for path in teacher_paths]
@@ -197,7 +419,7 @@ def distill_statistics(method: str):
         result.meta["timings"]["squeeze_seconds"] = round(squeeze_seconds, 3)
         return result
 
-    run.__doc__ = (f"Distill with {method}: squeeze (cached) -> recover -> relabel (SPEC section 3); "
+    run.__doc__ = (f"Distill with {method}: squeeze (cached) -> recover -> relabel; "
                    "``compiled``: teachers not cached yet train through torch.compile.")
     run.splits_work = True
     run.supports_compile = True
@@ -206,5 +428,5 @@ def distill_statistics(method: str):
     return run
 
 
-for _name in METHOD_SETTINGS:
+for _name in METHODS:
     register_method(_name)(distill_statistics(_name))
