@@ -71,15 +71,21 @@ def test_channels_last_nets_give_the_same_images(digits):
     assert MatchingEngine(digits, 2, smoke("dm"), seed=3, device=CPU, show_progress=False).source.channels_last  # auto
 
 
-def test_one_dm_step_matches_the_formula(digits, monkeypatch):
-    """One iteration = one SGD step on sum_c ||mean f(real_c) - mean f(syn_c)||^2 (no DSA)."""
-    config = smoke("dm", dsa=False, lr_img=0.5, momentum_img=0.0, batch_real=4)
+def engine_with_one_net(digits, config, monkeypatch):
+    """An IPC-2 engine that matches with one fixed network and records every real batch it draws."""
     engine = MatchingEngine(digits, 2, config, seed=0, device=CPU, show_progress=False)
     net = engine.source.next(0)[0]
     monkeypatch.setattr(engine.source, "next", lambda iteration: (net, 1.0))
     real = []
     original = engine.sampler.per_class
     monkeypatch.setattr(engine.sampler, "per_class", lambda n, kept=None: real.append(original(n, kept)) or real[-1])
+    return engine, net, real
+
+
+def test_one_dm_step_matches_the_formula(digits, monkeypatch):
+    """One iteration = one SGD step on sum_c ||mean f(real_c) - mean f(syn_c)||^2 (no DSA)."""
+    config = smoke("dm", dsa=False, lr_img=0.5, momentum_img=0.0, batch_real=4)
+    engine, net, real = engine_with_one_net(digits, config, monkeypatch)
     before = torch.cat(engine.synthetic).detach().clone()
     values = engine.step(0)
 
@@ -375,12 +381,7 @@ def test_per_class_steps_are_the_reference_loop(digits, monkeypatch):
     """IDM's loop: for each class, its loss on the CURRENT images, then one step of ONE momentum
     optimiser over all images (the other classes' gradients are zero, so momentum moves them)."""
     config = smoke("dm", dsa=False, lr_img=0.5, momentum_img=0.5, batch_real=4, image_step="per_class")
-    engine = MatchingEngine(digits, 2, config, seed=0, device=CPU, show_progress=False)
-    net = engine.source.next(0)[0]
-    monkeypatch.setattr(engine.source, "next", lambda iteration: (net, 1.0))
-    real = []
-    original = engine.sampler.per_class
-    monkeypatch.setattr(engine.sampler, "per_class", lambda n, kept=None: real.append(original(n, kept)) or real[-1])
+    engine, net, real = engine_with_one_net(digits, config, monkeypatch)
     images = torch.cat(engine.synthetic).detach().clone().requires_grad_(True)
     for iteration in range(2):
         engine.step(iteration)
