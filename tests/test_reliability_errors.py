@@ -219,3 +219,15 @@ def test_seed_range_in_the_python_api(tmp_path):
         ddkit.distill("random", dataset="digits", ipc=1, seed=2 ** 64)
     generator = torch.Generator()
     generator.manual_seed(2 ** 63 - 1)  # the largest seed ddkit accepts is one torch accepts
+
+
+def test_resume_names_the_option_that_contradicts_it(stopped_run, capsys):
+    line = one_line(capsys, ["distill", "--resume", stopped_run, "--terms", "cm", "--teacher", stopped_run, "--quiet"])
+    assert "--terms ['cm']" in line and "--teacher" in line
+
+
+def test_fetching_a_dataset_that_needs_no_cache_does_not_need_a_writable_ddkit_data(capsys, monkeypatch):
+    monkeypatch.setenv("DDKIT_DATA", "/sys/ddkit-test-data")
+    assert main(["data", "fetch", "digits", "--quiet"]) == 0
+    line = one_line(capsys, ["data", "fetch", "mnist", "--quiet"])
+    assert "DDKIT_DATA" in line and "/sys/ddkit-test-data" in line

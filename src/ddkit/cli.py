@@ -621,10 +621,24 @@ def check_outputs(args) -> None:
         check_writable(args.to, "--to")
     elif command in ("eval", "show") and Path(args.set).is_dir():
         check_writable(args.set, "the set")  # the manifest (eval) or grid.png (show) is written there
-    elif command == "squeeze" or (command == "data" and getattr(args, "data_command", None) == "fetch"):
+    elif command == "squeeze" or (command == "data" and getattr(args, "data_command", None) == "fetch"
+                                  and _fetch_writes_cache(args.name)):
         from ddkit.data.core import data_root
 
         check_writable(data_root(), "DDKIT_DATA")
+
+
+def _fetch_writes_cache(name: str) -> bool:
+    """Whether ``ddkit data fetch NAME`` writes a cache under $DDKIT_DATA (not for the bundled
+    digits or an imagefolder:PATH, which are read where they are; an unknown name is reported by
+    the fetch itself)."""
+    from ddkit.data.registry import DATASETS, resolve_name
+
+    try:
+        canonical, folder = resolve_name(name)
+    except DDKitError:
+        return False
+    return folder is None and DATASETS[canonical].kind != "bundled"
 
 
 def check_resume_agrees(args) -> None:
@@ -651,10 +665,13 @@ def check_resume_agrees(args) -> None:
         if started.get(key.replace("-", "_"), _MISSING) != value:
             conflicts.append(f"--set {key}={value} (the run has "
                              f"{started.get(key.replace('-', '_'), 'no such override')})")
+    options = {"terms": "--terms", "weights": "--weight", "teacher_paths": "--teacher"}
     for name, value in _method_flags(args).items():
-        if run.get("flags", {}).get(name) != value and name != "relabel":
-            conflicts.append(f"--{name.rstrip('s').replace('_paths', '')} {value} (the run has "
-                             f"{run.get('flags', {}).get(name)})")
+        started_with = run.get("flags", {}).get(name)
+        if name == "teacher_paths":  # the checkpoint records them resolved
+            value = [str(Path(path).resolve()) for path in value]
+        if name in options and started_with != value:
+            conflicts.append(f"{options[name]} {value} (the run has {started_with})")
     if conflicts:
         raise DDKitError(f"--resume continues the run recorded in {Path(args.resume) / CHECKPOINT_DIR} as it "
                          f"started, and {'; '.join(conflicts)} contradict it: leave them out, or start a new run "
