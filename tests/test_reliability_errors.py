@@ -231,3 +231,11 @@ def test_fetching_a_dataset_that_needs_no_cache_does_not_need_a_writable_ddkit_d
     assert main(["data", "fetch", "digits", "--quiet"]) == 0
     line = one_line(capsys, ["data", "fetch", "mnist", "--quiet"])
     assert "DDKIT_DATA" in line and "/sys/ddkit-test-data" in line
+
+
+def test_a_model_larger_than_memory_is_refused_before_anything_is_allocated():
+    from ddkit.models import create
+
+    # 36 TB of weights: the size comes from a build on the meta device; a real build would fail to allocate
+    with pytest.raises(ddkit.DDKitError, match="GiB of parameters, more than this machine's"):
+        create("convnet", 1, 10, 28, width=10 ** 6)
