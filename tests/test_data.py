@@ -253,7 +253,8 @@ def test_fashion_class_names(real_fashion):
 
 
 def test_mnist_from_dir_matches_fetch(tmp_data, mnist_idx_copy, real_mnist, monkeypatch):
-    monkeypatch.delenv("DDKIT_DATA")
+    # the fetched copy lives wherever DDKIT_DATA pointed when it was fetched (the user's folder or the default)
+    monkeypatch.setenv("DDKIT_DATA", str(real_mnist.parent))
     real = load_dataset("mnist")
     monkeypatch.setenv("DDKIT_DATA", str(tmp_data))
     target = fetch_dataset("mnist", source_dir=mnist_idx_copy, quiet=True)

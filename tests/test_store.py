@@ -24,7 +24,7 @@ def test_round_trip_keeps_tensors_and_manifest(tmp_path, tiny_set):
     assert loaded.class_names == ["a", "b", "c"] and loaded.dataset == "digits"
     assert loaded.mean == (0.5,) and loaded.std == (0.25,)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["ipc"] == 2 and manifest["image_shape"] == [1, 8, 8]
+    assert manifest["format_version"] == 2 and manifest["ipc"] == 2 and manifest["image_shape"] == [1, 8, 8]
     assert manifest["config"] == {"x": 1}
     assert manifest["versions"]["torch"] == torch.__version__
     assert len(manifest["sha256"]["data.safetensors"]) == 64
@@ -84,7 +84,9 @@ def test_edited_tensor_file_is_refused(tmp_path, tiny_set):
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m.update(format_version=99), "format version 99"),
     (lambda m: m.update(format="other"), "not a ddkit manifest"),
-    (lambda m: m.pop("class_names"), "lacks the field"),
+    (lambda m: m.pop("class_names"), "was edited"),
+    # a version-1 manifest has no seal: the missing field itself is named
+    (lambda m: (m.pop("class_names"), m.update(format_version=1), m["sha256"].pop("manifest.json")), "lacks the field"),
 ])
 def test_bad_manifest_is_refused(tmp_path, tiny_set, edit, match):
     out = tiny_set.save(tmp_path / "set")

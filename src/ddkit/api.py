@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -68,10 +69,10 @@ def distill(
     from ddkit.data import load_dataset
     from ddkit.methods import get_method
     from ddkit.methods.matching import NonFiniteLoss
-    from ddkit.utils import check_number, peak_memory_bytes, resolve_device
+    from ddkit.utils import check_seed, peak_memory_bytes, resolve_device
 
     fn = get_method(method)
-    check_number("distillation", "seed", seed, integer=True, minimum=0)
+    check_seed("distillation", seed)
     device = resolve_device(device)
     compiled = bool(compiled) and getattr(fn, "supports_compile", False)
     if compiled:
@@ -80,11 +81,14 @@ def distill(
         check_compile_available(device)
     world = distributed.setup(device)
     device = distributed.process_device(device)
+    held = contextlib.ExitStack()
     try:
         if world.distributed and out is None:
             raise DDKitError("a multi-process run needs --out (the ranks exchange their parts through it)")
         if world.distributed and not getattr(fn, "splits_work", False):
             raise DDKitError(f"{method} does not split across processes; run it in one process")
+        if out is not None:
+            _hold_run_lock(held, out, method, world)
         checkpoint = _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size,
                                       checkpoint_every, checkpoint_seconds, resume, flags)
         if checkpoint is not None:
@@ -108,7 +112,10 @@ def distill(
         except NonFiniteLoss as exc:
             kept = f"; the last checkpoint is kept in {out}/{CHECKPOINT_DIR}" if checkpoint else ""
             if exc.partial is not None and out is not None and not world.distributed:
-                exc.partial.save(out)
+                try:
+                    exc.partial.save(out)
+                except DDKitError:  # the images went non-finite too: no set is better than a broken one
+                    raise DDKitError(f"{exc}; the images were not finite either, so no set was saved{kept}") from None
                 raise DDKitError(f"{exc}; the last good images were saved in {out}{kept}") from None
             raise DDKitError(f"{exc}{kept}") from None
         result.meta.setdefault("timings", {})["distill_seconds"] = round(time.perf_counter() - started, 3)
@@ -129,7 +136,25 @@ def distill(
         distributed.barrier()
         return result
     finally:
+        held.close()
         distributed.teardown()
+
+
+def _hold_run_lock(held: contextlib.ExitStack, out, method: str, world) -> None:
+    """Enter the run lock of ``out`` into ``held`` on rank 0 (the rank that saves); every rank
+    raises the same one-line DDKitError when another process holds it, so none waits for the rest."""
+    from ddkit import distributed
+    from ddkit.store.distilled import run_lock
+
+    refusal = None
+    if world.is_main:
+        try:
+            held.enter_context(run_lock(out, f"ddkit distill {method}"))
+        except DDKitError as exc:
+            refusal = str(exc)
+    if distributed.broadcast_int(0 if refusal else 1) == 0:
+        raise DDKitError(refusal or f"another ddkit process is writing {out}; wait for it to finish or choose "
+                                    f"another --out")
 
 
 def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size, every, seconds, resume,

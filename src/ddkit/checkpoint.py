@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddkit.errors import DDKitError
-from ddkit.utils import atomic_write, write_json_atomic
+from ddkit.utils import atomic_write, wrapped_os_error, write_json_atomic
 
 LATEST = "latest.json"
 
@@ -41,7 +41,14 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], stat
     temporary name and a rename, so the file is whole or absent."""
     metadata = None if state is None else {"state": json.dumps(state)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # an I/O error inside safetensors: raised as the OSError it wraps
+            raise (wrapped_os_error(exc) or exc) from None
+
+    atomic_write(path, write)
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -99,14 +106,54 @@ def read_run(root: str | Path) -> dict:
     return _latest(Path(root))["run"]
 
 
+def _is_int(value, low: int, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+#: what a run record must hold for ``--resume`` to start the same run: field -> (rule, check)
+_RUN_FIELDS = {
+    "method": ("a method name", lambda v: isinstance(v, str) and bool(v)),
+    "dataset": ("a dataset name", lambda v: isinstance(v, str) and bool(v)),
+    "ipc": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "preset": ("a preset name", lambda v: isinstance(v, str) and bool(v)),
+    "seed": ("an integer from 0 to 2**63 - 1", lambda v: _is_int(v, 0, 2 ** 63 - 1)),
+    "overrides": ("a list of key=value strings or a dict", lambda v: isinstance(v, (list, dict))),
+    "image_size": ("null or an integer >= 1", lambda v: v is None or _is_int(v, 1)),
+    "flags": ("a dict", lambda v: isinstance(v, dict)),
+}
+
+
 def _latest(root: Path) -> dict:
+    """The checked commit marker of ``root``: one-line DDKitError for a missing, unreadable or
+    edited one (a field of the wrong kind, a folder outside ``root``)."""
     marker = root / LATEST
     if not marker.is_file():
         raise DDKitError(f"no checkpoint in {root} (no {LATEST}); start the run without --resume")
     try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        raise DDKitError(f"{marker} is damaged; delete {root} and start again") from None
+        latest = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        latest = None
+    problem = "it is not a JSON object" if not isinstance(latest, dict) else None
+    if problem is None and not isinstance(latest.get("run"), dict):
+        problem = "it has no run record"
+    if problem is None:
+        for name, (rule, valid) in _RUN_FIELDS.items():
+            if name == "image_size" and name not in latest["run"]:
+                continue
+            if not valid(latest["run"].get(name)):
+                problem = f"its run's {name} is {latest['run'].get(name)!r}, not {rule}"
+                break
+    if problem is None and latest.get("kind") != "batches":
+        if not _is_int(latest.get("iteration"), 0):
+            problem = f"its iteration is {latest.get('iteration')!r}, not an integer >= 0"
+        elif not _is_int(latest.get("world_size"), 1):
+            problem = f"its world_size is {latest.get('world_size')!r}, not an integer >= 1"
+        elif latest.get("folder") != _folder(root, latest["iteration"]).name:
+            problem = f"its folder is {latest.get('folder')!r}, not {_folder(root, latest['iteration']).name}"
+    if problem is not None:
+        raise DDKitError(f"the checkpoint {marker} is damaged or was edited ({problem}); delete {root} and start "
+                         f"the run again")
+    return latest
 
 
 def load_latest(root: str | Path) -> tuple[int, list[tuple[dict[str, torch.Tensor], dict]]]:

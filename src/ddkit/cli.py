@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def cmd_eval(args) -> int:
 
 def _needs_launch(args) -> bool:
     """``--nproc N`` given and not already inside a torchrun worker."""
-    import os
-
     return getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
 
@@ -124,12 +123,15 @@ def cmd_baseline(args) -> int:
     from ddkit.data import load_dataset
     from ddkit.evaluate import random_subset
 
+    from ddkit.store.distilled import run_lock
+
     refuse_to_replace(args.out, args.overwrite)
-    real = load_dataset(args.dataset, image_size=args.image_size)
-    distilled = random_subset(real, args.ipc, seed=args.seed)
-    if args.image_size:
-        distilled.meta["dataset_options"] = {"image_size": args.image_size}
-    out = distilled.save(args.out)
+    with run_lock(args.out, "ddkit baseline"):
+        real = load_dataset(args.dataset, image_size=args.image_size)
+        distilled = random_subset(real, args.ipc, seed=args.seed)
+        if args.image_size:
+            distilled.meta["dataset_options"] = {"image_size": args.image_size}
+        out = distilled.save(args.out)
     print(f"random baseline: {args.ipc} images per class of {args.dataset} -> {out}")
     print(f"grid: {out / 'grid.png'}")
     return 0
@@ -155,16 +157,19 @@ def cmd_import(args) -> int:
     import ddkit
     from ddkit.store.importer import class_count_note
 
+    from ddkit.store.distilled import run_lock
+
     refuse_to_replace(args.out, args.overwrite)
-    distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
-                                 entry=args.entry, images_key=args.images_key, labels_key=args.labels_key,
-                                 image_size=args.image_size, show_progress=not args.quiet,
-                                 decode_factor=args.decode_factor, labels_file=args.labels)
-    record = distilled.meta["imported"]
-    note = class_count_note(distilled)
-    if note:
-        print(note)
-    out = distilled.save(args.out)
+    with run_lock(args.out, "ddkit import"):
+        distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
+                                     entry=args.entry, images_key=args.images_key, labels_key=args.labels_key,
+                                     image_size=args.image_size, show_progress=not args.quiet,
+                                     decode_factor=args.decode_factor, labels_file=args.labels)
+        record = distilled.meta["imported"]
+        note = class_count_note(distilled)
+        if note:
+            print(note)
+        out = distilled.save(args.out)
     decoded = f", {distilled.decode_factor} training images each" if distilled.decode_factor > 1 else ""
     print(f"imported {distilled.images.shape[0]} images ({distilled.ipc} per class{decoded}) of {distilled.dataset} "
           f"from {args.source} ({record['kind']}; space: {record['space']}, {record['space_reason']}) -> {out}")
@@ -209,16 +214,19 @@ def _add_overwrite(parser) -> None:
 
 def cmd_distill(args) -> int:
     """`ddkit distill` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import os
-
     import ddkit
 
     if getattr(args, "plan", False):
         return _print_plan(args)
-    if not args.resume:
+    if args.resume:
+        check_resume_agrees(args)
+    else:
         refuse_to_replace(args.out, args.overwrite)
     if _needs_launch(args):
-        return _launch_torchrun(args)
+        from ddkit.store.distilled import run_lock
+
+        with run_lock(args.resume or args.out, f"ddkit {args.command} --nproc {args.nproc}"):
+            return _launch_torchrun(args)
     options = dict(device=args.device, show_progress=not args.quiet, checkpoint_every=args.checkpoint_every,
                    checkpoint_seconds=60.0 * args.checkpoint_minutes, compiled=args.compile)
     if args.resume:
@@ -229,8 +237,8 @@ def cmd_distill(args) -> int:
                                             ("--ipc", args.ipc), ("--out", args.out)) if value is None]
         if missing:
             raise DDKitError(f"{args.command} needs {', '.join(missing)} (or --resume DIR to continue a run)")
-        distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset,
-                                  seed=args.seed, overrides=args.set_options, out=args.out,
+        distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset or "quick",
+                                  seed=args.seed or 0, overrides=args.set_options, out=args.out,
                                   **({"image_size": args.image_size} if args.image_size else {}),
                                   **_method_flags(args), **options)
         method, dataset = args.method, args.dataset
@@ -255,7 +263,7 @@ def _print_plan(args) -> int:
     datasets = _csv(args.dataset) if args.dataset else [
         name for name, reference in stats_family.PUBLISHED_DATASETS.items()
         if (args.method, reference) in stats_family.PUBLISHED]
-    blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed,
+    blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed or 0,
                                                     describe_recipe)) for dataset in datasets]
     print("\n\n".join(blocks))
     return 0
@@ -279,7 +287,14 @@ def _launch_torchrun(args) -> int:
         cleaned.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "ddkit", *cleaned]
-    code = subprocess.call(command)
+    env = None
+    if args.command in ("distill", "recover"):  # this process holds the run lock of --out for its workers
+        from ddkit.store.distilled import HELD_LOCKS_ENV, set_lock_path
+
+        held = os.environ.get(HELD_LOCKS_ENV, "")
+        env = {**os.environ, HELD_LOCKS_ENV: os.pathsep.join(
+            filter(None, [held, str(set_lock_path(args.resume or args.out, "run"))]))}
+    code = subprocess.call(command, env=env)
     if code != 0:
         hint = ""
         if args.command in ("distill", "recover"):
@@ -350,18 +365,23 @@ def cmd_relabel(args) -> int:
     from ddkit.methods.squeeze import load_teacher
     from ddkit.utils import resolve_device
 
+    from ddkit.store.distilled import run_lock
+
     distilled = ddkit.load(args.set)
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
     device = resolve_device(args.device)
-    real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
-    if args.teacher_paths:
-        teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
-    else:
-        teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
-    result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
-    result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
-    out = result.save(args.out or args.set)
+    with run_lock(args.out or args.set, f"ddkit relabel --like {args.like}"):
+        real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
+        config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
+        if args.teacher_paths:
+            teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
+        else:
+            teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
+        result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
+        result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
+        if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
+            result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
+        out = result.save(args.out or args.set)
     sizes = result.stored_bytes()
     print(f"relabelled {distilled.images.shape[0]} images with {len(teachers)} teacher(s) for "
           f"{config['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) -> {out}")
@@ -416,14 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(statistics: squeeze -> recover -> relabel); random")
     p.add_argument("--dataset", help="real dataset name (see `ddkit data list`)")
     p.add_argument("--ipc", type=int, help="synthetic images per class")
-    p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
+    p.add_argument("--preset", default=None, help="smoke | quick | paper (default quick)")
     p.add_argument("--out", help="output directory of the distilled set (checkpoints go to OUT/checkpoint)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (torchrun; gloo on CPU, nccl with --device cuda, one GPU each); "
                         "the matching family splits the classes across them, the statistics family its recover "
                         "batches")
     _add_checkpoint_options(p)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset option, e.g. --set iterations=200 --set model.width=64 (repeatable)")
@@ -465,10 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", nargs="?", help="sre2l | cda | gvbsm")
     p.add_argument("--dataset", help="real dataset name")
     p.add_argument("--ipc", type=int, help="images per class")
-    p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
+    p.add_argument("--preset", default=None, help="smoke | quick | paper (default quick)")
     p.add_argument("--out", help="output directory of the set (checkpoints go to OUT/checkpoint)")
     _add_checkpoint_options(p)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override an option: recover ones bare (lr=0.1) or qualified (relabel.epochs=50)")
@@ -589,20 +609,140 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: (option, smallest value) of the numeric options, checked for every command that has them
-NUMBER_FLOORS = (("nproc", 1), ("runs", 1), ("seed", 0), ("columns", 1), ("image_size", 1), ("checkpoint_every", 0),
+NUMBER_FLOORS = (("nproc", 1), ("runs", 1), ("columns", 1), ("image_size", 1), ("checkpoint_every", 0),
                  ("decode_factor", 1))
 
 
 def check_numbers(args) -> None:
     """Refuse, with one line, numeric options out of range that argparse's ``type=int`` lets through
-    (``--nproc 0`` ran one process, ``--checkpoint-minutes -1`` checkpointed every iteration)."""
+    (``--nproc 0`` ran one process, ``--checkpoint-minutes -1`` checkpointed every iteration, ``inf``
+    never, ``--seed 2**64`` overflowed the generator)."""
+    import math
+
+    from ddkit.utils import MAX_SEED
+
     for name, floor in NUMBER_FLOORS:
         value = getattr(args, name, None)
         if value is not None and value < floor:
             raise DDKitError(f"--{name.replace('_', '-')} must be at least {floor}, got {value}")
+    seed = getattr(args, "seed", None)
+    if seed is not None:
+        runs = getattr(args, "runs", None) or 1  # runs use seeds seed .. seed + runs - 1
+        top = MAX_SEED - (runs - 1)
+        if not 0 <= seed <= top:
+            extra = f" (--runs {runs} uses seeds up to --seed + {runs - 1})" if runs > 1 else ""
+            raise DDKitError(f"--seed {seed} is out of range; give an integer from 0 to {top}{extra}")
     minutes = getattr(args, "checkpoint_minutes", None)
-    if minutes is not None and not minutes > 0:
-        raise DDKitError(f"--checkpoint-minutes must be above 0, got {minutes}")
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise DDKitError(f"--checkpoint-minutes must be above 0 (and finite), got {minutes}")
+
+
+def check_outputs(args) -> None:
+    """Refuse, with one line and before any work, an output the command could not write (see
+    :func:`ddkit.utils.check_writable`): ``--out`` of every command that writes a set, a bench or
+    a report, ``--to`` of export, the set folder that eval, show and relabel write into, and
+    ``$DDKIT_DATA`` for the commands that fill it."""
+    from ddkit.utils import check_writable
+
+    command = args.command
+    if command in ("distill", "recover"):
+        if args.resume:
+            check_writable(args.resume, "--resume")
+        elif args.out is not None:
+            check_writable(args.out)
+    elif command in ("baseline", "import") and getattr(args, "out", None) is not None:
+        check_writable(args.out)
+    elif command == "relabel":
+        check_writable(args.out) if args.out is not None else check_writable(args.set, "the set")
+    elif command == "bench" and not args.plan:
+        check_writable(args.out)
+    elif command == "report":
+        check_writable(args.out or Path(args.dir) / "report.html", "--out", file=True)
+    elif command == "export":
+        check_writable(args.to, "--to")
+    elif command in ("eval", "show") and args.set is not None and Path(args.set).is_dir():
+        check_writable(args.set, "the set")  # the manifest (eval) or grid.png (show) is written there
+    elif command == "squeeze" or (command == "data" and getattr(args, "data_command", None) == "fetch"
+                                  and _fetch_writes_cache(args.name)):
+        from ddkit.data.core import data_root
+
+        check_writable(data_root(), "DDKIT_DATA")
+
+
+def _fetch_writes_cache(name: str) -> bool:
+    """Whether ``ddkit data fetch NAME`` writes a cache under $DDKIT_DATA (not for the bundled
+    digits or an imagefolder:PATH, which are read where they are; an unknown name is reported by
+    the fetch itself)."""
+    from ddkit.data.registry import DATASETS, resolve_name
+
+    try:
+        canonical, folder = resolve_name(name)
+    except DDKitError:
+        return False
+    return folder is None and DATASETS[canonical].kind != "bundled"
+
+
+def check_resume_agrees(args) -> None:
+    """Refuse options given with ``--resume`` that contradict the run its checkpoint records (a
+    resumed run continues as it started; before this, ``--ipc``, ``--seed``, ``--set`` ... were
+    silently ignored). Options that agree with it are accepted."""
+    from ddkit.api import CHECKPOINT_DIR
+    from ddkit.checkpoint import read_run
+    from ddkit.utils import override_items
+
+    given = {"METHOD": args.method, "--dataset": args.dataset, "--ipc": args.ipc, "--preset": args.preset,
+             "--seed": args.seed, "--image-size": args.image_size}
+    if not (any(value is not None for value in given.values()) or args.set_options or _method_flags(args)):
+        return  # nothing to compare (a missing or damaged checkpoint is reported by the resume itself)
+    run = read_run(Path(args.resume) / CHECKPOINT_DIR)
+    recorded = {"METHOD": run["method"], "--dataset": run["dataset"], "--ipc": run["ipc"], "--preset": run["preset"],
+                "--seed": run["seed"], "--image-size": run.get("image_size")}
+    canonical = {"METHOD": str.lower, "--dataset": _dataset_name}
+    conflicts = [f"{name} {value} (the run has {recorded[name]})" for name, value in given.items()
+                 if value is not None and canonical.get(name, lambda v: v)(value) !=
+                 canonical.get(name, lambda v: v)(recorded[name])]
+    started = {key.replace("-", "_"): value for key, value in override_items(run["overrides"] or [], "option")}
+    for key, value in override_items(args.set_options or [], "option"):
+        if started.get(key.replace("-", "_"), _MISSING) != value:
+            conflicts.append(f"--set {key}={value} (the run has "
+                             f"{started.get(key.replace('-', '_'), 'no such override')})")
+    options = {"terms": "--terms", "weights": "--weight", "teacher_paths": "--teacher"}
+    for name, value in _method_flags(args).items():
+        started_with = run.get("flags", {}).get(name)
+        if name == "teacher_paths":  # the checkpoint records them resolved
+            value = [str(Path(path).resolve()) for path in value]
+        if name in options and started_with != value:
+            conflicts.append(f"{options[name]} {value} (the run has {started_with})")
+    if conflicts:
+        raise DDKitError(f"--resume continues the run recorded in {Path(args.resume) / CHECKPOINT_DIR} as it "
+                         f"started, and {'; '.join(conflicts)} contradict it: leave them out, or start a new run "
+                         f"in another --out")
+
+
+_MISSING = object()
+
+
+def _dataset_name(name) -> str:
+    """A dataset name as the registry spells it (aliases such as fmnist), else the name itself."""
+    from ddkit.data.registry import resolve_name
+
+    try:
+        return resolve_name(str(name))[0]
+    except DDKitError:
+        return str(name)
+
+
+def _fault_line(exc: BaseException) -> tuple[str, int]:
+    """The one line and exit code of a file-system fault that reached the command line
+    (:func:`ddkit.utils.describe_file_error`), with a hint when it happened under ``$DDKIT_DATA``."""
+    from ddkit.data.core import data_root
+    from ddkit.utils import describe_file_error
+
+    line, code = describe_file_error(exc)
+    root = str(data_root())
+    if root in line:
+        line += f" (the data folder: set DDKIT_DATA to a folder you can write, now {root})"
+    return line, code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_numbers(args)
+        check_outputs(args)
         return int(args.func(args) or 0)
     except DDKitError as exc:
         print(f"ddkit: error: {exc}", file=sys.stderr)
@@ -631,6 +772,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ddkit: interrupted; files already written are kept", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A file-system fault (an OSError, or safetensors' error that wraps one) is one line: exit 2
+        # when the user can fix it (a path, permissions, space), 1 otherwise. DDKIT_TRACEBACK=1
+        # keeps the traceback; any other exception is a bug and keeps it always.
+        if not _is_file_fault(exc) or os.environ.get("DDKIT_TRACEBACK"):
+            raise
+        line, code = _fault_line(exc)
+        print(f"ddkit: error: {line}", file=sys.stderr)
+        return code
+
+
+def _is_file_fault(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -32,10 +34,31 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+#: The largest seed a user may give (``--seed``, ``seed=``): the int64 range, which JSON, safetensors
+#: and ``torch.Generator.manual_seed`` (0 .. 2**64 - 1) all hold.
+MAX_SEED = 2 ** 63 - 1
+#: ``torch.Generator.manual_seed`` takes 0 .. 2**64 - 1; seeds derived from a user's seed (``seed + r``,
+#: ``seed * 100003 + batch``) are folded into that range.
+_SEED_RANGE = 2 ** 64
+
+
+def check_seed(what: str, seed: object, count: int = 1) -> int:
+    """``seed`` if it and the ``count - 1`` seeds after it (``seed + r`` of ``count`` runs) lie in
+    0 .. :data:`MAX_SEED`; else DDKitError ``"<what> seed ... is not valid; give ..."``."""
+    top = MAX_SEED - (int(count) - 1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= top:
+        extra = f" (its {count} runs use seeds up to seed + {count - 1})" if count > 1 else ""
+        raise DDKitError(f"{what} option seed={seed!r} is not valid; give an integer from 0 to {top}{extra}")
+    return seed
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator seeded with ``seed``; every random draw in ddkit goes through one."""
+    """A torch.Generator seeded with ``seed``; every random draw in ddkit goes through one.
+
+    Seeds outside the generator's 0 .. 2**64 - 1 (derived ones, such as ``seed * 100003 + batch``
+    for a large user seed) are taken modulo 2**64; seeds inside that range are used as they are."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
+    generator.manual_seed(int(seed) % _SEED_RANGE)
     return generator
 
 
@@ -45,7 +68,7 @@ def seeded_global_rng(seed: int):
     ``seed``, restoring the caller's global RNG state afterwards so nothing outside is reseeded."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(int(seed) % _SEED_RANGE)
         yield
 
 
@@ -98,6 +121,11 @@ def apply_overrides(config: dict, overrides: dict | Iterable[str] | None, what: 
         # a "model" dict holds free-form factory options (model.norm=batch adds one)
         if parts[-1] not in target and not (len(parts) > 1 and parts[-2] == "model"):
             raise DDKitError(f"unknown {what} {key!r}; known: {', '.join(sorted(target))}")
+        if isinstance(target.get(parts[-1]), dict) and not isinstance(value, dict):
+            inner = ", ".join(sorted(target[parts[-1]])) or "none set yet"
+            example = f"{key}.{sorted(target[parts[-1]])[0]}" if target[parts[-1]] else f"{key}.width"
+            raise DDKitError(f"{what} {key}={value!r} is not valid; set {key} options one by one, e.g. --set "
+                             f"{example}=... ({key} holds: {inner})")
         target[parts[-1]] = value
     return result
 
@@ -248,6 +276,96 @@ def lock_file(path: str | Path, wait: bool = True) -> int | None:
     return fd
 
 
+#: What to do about a file-system fault the user can fix by choosing another path, changing
+#: permissions or freeing space (``ddkit`` exits 2 for these; any other OSError exits 1).
+FILE_FAULT_ADVICE = {
+    errno.EACCES: "write somewhere you have permission to, or change the permissions",
+    errno.EPERM: "write somewhere else",
+    errno.EROFS: "write somewhere else",
+    errno.ENOSPC: "free some space or write somewhere else",
+    errno.EDQUOT: "free some space or write somewhere else",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "give a file path, not a folder",
+    errno.EEXIST: "a file is in the way of a folder, or the reverse; choose another path or move what is there",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "check the symbolic links in the path",
+}
+_SAFETENSORS_IO = re.compile(r"(?P<strerror>[^:]+?) \(os error (?P<errno>\d+)\)(?: at path \"(?P<path>[^\"]+)\")?")
+
+
+def wrapped_os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` a ``SafetensorError`` reports in its text (``... No space left on device (os
+    error 28) at path "..."``), or None when it reports none."""
+    found = _SAFETENSORS_IO.search(str(exc))
+    if found is None:
+        return None
+    return OSError(int(found["errno"]), found["strerror"].strip(), found["path"])
+
+
+def describe_file_error(exc: BaseException, where: str | Path | None = None) -> tuple[str, int]:
+    """One line for an ``OSError`` (or a ``SafetensorError`` that wraps one) and its exit code: 2 for
+    a fault the user can fix (:data:`FILE_FAULT_ADVICE`: a path, permissions, space), 1 for any other
+    (an I/O error of the machine or its file system). ``where`` names the path (default: the
+    error's own)."""
+    if not isinstance(exc, OSError):
+        wrapped = wrapped_os_error(exc)
+        if wrapped is None:
+            detail = " ".join(str(exc).split())[:200]
+            return (f"a safetensors file could not be read or written ({detail}); if it is a damaged checkpoint "
+                    f"or cache, delete it and run again", 2)
+        exc = wrapped
+    if where is None:
+        where = exc.filename if exc.filename is not None else "a file"
+        if exc.filename2 is not None:
+            where = f"{exc.filename} -> {exc.filename2}"
+    strerror = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    advice = FILE_FAULT_ADVICE.get(exc.errno)
+    if advice is not None:
+        return f"{where}: {strerror}; {advice}", 2
+    return (f"{where}: {strerror}; a fault of the machine or its file system, not of your input: check the disk "
+            f"and try again", 1)
+
+
+def check_writable(path: str | Path, option: str = "--out", file: bool = False) -> Path:
+    """Refuse, with one line and before any work, an output path that cannot be written: a file where
+    a folder is meant (or a folder where a file is, with ``file``), a path under a file, a place where
+    a file cannot be created (permissions, a read-only file system) or a full disk.
+
+    Creates nothing but a probe file, removed at once, in the nearest existing folder. Returns ``path``.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and path.exists():
+        if not file and not path.is_dir():
+            raise DDKitError(f"{option} {path} is a file, not a folder; choose a folder path")
+        if file and path.is_dir():
+            raise DDKitError(f"{option} {path} is a folder; give a file path")
+        folder = path if path.is_dir() else path.parent
+    elif not existing.is_dir():
+        raise DDKitError(f"{option} {path} lies under {existing}, which is a file, not a folder; choose another path")
+    else:
+        folder = existing
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ddkit-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        stats = os.statvfs(folder)
+    except OSError as exc:
+        line, _ = describe_file_error(exc, where=folder)
+        raise DDKitError(f"{option} {path} cannot be written: {line}") from None
+    if stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
+        raise DDKitError(f"{option} {path} cannot be written: the disk holding {folder} is full; free some space "
+                         f"or choose another {option}")
+    return path
+
+
+#: Less free space than this where an output goes counts as a full disk (:func:`check_writable`).
+MIN_FREE_BYTES = 1 << 20
+
+
 def default_mode(directory: bool = False) -> int:
     """The permissions a plain ``open``/``mkdir`` would give under the current umask:
     ``0666 & ~umask`` for files, ``0777 & ~umask`` for directories (temporary-file helpers and
@@ -286,6 +404,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, payload: dict) -> Path:
     """Write ``payload`` as indented JSON to ``path`` through :func:`atomic_write`."""
     return write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
+
+
+def canonical_json(payload) -> str:
+    """``payload`` as canonical JSON text: what :func:`write_json_atomic` would store, read back, with
+    sorted keys and no spaces, so that two equal manifests give equal text whatever their layout."""
+    stored = json.loads(json.dumps(payload, default=_json_default))
+    return json.dumps(stored, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _json_default(value):

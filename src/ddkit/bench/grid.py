@@ -838,14 +838,18 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     # A cell's status depends on its own set and result lines only, which no other cell touches.
     statuses_of = [cell_status(cell, out / SETS_DIR, tier, archs, runs, seed, latest, trust_results)
                    for cell in cells]
-    # A dataset that is not fetched would fail each of its cells, perhaps hours in: refuse at once
-    # (writing nothing), unless all its cells are done already.
-    from ddkit.data import check_available
+    # A dataset that is not fetched, or an IPC above its smallest class, would fail each of its cells,
+    # perhaps hours in: refuse at once (writing nothing), unless all its cells are done already.
+    from ddkit.data import check_available, load_dataset
+    from ddkit.data.sampling import check_ipc
 
     for dataset in datasets:
-        if any(status.state != "done" for cell, statuses in zip(cells, statuses_of) if cell.dataset == dataset
-               for status in statuses):
+        pending = [cell.ipc for cell, statuses in zip(cells, statuses_of) if cell.dataset == dataset
+                   and any(status.state != "done" for status in statuses)]
+        if pending:
             check_available(dataset)
+            if not dataset.lower().startswith("imagefolder:"):  # those are decoded by the cells only
+                check_ipc(load_dataset(dataset), max(pending))
     (out / SETS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SPEC_FILE, {"tier": tier, "datasets": datasets, "methods": methods, "ipcs": ipcs,
                                         "runs": runs, "seed": seed, "archs": archs, "device": str(device),

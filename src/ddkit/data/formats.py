@@ -321,16 +321,23 @@ def load_svhn(root: Path) -> tuple[Split, Split, list[str]]:
 def _decode(path: Path, size: int | None) -> tuple[np.ndarray, bool]:
     """Decode one image as RGB ``uint8 [H, W, 3]`` (resized to ``size`` when given) and whether
     the file itself is grayscale."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            gray = im.mode in _GRAY_MODES
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), gray
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        # an image above Pillow's MAX_IMAGE_PIXELS (a decompression bomb: a tiny file that decodes
+        # to gigabytes) is refused like a damaged one, not decoded
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                gray = im.mode in _GRAY_MODES
+                im = im.convert("RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8), gray
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         raise DDKitError(
             f"cannot read image {path} ({one_line(exc)}); delete or replace it"
         ) from None

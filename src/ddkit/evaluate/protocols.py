@@ -24,7 +24,8 @@ import numpy as np
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, recipe_for_set, resolve_soft_config, train_soft
 from ddkit.models.training import check_training_options, test_accuracy, train_classifier
-from ddkit.utils import apply_overrides, check_flag, check_number, make_generator, normalize, resolve_device, seeded_global_rng
+from ddkit.utils import (apply_overrides, check_flag, check_seed, make_generator, normalize, resolve_device,
+                         seeded_global_rng)
 
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``).
 HARD_PRESETS: dict[str, dict] = {
@@ -236,19 +237,15 @@ def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dic
     from its first epoch (``evaluate`` without ``reuse``). Under torchrun every rank calls this
     (rank 0 deletes, and the others wait for it before they look for the file).
     """
-    import json
-
     from ddkit import distributed
     from ddkit.models.training import RunCheckpoint
-    from ddkit.store.distilled import DATA_FILE, MANIFEST_FILE
 
     if distilled.path is None:
         return None
     name = eval_checkpoint_name(protocol, preset, arch, seed)
-    # the data file's hash as its manifest records it (checked when the set was loaded; no re-read)
-    data_sha256 = (json.loads((distilled.path / MANIFEST_FILE).read_text()).get("sha256") or {}).get(DATA_FILE)
+    # the data file's hash as the set was loaded or saved with (checked then; no re-read)
     identity = {"protocol": protocol, "preset": preset, "arch": arch, "config": config, "seed": seed,
-                "data_sha256": data_sha256}
+                "data_sha256": distilled.data_sha256}
     checkpoint = RunCheckpoint(distilled.path / EVAL_CHECKPOINT_DIR / name, identity, EVAL_CHECKPOINT_SECONDS)
     if fresh:
         checkpoint.remove()
@@ -315,11 +312,12 @@ def evaluate(
 
     if not isinstance(distilled, DistilledSet):
         distilled = load(distilled)
+    distilled.check_contents()  # never score an empty or non-finite set as if it were a result
     checkpoints = record  # epoch checkpoints of a recorded run: read by every rank, written by rank 0
     record = record and distributed.current().is_main  # under torchrun, rank 0 writes the manifest
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise DDKitError(f"--runs must be an integer of at least 1, got {runs!r}")
-    check_number("evaluation", "seed", seed, integer=True, minimum=0)
+    check_seed("evaluation", seed, count=runs)
     if isinstance(archs, str):  # "convnet" or "convnet,resnet18", as on the command line
         archs = [name for name in archs.split(",") if name.strip()]
     if teachers is not None and protocol != "soft":

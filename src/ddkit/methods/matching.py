@@ -462,7 +462,7 @@ class MatchingEngine:
                 values = self.step(iteration)
             except NonFiniteLoss as exc:
                 exc.partial = self.result(method, time.perf_counter() - started, iteration,
-                                          status=f"stopped at iteration {iteration}: non-finite loss")
+                                          status=f"stopped at iteration {iteration}: non-finite loss", resumed_at=start)
                 raise
             if iteration % log_every == 0 or iteration == iterations - 1:
                 values = distributed.all_reduce_sum(values)
@@ -473,10 +473,13 @@ class MatchingEngine:
                 every = distributed.broadcast_int(max(1, int(float(checkpoint.get("seconds", 180)) / per_iteration)))
             if checkpoint and every and (iteration + 1) % every == 0 and iteration + 1 < iterations:
                 self._checkpoint(checkpoint, iteration + 1)
-        return self.result(method, time.perf_counter() - started, iterations - start, status="complete")
+        return self.result(method, time.perf_counter() - started, iterations, status="complete", resumed_at=start)
 
-    def result(self, method: str, seconds: float, iterations_done: int, status: str):
-        """The current synthetic images as a DistilledSet with the run's record."""
+    def result(self, method: str, seconds: float, iterations_done: int, status: str, resumed_at: int = 0):
+        """The current synthetic images as a DistilledSet with the run's record.
+
+        ``iterations_done`` counts every iteration of the run, those before a resume included;
+        ``seconds`` is this process's time, spent on the iterations from ``resumed_at`` on."""
         from ddkit.store import DistilledSet
 
         decode = {"kind": "partition", "factor": self.factor} if self.factor > 1 else {"kind": "identity"}
@@ -493,8 +496,9 @@ class MatchingEngine:
                 "config": self.config,
                 "seeds": {"run": self.seed},
                 "timings": {"matching_seconds": round(seconds, 3),
-                            "seconds_per_iteration": round(seconds / max(1, iterations_done), 4)},
+                            "seconds_per_iteration": round(seconds / max(1, iterations_done - resumed_at), 4)},
                 "iterations_done": iterations_done,
+                **({"resumed_at_iteration": resumed_at} if resumed_at else {}),
                 "status": status,
                 "loss_log": self.log,
             },

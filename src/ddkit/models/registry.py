@@ -89,7 +89,39 @@ def create(name: str, in_channels: int, num_classes: int, image_size: int, **opt
             raise DDKitError(
                 f"unknown option(s) {', '.join(unknown)} for model {key!r}; valid options: {valid}"
             )
-    model = factory(in_channels, num_classes, image_size, **options)
+    _check_size(key, factory, in_channels, num_classes, image_size, options)
+    try:
+        model = factory(in_channels, num_classes, image_size, **options)
+    except (RuntimeError, OverflowError, MemoryError) as exc:  # a width too large to allocate; else a bug
+        if isinstance(exc, RuntimeError) and not any(word in str(exc).lower() for word in ("alloc", "overflow")):
+            raise
+        raise DDKitError(f"model {key!r} cannot be built with {options} ({' '.join(str(exc).split())[:160]}); "
+                         f"choose smaller model options") from None
     if not isinstance(model, TapModel):
         raise TypeError(f"factory for {key!r} returned {type(model).__name__}, not a TapModel")
     return model
+
+
+def _check_size(key: str, factory: Factory, in_channels: int, num_classes: int, image_size: int, options: dict) -> None:
+    """Refuse options whose parameters alone would not fit in this machine's memory (``--set
+    model.width=1000000000000``), before anything is allocated: the model is first built on the
+    ``meta`` device, which allocates nothing and draws no random numbers."""
+    import os
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = factory(in_channels, num_classes, image_size, **options)
+        size = sum(p.numel() * p.element_size() for p in probe.parameters())
+    except DDKitError:
+        raise
+    except Exception:  # noqa: BLE001 - a model the meta device cannot build is checked by the real build
+        return
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if size > memory:
+        raise DDKitError(f"model {key!r} with {options} would hold {size / 2 ** 30:.3g} GiB of parameters, more than "
+                         f"this machine's {memory / 2 ** 30:.3g} GiB of memory; choose smaller model options")

@@ -73,10 +73,15 @@ def load_file(source: Path):
             with open(source, "rb") as handle:
                 loaded = np.load(handle, allow_pickle=False)
                 return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
-        except ValueError as exc:  # object arrays need pickle, which stays off
-            raise DDKitError(f"{source} cannot be read without pickle ({str(exc)[:160]}); save numeric arrays") from None
+        except ValueError as exc:
+            detail = " ".join(str(exc).split())[:160]
+            if "header" in detail.lower():  # numpy refuses headers above max_header_size (10 000 bytes)
+                raise DDKitError(f"{source} has a .npy header larger than numpy reads safely ({detail[:60]}...); "
+                                 f"ddkit does not read it: save the arrays again with numpy.save") from None
+            # object arrays need pickle, which stays off
+            raise DDKitError(f"{source} cannot be read without pickle ({detail}); save numeric arrays") from None
         except (OSError, EOFError) as exc:
-            raise DDKitError(f"{source} cannot be read as {suffix[1:]} ({str(exc)[:160]})") from None
+            raise DDKitError(f"{source} cannot be read as {suffix[1:]} ({' '.join(str(exc).split())[:160]})") from None
     if suffix in (".pt", ".pth"):
         try:
             return torch.load(source, map_location="cpu", weights_only=True)
@@ -233,6 +238,49 @@ def to_class_indices(labels: torch.Tensor, count: int, num_classes: int) -> torc
     return labels
 
 
+def scale_integer_images(images: torch.Tensor, space: str) -> tuple[torch.Tensor, str, str] | None:
+    """Refuse images no space can describe, and scale wide integer images by ddkit's fixed rule.
+
+    - complex or boolean images: refused;
+    - integer images must hold bytes 0..255 (uint8 or any wider integer type; left to
+      :func:`to_pixel_space`, which divides them by 255), except uint16, whose values above 255
+      are 16-bit pixels: divided by 65535 (with ``space`` auto);
+    - other integers outside 0..255, integer images taken as normalised values, and integers
+      above 1 taken as pixel values are refused with one line.
+
+    Returns:
+        ``(pixels float32, "pixel", why)`` for 16-bit images, else None (float images, and integer
+        bytes, go on to :func:`to_pixel_space`).
+    """
+    name = str(images.dtype).replace("torch.", "")
+    if images.is_complex():
+        raise DDKitError(f"the images are complex numbers ({name}); ddkit imports real pixel values: save the "
+                         f"real part or the magnitude as a float array")
+    if images.dtype == torch.bool:
+        raise DDKitError("the images are boolean; save them as uint8 (0 and 255) or as float pixel values "
+                         "(0.0 and 1.0)")
+    if images.is_floating_point() or images.numel() == 0:
+        return None
+    values = images.to(torch.float64)
+    low, high = float(values.min()), float(values.max())
+    if space == "normalized":
+        raise DDKitError(f"the images are integers ({name}), which are not normalised values; leave out --space "
+                         f"normalized (integers are read as bytes 0 to 255) or save float values")
+    if 0 <= low and high <= 255:
+        if space == "pixel" and high > 1:
+            raise DDKitError(f"the images are integers ({name}) up to {high:.0f}, not pixel values in [0, 1]; pass "
+                             f"--space byte or auto (divided by 255)")
+        return None
+    if images.dtype == torch.uint16:
+        if space != "auto":
+            raise DDKitError(f"the images are 16-bit (uint16, values up to {high:.0f}); leave out --space {space}: "
+                             f"16-bit images are divided by 65535")
+        return (values / 65535.0).to(torch.float32), "pixel", "uint16: 16-bit values divided by 65535"
+    raise DDKitError(f"the images are {name} with values from {low:.0f} to {high:.0f}; ddkit reads integer images "
+                     f"as bytes 0 to 255 (uint16 as 16-bit, divided by 65535): scale them to float pixel values "
+                     f"in [0, 1] and import those")
+
+
 def _share_in_pixel_range(values: torch.Tensor) -> float:
     low, high = _PIXEL_RANGE
     return float(((values >= low) & (values <= high)).float().mean())
@@ -344,7 +392,8 @@ def import_set(
             raise DDKitError(f"{source} is an image folder, and image files hold bytes; leave out --space {space}")
         pixels, resolved, why = images.float() / 255.0, "byte", "image files"
     else:
-        pixels, resolved, why = to_pixel_space(images, space, info["mean"], info["std"])
+        scaled = scale_integer_images(images, space)
+        pixels, resolved, why = scaled or to_pixel_space(images, space, info["mean"], info["std"])
     source = Path(source)
     record = {
         "source": str(source), "kind": description, "space": resolved, "space_reason": why,
