@@ -117,8 +117,6 @@ def test_a_compiled_squeeze_trains_compiled_and_shares_the_eager_cache_entry(dig
 
 def test_a_teacher_another_process_is_training_is_waited_for_then_loaded(digits, tmp_path, monkeypatch):
     import threading
-    import time
-
     import ddkit.methods.squeeze as squeeze_module
 
     monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
@@ -128,13 +126,22 @@ def test_a_teacher_another_process_is_training_is_waited_for_then_loaded(digits,
     trained = []
     real_train = squeeze_module.train_classifier
     monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    at_the_lock = threading.Event()
+    real_lock_file = squeeze_module.lock_file
+
+    def lock_file(path):
+        if threading.current_thread() is waiting:
+            at_the_lock.set()
+        return real_lock_file(path)
+
+    monkeypatch.setattr(squeeze_module, "lock_file", lock_file)
     asked = []
     waiting = threading.Thread(target=lambda: asked.append(
         squeeze(digits, TEACHER, preset="smoke", overrides=["epochs=2"], show_progress=False)))
     with squeeze_module._training_lock(folder):  # the other process, training this very teacher
         waiting.start()
-        time.sleep(0.5)
-        assert waiting.is_alive() and not asked  # waits for the lock rather than train it too
+        assert at_the_lock.wait(timeout=60)  # it found no cached teacher and asked for the lock...
+        assert not asked  # ...which it cannot get while the other one trains
         squeeze_module._train_into_cache(folder, digits, TEACHER, schedule, recipe, 0, "cpu", "teachers", False,
                                          "squeeze", False)
     waiting.join(timeout=60)
