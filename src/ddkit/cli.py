@@ -11,11 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from ddkit.bench.cli import add_commands
+from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError
+from ddkit.methods import describe_methods
+from ddkit.methods.terms import describe_terms
 
-COMPILE_HELP = ("{what} through torch.compile: about 1.5x to 1.7x faster per step on a CPU after "
-                "a first step that compiles (half a minute or so per batch shape); the same computation, with "
-                "other float rounding; needs a C++ compiler on a CPU, Triton on a GPU")
 
 
 def _csv(text: str) -> list[str]:
@@ -432,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distill a dataset with a method",
                        description="Distill a real dataset into IPC synthetic images per class.")
-    p.add_argument("method", nargs="?", help="method name: dm, idm, iid, idm-iid, ddm (matching); sre2l, cda, gvbsm "
-                                             "(statistics: squeeze -> recover -> relabel); random")
+    p.add_argument("method", nargs="?", help="method name; " + describe_methods()
+                   + " (matching: one engine over loss terms; statistics: squeeze -> recover -> relabel)")
     p.add_argument("--dataset", help="real dataset name (see `ddkit data list`)")
     p.add_argument("--ipc", type=int, help="synthetic images per class")
     p.add_argument("--preset", default=None, help="smoke | quick | paper (default quick)")
@@ -451,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="statistics family: print the resolved configuration (statistics, augmentation, teachers and "
                         "their cache keys, relabel, evaluation recipe) and exit, without loading images or training")
     p.add_argument("--terms", action="append", default=[], metavar="T1,T2",
-                   help="matching family: switch loss terms on (mean, cm, cc, style, gram, icd, ce) "
-                        "at their default weights, e.g. --terms cc,cm")
+                   help="matching family: switch loss terms on at their default weights, e.g. --terms cc,cm; "
+                        "the terms (default weight): " + describe_terms())
     p.add_argument("--weight", dest="weights", action="append", default=[], metavar="TERM=W",
                    help="matching family: set a term's weight, e.g. --weight style=1e4 (0 turns it off; repeatable)")
     _add_teacher_option(p)
@@ -602,8 +603,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set", help="distilled-set directory")
     p.add_argument("--columns", type=int, default=20, help="images per row at most (default 20)")
     p.set_defaults(func=cmd_show)
-    from ddkit.bench.cli import add_commands
-
     add_commands(sub)
     return parser
 

@@ -57,10 +57,11 @@ KEY_FIELDS = ("dataset", "method", "ipc", "tier", "arch", "runs", "seed")
 
 
 def statistics_methods() -> tuple[str, ...]:
-    """The statistics-family methods (soft-label protocol): ``ddkit.methods.stats_family.METHODS``."""
-    from ddkit.methods import stats_family
+    """The methods with a relabelled baseline ``random+M`` (their spec's ``relabel_baseline``: the
+    statistics family)."""
+    from ddkit.methods import method_names
 
-    return tuple(stats_family.METHODS)
+    return tuple(method_names(relabel_baseline=True))
 
 
 def relabelled_baseline(method: str) -> str:
@@ -74,10 +75,13 @@ def is_baseline(method: str) -> bool:
 
 
 def protocol_for(method: str) -> str:
-    """"soft" for the statistics family and its relabelled baselines, "hard" for everything else."""
+    """The evaluation protocol of ``method``'s cells: its spec's (``MethodSpec.protocol``: "soft"
+    for the statistics family, "hard" for the others); "soft" for a relabelled baseline."""
+    from ddkit.methods import get_spec
+
     if method.startswith(BASELINE + "+"):
         return "soft"
-    return "soft" if method in statistics_methods() else "hard"
+    return get_spec(method).protocol
 
 
 def slug(text: str) -> str:
@@ -321,7 +325,7 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
     code resolves now. ``random+M`` compares M's teacher models and relabel options (its images are
     the random subset; M's recover options do not touch it). ``random`` has no preset.
     """
-    from ddkit.methods import dm_family, stats_family
+    from ddkit.methods import get_spec, stats_family
 
     if cell.method == BASELINE:
         return []
@@ -337,11 +341,13 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
             wanted = stats_family.teacher_keys(config, cell.dataset, int(relabel.get("seed", 0)))
             changes += [f"teachers: {keys} -> {wanted}"] if keys != wanted else []
         return changes
+    spec = get_spec(cell.method)
+    if spec.resolve is None:
+        return []
     stored = manifest.get("config") or {}
-    if cell.method in statistics_methods():
-        return _differences(stored, _plain(stats_family.resolve_preset(cell.method, cell.dataset, tier)))
-    current = dm_family.resolve_preset(cell.method, cell.dataset, cell.ipc, tier)
-    return _differences(dm_family.active_options(stored), _plain(dm_family.active_options(current)))
+    current = spec.resolve(cell.dataset, cell.ipc, tier)
+    active = spec.active_options or (lambda config: config)
+    return _differences(active(stored), _plain(active(current)))
 
 
 def reasons_to_remake(cell: Cell, sets: Path, tier: str) -> list[str]:
