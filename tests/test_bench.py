@@ -751,20 +751,20 @@ def test_cells_another_process_holds_are_left_to_it(isolated_data, tmp_path, cap
 
 
 def test_a_cell_another_process_finished_meanwhile_is_not_run_again(isolated_data, tmp_path, monkeypatch):
-    from ddkit.bench import grid
+    from ddkit.bench import runner
 
     done = small_grid(tmp_path / "done", ipcs=(1,))
     dm_line = next(line for line in done if line["method"] == "dm")
     out = tmp_path / "bench"
-    real_claim = grid.claim_cell
+    real_claim = runner.claim_cell
 
     def claim_after_the_other_process(where, cell):
         if cell.method == "dm":  # the other process finished dm while this one ran the random subset
             shutil.copytree(tmp_path / "done" / dm_line["set"], Path(where) / dm_line["set"])
-            grid.append_result(where, dm_line)
+            runner.append_result(where, dm_line)
         return real_claim(where, cell)
 
-    monkeypatch.setattr(grid, "claim_cell", claim_after_the_other_process)
+    monkeypatch.setattr(runner, "claim_cell", claim_after_the_other_process)
     made = []
     real_distill = ddkit.distill
     monkeypatch.setattr(ddkit, "distill", lambda method, **kw: made.append(method) or real_distill(method, **kw))

@@ -7,7 +7,7 @@
     other = ddkit.import_set("res_DM.pt", dataset="fashion-mnist")  # a set made by another tool
 """
 
-__version__ = "0.1.0"
+from ddkit._version import __version__  # noqa: E402
 
 # The layer package ddkit.evaluate is imported first, then the name is rebound to the function, so
 # `ddkit.evaluate(...)` is the function while `from ddkit.evaluate import ...` still reaches the layer.

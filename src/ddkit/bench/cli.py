@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ddkit.bench.grid import TABLE_FILE, plan_bench, run_bench, statistics_methods
+from ddkit.bench.cells import statistics_methods
+from ddkit.bench.results import TABLE_FILE
+from ddkit.bench.runner import plan_bench, run_bench
 from ddkit.bench.report import write_report
 from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError

@@ -19,7 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ddkit.bench.grid import BASELINE, PLOTS_DIR, latest_results, read_results, slug
+from ddkit.bench.cells import BASELINE, slug
+from ddkit.bench.results import PLOTS_DIR, latest_results, read_results
 from ddkit.bench.table import method_order
 from ddkit.errors import DDKitError
 

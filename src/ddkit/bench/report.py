@@ -190,7 +190,8 @@ def set_body(directory: Path) -> tuple[str, list[str]]:
 # ---- a bench directory ---------------------------------------------------------------------------------
 def bench_body(directory: Path) -> tuple[str, list[str]]:
     """(title, body parts) of a bench directory's report."""
-    from ddkit.bench.grid import PLOTS_DIR, SPEC_FILE, is_baseline, latest_results, read_results
+    from ddkit.bench.cells import is_baseline
+    from ddkit.bench.results import PLOTS_DIR, SPEC_FILE, latest_results, read_results
     from ddkit.bench.plots import write_plots
     from ddkit.bench.table import sorted_lines, table_rows
 
@@ -252,7 +253,7 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
     set that cannot be read is listed with its error instead of stopping the page.
     """
     import ddkit
-    from ddkit.bench.grid import is_baseline
+    from ddkit.bench.cells import is_baseline
 
     rows, unreadable, loaded = [], [], []
     for set_dir in child_sets(directory):
@@ -294,7 +295,7 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
 
 def is_bench_dir(directory: Path) -> bool:
     """Whether ``directory`` was written by ``ddkit bench`` (it holds results.jsonl or bench.json)."""
-    from ddkit.bench.grid import RESULTS_FILE, SPEC_FILE
+    from ddkit.bench.results import RESULTS_FILE, SPEC_FILE
 
     return (directory / RESULTS_FILE).is_file() or (directory / SPEC_FILE).is_file()
 

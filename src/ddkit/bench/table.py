@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddkit.bench.grid import BASELINE, TABLE_FILE, latest_results, read_results
+from ddkit.bench.cells import BASELINE
+from ddkit.bench.results import TABLE_FILE, latest_results, read_results
 from ddkit.utils import write_text_atomic
 
 MIB = 1024 * 1024

@@ -146,12 +146,3 @@ def describe_methods() -> str:
     return "; ".join(f"{family}: {', '.join(method_names(family))}" for family in families)
 
 
-
-@register_method("random", family="baseline")
-def distill_random(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True):
-    """The random real subset as a 'method', so benchmarks treat the baseline like any other."""
-    from ddkit.evaluate.baselines import random_subset
-
-    if overrides:
-        raise DDKitError("the random baseline has no options to override; drop --set")
-    return random_subset(real, ipc, seed=seed)
