@@ -222,3 +222,43 @@ def resume(out: str | Path, device: str | None = None, show_progress: bool = Tru
     return distill(run["method"], dataset=run["dataset"], ipc=run["ipc"], preset=run["preset"], seed=run["seed"],
                    device=device or "cpu", overrides=run["overrides"], show_progress=show_progress, out=out,
                    image_size=run.get("image_size"), resume=True, **run.get("flags", {}), **options)
+
+
+def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: str | None = "cpu", overrides=None,
+            teacher_paths=None, show_progress: bool = True, compiled: bool = False):
+    """``distilled`` relabelled as statistics method ``like`` relabels its own sets: its teachers
+    (trained or loaded from the cache, or the squeezed teacher folders ``teacher_paths``) store
+    per-(epoch, sample) soft-label records under its relabel options at ``preset``.
+
+    Args:
+        distilled: any :class:`ddkit.DistilledSet` (its images are kept; a random subset, an
+            imported set ...).
+        like: a statistics method (``sre2l``, ``cda``, ``gvbsm``): whose teachers and relabel options.
+        overrides: its options, as for :func:`distill` (``relabel.epochs=50``).
+        compiled: teachers not cached yet train through ``torch.compile``.
+
+    Returns:
+        A new DistilledSet with the records in ``extras`` and, in ``meta``, ``relabelled_like``
+        ``{"method", "preset"}`` and the ``squeeze_seconds`` / ``relabel_seconds`` timings; it
+        evaluates with ``protocol="soft"``.
+    """
+    from ddkit.data import load_dataset
+    from ddkit.methods import stats_family
+    from ddkit.methods.squeeze import load_teacher
+    from ddkit.utils import resolve_device
+
+    device = resolve_device(device)
+    real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
+    config = stats_family.resolve_preset(like, real.name, preset, overrides, real=real)
+    started = time.perf_counter()
+    if teacher_paths:
+        teachers = [load_teacher(path, real, device) for path in teacher_paths]
+    else:
+        teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
+    squeezed = time.perf_counter()
+    result = stats_family.relabel_with(distilled, teachers, config, seed, device, show_progress)
+    timings = result.meta.setdefault("timings", {})
+    timings["squeeze_seconds"] = round(squeezed - started, 3)
+    timings["relabel_seconds"] = round(time.perf_counter() - squeezed, 3)
+    result.meta["relabelled_like"] = {"method": like, "preset": preset}
+    return result

@@ -361,31 +361,21 @@ def _add_checkpoint_options(p) -> None:
 def cmd_relabel(args) -> int:
     """`ddkit relabel` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
-    from ddkit.data import load_dataset
-    from ddkit.methods import stats_family
-    from ddkit.methods.squeeze import load_teacher
-    from ddkit.utils import resolve_device
-
     from ddkit.store.distilled import run_lock
 
     distilled = ddkit.load(args.set)
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
-    device = resolve_device(args.device)
     with run_lock(args.out or args.set, f"ddkit relabel --like {args.like}"):
-        real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
-        config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
-        if args.teacher_paths:
-            teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
-        else:
-            teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
-        result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
-        result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
+        result = ddkit.api.relabel(distilled, args.like, preset=args.preset, seed=args.seed, device=args.device,
+                                   overrides=args.set_options, teacher_paths=args.teacher_paths,
+                                   show_progress=not args.quiet)
         if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
             result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
         out = result.save(args.out or args.set)
     sizes = result.stored_bytes()
-    print(f"relabelled {distilled.images.shape[0]} images with {len(teachers)} teacher(s) for "
-          f"{config['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) -> {out}")
+    print(f"relabelled {distilled.images.shape[0]} images with {len(result.meta['relabel']['teacher_info'])} "
+          f"teacher(s) for {result.meta['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) "
+          f"-> {out}")
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import ddkit
-from ddkit.api import CHECKPOINT_DIR
+from ddkit.api import CHECKPOINT_DIR, relabel
 from ddkit.bench.cells import (
     _as_list, BASELINE, Cell, cell_key, check_archs, check_datasets, check_ipcs, check_methods, check_tier,
     plan_cells,
@@ -176,20 +176,12 @@ def _relabel_random(base, method: str, path: Path, tier: str, seed: int, device,
     """Save ``base`` relabelled like ``method`` at ``tier`` to ``path`` and return it (``compiled``:
     teachers not cached yet train through torch.compile)."""
     _reset_peak_memory(device)
-    real = load_dataset(base.dataset, **base.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(method, real.name, tier, real=real)
-    started = time.perf_counter()
-    teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
-    squeezed = time.perf_counter()
-    result = stats_family.relabel_with(base, teachers, config, seed, device, show_progress)
-    finished = time.perf_counter()
-    timings = result.meta.setdefault("timings", {})
-    made = float(timings.get("distill_seconds") or 0.0)
-    timings["squeeze_seconds"] = round(squeezed - started, 3)
-    timings["relabel_seconds"] = round(finished - squeezed, 3)
+    made = float((base.meta.get("timings") or {}).get("distill_seconds") or 0.0)
+    result = relabel(base, method, preset=tier, seed=seed, device=device, show_progress=show_progress,
+                     compiled=compiled)
+    timings = result.meta["timings"]
     # The time to make this set: the random selection, the teachers (cached ones load fast), the relabel.
-    timings["distill_seconds"] = round(made + finished - started, 3)
-    result.meta["relabelled_like"] = {"method": method, "preset": tier}
+    timings["distill_seconds"] = round(made + timings["squeeze_seconds"] + timings["relabel_seconds"], 3)
     result.meta["peak_memory_bytes"] = peak_memory_bytes(device)
     result.save(path)
     return result
