@@ -12,6 +12,7 @@ from ddkit.data.registry import resolve_name
 from ddkit.errors import DDKitError
 from ddkit.methods import METHODS, get_spec, method_names
 from ddkit.models import available
+from ddkit.utils import split_names
 
 
 TIERS = ("smoke", "quick", "paper")
@@ -29,15 +30,22 @@ def relabelled_baseline(method: str) -> str:
     return f"{BASELINE}+{method}"
 
 
+def relabelled_method(method: str) -> str | None:
+    """``M`` for the relabelled baseline ``random+M``; None for any other name (the one place
+    that parses the ``random+M`` spelling)."""
+    prefix = BASELINE + "+"
+    return method[len(prefix):] if method.startswith(prefix) else None
+
+
 def is_baseline(method: str) -> bool:
     """True for ``random`` and every ``random+M``."""
-    return method == BASELINE or method.startswith(BASELINE + "+")
+    return method == BASELINE or relabelled_method(method) is not None
 
 
 def protocol_for(method: str) -> str:
     """The evaluation protocol of ``method``'s cells: its spec's (``MethodSpec.protocol``: "soft"
     for the statistics family, "hard" for the others); "soft" for a relabelled baseline."""
-    if method.startswith(BASELINE + "+"):
+    if relabelled_method(method) is not None:
         return "soft"
     return get_spec(method).protocol
 
@@ -74,7 +82,7 @@ class Cell:
 def _as_list(value) -> list:
     """A comma-separated string or an iterable as a list (``"dm,ddm"`` -> ``["dm", "ddm"]``)."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return split_names(value)
     if isinstance(value, int):
         return [value]
     return list(value)
@@ -100,7 +108,7 @@ def check_methods(methods) -> list[str]:
     known, stats = list(METHODS), statistics_methods()
     checked = []
     for method in methods:
-        base = method[len(BASELINE) + 1:] if method.startswith(BASELINE + "+") else None
+        base = relabelled_method(method)
         if base is not None and base not in stats:
             raise DDKitError(f"{method!r}: only statistics methods have a relabelled baseline; "
                              f"choose random+ one of: {', '.join(stats)}")

@@ -9,13 +9,14 @@ from ddkit.bench.report import write_report
 from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError
 from ddkit.methods import get_spec, method_names
+from ddkit.utils import split_names
 
 DEFAULT_DATASETS = "fashion-mnist,mnist"
 DEFAULT_IPCS = "1,10,50"
 
 
 def _names(text: str, option: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = split_names(text)
     if not names:
         raise DDKitError(f"{option} is empty; give a comma-separated list")
     return names

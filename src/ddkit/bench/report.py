@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ddkit.errors import DDKitError
+from ddkit.store.distilled import MANIFEST_FILE
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -223,7 +224,7 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
         body += [image_tag(p.read_bytes(), p.stem, p.stem) for p in accuracy]
         body.append("</div>")
     set_dirs = sorted({directory / line["set"] for line in lines if line.get("set")})
-    set_dirs = [d for d in set_dirs if (d / "manifest.json").is_file()]
+    set_dirs = [d for d in set_dirs if (d / MANIFEST_FILE).is_file()]
     if set_dirs:
         body.append("<h2>Sets</h2>")
     for set_dir in set_dirs:
@@ -242,7 +243,7 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
 # ---- a folder of sets ------------------------------------------------------------------------------------
 def child_sets(directory: Path) -> list[Path]:
     """The set directories (holding ``manifest.json``) directly inside ``directory``, sorted by name."""
-    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / "manifest.json").is_file())
+    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / MANIFEST_FILE).is_file())
 
 
 def sets_body(directory: Path) -> tuple[str, list[str]]:
@@ -319,7 +320,7 @@ def write_report(path: str | Path, out_html: str | Path | None = None) -> Path:
     directory = Path(path)
     if not directory.is_dir():
         raise DDKitError(f"{directory} is not a directory; pass a set directory or a bench directory")
-    if (directory / "manifest.json").is_file():
+    if (directory / MANIFEST_FILE).is_file():
         title, body = set_body(directory)
     elif is_bench_dir(directory):
         title, body = bench_body(directory)

@@ -17,8 +17,8 @@ import torch
 import ddkit
 from ddkit.api import CHECKPOINT_DIR, relabel
 from ddkit.bench.cells import (
-    _as_list, BASELINE, Cell, cell_key, check_archs, check_datasets, check_ipcs, check_methods, check_tier,
-    plan_cells,
+    BASELINE, Cell, _as_list, cell_key, check_archs, check_datasets, check_ipcs, check_methods, check_tier,
+    plan_cells, relabelled_method,
 )
 from ddkit.bench.claims import cell_held_elsewhere, claim_cell
 from ddkit.bench.plots import write_plots
@@ -33,7 +33,6 @@ from ddkit.data import check_available, load_dataset
 from ddkit.data.sampling import check_ipc
 from ddkit.errors import DDKitError
 from ddkit.evaluate.protocols import evaluation_config, find_stored, finished_record
-from ddkit.methods import stats_family
 from ddkit.models.training import check_compile_available
 from ddkit.store.distilled import DATA_FILE, MANIFEST_FILE
 from ddkit.utils import describe_device, peak_memory_bytes, resolve_device, write_json_atomic
@@ -62,7 +61,7 @@ def _stored_seed(manifest: dict):
 
 def _load_existing(path: Path, cell: Cell, tier: str, seed: int):
     """The set saved at ``path`` if there is one (refusing a set made for another tier or seed)."""
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST_FILE).is_file():
         return None
     distilled = ddkit.load(path)
     stored_seed = _stored_seed(distilled.meta)
@@ -95,7 +94,7 @@ def check_bench_request(tier, datasets, methods, ipcs, archs, runs, out, seed=0)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DDKitError(f"{out} exists and is not a directory; choose another --out")
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST_FILE).is_file():
         raise DDKitError(f"{out} is a distilled set, not a bench directory; choose another --out")
     return tier, datasets, methods, ipcs, archs, out
 
@@ -157,7 +156,7 @@ def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_pr
     existing = _load_existing(path, cell, tier, seed)
     if existing is not None:
         return existing
-    if not cell.method.startswith(BASELINE + "+"):
+    if relabelled_method(cell.method) is None:
         _reset_peak_memory(device)
         if (path / CHECKPOINT_DIR / LATEST).is_file():  # an interrupted bench: continue that distillation
             ddkit.resume(path, device=device, show_progress=show_progress, compiled=compiled)
@@ -166,7 +165,7 @@ def _distilled_set(cell: Cell, sets: Path, tier: str, seed: int, device, show_pr
                           show_progress=show_progress, out=path, compiled=compiled)
         return ddkit.load(path)
     # random+M: the random subset of this cell, relabelled with M's teachers and relabel options.
-    method = cell.method[len(BASELINE) + 1:]
+    method = relabelled_method(cell.method)
     base = _distilled_set(Cell(cell.dataset, BASELINE, cell.ipc), sets, tier, seed, device, show_progress, compiled)
     return _relabel_random(base, method, path, tier, seed, device, show_progress, compiled)
 
@@ -340,7 +339,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         if all(status.state == "done" for status in statuses):
             say(f"{label}: done before, skipped")
             return True
-        needs = [cell] + ([Cell(cell.dataset, BASELINE, cell.ipc)] if cell.method.startswith(BASELINE + "+") else [])
+        needs = [cell] + ([Cell(cell.dataset, BASELINE, cell.ipc)] if relabelled_method(cell.method) else [])
         claims = []
         try:
             for needed in needs:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ddkit
 from ddkit.api import CHECKPOINT_DIR
-from ddkit.bench.cells import BASELINE, Cell, cell_key
+from ddkit.bench.cells import BASELINE, Cell, cell_key, relabelled_method
 from ddkit.checkpoint import LATEST, read_state
 from ddkit.evaluate.protocols import EVAL_CHECKPOINT_DIR, eval_checkpoint_name, evaluation_config, find_stored
 from ddkit.methods import get_spec, stats_family
@@ -50,8 +50,8 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
     """
     if cell.method == BASELINE:
         return []
-    if cell.method.startswith(BASELINE + "+"):
-        config = stats_family.resolve_preset(cell.method[len(BASELINE) + 1:], cell.dataset, tier)
+    if relabelled_method(cell.method) is not None:
+        config = stats_family.resolve_preset(relabelled_method(cell.method), cell.dataset, tier)
         relabel = manifest.get("relabel") or {}
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
                   "relabel": relabel}

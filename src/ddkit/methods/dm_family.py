@@ -15,7 +15,7 @@ from ddkit.errors import DDKitError
 from ddkit.methods.matching import MatchingEngine
 from ddkit.methods.terms import MATCHING_TERMS, active_options as _term_active_options, default_weights, unknown_term
 from ddkit.methods.registry import MethodSpec, register
-from ddkit.utils import apply_overrides, override_items, parse_value
+from ddkit.utils import apply_overrides, override_items, parse_value, split_names
 
 #: Engine defaults = DM's published settings (Zhao & Bilen, "Dataset Condensation with Distribution
 #: Matching", WACV 2023, and its code).
@@ -203,7 +203,7 @@ def apply_term_flags(config: dict, terms=None, weights=None) -> dict:
     config = copy.deepcopy(config)
     names = []
     for item in ([terms] if isinstance(terms, str) else (terms or [])):
-        names.extend(part.strip() for part in str(item).split(",") if part.strip())
+        names.extend(split_names(item))
     pairs = weights.items() if isinstance(weights, dict) else []
     if not isinstance(weights, dict):
         parsed = []
