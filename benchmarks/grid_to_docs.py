@@ -19,7 +19,7 @@ older evaluation preset) is not finished: it is listed with the cells still to r
 ``--trust-results`` (as ``ddkit bench --trust-results``), a line whose set is missing counts as
 finished: for results kept in git without their sets (benchmarks/results/quick-grid/), and so does a
 random subset that a ``random+M`` cell made again and nothing evaluated since.
-Lines rebuilt from an earlier table (``"recovered_from"``, see ``recover_grid_lines.py``) are counted
+Lines rebuilt from an earlier table (``"recovered_from"``) are counted
 and named.
 
 Nothing is measured here: every number comes from ``BENCH_DIR/results.jsonl``.

@@ -14,7 +14,7 @@
 # fresh checkout starts without it): results.jsonl, and sets/ with the sets of cells not finished
 # yet. A run directory without results.jsonl starts from a copy of both, and the workers run with
 # --trust-results, so cells finished on another machine (their sets are not kept) stay finished.
-# Save the progress with `python benchmarks/keep_grid.py` and commit benchmarks/results/quick-grid.
+# Save the progress by copying OUT/results.jsonl (and the sets of unfinished cells) there and committing it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-$(nproc)}

@@ -536,22 +536,19 @@ def _benchmarks_script(name):
     return module
 
 
-def test_a_table_row_is_rebuilt_into_the_line_it_was_rendered_from_and_trusted_by_grid_to_docs(tmp_path):
+def test_grid_to_docs_trusts_lines_recovered_from_an_earlier_table(tmp_path):
     from ddkit.bench.table import row_cells
 
-    recover = _benchmarks_script("recover_grid_lines")
-    row = ["fashion-mnist", "10", "gvbsm", "soft", "3", "80.82 +- 0.23", "217.0", "351.9 (compiled)", "761",
-           "313600", "1230000"]
-    line = recover.line_from_row(row, "docs/benchmarks.md at abc1234")
-    assert line["mean"] == 80.82 and line["std"] == 0.23 and line["eval_seconds_per_run"] == 351.9
-    assert line["compiled"] is True and "distill_compiled" not in line
-    assert line["peak_memory_bytes"] == 761 * 1024 * 1024 and line["ipc"] == 10 and line["seed"] == 0
-    assert row_cells(line) == row
-    baseline = recover.line_from_row(["fashion-mnist", "10", "random", "hard", "3", "76.60 +- 0.18", "0.0", "329.2",
-                                      "-", "313600", "0"], "docs/benchmarks.md at abc1234")
-    assert "peak_memory_bytes" not in baseline and row_cells(baseline)[8] == "-"
-    with pytest.raises(SystemExit, match="runs=1"):
-        recover.line_from_row(["digits", "1", "dm", "hard", "1", "1.00 +- 0.00", "1.0", "1.0", "-", "1", "0"], "x")
+    # two lines as rebuilt from the rows of an earlier docs/benchmarks.md table ("recovered_from")
+    common = {"dataset": "fashion-mnist", "ipc": 10, "tier": "quick", "arch": "convnet", "runs": 3, "seed": 0,
+              "device": "cpu", "machine": "AMD EPYC, AVX2, 2 cores", "recovered_from": "docs/benchmarks.md at abc1234"}
+    line = {**common, "method": "gvbsm", "protocol": "soft", "mean": 80.82, "std": 0.23, "distill_seconds": 217.0,
+            "eval_seconds_per_run": 351.9, "image_bytes": 313600, "soft_label_bytes": 1230000, "compiled": True,
+            "peak_memory_bytes": 761 * 1024 * 1024}
+    baseline = {**common, "method": "random", "protocol": "hard", "mean": 76.60, "std": 0.18, "distill_seconds": 0.0,
+                "eval_seconds_per_run": 329.2, "image_bytes": 313600, "soft_label_bytes": 0}
+    assert row_cells(line) == ["fashion-mnist", "10", "gvbsm", "soft", "3", "80.82 +- 0.23", "217.0",
+                               "351.9 (compiled)", "761", "313600", "1230000"]
 
     bench = tmp_path / "kept"  # results.jsonl alone, as kept in git
     bench.mkdir()
@@ -754,57 +751,26 @@ def test_cells_another_process_holds_are_left_to_it(isolated_data, tmp_path, cap
 
 
 def test_a_cell_another_process_finished_meanwhile_is_not_run_again(isolated_data, tmp_path, monkeypatch):
-    from ddkit.bench import grid
+    from ddkit.bench import runner
 
     done = small_grid(tmp_path / "done", ipcs=(1,))
     dm_line = next(line for line in done if line["method"] == "dm")
     out = tmp_path / "bench"
-    real_claim = grid.claim_cell
+    real_claim = runner.claim_cell
 
     def claim_after_the_other_process(where, cell):
         if cell.method == "dm":  # the other process finished dm while this one ran the random subset
             shutil.copytree(tmp_path / "done" / dm_line["set"], Path(where) / dm_line["set"])
-            grid.append_result(where, dm_line)
+            runner.append_result(where, dm_line)
         return real_claim(where, cell)
 
-    monkeypatch.setattr(grid, "claim_cell", claim_after_the_other_process)
+    monkeypatch.setattr(runner, "claim_cell", claim_after_the_other_process)
     made = []
     real_distill = ddkit.distill
     monkeypatch.setattr(ddkit, "distill", lambda method, **kw: made.append(method) or real_distill(method, **kw))
     lines = small_grid(out, ipcs=(1,))
     assert made == ["random"]
     assert [line["method"] for line in lines] == ["random", "dm"] and lines[1] == dm_line
-
-
-def test_keep_grid_copies_the_results_and_the_sets_of_unfinished_cells_only(tmp_path):
-    keep_grid = _benchmarks_script("keep_grid")
-    run, kept = tmp_path / "run", tmp_path / "kept"
-    kept.mkdir()
-    first = json.dumps({"dataset": "mnist", "method": "random", "ipc": 50}) + "\n"
-    (kept / "results.jsonl").write_text(first)
-    (run / "sets").mkdir(parents=True)
-    (run / "results.jsonl").write_text(first + json.dumps({"dataset": "mnist", "method": "dm", "ipc": 50}) + "\n")
-    for name in ("mnist-dm-ipc50", "mnist-idm-ipc50", "mnist-iid-ipc50.superseded-20261122T1600"):
-        folder = run / "sets" / name
-        (folder / "eval-checkpoint").mkdir(parents=True)
-        (folder / "checkpoint").mkdir()
-        for file in ("data.safetensors", "manifest.json", "grid.png", "checkpoint/latest.json",
-                     "eval-checkpoint/hard-quick-convnet-seed1.safetensors"):
-            (folder / file).write_text(name)
-    (run / "sets" / "mnist-iid-ipc50").mkdir()  # being distilled: no manifest yet
-    (kept / "sets" / "mnist-dm-ipc50").mkdir(parents=True)  # carried earlier, finished since
-    (kept / "sets" / "mnist-dm-ipc50" / "manifest.json").write_text("old")
-
-    report = keep_grid.keep(run, kept)
-    assert report == ["results.jsonl: 1 new lines", "mnist-dm-ipc50: finished, carried set removed",
-                      "mnist-idm-ipc50: not finished, set carried (0.0 MiB)"]
-    assert (kept / "results.jsonl").read_text() == (run / "results.jsonl").read_text()
-    carried = sorted(str(p.relative_to(kept / "sets")) for p in (kept / "sets").rglob("*") if p.is_file())
-    assert carried == ["mnist-idm-ipc50/data.safetensors", "mnist-idm-ipc50/eval-checkpoint/hard-quick-convnet-seed1"
-                       ".safetensors", "mnist-idm-ipc50/manifest.json"]
-    (kept / "results.jsonl").write_text(first + first)  # not a start of the run's results: refused
-    with pytest.raises(SystemExit, match="does not start with"):
-        keep_grid.keep(run, kept)
 
 
 def test_describe_cpu_names_the_model_its_vector_width_and_cores():

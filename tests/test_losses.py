@@ -7,7 +7,6 @@ import torch
 
 from ddkit.errors import DDKitError
 from ddkit.losses import (
-    TERMS,
     check_grouped,
     class_aware_ce_loss,
     class_centralization_loss,
@@ -359,15 +358,3 @@ def test_check_grouped_message_names_the_problem():
     with pytest.raises(DDKitError, match="feature shapes differ"):
         check_grouped(rand(2, 3, 4), rand(2, 3, 5))
     check_grouped(rand(2, 3, 4), rand(2, 7, 4))  # different N is fine
-
-
-def test_terms_registry():
-    assert TERMS == {
-        "ce": class_aware_ce_loss,
-        "mean": mean_feature_loss,
-        "style": moment_loss,
-        "gram": gram_loss,
-        "cm": local_covariance_loss,
-        "cc": class_centralization_loss,
-        "icd": intra_class_kl_loss,
-    }

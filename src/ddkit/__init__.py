@@ -7,16 +7,16 @@
     other = ddkit.import_set("res_DM.pt", dataset="fashion-mnist")  # a set made by another tool
 """
 
-__version__ = "0.1.0"
+from ddkit._version import __version__  # noqa: E402
 
 # The layer package ddkit.evaluate is imported first, then the name is rebound to the function, so
 # `ddkit.evaluate(...)` is the function while `from ddkit.evaluate import ...` still reaches the layer.
 import ddkit.evaluate as _evaluate_layer  # noqa: E402
-from ddkit.api import distill, resume  # noqa: E402
+from ddkit.api import distill, relabel, resume  # noqa: E402
 from ddkit.errors import DDKitError  # noqa: E402
 from ddkit.store import DistilledSet, load  # noqa: E402
 from ddkit.store.importer import import_set  # noqa: E402
 
 evaluate = _evaluate_layer.evaluate
 
-__all__ = ["distill", "resume", "evaluate", "load", "import_set", "DistilledSet", "DDKitError", "__version__"]
+__all__ = ["distill", "relabel", "resume", "evaluate", "load", "import_set", "DistilledSet", "DDKitError", "__version__"]

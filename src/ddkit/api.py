@@ -35,7 +35,7 @@ def distill(
     """Distill ``dataset`` into ``ipc`` synthetic images per class with ``method``.
 
     Args:
-        method: a registered method name (``ddkit.methods.METHODS``), e.g. "dm".
+        method: a registered method name (``ddkit.methods.SPECS``), e.g. "dm".
         dataset: a real dataset name (``ddkit data list``).
         ipc: synthetic images per class.
         preset: "smoke" | "quick" | "paper".
@@ -67,14 +67,14 @@ def distill(
     """
     from ddkit import distributed
     from ddkit.data import load_dataset
-    from ddkit.methods import get_method
+    from ddkit.methods import get_spec
     from ddkit.methods.matching import NonFiniteLoss
     from ddkit.utils import check_seed, peak_memory_bytes, resolve_device
 
-    fn = get_method(method)
+    spec = get_spec(method)
     check_seed("distillation", seed)
     device = resolve_device(device)
-    compiled = bool(compiled) and getattr(fn, "supports_compile", False)
+    compiled = bool(compiled) and spec.compile
     if compiled:
         from ddkit.models.training import check_compile_available
 
@@ -85,18 +85,18 @@ def distill(
     try:
         if world.distributed and out is None:
             raise DDKitError("a multi-process run needs --out (the ranks exchange their parts through it)")
-        if world.distributed and not getattr(fn, "splits_work", False):
+        if world.distributed and not spec.splits_work:
             raise DDKitError(f"{method} does not split across processes; run it in one process")
         if out is not None:
             _hold_run_lock(held, out, method, world)
-        checkpoint = _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size,
+        checkpoint = _checkpoint_spec(spec, method, dataset, ipc, preset, seed, overrides, out, image_size,
                                       checkpoint_every, checkpoint_seconds, resume, flags)
         if checkpoint is not None:
             flags["checkpoint"] = checkpoint
         if compiled:
             flags["compiled"] = True
         merged = False
-        if world.distributed and getattr(fn, "merges_parts", False):
+        if world.distributed and spec.merges_parts:
             # methods that finish with a stage on the whole set (relabel) merge the parts before it
             def merge(partial):
                 nonlocal merged
@@ -107,7 +107,7 @@ def distill(
         real = load_dataset(dataset, image_size=image_size)
         started = time.perf_counter()
         try:
-            result = fn(real, ipc, preset=preset, overrides=overrides, seed=seed, device=device,
+            result = spec.run(real, ipc, preset=preset, overrides=overrides, seed=seed, device=device,
                         show_progress=show_progress and world.is_main, **flags)
         except NonFiniteLoss as exc:
             kept = f"; the last checkpoint is kept in {out}/{CHECKPOINT_DIR}" if checkpoint else ""
@@ -157,10 +157,10 @@ def _hold_run_lock(held: contextlib.ExitStack, out, method: str, world) -> None:
                                     f"another --out")
 
 
-def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, image_size, every, seconds, resume,
+def _checkpoint_spec(spec, method, dataset, ipc, preset, seed, overrides, out, image_size, every, seconds, resume,
                      flags) -> dict | None:
     """The engine's checkpoint settings, or None where checkpoints do not apply."""
-    if out is None or not getattr(fn, "supports_checkpoints", False):
+    if out is None or not spec.checkpoints:
         if resume:
             raise DDKitError(f"--resume needs --out and a method that checkpoints (every method but random); "
                              f"{method} does not checkpoint")
@@ -222,3 +222,43 @@ def resume(out: str | Path, device: str | None = None, show_progress: bool = Tru
     return distill(run["method"], dataset=run["dataset"], ipc=run["ipc"], preset=run["preset"], seed=run["seed"],
                    device=device or "cpu", overrides=run["overrides"], show_progress=show_progress, out=out,
                    image_size=run.get("image_size"), resume=True, **run.get("flags", {}), **options)
+
+
+def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: str | None = "cpu", overrides=None,
+            teacher_paths=None, show_progress: bool = True, compiled: bool = False):
+    """``distilled`` relabelled as statistics method ``like`` relabels its own sets: its teachers
+    (trained or loaded from the cache, or the squeezed teacher folders ``teacher_paths``) store
+    per-(epoch, sample) soft-label records under its relabel options at ``preset``.
+
+    Args:
+        distilled: any :class:`ddkit.DistilledSet` (its images are kept; a random subset, an
+            imported set ...).
+        like: a statistics method (``sre2l``, ``cda``, ``gvbsm``): whose teachers and relabel options.
+        overrides: its options, as for :func:`distill` (``relabel.epochs=50``).
+        compiled: teachers not cached yet train through ``torch.compile``.
+
+    Returns:
+        A new DistilledSet with the records in ``extras`` and, in ``meta``, ``relabelled_like``
+        ``{"method", "preset"}`` and the ``squeeze_seconds`` / ``relabel_seconds`` timings; it
+        evaluates with ``protocol="soft"``.
+    """
+    from ddkit.data import load_dataset
+    from ddkit.methods import stats_family
+    from ddkit.methods.squeeze import load_teacher
+    from ddkit.utils import resolve_device
+
+    device = resolve_device(device)
+    real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
+    config = stats_family.resolve_preset(like, real.name, preset, overrides, real=real)
+    started = time.perf_counter()
+    if teacher_paths:
+        teachers = [load_teacher(path, real, device) for path in teacher_paths]
+    else:
+        teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
+    squeezed = time.perf_counter()
+    result = stats_family.relabel_with(distilled, teachers, config, seed, device, show_progress)
+    timings = result.meta.setdefault("timings", {})
+    timings["squeeze_seconds"] = round(squeezed - started, 3)
+    timings["relabel_seconds"] = round(time.perf_counter() - squeezed, 3)
+    result.meta["relabelled_like"] = {"method": like, "preset": preset}
+    return result

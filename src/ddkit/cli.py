@@ -11,11 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from ddkit.bench.cli import add_commands
+from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError
+from ddkit.methods import describe_methods
+from ddkit.methods.terms import describe_terms
 
-COMPILE_HELP = ("{what} through torch.compile: about 1.5x to 1.7x faster per step on a CPU after "
-                "a first step that compiles (half a minute or so per batch shape); the same computation, with "
-                "other float rounding; needs a C++ compiler on a CPU, Triton on a GPU")
 
 
 def _csv(text: str) -> list[str]:
@@ -360,31 +361,21 @@ def _add_checkpoint_options(p) -> None:
 def cmd_relabel(args) -> int:
     """`ddkit relabel` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
-    from ddkit.data import load_dataset
-    from ddkit.methods import stats_family
-    from ddkit.methods.squeeze import load_teacher
-    from ddkit.utils import resolve_device
-
     from ddkit.store.distilled import run_lock
 
     distilled = ddkit.load(args.set)
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
-    device = resolve_device(args.device)
     with run_lock(args.out or args.set, f"ddkit relabel --like {args.like}"):
-        real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
-        config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
-        if args.teacher_paths:
-            teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
-        else:
-            teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
-        result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
-        result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
+        result = ddkit.api.relabel(distilled, args.like, preset=args.preset, seed=args.seed, device=args.device,
+                                   overrides=args.set_options, teacher_paths=args.teacher_paths,
+                                   show_progress=not args.quiet)
         if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
             result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
         out = result.save(args.out or args.set)
     sizes = result.stored_bytes()
-    print(f"relabelled {distilled.images.shape[0]} images with {len(teachers)} teacher(s) for "
-          f"{config['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) -> {out}")
+    print(f"relabelled {distilled.images.shape[0]} images with {len(result.meta['relabel']['teacher_info'])} "
+          f"teacher(s) for {result.meta['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) "
+          f"-> {out}")
     return 0
 
 
@@ -432,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distill a dataset with a method",
                        description="Distill a real dataset into IPC synthetic images per class.")
-    p.add_argument("method", nargs="?", help="method name: dm, idm, iid, idm-iid, ddm (matching); sre2l, cda, gvbsm "
-                                             "(statistics: squeeze -> recover -> relabel); random")
+    p.add_argument("method", nargs="?", help="method name; " + describe_methods()
+                   + " (matching: one engine over loss terms; statistics: squeeze -> recover -> relabel)")
     p.add_argument("--dataset", help="real dataset name (see `ddkit data list`)")
     p.add_argument("--ipc", type=int, help="synthetic images per class")
     p.add_argument("--preset", default=None, help="smoke | quick | paper (default quick)")
@@ -451,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="statistics family: print the resolved configuration (statistics, augmentation, teachers and "
                         "their cache keys, relabel, evaluation recipe) and exit, without loading images or training")
     p.add_argument("--terms", action="append", default=[], metavar="T1,T2",
-                   help="matching family: switch loss terms on (mean, cm, cc, style, gram, icd, ce) "
-                        "at their default weights, e.g. --terms cc,cm")
+                   help="matching family: switch loss terms on at their default weights, e.g. --terms cc,cm; "
+                        "the terms (default weight): " + describe_terms())
     p.add_argument("--weight", dest="weights", action="append", default=[], metavar="TERM=W",
                    help="matching family: set a term's weight, e.g. --weight style=1e4 (0 turns it off; repeatable)")
     _add_teacher_option(p)
@@ -602,8 +593,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set", help="distilled-set directory")
     p.add_argument("--columns", type=int, default=20, help="images per row at most (default 20)")
     p.set_defaults(func=cmd_show)
-    from ddkit.bench.cli import add_commands
-
     add_commands(sub)
     return parser
 

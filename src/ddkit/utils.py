@@ -86,6 +86,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def split_names(text) -> list[str]:
+    """The non-empty, stripped parts of a comma-separated string (``"dm, ddm,"`` -> ``["dm", "ddm"]``),
+    the one reading of every comma-separated option (``--methods``, ``--terms``, ``--arch`` ...)."""
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
 def override_items(overrides: dict | Iterable[str], what: str = "option") -> list[tuple[str, Any]]:
     """``(key, value)`` pairs of a dict, or of ``key=value`` strings (values parsed by
     :func:`parse_value`); anything else is refused with one line."""

@@ -5,7 +5,9 @@
     write_report("runs/bench")          # runs/bench/report.html, one self-contained page
 """
 
-from ddkit.bench.grid import Cell, plan_cells, protocol_for, read_results, run_bench
+from ddkit.bench.cells import Cell, plan_cells, protocol_for
+from ddkit.bench.results import read_results
+from ddkit.bench.runner import run_bench
 from ddkit.bench.plots import write_plots
 from ddkit.bench.report import write_report
 from ddkit.bench.table import write_table

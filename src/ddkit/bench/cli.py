@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from ddkit.bench.cells import statistics_methods
+from ddkit.bench.results import TABLE_FILE
+from ddkit.bench.runner import plan_bench, run_bench
+from ddkit.bench.report import write_report
+from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError
+from ddkit.methods import get_spec, method_names
+from ddkit.utils import split_names
 
 DEFAULT_DATASETS = "fashion-mnist,mnist"
 DEFAULT_IPCS = "1,10,50"
 
 
 def _names(text: str, option: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = split_names(text)
     if not names:
         raise DDKitError(f"{option} is empty; give a comma-separated list")
     return names
@@ -30,15 +37,11 @@ def _positive_ints(text: str, option: str) -> list[int]:
 
 def default_methods() -> list[str]:
     """Every registered method except the random baseline (which the bench always adds)."""
-    from ddkit.methods import METHODS
-
-    return [name for name in METHODS if name != "random"]
+    return [name for name in method_names() if name != "random"]
 
 
 def cmd_bench(args) -> int:
     """`ddkit bench` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit.bench.grid import TABLE_FILE, plan_bench, run_bench
-
     methods = _names(args.methods, "--methods") if args.methods else default_methods()
     if args.plan:
         print("\n".join(plan_bench(args.tier, _names(args.datasets, "--datasets"), methods,
@@ -62,22 +65,20 @@ def cmd_bench(args) -> int:
 
 def cmd_report(args) -> int:
     """`ddkit report` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit.bench.report import write_report
-
     print(write_report(args.dir, args.out))
     return 0
 
 
 def add_commands(subparsers) -> None:
     """Add ``bench`` and ``report`` to the ``ddkit`` command line's subparsers."""
-    from ddkit.cli import COMPILE_HELP
-
+    soft = [name for name in method_names() if get_spec(name).protocol == "soft"]
     p = subparsers.add_parser(
         "bench", help="distill and evaluate a grid of datasets x methods x IPC (resumable)",
         description="Distill every (dataset, method, IPC) once at the tier's preset and evaluate it with the "
-                    "protocol the method calls for (hard labels for the matching family and the random subset, "
-                    "soft labels for sre2l, cda and gvbsm). The random subset is always included, and for every "
-                    "statistics method M also random+M, the random subset relabelled with M's teachers. Results "
+                    "protocol the method calls for (soft labels for " + (", ".join(soft) or "none") + "; hard labels "
+                    "for the others and the random subset). The random subset is always included, and for every "
+                    "statistics method M (" + ", ".join(statistics_methods()) + ") also random+M, the random subset "
+                    "relabelled with M's teachers. Results "
                     "go to OUT/results.jsonl (one line per cell), OUT/table.md and OUT/plots/; running the same "
                     "command again skips finished cells, retries failed ones, continues stopped distillations and "
                     "evaluation runs, remakes cells whose preset changed (the old set is kept as "

@@ -19,9 +19,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ddkit.bench.grid import BASELINE, PLOTS_DIR, latest_results, read_results, slug
+from ddkit.bench.cells import BASELINE, is_baseline, relabelled_method, slug
+from ddkit.bench.results import PLOTS_DIR, latest_results, read_results
 from ddkit.bench.table import method_order
 from ddkit.errors import DDKitError
+from ddkit.store.distilled import MANIFEST_FILE
 
 #: loss_log fields that are bookkeeping, not loss terms
 NOT_LOSS_TERMS = frozenset({"iteration", "batch", "acc", "accuracy", "crop_min", "lr", "seconds"})
@@ -56,12 +58,12 @@ def _colours(methods: list[str]) -> dict[str, object]:
     from matplotlib import colormaps
 
     palette = colormaps["tab10"]
-    plain = sorted({m.split("+", 1)[1] if m.startswith(BASELINE + "+") else m for m in methods} - {BASELINE})
+    plain = sorted({relabelled_method(m) or m for m in methods} - {BASELINE})
     colours = {m: palette(i % 10) for i, m in enumerate(plain)}
     colours[BASELINE] = "black"
     for method in methods:
-        if method.startswith(BASELINE + "+"):
-            colours[method] = colours.get(method.split("+", 1)[1], "grey")
+        if relabelled_method(method):
+            colours[method] = colours.get(relabelled_method(method), "grey")
     return colours
 
 
@@ -74,7 +76,7 @@ def accuracy_figure(lines: list[dict], title: str) -> Figure:
     ipcs = sorted({int(line["ipc"]) for line in lines})
     for method in methods:
         points = sorted((int(l["ipc"]), float(l["mean"]), float(l["std"])) for l in lines if l["method"] == method)
-        baseline = method == BASELINE or method.startswith(BASELINE + "+")
+        baseline = is_baseline(method)
         axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                       label=method + (" (baseline)" if baseline else ""), color=colours[method],
                       linestyle="--" if baseline else "-", marker="s" if baseline else "o",
@@ -190,7 +192,7 @@ def write_plots(directory: str | Path) -> list[Path]:
     written = write_accuracy_plots(lines, plots)
     for set_path in sorted({line["set"] for line in lines if line.get("set")}):
         set_dir = directory / set_path
-        manifest_path = set_dir / "manifest.json"
+        manifest_path = set_dir / MANIFEST_FILE
         if not manifest_path.is_file():
             continue
         if not (set_dir / "grid.png").is_file():

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ddkit.errors import DDKitError
+from ddkit.store.distilled import MANIFEST_FILE
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -190,7 +191,8 @@ def set_body(directory: Path) -> tuple[str, list[str]]:
 # ---- a bench directory ---------------------------------------------------------------------------------
 def bench_body(directory: Path) -> tuple[str, list[str]]:
     """(title, body parts) of a bench directory's report."""
-    from ddkit.bench.grid import PLOTS_DIR, SPEC_FILE, is_baseline, latest_results, read_results
+    from ddkit.bench.cells import is_baseline
+    from ddkit.bench.results import PLOTS_DIR, SPEC_FILE, latest_results, read_results
     from ddkit.bench.plots import write_plots
     from ddkit.bench.table import sorted_lines, table_rows
 
@@ -222,7 +224,7 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
         body += [image_tag(p.read_bytes(), p.stem, p.stem) for p in accuracy]
         body.append("</div>")
     set_dirs = sorted({directory / line["set"] for line in lines if line.get("set")})
-    set_dirs = [d for d in set_dirs if (d / "manifest.json").is_file()]
+    set_dirs = [d for d in set_dirs if (d / MANIFEST_FILE).is_file()]
     if set_dirs:
         body.append("<h2>Sets</h2>")
     for set_dir in set_dirs:
@@ -241,7 +243,7 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
 # ---- a folder of sets ------------------------------------------------------------------------------------
 def child_sets(directory: Path) -> list[Path]:
     """The set directories (holding ``manifest.json``) directly inside ``directory``, sorted by name."""
-    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / "manifest.json").is_file())
+    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / MANIFEST_FILE).is_file())
 
 
 def sets_body(directory: Path) -> tuple[str, list[str]]:
@@ -252,7 +254,7 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
     set that cannot be read is listed with its error instead of stopping the page.
     """
     import ddkit
-    from ddkit.bench.grid import is_baseline
+    from ddkit.bench.cells import is_baseline
 
     rows, unreadable, loaded = [], [], []
     for set_dir in child_sets(directory):
@@ -294,7 +296,7 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
 
 def is_bench_dir(directory: Path) -> bool:
     """Whether ``directory`` was written by ``ddkit bench`` (it holds results.jsonl or bench.json)."""
-    from ddkit.bench.grid import RESULTS_FILE, SPEC_FILE
+    from ddkit.bench.results import RESULTS_FILE, SPEC_FILE
 
     return (directory / RESULTS_FILE).is_file() or (directory / SPEC_FILE).is_file()
 
@@ -318,7 +320,7 @@ def write_report(path: str | Path, out_html: str | Path | None = None) -> Path:
     directory = Path(path)
     if not directory.is_dir():
         raise DDKitError(f"{directory} is not a directory; pass a set directory or a bench directory")
-    if (directory / "manifest.json").is_file():
+    if (directory / MANIFEST_FILE).is_file():
         title, body = set_body(directory)
     elif is_bench_dir(directory):
         title, body = bench_body(directory)

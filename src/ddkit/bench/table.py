@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddkit.bench.grid import BASELINE, TABLE_FILE, latest_results, read_results
+from ddkit.bench.cells import BASELINE, relabelled_method
+from ddkit.bench.results import TABLE_FILE, latest_results, read_results
 from ddkit.utils import write_text_atomic
 
 MIB = 1024 * 1024
@@ -17,7 +18,7 @@ def method_order(method: str) -> tuple:
     """Sort key: the random subset first, then its relabelled forms, then the methods by name."""
     if method == BASELINE:
         return (0, method)
-    if method.startswith(BASELINE + "+"):
+    if relabelled_method(method):
         return (1, method)
     return (2, method)
 

@@ -1,40 +1,5 @@
-"""Baselines every method is judged against with the same evaluator."""
+"""Baselines every method is judged against with the same evaluator (the random real subset lives
+with the methods, :mod:`ddkit.methods.baseline`, where it is also the method ``random``)."""
 
-from __future__ import annotations
-
-import time
-
-from ddkit.data.sampling import check_ipc, sample_real_per_class  # check_ipc: re-exported by ddkit.evaluate
-from ddkit.utils import make_generator
-
-
-def random_subset(real, ipc: int, seed: int = 0):
-    """The random-real-subset baseline: ``ipc`` random training images per class as a DistilledSet.
-
-    Args:
-        real: a :class:`ddkit.data.RealDataset`.
-        ipc: images per class.
-        seed: drives the choice.
-
-    Returns:
-        DistilledSet with method "random", images float32 [K*ipc, C, H, W] in [0, 1].
-    """
-    from ddkit.store import DistilledSet
-
-    started = time.perf_counter()
-    index = sample_real_per_class(real, ipc, make_generator(seed))
-    return DistilledSet(
-        images=real.train.images[index].float() / 255.0,
-        labels=real.train.labels[index].clone(),
-        class_names=list(real.class_names),
-        dataset=real.name,
-        mean=real.mean,
-        std=real.std,
-        method="random",
-        meta={
-            "config": {"ipc": ipc, "selection": "uniform without replacement per class"},
-            "seeds": {"selection": seed},
-            "timings": {"distill_seconds": round(time.perf_counter() - started, 3)},
-            "source_indices": index.tolist(),
-        },
-    )
+from ddkit.data.sampling import check_ipc, sample_real_per_class  # noqa: F401  (re-exported by ddkit.evaluate)
+from ddkit.methods.baseline import random_subset  # noqa: F401  (re-exported by ddkit.evaluate)

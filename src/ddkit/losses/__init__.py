@@ -3,8 +3,8 @@
 All inputs are laid out ``[K, N, ...]`` (class, sample, features); every function returns a 0-dim
 tensor differentiable w.r.t. the synthetic inputs. See :mod:`ddkit.losses.matching`.
 
-``TERMS`` maps the term names used by the matching engine to the loss functions; the engine decides
-which inputs each term receives.
+The matching engine's named terms (which taps, which weight) are registered in
+:mod:`ddkit.methods.terms`.
 """
 
 from ddkit.losses.matching import (
@@ -34,18 +34,7 @@ from ddkit.losses.statistics import (
     statistic_distance,
 )
 
-TERMS = {
-    "ce": class_aware_ce_loss,
-    "mean": mean_feature_loss,
-    "style": moment_loss,
-    "gram": gram_loss,
-    "cm": local_covariance_loss,
-    "cc": class_centralization_loss,
-    "icd": intra_class_kl_loss,
-}
-
 __all__ = [
-    "TERMS",
     "check_grouped",
     "class_aware_ce_loss",
     "class_centralization_loss",

@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 
 from ddkit.errors import DDKitError
-from ddkit.methods.matching import DEFAULT_TERM_WEIGHTS, TERMS, MatchingEngine
-from ddkit.methods.registry import register_method
-from ddkit.utils import apply_overrides, override_items, parse_value
+from ddkit.methods.matching import MatchingEngine
+from ddkit.methods.terms import MATCHING_TERMS, active_options as _term_active_options, default_weights, unknown_term
+from ddkit.methods.registry import MethodSpec, register
+from ddkit.utils import apply_overrides, override_items, parse_value, split_names
 
 #: Engine defaults = DM's published settings (Zhao & Bilen, "Dataset Condensation with Distribution
 #: Matching", WACV 2023, and its code).
@@ -42,7 +43,8 @@ ENGINE_DEFAULTS: dict = {
     # accuracy_reset_every: the reference resets its accuracy meters at every evaluation interval
     "queue": {"initial": 3, "push_every": 30, "max_size": 100, "train_nets": 2, "train_steps": 10,
               "train_batch": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "accuracy_reset_every": 100},
-    "weights": {term: 0.0 for term in TERMS} | {"mean": 1.0},
+    # every registered term, weight 0 (resolve_preset adds terms registered later), DM's mean on
+    "weights": {term: 0.0 for term in MATCHING_TERMS} | {"mean": 1.0},
     # IDM's CE multiplier is the queued net's accuracy times this: 100 = percent, as the reference
     # (its weights 0.5 / 0.1 assume it); 1 = a fraction, which makes the term 100x weaker
     "ce_accuracy_scale": 100.0,
@@ -170,7 +172,8 @@ def resolve_preset(method: str, dataset: str, ipc: int, preset: str) -> dict:
         raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_SETTINGS)}")
     if preset not in TIER_SETTINGS:
         raise DDKitError(f"unknown preset {preset!r}; choose one of: {', '.join(TIER_SETTINGS)}")
-    config = deep_merge(ENGINE_DEFAULTS, METHOD_SETTINGS[method])
+    defaults = deep_merge({"weights": {term: 0.0 for term in MATCHING_TERMS}}, ENGINE_DEFAULTS)
+    config = deep_merge(defaults, METHOD_SETTINGS[method])
     config = deep_merge(config, paper_settings(method, dataset, ipc))
     config = deep_merge(config, TIER_SETTINGS[preset])
     return deep_merge(config, TIER_METHOD_SETTINGS.get((method, preset), {}))
@@ -179,30 +182,28 @@ def resolve_preset(method: str, dataset: str, ipc: int, preset: str) -> dict:
 def active_options(config: dict) -> dict:
     """``config`` without the options its run never reads, for comparing two configurations.
 
-    The ``cc`` extractor settings matter only with a class-centralization weight, ``icd`` only with
-    an intra-class-diversity weight, ``style`` and the style accumulator only with a style or Gram
-    weight, ``ce_accuracy_scale`` only with a CE weight, and ``queue`` (with ``real_lowest_loss``)
-    only when the nets come from IDM's queue; DM's result does not depend on IID's extractor.
+    A term's own options (declared with :func:`ddkit.methods.terms.matching_term`: ``cc`` for the
+    class-centralization extractor, ``icd``, ``style``, ``ce_accuracy_scale`` ...) matter only while
+    its weight is above 0, and ``queue`` (with ``real_lowest_loss``) only when the nets come from
+    IDM's queue; DM's result does not depend on IID's extractor.
     """
-    weights = config.get("weights") or {}
-    styled = weights.get("style", 0) > 0 or weights.get("gram", 0) > 0
     queued = config.get("model_source") == "queue"
-    used = {"cc": weights.get("cc", 0) > 0, "icd": weights.get("icd", 0) > 0, "style": weights.get("style", 0) > 0,
-            "legacy_style_accumulator": styled, "ce_accuracy_scale": weights.get("ce", 0) > 0,
-            "queue": queued, "real_lowest_loss": queued}
-    return {key: value for key, value in config.items() if used.get(key, True)}
+    used = {"queue": queued, "real_lowest_loss": queued}
+    return {key: value for key, value in _term_active_options(config).items() if used.get(key, True)}
 
 
 def apply_term_flags(config: dict, terms=None, weights=None) -> dict:
     """Switch terms on (``terms``: names or "a,b") and set weights (``weights``: "name=value" strings or dict).
 
-    A term switched on without a weight gets :data:`DEFAULT_TERM_WEIGHTS`; ``--weight t=0`` turns
-    one off. Unknown terms and negative weights raise DDKitError.
+    A term switched on without a weight gets its registered default weight
+    (:func:`ddkit.methods.terms.default_weights`) and the engine settings it requires (the ``ce``
+    term: IDM's queue of trained nets); ``--weight t=0`` turns one off. Unknown terms and negative
+    weights raise DDKitError.
     """
     config = copy.deepcopy(config)
     names = []
     for item in ([terms] if isinstance(terms, str) else (terms or [])):
-        names.extend(part.strip() for part in str(item).split(",") if part.strip())
+        names.extend(split_names(item))
     pairs = weights.items() if isinstance(weights, dict) else []
     if not isinstance(weights, dict):
         parsed = []
@@ -214,17 +215,18 @@ def apply_term_flags(config: dict, terms=None, weights=None) -> dict:
                 parsed.append((name.strip(), parse_value(value)))
         pairs = parsed
     for name in names + [name for name, _ in pairs]:
-        if name not in TERMS:
-            raise DDKitError(f"unknown loss term {name!r}; choose from: {', '.join(TERMS)}")
+        if name not in MATCHING_TERMS:
+            raise unknown_term(name)
+    defaults = default_weights()
     for name in names:
         if not config["weights"].get(name):
-            config["weights"][name] = DEFAULT_TERM_WEIGHTS[name]
+            config["weights"][name] = defaults[name]
     for name, value in pairs:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise DDKitError(f"weight of {name!r} must be a non-negative number, got {value!r}")
         config["weights"][name] = float(value)
-    if "ce" in names and config["model_source"] != "queue":
-        config["model_source"] = "queue"
+    for name in names:
+        config.update(MATCHING_TERMS[name].requires)
     return config
 
 
@@ -243,7 +245,7 @@ def check_renamed(overrides, what: str) -> None:
 
 
 def distill_matching(method: str):
-    """The registered entry point of one matching-family method."""
+    """The entry point of one matching-family method (registered by :func:`register_matching_method`)."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True,
             terms=None, weights=None, checkpoint=None, compiled=False):
@@ -260,11 +262,22 @@ def distill_matching(method: str):
 
     run.__doc__ = (f"Distill with {method} (matching engine; presets in ddkit.methods.dm_family); ``compiled``: "
                    "the matching networks' forward runs through torch.compile.")
-    run.supports_checkpoints = True
-    run.supports_compile = True
-    run.splits_work = True
     return run
 
 
-for _name in METHOD_SETTINGS:
-    register_method(_name)(distill_matching(_name))
+def register_matching_method(name: str, settings: dict, summary: str = "") -> MethodSpec:
+    """Register a matching-family method: ``settings`` (its terms' weights and engine switches, as
+    :data:`METHOD_SETTINGS`) over :data:`ENGINE_DEFAULTS`, run by the matching engine.
+
+    Example: ``register_matching_method("dm-cm", {"weights": {"cm": 0.01}})``.
+    """
+    METHOD_SETTINGS[name] = copy.deepcopy(settings)
+    return register(MethodSpec(
+        name=name, run=distill_matching(name), family="matching", protocol="hard",
+        resolve=lambda dataset, ipc, preset: resolve_preset(name, dataset, ipc, preset),
+        active_options=active_options, checkpoints=True, compile=True, splits_work=True,
+        summary=summary or f"matching engine with {settings or 'the engine defaults'}"))
+
+
+for _name, _settings in list(METHOD_SETTINGS.items()):
+    register_matching_method(_name, _settings)

@@ -7,20 +7,10 @@ Each iteration:
    class;
 3. ONE batched forward for all classes on each side (real under ``no_grad``), or a per-class
    forward for BatchNorm networks / tight memory (``forward: per_class``);
-4. the weighted sum of the enabled loss terms (``weights``), each a pure function of
-   ``ddkit.losses`` on class-grouped features:
-
-   ======== ================================================================ =============
-   term     what                                                             paper weight
-   ======== ================================================================ =============
-   mean     DM mean-feature matching on the final embedding                  1
-   cm       IID local covariance matching on the final feature map          0.01 / 0.03
-   cc       IID class centralization on a pretrained net's embedding        0.05 / 0.01
-   style    DDM moment (mean/std) matching on every block's output           1e4
-   gram     DDM correlation (Gram) matching on every block's output          1e4 (off)
-   icd      DDM intra-class diversity (guarded -KL to k-NN means)            10
-   ce       IDM class-aware cross-entropy, scaled by the net's accuracy      0.5 / 0.1
-   ======== ================================================================ =============
+4. the weighted sum of the enabled loss terms (``weights``), each registered with
+   :func:`ddkit.methods.terms.matching_term` (its taps, default weight and options; the table of
+   built-in terms is in :mod:`ddkit.methods.terms`), computed in registration order on
+   class-grouped features;
 5. one SGD step on every synthetic pixel (``image_step: per_iteration``, DM's reference), or, as
    IDM's reference does, one class at a time (``image_step: per_class``): class c's loss is
    computed from its images as the earlier classes' steps left them, then ONE shared momentum
@@ -52,12 +42,9 @@ from ddkit.losses import (
 from ddkit import distributed
 from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
+from ddkit.methods.terms import MATCHING_TERMS, TermInputs, check_terms, enabled_taps, flag, matching_term, number
 from ddkit.models.training import taps_forward
 from ddkit.utils import check_flag, check_number, denormalize, make_generator, normalize, progress
-
-TERMS = ("mean", "cm", "cc", "style", "gram", "icd", "ce")
-#: Weight a term gets when switched on with ``--terms`` without an explicit ``--weight``.
-DEFAULT_TERM_WEIGHTS = {"mean": 1.0, "cm": 0.01, "cc": 0.05, "style": 1e4, "gram": 1e4, "icd": 10.0, "ce": 0.5}
 
 
 class NonFiniteLoss(DDKitError):
@@ -71,16 +58,12 @@ class NonFiniteLoss(DDKitError):
 def check_config(config: dict, real, ipc: int) -> None:
     """Refuse impossible settings with one line each (negative weights, unknown terms, ...)."""
     weights = config["weights"]
-    unknown = sorted(set(weights) - set(TERMS))
-    if unknown:
-        raise DDKitError(f"unknown loss term(s) {', '.join(unknown)}; choose from: {', '.join(TERMS)}")
     for term, weight in weights.items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
             raise DDKitError(f"weight of term {term!r} must be a non-negative number, got {weight!r}")
     if not any(weights.values()):
         raise DDKitError("every loss term has weight 0; enable at least one with --terms or --weight")
-    if weights.get("ce") and config["model_source"] != "queue":
-        raise DDKitError("the ce term needs trained networks; add --set model_source=queue (as IDM does)")
+    check_terms(config)
     if config["model_source"] not in ("random", "queue"):
         raise DDKitError(f"model_source must be random or queue, got {config['model_source']!r}")
     if config["forward"] not in ("batched", "per_class"):
@@ -96,15 +79,9 @@ def check_config(config: dict, real, ipc: int) -> None:
     check_number("distillation", "real_chunk", config["real_chunk"], integer=True, minimum=0)
     check_number("distillation", "lr_img", config["lr_img"], above=0)
     check_number("distillation", "momentum_img", config["momentum_img"], minimum=0, maximum=1)
-    check_number("distillation", "ce_accuracy_scale", config["ce_accuracy_scale"], minimum=0)
     check_flag("distillation", "dsa", config["dsa"])
-    for key in ("legacy_step_per_class", "legacy_style_accumulator"):
-        if key in config:
-            check_flag("distillation", key, config[key])
-    check_flag("distillation", "style.unbiased", config.get("style", {}).get("unbiased", True))
-    icd_k = config.get("icd", {}).get("k", "auto")
-    if icd_k != "auto":
-        check_number("distillation", "icd.k", icd_k, integer=True, minimum=1)
+    if "legacy_step_per_class" in config:
+        check_flag("distillation", "legacy_step_per_class", config["legacy_step_per_class"])
     queue = config["queue"]
     for key in ("initial", "push_every", "max_size", "train_nets", "train_steps", "train_batch"):
         check_number("distillation", f"queue.{key}", queue[key], integer=True, minimum=1)
@@ -195,6 +172,78 @@ def block_taps(net) -> list[str]:
     return names
 
 
+# ---- the built-in terms (registered in computation order; the table is in ddkit.methods.terms) ----
+def _blocks(inputs: TermInputs, side: dict) -> list:
+    return [inputs.grouped(side[b]) for b in inputs.blocks]
+
+
+@matching_term("mean", weight=1.0, taps=("embedding",), summary="DM mean-feature matching on the embedding")
+def _mean(inputs: TermInputs):
+    """DM (Zhao & Bilen 2023): the class means of the final embedding, real against synthetic."""
+    return mean_feature_loss(inputs.grouped(inputs.real["embedding"]), inputs.grouped(inputs.syn["embedding"]))
+
+
+@matching_term("cm", weight=0.01, taps=("features",), summary="IID local covariance matching on the feature map")
+def _cm(inputs: TermInputs):
+    """IID (Deng et al. 2024): local covariance of the final feature map, real against synthetic."""
+    return local_covariance_loss(inputs.grouped(inputs.real["features"]), inputs.grouped(inputs.syn["features"]))
+
+
+@matching_term("style", weight=1e4, taps=("blocks",), options=("style", "legacy_style_accumulator"),
+               constraints={"style.unbiased": flag(), "legacy_style_accumulator": flag()},
+               summary="DDM moment (mean/std) matching on every block")
+def _style(inputs: TermInputs):
+    """DDM (Malakshan et al. 2025): per-channel mean and std of every block's output."""
+    config = inputs.config
+    return moment_loss(_blocks(inputs, inputs.real), _blocks(inputs, inputs.syn),
+                       unbiased=bool(config.get("style", {}).get("unbiased", True)),
+                       legacy_accumulator=bool(config.get("legacy_style_accumulator", False)),
+                       class_ids=inputs.class_ids, num_classes=inputs.num_classes)
+
+
+@matching_term("gram", weight=1e4, taps=("blocks",), options=("legacy_style_accumulator",),
+               summary="DDM correlation (Gram) matching on every block")
+def _gram(inputs: TermInputs):
+    """DDM (Malakshan et al. 2025): channel Gram matrices of every block's output."""
+    return gram_loss(_blocks(inputs, inputs.real), _blocks(inputs, inputs.syn),
+                     legacy_accumulator=bool(inputs.config.get("legacy_style_accumulator", False)),
+                     class_ids=inputs.class_ids, num_classes=inputs.num_classes)
+
+
+@matching_term("icd", weight=10.0, taps=("embedding",), options=("icd",),
+               constraints={"icd.k": number(integer=True, minimum=1, allow=("auto",))},
+               summary="DDM intra-class diversity (guarded -KL to k-NN means)")
+def _icd(inputs: TermInputs):
+    """DDM (Malakshan et al. 2025): -KL of each synthetic embedding to its k nearest same-class neighbours'
+    mean, clipped at ``icd.max_kl``; nothing with fewer than two images per class."""
+    if inputs.engine.icd_k < 1:
+        return None
+    return intra_class_kl_loss(inputs.grouped(inputs.syn["embedding"]), k=inputs.engine.icd_k,
+                               max_kl=float(inputs.config["icd"]["max_kl"]))
+
+
+@matching_term("ce", weight=0.5, syn_taps=("logits",), options=("ce_accuracy_scale",),
+               requires={"model_source": "queue"}, requires_why="trained networks (as IDM does)",
+               constraints={"ce_accuracy_scale": number(minimum=0)},
+               summary="IDM class-aware cross-entropy (trained nets: model_source=queue)")
+def _ce(inputs: TermInputs):
+    """IDM (Zhao et al. 2023): cross-entropy of the synthetic logits, scaled by the net's accuracy."""
+    labels = torch.tensor(inputs.class_ids, device=inputs.syn_images.device)
+    return class_aware_ce_loss(inputs.grouped(inputs.syn["logits"]), labels,
+                               inputs.accuracy * float(inputs.config["ce_accuracy_scale"]),
+                               misclassified_only=inputs.engine.ipc1_branch)
+
+
+@matching_term("cc", weight=0.05, options=("cc",), extractor=True,
+               summary="IID class centralization on a pretrained net's embedding")
+def _cc(inputs: TermInputs):
+    """IID (Deng et al. 2024): pull each synthetic embedding of a pretrained extractor to its class centre."""
+    cc_config = inputs.config["cc"]
+    return class_centralization_loss(inputs.grouped(inputs.extractor.embed(inputs.syn_images)),
+                                     form=cc_config["form"], beta=float(cc_config["beta"]),
+                                     temperature=float(cc_config["temperature"]))
+
+
 class MatchingEngine:
     """Runs the matching loop for one configuration (see the module docstring)."""
 
@@ -209,7 +258,9 @@ class MatchingEngine:
         # the matching network's forward (real and synthetic side), compiled or not: an execution
         # detail like the device, so it is not part of ``config``
         self.taps_of = taps_forward(compiled)
-        self.weights = {t: float(w) for t, w in config["weights"].items() if w}
+        # the enabled terms in registration order: the order they are computed and summed in
+        self.terms = [term for name, term in MATCHING_TERMS.items() if config["weights"].get(name)]
+        self.weights = {term.name: float(config["weights"][term.name]) for term in self.terms}
         self.factor = int(config["partition"])
         self.batch_real = effective_batch_real(config, real)
         self.per_class_steps = image_step(config) == "per_class"
@@ -223,7 +274,7 @@ class MatchingEngine:
             self.source = RandomNets(config["model"], real, device, self.generator,
                                      channels_last=use_channels_last(config.get("channels_last", "auto"), device))
         self.pool = (PretrainedPool(config["cc"], real, device, show_progress, compiled=compiled)
-                     if "cc" in self.weights else None)
+                     if any(term.extractor for term in self.terms) else None)
         pixels = initial_images(real, ipc, self.factor, config["init"], self.generator,
                                 config.get("init_downscale", "bilinear"))
         start = normalize(pixels, real.mean, real.std).to(device)
@@ -241,12 +292,12 @@ class MatchingEngine:
 
     # ---- one iteration ---------------------------------------------------------------------
     def _taps(self, net) -> tuple[list[str], list[str], list[str]]:
-        blocks = block_taps(net) if ("style" in self.weights or "gram" in self.weights) else []
-        real_taps = blocks + (["features"] if "cm" in self.weights else []) + ["embedding"]
-        if self.ipc1_branch and int(self.config.get("real_lowest_loss", 0)):
+        """(block taps, real taps, synthetic taps) the enabled terms read from ``net``."""
+        wants_blocks = any("blocks" in term.real_taps + term.syn_taps for term in self.terms)
+        blocks = block_taps(net) if wants_blocks else []
+        real_taps, syn_taps = enabled_taps(self.terms, blocks)
+        if self.ipc1_branch and int(self.config.get("real_lowest_loss", 0)) and "logits" not in real_taps:
             real_taps.append("logits")
-        syn_taps = blocks + (["features"] if "cm" in self.weights else []) + ["embedding"]
-        syn_taps += ["logits"] if "ce" in self.weights else []
         return blocks, real_taps, syn_taps
 
     def _real_taps(self, net, real_aug: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
@@ -277,44 +328,20 @@ class MatchingEngine:
 
     def _class_losses(self, net, accuracy: float, real_aug, syn_aug, class_ids: list[int], extractor) -> dict:
         """Unweighted terms for the classes ``class_ids`` (global ids), already augmented and class-major."""
-        classes = len(class_ids)
         blocks, real_taps, syn_taps = self._taps(net)
         real_out = self._real_taps(net, real_aug, real_taps)
         if self.ipc1_branch:
             real_out = self._lowest_loss_real(real_out, class_ids)
         syn_out = self.taps_of(net, syn_aug, tuple(syn_taps))
 
-        def grouped(t):
-            return t.reshape(classes, -1, *t.shape[1:])
-
-        legacy_style = bool(self.config.get("legacy_style_accumulator", False))
+        inputs = TermInputs(real=real_out, syn=syn_out, blocks=blocks, syn_images=syn_aug, class_ids=class_ids,
+                            num_classes=self.real.num_classes, config=self.config, accuracy=accuracy, engine=self,
+                            extractor=extractor)
         terms = {}
-        if "mean" in self.weights:
-            terms["mean"] = mean_feature_loss(grouped(real_out["embedding"]), grouped(syn_out["embedding"]))
-        if "cm" in self.weights:
-            terms["cm"] = local_covariance_loss(grouped(real_out["features"]), grouped(syn_out["features"]))
-        if "style" in self.weights:
-            terms["style"] = moment_loss([grouped(real_out[b]) for b in blocks], [grouped(syn_out[b]) for b in blocks],
-                                         unbiased=bool(self.config.get("style", {}).get("unbiased", True)),
-                                         legacy_accumulator=legacy_style, class_ids=class_ids,
-                                         num_classes=self.real.num_classes)
-        if "gram" in self.weights:
-            terms["gram"] = gram_loss([grouped(real_out[b]) for b in blocks], [grouped(syn_out[b]) for b in blocks],
-                                      legacy_accumulator=legacy_style, class_ids=class_ids,
-                                      num_classes=self.real.num_classes)
-        if "icd" in self.weights and self.icd_k >= 1:
-            terms["icd"] = intra_class_kl_loss(grouped(syn_out["embedding"]), k=self.icd_k,
-                                               max_kl=float(self.config["icd"]["max_kl"]))
-        if "ce" in self.weights:
-            labels = torch.tensor(class_ids, device=syn_aug.device)
-            terms["ce"] = class_aware_ce_loss(grouped(syn_out["logits"]), labels,
-                                              accuracy * float(self.config["ce_accuracy_scale"]),
-                                              misclassified_only=self.ipc1_branch)
-        if "cc" in self.weights:
-            cc_config = self.config["cc"]
-            terms["cc"] = class_centralization_loss(grouped(extractor.embed(syn_aug)), form=cc_config["form"],
-                                                    beta=float(cc_config["beta"]),
-                                                    temperature=float(cc_config["temperature"]))
+        for term in self.terms:
+            value = term.fn(inputs)
+            if value is not None:
+                terms[term.name] = value
         return terms
 
     def _backward(self, terms: dict, iteration: int, values: dict) -> float:

@@ -6,6 +6,8 @@ target class while the statistics they induce inside the teacher match the real 
 
     L = CE(teacher(A(x)), y) + r_bn * L_bn + r_conv * L_conv + densify_weight * L_dense
 
+(the terms registered with :func:`ddkit.methods.terms.recover_term`, summed in that order)
+
 - ``L_bn``: at the input of every BatchNorm2d, batch mean and biased variance against the running
   statistics (Yin et al., "Squeeze, Recover and Relabel", NeurIPS 2023);
 - ``L_conv`` (G-VBSM, Shao et al., CVPR 2024): at the input of every Conv2d, channel mean and
@@ -65,6 +67,7 @@ from ddkit.losses.statistics import (
 )
 from ddkit.methods.matching import NonFiniteLoss
 from ddkit.methods.relabel import auto_flip_prob, padding_fill
+from ddkit.methods.terms import RecoverInputs, recover_loss, recover_term, recover_weight_defaults
 from ddkit.utils import check_flag, check_number, check_option, denormalize, make_generator, normalize, progress
 
 BATCH_MODES = ("spread", "class-major", "class-tenths")
@@ -372,6 +375,40 @@ def augment(x: torch.Tensor, config: dict, real, generator: torch.Generator, ite
     return x, low
 
 
+# ---- the built-in terms, in summation order: L = CE + r_bn L_bn + r_conv L_conv + densify_weight L_dense ----
+@recover_term("ce", weight_option=None, lazy=False, summary="cross-entropy of the teacher on the batch")
+def _recover_ce(inputs: RecoverInputs):
+    """SRe2L (Yin et al. 2023): the teacher classifies the augmented views as their target class."""
+    return F.cross_entropy(inputs.logits, inputs.labels)
+
+
+def _statistics(inputs: RecoverInputs):
+    if "statistics" not in inputs.shared:
+        inputs.shared["statistics"] = inputs.engine._statistics_losses(inputs.teacher, inputs.taps)
+    return inputs.shared["statistics"]
+
+
+@recover_term("bn", weight_option="r_bn", default=1.0, lazy=False,
+              summary="BatchNorm input statistics against the running statistics")
+def _recover_bn(inputs: RecoverInputs):
+    """SRe2L (Yin et al. 2023): batch mean and variance at every BatchNorm2d input against its running ones."""
+    return _statistics(inputs)[0]
+
+
+@recover_term("conv", weight_option="r_conv", default=0.0, lazy=False,
+              summary="Conv2d input statistics against real targets")
+def _recover_conv(inputs: RecoverInputs):
+    """G-VBSM (Shao et al. 2024): channel and patch statistics at every Conv2d input against real targets."""
+    return _statistics(inputs)[1]
+
+
+@recover_term("dense", weight_option="densify_weight", default=0.0,
+              summary="per-class eigenvalue densification of the batch")
+def _recover_dense(inputs: RecoverInputs):
+    """G-VBSM (Shao et al. 2024): densification of the augmented batch's per-class features."""
+    return inputs.engine._densification(inputs.x, inputs.labels)
+
+
 class RecoverEngine:
     """Recover ``ipc`` images per class of ``real`` from a pool of frozen :class:`Teacher` s.
 
@@ -411,7 +448,7 @@ class RecoverEngine:
             check_number("recover", name, c[name], integer=True, minimum=1)
         for name in ("patch_cells", "patch_size", "conv_target_images", "conv_target_batch", "jitter"):
             check_number("recover", name, c[name], integer=True, minimum=0)
-        for name in ("r_bn", "r_conv", "densify_weight", "first_multiplier"):
+        for name in (*recover_weight_defaults(), "first_multiplier"):
             check_number("recover", name, c[name], minimum=0)
         check_number("recover", "lr", c["lr"], above=0)
         check_number("recover", "densify_temperature", c["densify_temperature"], above=0)
@@ -536,10 +573,7 @@ class RecoverEngine:
             x_aug, low = augment(x, c, self.real, self.generator, it, iterations)
             with capture_inputs(teacher.model, (nn.BatchNorm2d, nn.Conv2d)) as taps:
                 logits = teacher.model(x_aug)
-            ce = F.cross_entropy(logits, labels)
-            bn_loss, conv_loss = self._statistics_losses(t_index, taps)
-            dense = self._densification(x_aug, labels) if float(c["densify_weight"]) > 0 else ce * 0.0
-            total = ce + float(c["r_bn"]) * bn_loss + float(c["r_conv"]) * conv_loss + float(c["densify_weight"]) * dense
+            total, terms = recover_loss(RecoverInputs(x_aug, labels, logits, taps, t_index, self), c)
             if not torch.isfinite(total):
                 raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {it} of batch {batch_index}; "
                                     "lower the learning rate (--set lr=...) or r_bn/r_conv")
@@ -549,8 +583,7 @@ class RecoverEngine:
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, self.high), self.low))
             if it % log_every == 0 or it == iterations - 1:
-                values = {name: float(v.detach()) for name, v in
-                          (("ce", ce), ("bn", bn_loss), ("conv", conv_loss), ("dense", dense), ("total", total))}
+                values = {name: 0.0 if v is None else float(v.detach()) for name, v in (*terms.items(), ("total", total))}
                 values.update({"crop_min": low,
                                "acc": float((logits.argmax(1) == labels).float().mean())})
                 log.append({"batch": batch_index, "iteration": it, **{k: round(v, 6) for k, v in values.items()}})

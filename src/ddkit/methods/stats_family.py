@@ -25,22 +25,26 @@ import copy
 
 from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
-from ddkit.methods.registry import register_method
+from ddkit.methods.recover import RecoverEngine
+from ddkit.methods.registry import MethodSpec, register
 from ddkit.methods.squeeze import load_teacher, train_cached
+from ddkit.methods.terms import recover_weight_defaults
 from ddkit.utils import apply_overrides, check_number, override_items
 
-#: Recover options shared by the family; each method's published values are in :data:`PUBLISHED`.
+#: Recover options shared by the family; each method's published values are in :data:`PUBLISHED`. The
+#: weights of the loss terms (``r_bn`` 1, ``r_conv`` 0, ``densify_weight`` 0) come with the terms
+#: (:func:`ddkit.methods.terms.recover_term`), added by :func:`recover_defaults`.
 RECOVER_DEFAULTS: dict = {
     "iterations": 4000, "lr": 0.1, "betas": [0.5, 0.9], "batch_size": 100, "batch_mode": "spread",
-    "r_bn": 1.0, "first_multiplier": 10.0, "stat_norm": "l2",
+    "first_multiplier": 10.0, "stat_norm": "l2",
     "crop": "resized", "crop_scale_min": 0.08, "crop_padding": "auto", "crop_per_sample": False, "flip": "auto",
     "jitter": 4, "jitter_mode": "positive", "curriculum": "none", "milestone": 1.0,
     # G-VBSM's conv statistics: patch_form reference (patch_size pixels, pooled over batch and
     # channels) or ddkit's cells (patch_cells per side and channel, patch_policy for misfits)
-    "r_conv": 0.0, "patch_form": "reference", "patch_size": 4, "patch_cells": 4, "patch_policy": "fit",
+    "patch_form": "reference", "patch_size": 4, "patch_cells": 4, "patch_policy": "fit",
     "conv_drop": 0.0, "conv_target_images": 0, "conv_target_batch": 64, "conv_target_seed": 0,
     "ema_alpha": None, "ema_scope": "run", "legacy_ema_zero_start": False,
-    "densify_weight": 0.0, "densify_pool": 32, "densify_temperature": 4.0, "densify_form": "reference",
+    "densify_pool": 32, "densify_temperature": 4.0, "densify_form": "reference",
     "log_every": 10,
 }
 #: Relabel options (FKD records; one epoch of records per student epoch of the soft protocol).
@@ -149,6 +153,11 @@ METHODS = ("sre2l", "cda", "gvbsm")
 STAGES = ("teachers", "squeeze", "recover", "relabel")
 
 
+def recover_defaults() -> dict:
+    """:data:`RECOVER_DEFAULTS` with the default weight of every registered recover term."""
+    return {**recover_weight_defaults(), **RECOVER_DEFAULTS}
+
+
 def dataset_facts(dataset: str, real=None):
     """What the presets need to know of ``dataset``: ``name``, ``image_shape`` ``(C, H, W)`` and
     ``num_classes``, from ``real`` when given, else from the dataset registry's metadata (no file
@@ -215,7 +224,7 @@ def resolve_preset(method: str, dataset: str, preset: str, overrides=None, real=
         "teachers": copy.deepcopy(published["teachers"] if tier["teachers"] is None
                                   else tier["teachers"]["pool" if method == "gvbsm" else "single"]),
         "squeeze": squeeze,
-        "recover": deep_merge(RECOVER_DEFAULTS, published["recover"]),
+        "recover": deep_merge(recover_defaults(), published["recover"]),
         "relabel": deep_merge(RELABEL_DEFAULTS, published["relabel"]),
     }
     published_epochs = squeeze["epochs"]
@@ -374,7 +383,6 @@ def recover_set(method: str, real, ipc: int, config: dict, teachers, seed: int, 
     """Recover ``ipc`` images per class (no soft labels yet) as a DistilledSet.
 
     ``checkpoint``: per-batch checkpoints and resume, see :meth:`RecoverEngine.run`."""
-    from ddkit.methods.recover import RecoverEngine
     from ddkit.store import DistilledSet
 
     engine = RecoverEngine(real, ipc, config["recover"], teachers, seed, device, show_progress)
@@ -421,12 +429,13 @@ def distill_statistics(method: str):
 
     run.__doc__ = (f"Distill with {method}: squeeze (cached) -> recover -> relabel; "
                    "``compiled``: teachers not cached yet train through torch.compile.")
-    run.splits_work = True
-    run.supports_compile = True
-    run.supports_checkpoints = True  # the recover step; teachers are cached and relabel is redone
-    run.merges_parts = True  # relabel needs every recovered image: the parts are merged before it
     return run
 
 
 for _name in METHODS:
-    register_method(_name)(distill_statistics(_name))
+    # checkpoints: the recover step (teachers are cached and relabel is redone); merges_parts:
+    # relabel needs every recovered image, so the parts are merged before it
+    register(MethodSpec(name=_name, run=distill_statistics(_name), family="statistics", protocol="soft",
+                        resolve=lambda dataset, ipc, preset, _m=_name: resolve_preset(_m, dataset, preset),
+                        checkpoints=True, compile=True, splits_work=True, merges_parts=True, relabel_baseline=True,
+                        summary=f"{_name}: squeeze -> recover -> relabel"))

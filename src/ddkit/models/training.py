@@ -406,7 +406,10 @@ def train_classifier(
     checkpoint: RunCheckpoint | None = None,
     compiled: bool = False,
 ) -> list[float]:
-    """Train ``model`` with cross-entropy on in-memory normalised images (SPEC 1.3 schedule).
+    """Train ``model`` with cross-entropy on in-memory normalised images, on the schedule of the
+    matching family's hard-label evaluation (SGD with momentum, the lr times ``decay_factor`` at
+    ``decay_at`` of the epochs: Zhao & Bilen 2021, "Dataset Condensation with Differentiable Siamese
+    Augmentation", and Zhao & Bilen 2023, "Dataset Condensation with Distribution Matching").
 
     Args:
         images: float [N, C, H, W], normalised, already on the model's device.

@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ddkit._version import __version__
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -181,10 +183,8 @@ def seal_manifest(manifest: dict) -> dict:
 
 def runtime_versions() -> dict:
     """Library, torch and Python versions, recorded in every manifest."""
-    import ddkit
-
     return {
-        "ddkit": ddkit.__version__,
+        "ddkit": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
