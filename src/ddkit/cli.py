@@ -142,14 +142,43 @@ def cmd_export(args) -> int:
     import ddkit
     from ddkit.store import export_imagefolder
 
+    from ddkit.store.grid import clipped_share
+    from ddkit.store.tensorfile import export_mark, export_tensors
+
+    fmt = export_format(args.format, args.to)
     distilled = ddkit.load(args.set)
     if args.stored:
         images, labels = distilled.images, distilled.labels
     else:
         images, labels = distilled.decoded()
+    if fmt != "imagefolder":
+        out = export_tensors(images, labels, export_mark(distilled.dataset, distilled.method, distilled.class_names),
+                             args.to)
+        print(f"wrote {images.shape[0]} images (float32 pixel space, not clipped) and labels to {out}; "
+              f"`ddkit import {out} --dataset {distilled.dataset}` reads them back unchanged")
+        return 0
     out = export_imagefolder(images, labels, distilled.class_names, args.to)
     print(f"wrote {images.shape[0]} PNGs in {distilled.num_classes} class folders under {out}")
+    share = clipped_share(images)
+    if share > 0:
+        print(f"note: {100 * share:.2f}% of the pixel values lie outside [0, 1] and were clipped in the PNGs (8-bit "
+              f"images hold [0, 1] only); a lossless copy: ddkit export {args.set} --format safetensors --to "
+              f"{Path(args.to).with_suffix('.safetensors')}")
     return 0
+
+
+def export_format(fmt: str | None, to: str) -> str:
+    """The format of ``ddkit export``: ``fmt`` as given, else the suffix of ``to`` (.safetensors,
+    .npz, .pt: a tensor file), else an image folder. A tensor format needs its suffix on ``to``."""
+    from ddkit.store.tensorfile import TENSOR_FORMATS
+
+    suffix = Path(to).suffix.lower().lstrip(".")
+    if fmt is None:
+        return suffix if suffix in TENSOR_FORMATS else "imagefolder"
+    if fmt in TENSOR_FORMATS and suffix != fmt:
+        raise DDKitError(f"--format {fmt} writes one file whose name ends in .{fmt} (import reads the kind from it); "
+                         f"give e.g. --to {Path(to).with_suffix('.' + fmt)}")
+    return fmt
 
 
 def cmd_import(args) -> int:
@@ -558,11 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("export", help="export a set as image files",
-                       description="Export a distilled set as PNG files in zero-padded class folders.")
+    p = sub.add_parser("export", help="export a set as image files or one lossless tensor file",
+                       description="Export a distilled set as PNG files in zero-padded class folders (8-bit: values "
+                                   "outside [0, 1] are clipped, and the command says how many), or losslessly as one "
+                                   "tensor file (.safetensors, .npz or .pt: float32 pixel-space images and labels, "
+                                   "marked so that `ddkit import` reads them back unchanged).")
     p.add_argument("set", help="distilled-set directory")
-    p.add_argument("--format", default="imagefolder", choices=["imagefolder"], help="output layout (imagefolder)")
-    p.add_argument("--to", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--format", default=None, choices=["imagefolder", "safetensors", "npz", "pt"],
+                   help="imagefolder (PNGs) or a tensor file; default: from the suffix of --to (.safetensors, .npz, "
+                        ".pt), else imagefolder")
+    p.add_argument("--to", required=True,
+                   help="output directory (imagefolder: must be empty or absent) or file (tensor formats: must not "
+                        "exist)")
     p.add_argument("--stored", action="store_true",
                    help="export the stored images rather than the decoded training images (differs for IDM sets)")
     p.set_defaults(func=cmd_export)
@@ -659,7 +695,7 @@ def check_outputs(args) -> None:
     elif command == "report":
         check_writable(args.out or Path(args.dir) / "report.html", "--out", file=True)
     elif command == "export":
-        check_writable(args.to, "--to")
+        check_writable(args.to, "--to", file=export_format(args.format, args.to) != "imagefolder")
     elif command in ("eval", "show") and args.set is not None and Path(args.set).is_dir():
         check_writable(args.set, "the set")  # the manifest (eval) or grid.png (show) is written there
     elif command == "squeeze" or (command == "data" and getattr(args, "data_command", None) == "fetch"

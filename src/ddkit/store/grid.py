@@ -60,6 +60,15 @@ def save_grid(
     return path
 
 
+def clipped_share(images: torch.Tensor) -> float:
+    """Share (0 to 1) of the values of pixel-space ``images`` (any shape) outside [0, 1]: what an
+    8-bit image file (a grid, a PNG export) clips."""
+    if images.numel() == 0:
+        return 0.0
+    values = images.detach().float()
+    return float(((values < 0) | (values > 1)).float().mean())
+
+
 def safe_folder_name(name: str) -> str:
     """A class name made safe for a directory name (letters, digits, '-', '_')."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "class"
