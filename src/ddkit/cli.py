@@ -72,9 +72,15 @@ def cmd_data_fetch(args) -> int:
 
 # ---- sets ----------------------------------------------------------------------------------------
 def _print_results(results) -> None:
-    print(f"{'arch':12s} {'protocol':8s} {'preset':6s} {'runs':>4s}  {'accuracy % (mean +- std)':26s} {'s/run':>7s}")
+    """The evaluation table; the preset column names every option that differs from the preset."""
+    from ddkit.evaluate.protocols import preset_label
+
+    labels = {arch: preset_label(r.protocol, r.preset, r.config) for arch, r in results.items()}
+    width = max([6, *map(len, labels.values())])
+    print(f"{'arch':12s} {'protocol':8s} {'preset':{width}s} {'runs':>4s}  {'accuracy % (mean +- std)':26s} "
+          f"{'s/run':>7s}")
     for arch, result in results.items():
-        print(f"{arch:12s} {result.protocol:8s} {result.preset:6s} {len(result.accuracies):4d}  "
+        print(f"{arch:12s} {result.protocol:8s} {labels[arch]:{width}s} {len(result.accuracies):4d}  "
               f"{result.summary():26s} {result.seconds_per_run:7.1f}")
     recipes = {result.config.get("recipe") for result in results.values()} - {None}
     if recipes:

@@ -15,6 +15,7 @@ The soft-label protocol of the statistics family (``protocol="soft"``) lives in 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -129,6 +130,45 @@ class EvalResult:
             "config": self.config, "date": self.date,
             **({"compiled": True} if self.compiled else {}),
         }
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"model": {"width": 32}}`` -> ``{"model.width": 32}`` (dotted keys, as ``--set`` spells them)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def option_changes(protocol: str, preset: str, config: dict | None) -> list[str]:
+    """``key=value`` for every option of a stored evaluation's resolved ``config`` that differs from
+    its ``preset`` (what ``--set`` changed), sorted; [] when it ran at the preset as it is.
+
+    Options the evaluation derives rather than takes (the soft protocol's ``loss`` resolved from
+    ``auto``, ``targets``, ``teacher_info``) and options a record predates are not changes. Added
+    ``model.*`` factory options are.
+    """
+    if not isinstance(config, dict):
+        return []
+    try:
+        base = _flat(resolve_config(protocol, preset, None, config.get("recipe") or "ddkit"))
+    except DDKitError:  # a preset or recipe this version no longer knows: nothing to compare with
+        return []
+    changes = []
+    for key, value in sorted(_flat(config).items()):
+        known = key in base
+        if (known and base[key] != "auto" and value != base[key]) or (not known and key.startswith("model.")):
+            changes.append(f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    return changes
+
+
+def preset_label(protocol: str, preset: str, config: dict | None) -> str:
+    """``"quick"``, or ``"quick, epochs=20"`` for an evaluation whose options differ from its preset
+    (:func:`option_changes`): how printed tables and reports name what an evaluation ran at."""
+    return ", ".join([preset, *option_changes(protocol, preset, config)])
 
 
 def check_hard_config(config: dict) -> None:
