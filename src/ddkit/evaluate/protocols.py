@@ -74,6 +74,21 @@ def default_model_options(arch: str, image_size: int) -> dict:
     return {}
 
 
+def model_options_for(arch: str, options: dict, preset_options: dict) -> dict:
+    """The model options ``arch`` is built with: ``options`` (a resolved config's ``model``) without
+    the preset's own options that ``arch`` does not have. The smoke tier's ``width=32`` narrows
+    ConvNet-like networks; AlexNet and VGG have no width, and are built as they are. An option an
+    override set (a value other than the preset's) is kept, so one the architecture lacks is still
+    refused with one line by :func:`ddkit.models.create`."""
+    from ddkit.models.registry import option_names
+
+    accepted = option_names(arch)
+    if accepted is None:
+        return dict(options)
+    return {key: value for key, value in options.items()
+            if key in accepted or key not in preset_options or preset_options[key] != value}
+
+
 def build_model(arch: str, channels: int, num_classes: int, image_size: int, options: dict, seed: int, device):
     """Create ``arch`` with its initial weights drawn from ``seed`` (global RNG untouched)."""
     from ddkit.models import create
@@ -393,6 +408,7 @@ def evaluate(
         dsa = DSA(strategy) if config["dsa"] else None
     channels, height, _ = distilled.image_shape
 
+    preset_model = resolve_config(protocol, preset, None, config.get("recipe") or "ddkit")["model"]
     results = {}
     for arch in archs:
         seeds = [seed + r for r in range(runs)]
@@ -412,7 +428,8 @@ def evaluate(
             if run_seed in done:
                 continue
             started = time.perf_counter()
-            model = build_model(arch, channels, distilled.num_classes, height, dict(config["model"]), run_seed, device)
+            model = build_model(arch, channels, distilled.num_classes, height,
+                                model_options_for(arch, config["model"], preset_model), run_seed, device)
             generator = make_generator(run_seed)
             checkpoint = run_checkpoint(distilled, protocol, preset, arch, config, run_seed, fresh=not reuse) \
                 if checkpoints else None
