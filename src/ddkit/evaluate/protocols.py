@@ -132,8 +132,8 @@ class EvalResult:
         return float(np.std(self.accuracies))
 
     def summary(self) -> str:
-        """``"48.90 +- 0.31"``: mean +- population std in percent."""
-        return f"{self.mean:.2f} +- {self.std:.2f}"
+        """``"48.90 +- 0.31"``: mean +- population std in percent; ``"48.90 (1 run)"`` for one run."""
+        return accuracy_text(self.mean, self.std, len(self.accuracies))
 
     def to_record(self) -> dict:
         """The JSON record stored in the set's manifest."""
@@ -145,6 +145,14 @@ class EvalResult:
             "config": self.config, "date": self.date,
             **({"compiled": True} if self.compiled else {}),
         }
+
+
+def accuracy_text(mean: float, std: float, runs: int | None) -> str:
+    """``"48.90 +- 0.31"`` (percent, mean +- population std over ``runs``), or ``"48.90 (1 run)"``:
+    one run has no spread to show, and "+- 0.00" would claim one."""
+    if runs == 1:
+        return f"{float(mean):.2f} (1 run)"
+    return f"{float(mean):.2f} +- {float(std):.2f}"
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

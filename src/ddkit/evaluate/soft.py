@@ -415,7 +415,8 @@ class SoftProtocol:
                 )
             has_targets = RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
             if teachers is None and not has_targets:
-                raise DDKitError("the set's relabel records have no logits; relabel it again or pass teachers=")
+                raise DDKitError("the set's relabel records have no logits; relabel it again (ddkit relabel SET "
+                                 "--like M), or in Python pass teachers= to ddkit.evaluate")
         if teachers is None:
             config.pop("online", None)
             config["targets"] = "records"
