@@ -99,7 +99,7 @@ def test_grid_writes_results_table_plots_matching_the_manifests(isolated_data, t
         assert (line["image_bytes"], line["soft_label_bytes"]) == (sizes["images"], sizes["soft_labels"])
         cells = rows[(line["ipc"], line["method"])]
         assert cells[3] == "hard"
-        assert cells[5] == f"{evaluation['mean']:.2f} +- {evaluation['std']:.2f}"
+        assert len(evaluation["accuracies"]) == 1 and cells[5] == f"{evaluation['mean']:.2f} (1 run)"
         assert cells[6] == f"{manifest['timings']['distill_seconds']:.1f}"
         assert cells[7] == f"{evaluation['seconds_per_run']:.1f}"
         assert cells[8] == f"{manifest['peak_memory_bytes'] / 2**20:.0f}"
@@ -371,7 +371,7 @@ def test_report_of_a_folder_of_sets_puts_their_evaluations_side_by_side(isolated
     assert_self_contained(text)
     assert "ddkit sets: runs" in text
     # better first among sets judged alike; the baseline row is marked
-    assert text.index("61.00 +- 1.00") < text.index("40.00 +- 0.00")
+    assert text.index("61.00 +- 1.00") < text.index("40.00 (1 run)")  # one run has no spread to show
     assert re.search(r'<tr class="baseline"><td>random</td>', text)
     assert "damaged: " in text and "sha256" in text
     count, loaded = image_check(page, tmp_path / "chromium-profile")
@@ -795,3 +795,33 @@ def test_a_table_of_lines_from_two_machines_names_the_machine_of_each_row():
     assert extra_columns([line, dict(line, method="iid")]) == ()
     assert extra_columns([line, other]) == ("machine",)
     assert row_cells(other, ("machine",))[-1] == "B, AVX-512, 2 cores"
+
+
+def test_report_of_runs_finds_sets_in_sub_folders_as_make_demo_writes_them(isolated_data, tmp_path, capsys):
+    """`make demo` writes runs/demo/random-fmnist-ipc10 and runs/demo/dm-fmnist-ipc10; `ddkit report runs`
+    (the README's line) must find them one folder down, and name them by their path under runs/."""
+    runs = tmp_path / "runs"
+    for name in ("random-a", "random-b"):
+        ddkit.distill("random", dataset="digits", ipc=1, out=runs / "demo" / name)
+    ddkit.distill("random", dataset="digits", ipc=1, out=runs / "top")
+    (runs / "demo" / ".hidden").mkdir()
+    assert main(["report", str(runs)]) == 0
+    text = (runs / "report.html").read_text()
+    assert "<td>demo/random-a</td>" in text and "<td>demo/random-b</td>" in text and "<td>top</td>" in text
+    assert text.count("<h3>") == 3
+
+
+def test_overridden_options_are_named_beside_the_preset(isolated_data, tmp_path, capsys):
+    """`--set epochs=3` is not the smoke preset: the printed table and the reports name the change."""
+    ddkit.distill("random", dataset="digits", ipc=1, out=tmp_path / "runs" / "set")
+    set_dir = tmp_path / "runs" / "set"
+    assert main(["eval", str(set_dir), "--preset", "smoke", "--runs", "1", "--quiet", "--set", "epochs=3",
+                 "--set", "model.width=8"]) == 0
+    table = capsys.readouterr().out
+    assert "smoke, epochs=3, model.width=8" in table
+    assert main(["eval", str(set_dir), "--preset", "smoke", "--runs", "1", "--quiet", "--set", "epochs=200"]) == 0
+    plain = capsys.readouterr().out.splitlines()[1]  # epochs=200 is smoke's own value: no change to name
+    assert plain.split()[2] == "smoke" and "epochs" not in plain
+    for page in (write_report(set_dir), write_report(tmp_path / "runs")):
+        text = page.read_text()
+        assert "<td>smoke, epochs=3, model.width=8</td>" in text and "<td>smoke</td>" in text

@@ -188,3 +188,78 @@ def test_cli_import_then_eval(tmp_path, capsys, real_subset):
     assert main(["import", str(tmp_path / "res.pt"), "--dataset", "mnist", "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("ddkit: error: the images have shape [30, 1, 8, 8]") and error.count("\n") == 1
+
+
+@pytest.fixture
+def overshooting_set(tmp_path, real_subset):
+    """A saved set like ddkit's demo DM set: pixel space, with a third of its values outside [0, 1]."""
+    pixels, labels, digits = real_subset
+    synthetic = pixels * 1.6 - 0.3  # the digits' zeros land at -0.3, their 1s at 1.3
+    share = float(((synthetic < 0) | (synthetic > 1)).float().mean())
+    assert 0.3 < share < 0.8  # as_normalized would put all of these inside [0, 1]: the old auto squashed them
+    from ddkit.store import DistilledSet
+
+    made = DistilledSet(images=synthetic, labels=labels, class_names=digits.class_names, dataset="digits",
+                        mean=digits.mean, std=digits.std, method="dm")
+    return made.save(tmp_path / "dm"), synthetic, labels, share
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "npz", "pt"])
+def test_ddkits_tensor_export_comes_back_unchanged_under_auto(tmp_path, capsys, overshooting_set, suffix):
+    set_dir, synthetic, labels, _ = overshooting_set
+    target = tmp_path / f"dm.{suffix}"
+    assert main(["export", str(set_dir), "--to", str(target)]) == 0
+    assert "not clipped" in capsys.readouterr().out
+    assert main(["import", str(target), "--dataset", "digits", "--out", str(tmp_path / "back")]) == 0
+    out = capsys.readouterr().out
+    assert "space: pixel, auto: written by ddkit export" in out
+    back = ddkit.load(tmp_path / "back")
+    assert torch.equal(back.images, synthetic) and torch.equal(back.labels, labels)
+    # ddkit knows what it wrote: a space given against the mark is refused with one line
+    assert main(["import", str(target), "--dataset", "digits", "--out", str(tmp_path / "x"), "--space",
+                 "normalized"]) == 2
+    assert "holds pixel values (written by ddkit export" in capsys.readouterr().err
+
+
+def test_a_sets_own_data_file_is_read_in_pixel_space(tmp_path, overshooting_set):
+    set_dir, synthetic, labels, _ = overshooting_set
+    import shutil
+
+    shutil.copy(set_dir / "data.safetensors", tmp_path / "copy.safetensors")
+    imported = ddkit.import_set(tmp_path / "copy.safetensors", dataset="digits")
+    assert imported.meta["imported"]["space"] == "pixel"
+    assert "ddkit-distilled-set" in imported.meta["imported"]["space_reason"]
+    assert torch.equal(imported.images, synthetic)
+    with pytest.raises(DDKitError, match="is a ddkit set already"):
+        ddkit.import_set(set_dir, dataset="digits")
+
+
+def test_dm_script_layout_is_normalised_even_when_values_overshoot(tmp_path, overshooting_set):
+    """The README's `res_DM_...pt`: a set saved as the DM scripts save it ((pixel - mean) / std under
+    'data'); its overshooting values made the value-based guess refuse it as ambiguous."""
+    _, synthetic, labels, _ = overshooting_set
+    digits_mean, digits_std = ddkit.data.dataset_info("digits")["mean"], ddkit.data.dataset_info("digits")["std"]
+    normalised = (synthetic - torch.tensor(digits_mean).view(1, -1, 1, 1)) / torch.tensor(digits_std).view(1, -1, 1, 1)
+    torch.save({"data": [[normalised, labels]], "accs_all_exps": {"ConvNet": [0.5]}}, tmp_path / "res_DM.pt")
+    imported = ddkit.import_set(tmp_path / "res_DM.pt", dataset="digits")
+    record = imported.meta["imported"]
+    assert record["space"] == "normalized" and "DM-script layout" in record["space_reason"]
+    torch.testing.assert_close(imported.images, synthetic, atol=1e-5, rtol=0)
+    given = ddkit.import_set(tmp_path / "res_DM.pt", dataset="digits", space="pixel")  # a convention: --space wins
+    assert torch.equal(given.images, normalised)
+
+
+def test_a_guess_from_the_values_says_so():
+    pixel = torch.linspace(0, 1, 256).reshape(4, 1, 8, 8)
+    _, space, why = to_pixel_space((pixel - 0.3) / 0.4, "auto", (0.3,), (0.4,))
+    assert space == "normalized" and "guess from the values" in why and "--space pixel" in why
+
+
+def test_png_export_says_how_much_it_clips(tmp_path, capsys, overshooting_set):
+    set_dir, synthetic, _, share = overshooting_set
+    assert main(["export", str(set_dir), "--to", str(tmp_path / "png")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {100 * share:.2f}% of the pixel values lie outside [0, 1] and were clipped" in out
+    assert "--format safetensors" in out
+    assert main(["export", str(set_dir), "--format", "npz", "--to", str(tmp_path / "x.pt")]) == 2
+    assert "--to " + str(tmp_path / "x.npz") in capsys.readouterr().err

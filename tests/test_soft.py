@@ -244,7 +244,9 @@ def test_soft_presets():
     assert (paper["temperature"], paper["t2"], paper["gamma"], paper["loss"]) == (20.0, False, 0.15, "auto")
     assert paper["recipe"] == "ddkit" and paper["schedule"] == "cosine" and not paper["exempt_1d"]
     assert resolve_config("soft", "quick")["epochs"] == 300
-    assert resolve_config("soft", "smoke")["epochs"] == 20 and resolve_config("soft", "smoke")["model"] == {"width": 32}
+    smoke = resolve_config("soft", "smoke")
+    assert smoke["epochs"] == 20 and smoke["model"] == {"width": 32, "norm": "batch"} and smoke["batch_size"] == 16
+    assert resolve_config("soft", "quick")["batch_size"] == 64 and resolve_config("soft", "quick")["model"] == {}
     tiny = resolve_config("soft", "paper", ["optimizer=sgd", "lr=0.2", "weight_decay=1e-4", "t2=true"])
     assert (tiny["optimizer"], tiny["lr"], tiny["t2"]) == ("sgd", 0.2, True)
 
@@ -261,7 +263,9 @@ def test_evaluation_recipes_are_the_published_ones_and_tiers_shrink_their_epochs
     assert (cifar["temperature"], cifar["epochs"], cifar["batch_size"], cifar["schedule"]) == (30.0, 400, 128,
                                                                                                "cosine_epoch")
     assert resolve_config("soft", "paper", recipe="gvbsm-tiny")["gamma"] == 0.1
-    assert resolve_config("soft", "smoke", recipe="gvbsm-cifar10")["model"] == {"width": 32}
+    assert resolve_config("soft", "smoke", recipe="gvbsm-cifar10")["model"] == {"width": 32, "norm": "batch"}
+    assert resolve_config("soft", "smoke", recipe="sre2l-cifar100")["batch_size"] == 16  # smoke: 16 a step at most
+    assert resolve_config("soft", "quick", recipe="sre2l-cifar100")["batch_size"] == 128  # quick: the recipe's
     assert set(SOFT_RECIPES) >= {"ddkit", "sre2l-imagenet", "sre2l-cifar100", "sre2l-tiny", "gvbsm-cifar100",
                                  "gvbsm-cifar10", "gvbsm-tiny"}  # CDA's code evaluates with SRe2L's
     with pytest.raises(DDKitError, match="unknown evaluation recipe 'nope'"):
@@ -343,7 +347,7 @@ def test_online_teachers_see_the_same_inputs_and_targets(digits, monkeypatch):
         return batch
 
     monkeypatch.setattr(ReplaySource, "batch", capture)
-    overrides = {"epochs": 3, "online.epochs": 2, "online.seed": 4, "online.crop_scale": [0.4, 1.0]}
+    overrides = {"epochs": 3, "batch_size": 64, "online.epochs": 2, "online.seed": 4, "online.crop_scale": [0.4, 1.0]}
     rec = evaluate(records, protocol="soft", preset="smoke", runs=1, overrides=overrides, real=digits,
                    show_progress=False, record=False)["convnet"]
     onl = evaluate(subset, protocol="soft", preset="smoke", runs=1, overrides=overrides, real=digits,

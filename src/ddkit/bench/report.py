@@ -15,6 +15,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import os
 from pathlib import Path
 
 from ddkit.errors import DDKitError
@@ -119,7 +120,18 @@ def _accuracy(record: dict) -> str:
     """``"80.76 +- 0.09"`` of an evaluation record, or ``"not evaluated"`` for a set without one."""
     if "mean" not in record:
         return "not evaluated"
-    return f"{float(record['mean']):.2f} +- {float(record.get('std', float('nan'))):.2f}"
+    from ddkit.evaluate.protocols import accuracy_text
+
+    return accuracy_text(record["mean"], record.get("std", float("nan")), len(record.get("accuracies") or []) or None)
+
+
+def _preset(record: dict) -> str:
+    """The preset of an evaluation record with every option that differs from it ("quick, epochs=20")."""
+    from ddkit.evaluate.protocols import preset_label
+
+    if "preset" not in record:
+        return "-"
+    return preset_label(record.get("protocol", "hard"), record["preset"], record.get("config"))
 
 
 def _seconds(value) -> str:
@@ -165,7 +177,7 @@ def set_body(directory: Path) -> tuple[str, list[str]]:
     evaluations = meta.get("evaluations") or []
     body.append("<h2>Evaluations</h2>")
     if evaluations:
-        rows = [[e.get("protocol", "-"), e.get("preset", "-"), e.get("arch", "-"), _runs(e),
+        rows = [[e.get("protocol", "-"), _preset(e), e.get("arch", "-"), _runs(e),
                  _accuracy(e),
                  ", ".join(f"{float(a):.2f}" for a in e.get("accuracies", [])), _seconds(e.get("seconds_per_run")),
                  e.get("device", "-"), e.get("date", "-")] for e in evaluations]
@@ -242,8 +254,20 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
 
 # ---- a folder of sets ------------------------------------------------------------------------------------
 def child_sets(directory: Path) -> list[Path]:
-    """The set directories (holding ``manifest.json``) directly inside ``directory``, sorted by name."""
-    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / MANIFEST_FILE).is_file())
+    """The set directories (holding ``manifest.json``) anywhere under ``directory``, sorted by path.
+
+    Sub-folders are searched (``make demo`` writes ``runs/demo/dm-fmnist-ipc10``; a bench writes its
+    sets inside its folder); a set's own folder and hidden folders (locks, a re-save's parked
+    ``.NAME.old-*``) are not searched further.
+    """
+    found = []
+    for root, folders, _ in os.walk(directory):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in list(folders):
+            if (Path(root) / name / MANIFEST_FILE).is_file():
+                found.append(Path(root) / name)
+                folders.remove(name)
+    return sorted(found, key=lambda path: path.relative_to(directory).parts)
 
 
 def sets_body(directory: Path) -> tuple[str, list[str]]:
@@ -258,18 +282,19 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
 
     rows, unreadable, loaded = [], [], []
     for set_dir in child_sets(directory):
+        name = set_dir.relative_to(directory).as_posix()
         try:
             distilled = ddkit.load(set_dir)
         except DDKitError as exc:
-            unreadable.append(f"<li>{esc(set_dir.name)}: {esc(str(exc))}</li>")
+            unreadable.append(f"<li>{esc(name)}: {esc(str(exc))}</li>")
             continue
         loaded.append(set_dir)
         evaluations = distilled.meta.get("evaluations") or [{}]
         for e in evaluations:
-            key = (distilled.dataset, distilled.ipc, e.get("protocol", "~"), e.get("preset", "~"), e.get("arch", "~"),
-                   -float(e.get("mean", -1.0)), set_dir.name)
-            rows.append((key, [set_dir.name, distilled.method, distilled.dataset, distilled.ipc,
-                               e.get("protocol", "-"), e.get("preset", "-"), e.get("arch", "-"),
+            key = (distilled.dataset, distilled.ipc, e.get("protocol", "~"), _preset(e) if e else "~",
+                   e.get("arch", "~"), -float(e.get("mean", -1.0)), name)
+            rows.append((key, [name, distilled.method, distilled.dataset, distilled.ipc,
+                               e.get("protocol", "-"), _preset(e), e.get("arch", "-"),
                                _runs(e) if e else "-", _accuracy(e), _seconds(e.get("seconds_per_run")),
                                e.get("date", "-")],
                          "baseline" if is_baseline(distilled.method) else ""))
@@ -287,10 +312,11 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
     if loaded:
         body.append("<h2>Sets</h2>")
     for set_dir in loaded:
-        body += [f"<h3>{esc(set_dir.name)}</h3>"]
+        name = set_dir.relative_to(directory).as_posix()
+        body += [f"<h3>{esc(name)}</h3>"]
         grid = set_dir / "grid.png"
         if grid.is_file():
-            body.append(image_tag(grid.read_bytes(), f"{set_dir.name} grid", "images, one row per class"))
+            body.append(image_tag(grid.read_bytes(), f"{name} grid", "images, one row per class"))
     return f"ddkit sets: {directory.resolve().name}", body
 
 

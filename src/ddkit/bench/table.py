@@ -43,7 +43,10 @@ def accuracy_text(line: dict) -> str:
     if "error" in line:
         first = str(line["error"]).strip().splitlines()[0] if str(line["error"]).strip() else "error"
         return f"failed: {first[:160]}"
-    return f"{float(line['mean']):.2f} +- {float(line['std']):.2f}"
+    from ddkit.evaluate.protocols import accuracy_text as spread
+
+    runs = len(line.get("accuracies") or []) or line.get("runs")
+    return spread(line["mean"], line["std"], runs)
 
 
 def row_cells(line: dict, extra: tuple[str, ...] = ()) -> list[str]:

@@ -15,6 +15,7 @@ The soft-label protocol of the statistics family (``protocol="soft"``) lives in 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,21 @@ def default_model_options(arch: str, image_size: int) -> dict:
     return {}
 
 
+def model_options_for(arch: str, options: dict, preset_options: dict) -> dict:
+    """The model options ``arch`` is built with: ``options`` (a resolved config's ``model``) without
+    the preset's own options that ``arch`` does not have. The smoke tier's ``width=32`` narrows
+    ConvNet-like networks; AlexNet and VGG have no width, and are built as they are. An option an
+    override set (a value other than the preset's) is kept, so one the architecture lacks is still
+    refused with one line by :func:`ddkit.models.create`."""
+    from ddkit.models.registry import option_names
+
+    accepted = option_names(arch)
+    if accepted is None:
+        return dict(options)
+    return {key: value for key, value in options.items()
+            if key in accepted or key not in preset_options or preset_options[key] != value}
+
+
 def build_model(arch: str, channels: int, num_classes: int, image_size: int, options: dict, seed: int, device):
     """Create ``arch`` with its initial weights drawn from ``seed`` (global RNG untouched)."""
     from ddkit.models import create
@@ -116,8 +132,8 @@ class EvalResult:
         return float(np.std(self.accuracies))
 
     def summary(self) -> str:
-        """``"48.90 +- 0.31"``: mean +- population std in percent."""
-        return f"{self.mean:.2f} +- {self.std:.2f}"
+        """``"48.90 +- 0.31"``: mean +- population std in percent; ``"48.90 (1 run)"`` for one run."""
+        return accuracy_text(self.mean, self.std, len(self.accuracies))
 
     def to_record(self) -> dict:
         """The JSON record stored in the set's manifest."""
@@ -129,6 +145,53 @@ class EvalResult:
             "config": self.config, "date": self.date,
             **({"compiled": True} if self.compiled else {}),
         }
+
+
+def accuracy_text(mean: float, std: float, runs: int | None) -> str:
+    """``"48.90 +- 0.31"`` (percent, mean +- population std over ``runs``), or ``"48.90 (1 run)"``:
+    one run has no spread to show, and "+- 0.00" would claim one."""
+    if runs == 1:
+        return f"{float(mean):.2f} (1 run)"
+    return f"{float(mean):.2f} +- {float(std):.2f}"
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"model": {"width": 32}}`` -> ``{"model.width": 32}`` (dotted keys, as ``--set`` spells them)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def option_changes(protocol: str, preset: str, config: dict | None) -> list[str]:
+    """``key=value`` for every option of a stored evaluation's resolved ``config`` that differs from
+    its ``preset`` (what ``--set`` changed), sorted; [] when it ran at the preset as it is.
+
+    Options the evaluation derives rather than takes (the soft protocol's ``loss`` resolved from
+    ``auto``, ``targets``, ``teacher_info``) and options a record predates are not changes. Added
+    ``model.*`` factory options are.
+    """
+    if not isinstance(config, dict):
+        return []
+    try:
+        base = _flat(resolve_config(protocol, preset, None, config.get("recipe") or "ddkit"))
+    except DDKitError:  # a preset or recipe this version no longer knows: nothing to compare with
+        return []
+    changes = []
+    for key, value in sorted(_flat(config).items()):
+        known = key in base
+        if (known and base[key] != "auto" and value != base[key]) or (not known and key.startswith("model.")):
+            changes.append(f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    return changes
+
+
+def preset_label(protocol: str, preset: str, config: dict | None) -> str:
+    """``"quick"``, or ``"quick, epochs=20"`` for an evaluation whose options differ from its preset
+    (:func:`option_changes`): how printed tables and reports name what an evaluation ran at."""
+    return ", ".join([preset, *option_changes(protocol, preset, config)])
 
 
 def check_hard_config(config: dict) -> None:
@@ -353,6 +416,7 @@ def evaluate(
         dsa = DSA(strategy) if config["dsa"] else None
     channels, height, _ = distilled.image_shape
 
+    preset_model = resolve_config(protocol, preset, None, config.get("recipe") or "ddkit")["model"]
     results = {}
     for arch in archs:
         seeds = [seed + r for r in range(runs)]
@@ -372,7 +436,8 @@ def evaluate(
             if run_seed in done:
                 continue
             started = time.perf_counter()
-            model = build_model(arch, channels, distilled.num_classes, height, dict(config["model"]), run_seed, device)
+            model = build_model(arch, channels, distilled.num_classes, height,
+                                model_options_for(arch, config["model"], preset_model), run_seed, device)
             generator = make_generator(run_seed)
             checkpoint = run_checkpoint(distilled, protocol, preset, arch, config, run_seed, fresh=not reuse) \
                 if checkpoints else None

@@ -16,7 +16,7 @@ temperature, student) or ddkit's shared one (``ddkit``: AdamW 1e-3, weight decay
 cosine, batch 64, the set's loss), under which any two methods can be compared. ``recipe="auto"``
 takes the one the set's relabel step named (:func:`recipe_for_set`). The tier (:data:`SOFT_PRESETS`)
 makes a recipe smaller: ``quick`` trains at most 300 epochs, ``smoke`` 20 epochs of a width-32
-student.
+student with BatchNorm, at most 16 images a step (:data:`SOFT_TIER_CAPS`).
 
 Losses (``loss``):
 
@@ -56,7 +56,7 @@ from ddkit.optim import check_schedule_options, train_scheduled
 from ddkit.utils import check_flag, check_number, check_option, normalize
 
 __all__ = [
-    "SOFT_PRESETS", "SOFT_RECIPES", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss",
+    "SOFT_PRESETS", "SOFT_TIER_CAPS", "SOFT_RECIPES", "SOFT_LOSSES", "SoftBatch", "ReplaySource", "SoftProtocol", "soft_loss",
     "train_soft", "resolve_soft_config", "recipe_for_set", "describe_recipe",
 ]
 
@@ -76,8 +76,14 @@ _PAPER = {
 SOFT_PRESETS: dict[str, dict] = {
     "paper": {**_PAPER, "online": dict(_ONLINE)},
     "quick": {**_PAPER, "epochs": 300, "online": dict(_ONLINE)},
-    "smoke": {**_PAPER, "epochs": 20, "model": {"width": 32}, "online": dict(_ONLINE)},
+    "smoke": {**_PAPER, "epochs": 20, "model": {"width": 32, "norm": "batch"}, "online": dict(_ONLINE)},
 }
+#: What a smaller tier caps over the recipe besides ``epochs`` (paper and quick: nothing). The smoke
+#: tier trains at most 16 images a step: a set of 10 classes x IPC 10 then gets 7 steps an epoch
+#: (140 in all) instead of the one of a recipe's batch of 128, and its BatchNorm student (above;
+#: ConvNet's instance norm learns far more slowly on mixed, shifted views) lifts real images well
+#: above chance in seconds. See docs/methods.md, "Soft-label evaluation".
+SOFT_TIER_CAPS: dict[str, dict] = {"paper": {}, "quick": {}, "smoke": {"batch_size": 16}}
 _SRE2L_IMAGENET = {  # SRe2L validate/train_FKD.py: AdamW, get_parameters, LambdaLR cosine per epoch
     "epochs": 300, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": True,
     "schedule": "cosine_epoch", "batch_size": 1024, "loss": "kl", "temperature": 20.0, "t2": False,
@@ -130,6 +136,8 @@ def resolve_soft_config(preset: str, recipe: str = "ddkit") -> dict:
     config["online"] = dict(base["online"])
     if preset != "paper":
         config["epochs"] = min(int(options.get("epochs", SOFT_PRESETS["paper"]["epochs"])), int(base["epochs"]))
+    for key, cap in SOFT_TIER_CAPS.get(preset, {}).items():
+        config[key] = min(config[key], cap)
     return config
 
 
@@ -384,7 +392,8 @@ class SoftProtocol:
         if teachers is None and not self.has_records:
             raise DDKitError(
                 "this set has no relabel records for the soft protocol; relabel it first "
-                "(ddkit relabel SET --like sre2l) or pass teachers= for online soft labels"
+                "(ddkit relabel SET --like sre2l), or in Python pass teachers= to ddkit.evaluate for online "
+                "soft labels"
             )
         relabel_meta = distilled.meta.get("relabel") or {}
         config = dict(config)
@@ -406,7 +415,8 @@ class SoftProtocol:
                 )
             has_targets = RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
             if teachers is None and not has_targets:
-                raise DDKitError("the set's relabel records have no logits; relabel it again or pass teachers=")
+                raise DDKitError("the set's relabel records have no logits; relabel it again (ddkit relabel SET "
+                                 "--like M), or in Python pass teachers= to ddkit.evaluate")
         if teachers is None:
             config.pop("online", None)
             config["targets"] = "records"

@@ -125,3 +125,10 @@ def _check_size(key: str, factory: Factory, in_channels: int, num_classes: int, 
     if size > memory:
         raise DDKitError(f"model {key!r} with {options} would hold {size / 2 ** 30:.3g} GiB of parameters, more than "
                          f"this machine's {memory / 2 ** 30:.3g} GiB of memory; choose smaller model options")
+
+
+def option_names(name: str) -> tuple[str, ...] | None:
+    """The options model ``name`` accepts (its factory's keyword parameters), or None when it takes
+    any (``**options``) or the name is not registered (:func:`create` then reports it)."""
+    entry = _REGISTRY.get(name.lower()) if isinstance(name, str) else None
+    return None if entry is None else entry[1]

@@ -29,12 +29,17 @@ def save_grid(
     class_names: list[str],
     path: str | Path,
     max_columns: int = MAX_COLUMNS,
+    per_class: int | None = MAX_COLUMNS,
 ) -> Path:
-    """Write a PNG grid with one row per class (first ``max_columns`` images of each class).
+    """Write a PNG grid: each class starts a row, and its images wrap into further rows of at most
+    ``max_columns``.
 
     Args:
-        images: float [N, C, H, W] in [0, 1]; labels: int64 [N]; class_names: K names.
+        images: float [N, C, H, W] in [0, 1] (clipped to it); labels: int64 [N]; class_names: K names.
         path: output PNG path (parent must exist).
+        max_columns: images per row at most.
+        per_class: the first ``per_class`` images of each class are drawn (None: all of them; the
+            default, one row of 20, is the grid a saved set carries).
 
     Returns:
         The path written.
@@ -43,21 +48,33 @@ def save_grid(
     _, channels, height, width = images.shape
     scale = max(1, -(-MIN_CELL_PIXELS // min(height, width)))
     cell_h, cell_w = height * scale, width * scale
-    per_class = [torch.nonzero(labels == c).flatten()[:max_columns] for c in range(num_classes)]
-    columns = max(1, max(len(idx) for idx in per_class))
+    per_class_index = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)]
+    columns = max(1, min(max_columns, max(len(idx) for idx in per_class_index)))
+    rows = [max(1, -(-len(idx) // columns)) for idx in per_class_index]
     pad = 2
-    canvas = Image.new("RGB", (LABEL_WIDTH + columns * (cell_w + pad), num_classes * (cell_h + pad)), "white")
+    canvas = Image.new("RGB", (LABEL_WIDTH + columns * (cell_w + pad), sum(rows) * (cell_h + pad)), "white")
     draw = ImageDraw.Draw(canvas)
-    for row, indices in enumerate(per_class):
-        top = row * (cell_h + pad)
-        draw.text((4, top + cell_h // 2 - 5), str(class_names[row])[:14], fill="black")
-        for col, index in enumerate(indices.tolist()):
+    first_row = 0
+    for c, indices in enumerate(per_class_index):
+        top = first_row * (cell_h + pad)
+        draw.text((4, top + cell_h // 2 - 5), str(class_names[c])[:14], fill="black")
+        for k, index in enumerate(indices.tolist()):
             tile = Image.fromarray(to_uint8_hwc(images[index])).convert("RGB")
             tile = tile.resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile, (LABEL_WIDTH + col * (cell_w + pad), top))
+            canvas.paste(tile, (LABEL_WIDTH + (k % columns) * (cell_w + pad), top + (k // columns) * (cell_h + pad)))
+        first_row += rows[c]
     path = Path(path)
     canvas.save(path)
     return path
+
+
+def clipped_share(images: torch.Tensor) -> float:
+    """Share (0 to 1) of the values of pixel-space ``images`` (any shape) outside [0, 1]: what an
+    8-bit image file (a grid, a PNG export) clips."""
+    if images.numel() == 0:
+        return 0.0
+    values = images.detach().float()
+    return float(((values < 0) | (values > 1)).float().mean())
 
 
 def safe_folder_name(name: str) -> str:

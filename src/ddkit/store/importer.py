@@ -57,6 +57,19 @@ def load_file(source: Path):
     (``.safetensors``, ``.npz``), or the plain containers of a torch file (loaded with
     ``weights_only=True``: tensors, dicts, lists, numbers and strings only).
     """
+    return _load_with_metadata(source)[0]
+
+
+def _safetensors_metadata(source: Path) -> dict:
+    """The string metadata of a safetensors header ({} when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _load_with_metadata(source: Path):
+    """``(contents, safetensors header metadata or None)`` of a tensor file (see :func:`load_file`)."""
     if not source.is_file():
         raise DDKitError(f"{source} does not exist; {_WHAT_TO_PASS}")
     suffix = source.suffix.lower()
@@ -65,14 +78,14 @@ def load_file(source: Path):
         from safetensors.torch import load_file as load_safetensors
 
         try:
-            return load_safetensors(str(source))
+            return load_safetensors(str(source)), _safetensors_metadata(source)
         except (SafetensorError, OSError, ValueError) as exc:
             raise DDKitError(f"{source} cannot be read as safetensors ({exc})") from None
     if suffix in (".npz", ".npy"):
         try:
             with open(source, "rb") as handle:
                 loaded = np.load(handle, allow_pickle=False)
-                return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+                return (dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded), None
         except ValueError as exc:
             detail = " ".join(str(exc).split())[:160]
             if "header" in detail.lower():  # numpy refuses headers above max_header_size (10 000 bytes)
@@ -84,7 +97,7 @@ def load_file(source: Path):
             raise DDKitError(f"{source} cannot be read as {suffix[1:]} ({' '.join(str(exc).split())[:160]})") from None
     if suffix in (".pt", ".pth"):
         try:
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True), None
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
             raise DDKitError(
@@ -179,15 +192,24 @@ def read_source(source: str | Path, entry: int = 0, images_key: str = "images", 
             ``labels_best.pt``); it takes precedence over labels inside ``source``.
 
     Returns:
-        ``(images, labels, description, class_folders)``: tensors as stored (any dtype or layout),
-        a few words on what was read, and the class folders of an image folder (else ``None``).
+        ``(images, labels, description, class_folders, declared)``: tensors as stored (any dtype or
+        layout), a few words on what was read, the class folders of an image folder (else ``None``),
+        and the space the file's writer declared with why (:func:`ddkit.store.tensorfile.declared_space`;
+        ``None`` when the file does not say).
     """
+    from ddkit.store.tensorfile import declared_space
+
     source = Path(source)
     if source.is_dir():
+        if (source / "manifest.json").is_file():
+            raise DDKitError(f"{source} is a ddkit set already (it holds manifest.json): evaluate it with "
+                             f"`ddkit eval {source}`, or copy the folder")
         if labels_file is not None:
             raise DDKitError(f"{source} is an image folder, whose class folders are the labels; leave out --labels")
-        return _read_folder(source, channels, show_progress)
-    images, labels, where = images_and_labels(load_file(source), source, entry, images_key, labels_key)
+        return (*_read_folder(source, channels, show_progress), ("byte", "image files"))
+    contents, metadata = _load_with_metadata(source)
+    images, labels, where = images_and_labels(contents, source, entry, images_key, labels_key)
+    declared = declared_space(contents, metadata, images)
     description = _FILE_KINDS[source.suffix.lower()] + where
     if labels_file is not None:
         labels_file = Path(labels_file)
@@ -197,7 +219,7 @@ def read_source(source: str | Path, entry: int = 0, images_key: str = "images", 
         raise DDKitError(f"{source} holds images but no {labels_key!r}; pass the labels file with --labels "
                          f"or name the labels with --labels-key")
     return (_tensor(images, images_key, source), _tensor(labels, labels_key, Path(labels_file or source)),
-            description, None)
+            description, None, declared)
 
 
 def to_nchw(images: torch.Tensor, shape: tuple[int, int, int], dataset: str) -> tuple[torch.Tensor, bool]:
@@ -320,7 +342,8 @@ def to_pixel_space(images: torch.Tensor, space: str, mean, std) -> tuple[torch.T
                 space, why = "pixel", f"auto: {100 * as_pixel:.0f}% of values in [0, 1]"
             elif as_normalized >= _CLEAR_SHARE:
                 space, why = "normalized", (f"auto: {100 * (1 - as_pixel):.0f}% of values outside [0, 1], "
-                                            f"{100 * as_normalized:.0f}% inside after undoing the normalisation")
+                                            f"{100 * as_normalized:.0f}% inside after undoing the normalisation; "
+                                            f"a guess from the values: pass --space pixel if they are pixels")
             else:
                 raise DDKitError(
                     f"cannot tell the images' space: {100 * as_pixel:.0f}% of values lie in [0, 1] as they are and "
@@ -331,6 +354,25 @@ def to_pixel_space(images: torch.Tensor, space: str, mean, std) -> tuple[torch.T
     if space == "normalized":
         return values * std_t + mean_t, space, why
     return values.contiguous(), space, why
+
+
+def _space_to_use(space: str, declared: tuple[str, str] | None, source) -> tuple[str, str | None]:
+    """The space to read a file in, and why when its writer declared it (else None: the values decide).
+
+    Under ``auto`` a declared space wins over any guess from the values. A space given against what
+    ddkit itself wrote into the file is refused (ddkit knows what it wrote); against the DM-script
+    layout (a convention, not a mark) the given space is used.
+    """
+    if space not in SPACES:
+        raise DDKitError(f"unknown space {space!r}; choose one of: {', '.join(SPACES)}")
+    if declared is None:
+        return space, None
+    declared_as, why = declared
+    if space == "auto":
+        return declared_as, f"auto: {why}"
+    if space != declared_as and why.startswith(("written by ddkit", "a ddkit set")):
+        raise DDKitError(f"{source} holds {declared_as} values ({why}); leave out --space {space}")
+    return space, None
 
 
 def import_set(
@@ -379,8 +421,8 @@ def import_set(
         raise DDKitError(
             f"decode factor {decode_factor} does not divide the image size {shape[1]}x{shape[2]}; give 1 or a divisor"
         )
-    raw_images, raw_labels, description, folders = read_source(source, entry, images_key, labels_key, shape[0],
-                                                               show_progress, labels_file)
+    raw_images, raw_labels, description, folders, declared = read_source(
+        source, entry, images_key, labels_key, shape[0], show_progress, labels_file)
     images, channels_last = to_nchw(raw_images, shape, info["name"])
     if images.shape[0] == 0:
         raise DDKitError(f"{source} holds no images")
@@ -392,8 +434,10 @@ def import_set(
             raise DDKitError(f"{source} is an image folder, and image files hold bytes; leave out --space {space}")
         pixels, resolved, why = images.float() / 255.0, "byte", "image files"
     else:
+        space, given_why = _space_to_use(space, declared, source)
         scaled = scale_integer_images(images, space)
         pixels, resolved, why = scaled or to_pixel_space(images, space, info["mean"], info["std"])
+        why = given_why or why
     source = Path(source)
     record = {
         "source": str(source), "kind": description, "space": resolved, "space_reason": why,
