@@ -7,10 +7,27 @@ px, put on a random-coloured background so that it is RGB.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread while the block runs: these networks are tiny, and on a shared
+    2-core machine two spinning threads make a step tens of times slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+#: the architecture of :func:`train_tiny_teacher`'s network, as ``--teacher ARCH:FILE`` spells it
+TEACHER_ARCH = "convnet(width=16,depth=2)"
 #: wnid-style folder names, one per Fashion-MNIST class (sorted order = class order)
 WNIDS = [f"n0{1000000 + 17 * k:07d}" for k in range(10)]
 
@@ -44,3 +61,32 @@ def build_imagenet_folder(root: Path, per_class: int = 6, val_per_class: int = 2
                     lines.append(f"{name} {WNIDS[k]}")
     (root / "val" / "val_labels.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def train_tiny_teacher(root: Path, out: Path, size: int = 32, epochs: int = 30, seed: int = 0) -> Path:
+    """Train ddkit's default ``convnet`` on the folder's training images (``size`` px, the
+    streaming evaluation transform) with plain Adam, save its state dict as ``out`` (.safetensors)
+    and return ``out``; the teacher ``convnet(width=16,depth=2):<out>`` (:data:`TEACHER_ARCH`) then
+    fits ``imagenet:<root>`` at ``size``."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from ddkit.data import load_dataset
+    from ddkit.methods.squeeze import build_net
+    from ddkit.utils import normalize
+
+    real = load_dataset(f"imagenet:{root}", image_size=size)
+    images = normalize(real.train.images[range(len(real.train))].float() / 255, real.mean, real.std)
+    labels = real.train.labels
+    net = build_net({"arch": "convnet", "width": 16, "depth": 2}, real, seed=seed, device="cpu")
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    with one_thread():
+        for _ in range(epochs):
+            for index in torch.randperm(len(labels), generator=generator).split(16):
+                optimizer.zero_grad()
+                F.cross_entropy(net(images[index]), labels[index]).backward()
+                optimizer.step()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
+    return out

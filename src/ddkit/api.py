@@ -176,7 +176,10 @@ def _checkpoint_spec(fn, method, dataset, ipc, preset, seed, overrides, out, ima
     else:
         options = list(overrides or [])
     if flags.get("teacher_paths"):  # a resume may start from another directory
-        flags["teacher_paths"] = [str(Path(path).resolve()) for path in flags["teacher_paths"]]
+        from ddkit.methods.pretrained import is_external
+
+        flags["teacher_paths"] = [path if is_external(path) else str(Path(path).resolve())
+                                  for path in flags["teacher_paths"]]
     run = {"method": method, "dataset": dataset, "ipc": ipc, "preset": preset, "seed": seed, "overrides": options,
            "image_size": image_size, "flags": {k: v for k, v in flags.items() if k in RESUMED_FLAGS}}
     return {"dir": str(root), "every": int(every), "seconds": float(seconds), "resume": bool(resume), "run": run}

@@ -24,8 +24,13 @@ def _csv(text: str) -> list[str]:
 
 def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
-                        help="statistics family: use this squeezed teacher folder instead of the method's "
-                             "teacher pool (repeatable)")
+                        help="statistics family: use this teacher instead of the method's teacher pool "
+                             "(repeatable): a squeezed teacher folder, torchvision:NAME or timm:NAME (pretrained, "
+                             "where that package imports), or ARCH:FILE (a ddkit model and its .pth/.safetensors "
+                             "weights; imagenet_resnet18 etc. have torchvision's keys)")
+    parser.add_argument("--no-class-check", action="store_true",
+                        help="use a teacher from outside ddkit even when its accuracy on a labelled sample of the "
+                             "dataset is near chance (by default refused: another class order ruins every image)")
 
 
 def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -362,7 +367,6 @@ def cmd_relabel(args) -> int:
     import ddkit
     from ddkit.data import load_dataset
     from ddkit.methods import stats_family
-    from ddkit.methods.squeeze import load_teacher
     from ddkit.utils import resolve_device
 
     from ddkit.store.distilled import run_lock
@@ -374,9 +378,11 @@ def cmd_relabel(args) -> int:
         real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
         config = stats_family.resolve_preset(args.like, real.name, args.preset, args.set_options, real=real)
         if args.teacher_paths:
-            teachers = [load_teacher(path, real, device) for path in args.teacher_paths]
+            teachers = stats_family.outside_teachers(args.teacher_paths, real, device, not args.no_class_check)
         else:
             teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
+            if not args.no_class_check:
+                stats_family.check_pretrained(teachers, config, real, device)
         result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
         result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
         if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
@@ -395,6 +401,12 @@ def _method_flags(args) -> dict:
         extra["teacher_paths"] = args.teacher_paths
     if getattr(args, "func_relabel", True) is False:
         extra["relabel"] = False
+    if getattr(args, "no_class_check", False):
+        from ddkit.methods.stats_family import METHODS
+
+        if getattr(args, "method", None) not in METHODS:
+            raise DDKitError(f"--no-class-check is for the statistics family's teachers ({', '.join(METHODS)})")
+        extra["class_check"] = False
     for name in ("terms", "weights"):
         value = getattr(args, name, None)
         if value:
@@ -710,7 +722,9 @@ def check_resume_agrees(args) -> None:
     for name, value in _method_flags(args).items():
         started_with = run.get("flags", {}).get(name)
         if name == "teacher_paths":  # the checkpoint records them resolved
-            value = [str(Path(path).resolve()) for path in value]
+            from ddkit.methods.pretrained import is_external
+
+            value = [path if is_external(path) else str(Path(path).resolve()) for path in value]
         if name in options and started_with != value:
             conflicts.append(f"{options[name]} {value} (the run has {started_with})")
     if conflicts:

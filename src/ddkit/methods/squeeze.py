@@ -73,6 +73,8 @@ def build_net(model_config: dict, real, seed: int, device) -> torch.nn.Module:
     """
     options = dict(model_config)
     arch = options.pop("arch", "convnet")
+    options.pop("pretrained", None)  # where a preset's pretrained teacher comes from, not a model option
+    options.pop("source", None)
     channels, size, _ = real.image_shape
     if arch == "convnet" and options.get("depth") is None:
         options["depth"] = default_depth(size)

@@ -26,7 +26,7 @@ import copy
 from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
 from ddkit.methods.registry import register_method
-from ddkit.methods.squeeze import load_teacher, train_cached
+from ddkit.methods.squeeze import train_cached
 from ddkit.utils import apply_overrides, check_number, override_items
 
 #: Recover options shared by the family; each method's published values are in :data:`PUBLISHED`.
@@ -244,6 +244,13 @@ def method_teachers(real, config: dict, seed: int, device, show_progress: bool =
     ``compiled``: a teacher not cached yet trains through torch.compile)."""
     if not config["teachers"]:
         raise DDKitError("the teacher list is empty; give at least one model")
+    if any(model.get("pretrained") for model in config["teachers"]):  # the ImageNet presets' published teachers
+        from ddkit.methods.pretrained import load_external_teacher
+
+        return [load_external_teacher(model["pretrained"], real, device) if model.get("pretrained") else
+                train_cached(real, model, config["squeeze"], seed=seed + i, device=device, kind="teachers",
+                             show_progress=show_progress, compiled=compiled)
+                for i, model in enumerate(config["teachers"])]
     return [train_cached(real, model, config["squeeze"], seed=seed + i, device=device, kind="teachers",
                          show_progress=show_progress, desc=f"squeeze {model.get('arch', 'convnet')}",
                          compiled=compiled)
@@ -352,6 +359,29 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
     return lines
 
 
+def outside_teachers(specs, real, device, class_check: bool = True) -> list:
+    """The teachers of ``--teacher`` values (folders, ``torchvision:NAME``, ``timm:NAME``,
+    ``ARCH:FILE``), each checked by :func:`ddkit.methods.pretrained.check_class_order` unless
+    ``class_check`` is False (a teacher from outside may order its classes differently)."""
+    from ddkit.methods.pretrained import check_class_order, resolve_teacher
+
+    teachers = [resolve_teacher(spec, real, device) for spec in specs]
+    if class_check:
+        for teacher in teachers:
+            check_class_order(teacher, real, device)
+    return teachers
+
+
+def check_pretrained(teachers, config: dict, real, device) -> None:
+    """:func:`ddkit.methods.pretrained.check_class_order` for the preset's pretrained teachers
+    (those ddkit trains on the dataset itself have its class order by construction)."""
+    from ddkit.methods.pretrained import check_class_order
+
+    for teacher, model in zip(teachers, config["teachers"]):
+        if model.get("pretrained"):
+            check_class_order(teacher, real, device)
+
+
 def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True):
     """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``)."""
     from ddkit.methods.relabel import relabel
@@ -395,7 +425,7 @@ def distill_statistics(method: str):
     """The registered entry point of one statistics-matching method (all three stages)."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True, relabel=True,
-            teacher_paths=None, merge_parts=None, checkpoint=None, compiled=False):
+            teacher_paths=None, merge_parts=None, checkpoint=None, compiled=False, class_check=True):
         import time
 
         from ddkit import distributed
@@ -403,11 +433,13 @@ def distill_statistics(method: str):
         config = resolve_preset(method, real.name, preset, overrides, real=real)
         started = time.perf_counter()
         if teacher_paths:
-            teachers = [load_teacher(path, real, device) for path in teacher_paths]
+            teachers = outside_teachers(teacher_paths, real, device, class_check)
             config["teachers"] = [t.model_config for t in teachers]
         else:
             # under torchrun the ranks train missing teachers together (DDP); rank 0 writes the cache
             teachers = method_teachers(real, config, seed, device, show_progress, compiled=compiled)
+            if class_check:
+                check_pretrained(teachers, config, real, device)
         squeeze_seconds = time.perf_counter() - started
         result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress, checkpoint)
         if merge_parts is not None:
