@@ -270,6 +270,8 @@ def _print_plan(args) -> int:
         if (args.method, reference) in stats_family.PUBLISHED]
     blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed or 0,
                                                     describe_recipe)) for dataset in datasets]
+    if args.teacher_paths:  # loaded (and class-order checked) when the run starts, not by --plan
+        blocks.append("teachers given with --teacher, used instead of the recipe's: " + ", ".join(args.teacher_paths))
     print("\n\n".join(blocks))
     return 0
 

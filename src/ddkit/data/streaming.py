@@ -396,6 +396,8 @@ def load_streaming(name: str, image_size: int | None = None) -> StreamingDataset
         return StreamingSplit([p for p, _ in pairs], labels, size, channels, ratio, canonical)
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GRAY_MEAN, GRAY_STD)
+    if kind == "imagenet21k":  # ImageNet-21K-P (Ridnik et al. 2021) networks take [0, 1] pixels unnormalised
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return StreamingDataset(canonical, split(train), split(test), classes, mean, std)
 
 

@@ -81,7 +81,7 @@ SOFT_PRESETS: dict[str, dict] = {
 _SRE2L_IMAGENET = {  # SRe2L validate/train_FKD.py: AdamW, get_parameters, LambdaLR cosine per epoch
     "epochs": 300, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": True,
     "schedule": "cosine_epoch", "batch_size": 1024, "loss": "kl", "temperature": 20.0, "t2": False,
-    "arch": "resnet18",
+    "arch": "imagenet_resnet18",  # torchvision's ResNet-18 (7x7 stem, max-pool), as the ImageNet student
 }
 _SRE2L_TINY = {  # zeyuanyin/tiny-imagenet train_kd.sh: SGD 0.2, LinearLR(0.01, 5) then CosineAnnealingLR, T^2 KL
     "epochs": 100, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4, "exempt_1d": False,
@@ -106,6 +106,8 @@ SOFT_RECIPES: dict[str, dict] = {
     "gvbsm-cifar10": {"epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "exempt_1d": True,
                       "schedule": "cosine_epoch", "batch_size": 100, "loss": "mse_ce", "gamma": 0.15,
                       "ce_label": "base", "arch": "resnet18"},
+    # G-VBSM Branch_full_ImageNet_1k/train/train.sh: train_FKD's AdamW 1e-3, wd 0.01, cosine, batch 1024, mse_gt 0.1
+    "gvbsm-imagenet": {**_SRE2L_IMAGENET, "loss": "mse_ce", "gamma": 0.1, "ce_label": "base"},
     "gvbsm-tiny": {"epochs": 100, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                    "exempt_1d": True, "schedule": "cosine_epoch", "batch_size": 100, "loss": "mse_ce",
                    "gamma": 0.1, "ce_label": "base", "arch": "resnet18"},
