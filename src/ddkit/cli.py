@@ -103,9 +103,10 @@ def cmd_eval(args) -> int:
     if _needs_launch(args):
         return _launch_torchrun(args)
     distilled = ddkit.load(args.set)
+    online = _online_teachers(args, distilled)
     world = distributed.setup(args.device)
     try:
-        results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
+        results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs, **online,
                                  archs=_csv(args.arch) if args.arch else None, seed=args.seed,
                                  device=distributed.process_device(args.device), overrides=args.set_options,
                                  show_progress=not args.quiet and world.is_main, reuse=args.reuse,
@@ -116,6 +117,21 @@ def cmd_eval(args) -> int:
         _print_results(results)
         print(f"results stored in {Path(args.set) / 'manifest.json'}")
     return 0
+
+
+def _online_teachers(args, distilled) -> dict:
+    """``{"teachers": [...], "teacher_info": [...]}`` for ``--online-teacher``, else ``{}``."""
+    if not getattr(args, "online_teachers", None):
+        return {}
+    if args.protocol != "soft":
+        raise DDKitError("--online-teacher labels the soft protocol's batches; add --protocol soft")
+    from ddkit.data import load_dataset
+    from ddkit.methods.stats_family import outside_teachers
+    from ddkit.utils import resolve_device
+
+    real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
+    teachers = outside_teachers(args.online_teachers, real, resolve_device(args.device))
+    return {"teachers": [t.model for t in teachers], "teacher_info": [t.info() for t in teachers]}
 
 
 def _needs_launch(args) -> bool:
@@ -391,8 +407,11 @@ def cmd_relabel(args) -> int:
             result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
         out = result.save(args.out or args.set)
     sizes = result.stored_bytes()
+    shards = result.meta["relabel"].get("shards") or []
+    stored = sizes["soft_labels"] + sum(shard["bytes"] for shard in shards)
+    where = f" in {len(shards)} shards" if shards else ""
     print(f"relabelled {distilled.images.shape[0]} images with {len(teachers)} teacher(s) for "
-          f"{config['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) -> {out}")
+          f"{config['relabel']['epochs']} epochs ({stored} bytes of soft labels{where}) -> {out}")
     return 0
 
 
@@ -552,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print an identical evaluation already stored in the manifest instead of training again; "
                         "of an interrupted one, train only the runs it had not finished")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP.format(what="train the evaluation networks"))
+    p.add_argument("--online-teacher", dest="online_teachers", action="append", default=[], metavar="TEACHER",
+                   help="soft protocol: label each training batch with this teacher while the student trains "
+                        "(nothing stored; repeatable for an ensemble): a teacher folder, torchvision:NAME, "
+                        "timm:NAME or ARCH:FILE, class-order checked first")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun): students train with DistributedDataParallel (hard and soft "
                         "protocol), each rank taking a share of every batch; BatchNorm statistics per process unless "

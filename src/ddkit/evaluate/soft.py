@@ -406,7 +406,8 @@ class SoftProtocol:
                     f"the relabel records cover {self.plan.num_samples} images but the set has "
                     f"{distilled.images.shape[0]}; the set is damaged, relabel it again"
                 )
-            has_targets = RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
+            has_targets = (RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
+                           or bool(relabel_meta.get("shards")))
             if teachers is None and not has_targets:
                 raise DDKitError("the set's relabel records have no logits; relabel it again or pass teachers=")
         if teachers is None:
@@ -455,7 +456,11 @@ class SoftProtocol:
             src = ReplaySource(images, plan, teachers=self.teachers, equalize_norm=online["equalize_norm"],
                                norm_scope=online["norm_scope"], fp16=online["fp16"], fill=fill)
             return src, labels
-        extras = distilled.extras
-        return ReplaySource(images, self.plan, logits=extras.get(RECORD_PREFIX + "logits"),
-                            topk_values=extras.get(RECORD_PREFIX + "topk_values"),
-                            topk_indices=extras.get(RECORD_PREFIX + "topk_indices"), fill=fill), labels
+        from ddkit.methods.shards import sharded_sources
+
+        # records in the data file, or in shards beside it read one epoch at a time
+        records = {**{k: v for k, v in sharded_sources(distilled).items()},
+                   **{name: distilled.extras[RECORD_PREFIX + name] for name in ("logits", "topk_values", "topk_indices")
+                      if RECORD_PREFIX + name in distilled.extras}}
+        return ReplaySource(images, self.plan, logits=records.get("logits"), topk_values=records.get("topk_values"),
+                            topk_indices=records.get("topk_indices"), fill=fill), labels

@@ -118,8 +118,8 @@ class Teacher:
 
     def info(self) -> dict:
         """JSON-able identity recorded in manifests of sets made with this teacher."""
-        return {"name": self.name, "model": self.model_config, "test_accuracy": round(self.test_accuracy, 3),
-                "key": self.path.name}
+        accuracy = None if self.test_accuracy != self.test_accuracy else round(self.test_accuracy, 3)  # NaN: not measured
+        return {"name": self.name, "model": self.model_config, "test_accuracy": accuracy, "key": self.path.name}
 
 
 def recipe_for(real, model_config: dict, schedule: dict, seed: int) -> dict:

@@ -44,10 +44,12 @@ RECOVER_DEFAULTS: dict = {
     "log_every": 10,
 }
 #: Relabel options (FKD records; one epoch of records per student epoch of the soft protocol).
+#: ``shard_epochs`` > 0 writes the records in shards of that many epochs (a storage choice, the
+#: records are the same; :mod:`ddkit.methods.shards`); the ImageNet presets shard by 10.
 #: ``eval_loss`` and ``eval_recipe`` are what ``ddkit eval --protocol soft`` uses for the set.
 RELABEL_DEFAULTS: dict = {"epochs": 1000, "crop": "resized", "crop_scale_min": 0.08, "crop_padding": "auto",
                           "mix": "cutmix", "mix_beta": 1.0, "topk": None, "equalize_norm": False, "batch_size": 256,
-                          "eval_loss": "kl", "eval_recipe": "ddkit"}
+                          "eval_loss": "kl", "eval_recipe": "ddkit", "shard_epochs": 0}
 #: Teacher training options shared by the papers' recipes (SGD; :func:`ddkit.methods.squeeze.train_teacher`).
 SQUEEZE_DEFAULTS: dict = {"epochs": 50, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 64,
                           "schedule": "constant", "warmup_epochs": 0, "warmup_start": 0.01, "crop": "padded",
@@ -132,7 +134,7 @@ _SRE2L_IMAGENET_RECOVER = {"iterations": 4000, "lr": 0.25, "r_bn": 0.01, "batch_
                            "jitter": 32, "jitter_mode": "positive", "first_multiplier": 10.0, "batch_mode": "spread"}
 #: SRe2L relabel/generate_soft_label.py: 300 epochs of RandomResizedCrop(0.08-1) + flip + CutMix, fp16
 _SRE2L_IMAGENET_RELABEL = {"epochs": 300, "crop": "resized", "crop_scale_min": 0.08, "mix": "cutmix",
-                           "mix_beta": 1.0, "eval_recipe": "sre2l-imagenet"}
+                           "mix_beta": 1.0, "eval_recipe": "sre2l-imagenet", "shard_epochs": 10}
 PUBLISHED.update({
     # SRe2L recover/recover.sh: torchvision's pretrained ResNet-18; 4000 it, Adam lr 0.25, r_bn 0.01,
     # batch 100 (one image of each of 100 classes), RandomResizedCrop + flip per batch, roll 0..32,
@@ -478,8 +480,10 @@ def check_pretrained(teachers, config: dict, real, device) -> None:
             check_class_order(teacher, real, device)
 
 
-def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True):
-    """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``)."""
+def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True,
+                 shard_dir=None):
+    """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``,
+    or in shards written to ``shard_dir`` with ``shard_epochs`` > 0, see :func:`ddkit.methods.relabel.relabel`)."""
     from ddkit.methods.relabel import relabel
 
     options = config["relabel"]
@@ -491,7 +495,8 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
                      equalize_norm=options["equalize_norm"], batch_size=options["batch_size"],
                      device=device, teacher_info=[t.info() for t in teachers], eval_loss=options["eval_loss"],
                      show_progress=show_progress, crop=options["crop"], crop_padding=options["crop_padding"],
-                     eval_recipe=options["eval_recipe"])
+                     eval_recipe=options["eval_recipe"], shard_epochs=options.get("shard_epochs", 0),
+                     shard_dir=shard_dir)
     return result
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddkit.models.base import TapModel, check_choice
+from ddkit.models.base import TapModel, check_choice, check_positive_int
 from ddkit.models.registry import register
 
 #: torchvision model name -> (ddkit model name, options)
@@ -126,20 +126,22 @@ class ImageNetResNet(_ImageNetModel):
     """ResNet with the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), four stages, global
     average pool and ``fc``; taps ``stem``, ``layer1`` .. ``layer4``, ``embedding``, ``logits``."""
 
-    def __init__(self, block, layers: list[int], in_channels: int, num_classes: int, image_size: int, arch: str):
+    def __init__(self, block, layers: list[int], in_channels: int, num_classes: int, image_size: int, arch: str,
+                 width: int = 64):
         super().__init__(in_channels, num_classes, image_size, arch=arch)
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        width = check_positive_int(arch, "width", width)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.layer1 = self._make_layer(block, width, layers[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
         del self.inplanes
-        self.embedding_dim = 512 * block.expansion
+        self.embedding_dim = 8 * width * block.expansion
         self._tap_names = ("stem", "layer1", "layer2", "layer3", "layer4", "embedding", "logits")
         _init_conv_bn(self)
 
@@ -162,15 +164,17 @@ class ImageNetResNet(_ImageNetModel):
 
 
 @register("imagenet_resnet18")
-def imagenet_resnet18(in_channels: int, num_classes: int, image_size: int) -> ImageNetResNet:
-    """ResNet-18 (BasicBlock x [2, 2, 2, 2]) with torchvision's module names; 11.7 M parameters at 1000 classes."""
-    return ImageNetResNet(BasicBlock, [2, 2, 2, 2], in_channels, num_classes, image_size, "imagenet_resnet18")
+def imagenet_resnet18(in_channels: int, num_classes: int, image_size: int, width: int = 64) -> ImageNetResNet:
+    """ResNet-18 (BasicBlock x [2, 2, 2, 2]) with torchvision's module names; 11.7 M parameters at 1000
+    classes. ``width``: channels of the first stage (64 = torchvision's; smaller for quick tiers)."""
+    return ImageNetResNet(BasicBlock, [2, 2, 2, 2], in_channels, num_classes, image_size, "imagenet_resnet18", width)
 
 
 @register("imagenet_resnet50")
-def imagenet_resnet50(in_channels: int, num_classes: int, image_size: int) -> ImageNetResNet:
-    """ResNet-50 (Bottleneck x [3, 4, 6, 3]) with torchvision's module names; 25.6 M parameters at 1000 classes."""
-    return ImageNetResNet(Bottleneck, [3, 4, 6, 3], in_channels, num_classes, image_size, "imagenet_resnet50")
+def imagenet_resnet50(in_channels: int, num_classes: int, image_size: int, width: int = 64) -> ImageNetResNet:
+    """ResNet-50 (Bottleneck x [3, 4, 6, 3]) with torchvision's module names; 25.6 M parameters at 1000
+    classes. ``width`` as for ``imagenet_resnet18``."""
+    return ImageNetResNet(Bottleneck, [3, 4, 6, 3], in_channels, num_classes, image_size, "imagenet_resnet50", width)
 
 
 # ---- MobileNetV2 ---------------------------------------------------------------------------------
