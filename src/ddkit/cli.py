@@ -401,7 +401,9 @@ def cmd_relabel(args) -> int:
             teachers = stats_family.method_teachers(real, config, args.seed, device, not args.quiet)
             if not args.no_class_check:
                 stats_family.check_pretrained(teachers, config, real, device)
-        result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet)
+        staging = stats_family.shard_staging(Path(args.out or args.set) / "x") if config["relabel"]["shard_epochs"] else None
+        result = stats_family.relabel_with(distilled, teachers, config, args.seed, device, not args.quiet,
+                                           shard_dir=staging)
         result.meta["relabelled_like"] = {"method": args.like, "preset": args.preset}
         if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
             result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled

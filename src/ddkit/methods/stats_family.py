@@ -480,6 +480,19 @@ def check_pretrained(teachers, config: dict, real, device) -> None:
             check_class_order(teacher, real, device)
 
 
+def shard_staging(near) -> str | None:
+    """A new folder beside ``near``'s parent for relabel shards until the set is saved (on the same
+    disk as the set, not the system's temporary directory), or None without ``near``."""
+    if near is None:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    parent = Path(near).resolve().parent.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".ddkit-relabel-", dir=parent)
+
+
 def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True,
                  shard_dir=None):
     """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``,
@@ -547,7 +560,9 @@ def distill_statistics(method: str):
             merge_parts(result)  # every rank now holds every recovered image
         if relabel and distributed.current().is_main:  # one process labels the merged set
             started = time.perf_counter()
-            result = relabel_with(result, teachers, config, seed, device, show_progress)
+            result = relabel_with(result, teachers, config, seed, device, show_progress,
+                                  shard_dir=shard_staging(checkpoint["dir"] if checkpoint and
+                                                          config["relabel"]["shard_epochs"] else None))
             result.meta["timings"]["relabel_seconds"] = round(time.perf_counter() - started, 3)
         result.meta["timings"]["squeeze_seconds"] = round(squeeze_seconds, 3)
         return result
