@@ -141,3 +141,21 @@ def test_whole_split_conversion_and_bad_layouts_are_one_line_errors(folder, tmp_
         load_dataset(f"imagenet:{tmp_path}")
     with pytest.raises(DDKitError, match="needs a path"):
         load_dataset("imagenet:")
+
+
+def test_gvbsm_conv_targets_stream_random_resized_crops_of_the_files(folder, tmp_path):
+    from types import SimpleNamespace
+
+    from ddkit.methods.recover import conv_modules, real_conv_targets
+    from ddkit.methods.squeeze import build_net
+    from ddkit.methods.stats_family import resolve_preset
+
+    ds = load_dataset(f"imagenet:{folder}", image_size=32)
+    config = resolve_preset("gvbsm", ds.name, "smoke", real=ds)["recover"]
+    assert config["crop"] == "resized" and config["patch_size"] == 16
+    net = build_net({"arch": "convnet", "width": 8, "depth": 2}, ds, seed=0, device="cpu").eval()
+    teacher = SimpleNamespace(model=net, path=tmp_path)
+    first = real_conv_targets(teacher, ds, dict(config, conv_target_batch=16), "cpu")
+    assert len(first) == len(conv_modules(net)) and all(torch.isfinite(t.mean).all() for t in first)
+    again = real_conv_targets(teacher, ds, dict(config, conv_target_batch=16), "cpu")  # from its cache
+    assert all(torch.equal(a.mean, b.mean) for a, b in zip(first, again))

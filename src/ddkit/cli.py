@@ -23,7 +23,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
+    parser.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="TEACHER",
                         help="statistics family: use this teacher instead of the method's teacher pool "
                              "(repeatable): a squeezed teacher folder, torchvision:NAME or timm:NAME (pretrained, "
                              "where that package imports), or ARCH:FILE (a ddkit model and its .pth/.safetensors "
@@ -280,10 +280,12 @@ def _print_plan(args) -> int:
     if args.method not in stats_family.METHODS:
         raise DDKitError(f"--plan shows the statistics family's configuration ({', '.join(stats_family.METHODS)}); "
                          f"got {args.method!r}")
-    # without --dataset: every dataset the method's paper publishes a recipe for
+    from ddkit.data.registry import DATASETS
+
+    # without --dataset: every dataset the method's paper publishes a recipe for (ImageNet needs its PATH)
     datasets = _csv(args.dataset) if args.dataset else [
         name for name, reference in stats_family.PUBLISHED_DATASETS.items()
-        if (args.method, reference) in stats_family.PUBLISHED]
+        if (args.method, reference) in stats_family.PUBLISHED and name in DATASETS]
     blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed or 0,
                                                     describe_recipe)) for dataset in datasets]
     if args.teacher_paths:  # loaded (and class-order checked) when the run starts, not by --plan

@@ -15,24 +15,15 @@ records, not O(E N K).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from ddkit.errors import DDKitError
+from ddkit.utils import sha256_of
 
 #: the folder inside a set that holds the shards
 SHARD_FOLDER = "relabel-records"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shard(folder: Path, start: int, stop: int, tensors: dict[str, torch.Tensor]) -> dict:
@@ -44,7 +35,7 @@ def write_shard(folder: Path, start: int, stop: int, tensors: dict[str, torch.Te
     name = f"epochs-{start:05d}-{stop - 1:05d}.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name))
     path = folder / name
-    return {"file": name, "epochs": [int(start), int(stop)], "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"file": name, "epochs": [int(start), int(stop)], "bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
 class ShardedRecords:
@@ -72,7 +63,7 @@ class ShardedRecords:
         if not path.is_file():
             raise DDKitError(f"relabel shard {path} is missing; the set is incomplete, relabel it again")
         if shard["file"] not in self._checked:
-            if sha256_file(path) != shard["sha256"]:
+            if sha256_of(path) != shard["sha256"]:
                 raise DDKitError(f"relabel shard {path} differs from the hash in the set's manifest; the set is "
                                  f"damaged, relabel it again")
             self._checked.add(shard["file"])
