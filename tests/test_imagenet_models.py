@@ -19,7 +19,7 @@ from imagenet_folder import TEACHER_ARCH, one_thread, WNIDS, build_imagenet_fold
 SYSTEM_PYTHON = "/usr/bin/python3"
 #: parameter counts at 1000 classes, as torchvision's model documentation lists them
 PUBLISHED_PARAMETERS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872,
-                        "shufflenet_v2_x0_5": 1_366_792, "shufflenet_v2_x1_0": 2_278_604}
+                        "shufflenet_v2_x0_5": 1_366_792, "shufflenet_v2_x1_0": 2_278_604, "efficientnet_b0": 5_288_548}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))

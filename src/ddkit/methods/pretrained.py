@@ -4,7 +4,7 @@
 
 * ``torchvision:NAME`` - ``torchvision.models.get_model(NAME, weights="DEFAULT")`` (torchvision's
   own weights cache, ``$TORCH_HOME``). Where NAME has a ddkit twin (:data:`ddkit.models.imagenet.
-  TORCHVISION_NAMES`: resnet18, resnet50, mobilenet_v2, shufflenet_v2_x0_5 ...) the weights are
+  TORCHVISION_NAMES`: resnet18, resnet50, mobilenet_v2, shufflenet_v2_x0_5, efficientnet_b0) the weights are
   loaded into the ddkit network, key for key; other names run as torchvision built them.
 * ``timm:NAME`` - ``timm.create_model(NAME, pretrained=True)`` (timm's cache).
 * ``ARCH:FILE`` - a ddkit model name (``imagenet_resnet18``, ``convnet(width=16)`` with options in

@@ -13,7 +13,8 @@ Registered: ``convnet`` (the standard backbone, the DC ConvNet), ``mlp``, ``alex
 ``resnet18``, ``resnet18_bn``, ``resnet18_in``, ``wrn``, ``wrn16_2``, ``mobilenetv2``,
 ``mobilenetv2_crd``, ``shufflenetv2``, ``shufflenetv2_crd``, and the ImageNet-layout networks
 with torchvision's state-dict keys (:mod:`ddkit.models.imagenet`): ``imagenet_resnet18``,
-``imagenet_resnet50``, ``imagenet_mobilenet_v2``, ``imagenet_shufflenet_v2``. G-VBSM's teachers are the CRD model
+``imagenet_resnet50``, ``imagenet_mobilenet_v2``, ``imagenet_shufflenet_v2``,
+``imagenet_efficientnet_b0``. G-VBSM's teachers are the CRD model
 zoo's networks: ``resnet18_bn``, ``wrn16_2``, ``mobilenetv2_crd`` and ``shufflenetv2_crd``
 (:mod:`ddkit.models.crd` loads their reference checkpoints).
 """

@@ -13,6 +13,9 @@ and the logits are torchvision's (tests/test_imagenet_models.py checks both agai
   Bottlenecks", ``width_mult`` 1.0; final layers ``classifier`` = (Dropout 0.2, Linear).
 * ``imagenet_shufflenet_v2``: Ma et al. 2018, "ShuffleNet V2: Practical Guidelines for Efficient
   CNN Architecture Design", ``width`` x0.5 (default), x1.0, x1.5 or x2.0; final layer ``fc``.
+* ``imagenet_efficientnet_b0``: Tan & Le 2019, "EfficientNet: Rethinking Model Scaling for
+  Convolutional Neural Networks", B0 (MBConv with squeeze-and-excitation, SiLU, stochastic depth
+  0.2 in training); final layers ``classifier`` = (Dropout 0.2, Linear).
 
 Each is a :class:`~ddkit.models.base.TapModel` that takes any input size (a global average pool
 before the classifier); the taps are the stem, each stage, ``embedding`` and ``logits``. For
@@ -22,6 +25,7 @@ these models ``model.classifier`` is the final ``nn.Linear`` as for every ddkit 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +42,7 @@ TORCHVISION_NAMES = {
     "mobilenet_v2": ("imagenet_mobilenet_v2", {}),
     "shufflenet_v2_x0_5": ("imagenet_shufflenet_v2", {"width": "x0.5"}),
     "shufflenet_v2_x1_0": ("imagenet_shufflenet_v2", {"width": "x1.0"}),
+    "efficientnet_b0": ("imagenet_efficientnet_b0", {}),
 }
 
 
@@ -325,3 +330,86 @@ def imagenet_shufflenet_v2(in_channels: int, num_classes: int, image_size: int, 
                            ) -> ImageNetShuffleNetV2:
     """ShuffleNetV2 with torchvision's module names (``width`` x0.5: 1.4 M parameters at 1000 classes)."""
     return ImageNetShuffleNetV2(in_channels, num_classes, image_size, width)
+
+
+# ---- EfficientNet-B0 -----------------------------------------------------------------------------
+class SqueezeExcitation(nn.Module):
+    """Channel gates ``sigmoid(fc2(SiLU(fc1(mean over H, W))))`` times the input (Hu et al. 2018)."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
+        return x * torch.sigmoid(scale)
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block (in ``block``): 1x1 expansion (unless ratio 1), k x k depthwise,
+    squeeze-and-excitation on a quarter of the input width, 1x1 linear projection; the input is
+    added where stride is 1 and the widths agree, after stochastic depth (whole samples dropped with
+    probability ``drop`` in training, the rest scaled by 1 / (1 - drop); Huang et al. 2016)."""
+
+    def __init__(self, expand: int, kernel: int, stride: int, inp: int, oup: int, drop: float):
+        super().__init__()
+        hidden = inp * expand
+        layers = [] if hidden == inp else [_conv_bn_act(inp, hidden, 1, 1, act=nn.SiLU)]
+        layers += [_conv_bn_act(hidden, hidden, kernel, stride, groups=hidden, act=nn.SiLU),
+                   SqueezeExcitation(hidden, max(1, inp // 4)), _conv_bn_act(hidden, oup, 1, 1, act=None)]
+        self.block = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and inp == oup
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        if not self.use_res_connect:
+            return out
+        if self.training and self.drop > 0:
+            keep = torch.empty(out.shape[0], 1, 1, 1, device=out.device).bernoulli_(1 - self.drop)
+            out = out * keep / (1 - self.drop)
+        return out + x
+
+
+class ImageNetEfficientNetB0(_ImageNetModel):
+    """EfficientNet-B0 (``features`` 0..8, ``classifier`` = Dropout(0.2), Linear); taps ``features.<i>``."""
+
+    #: (expand ratio, kernel, stride, input width, output width, blocks) per stage
+    SETTING = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+               (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, dropout: float = 0.2,
+                 stochastic_depth: float = 0.2):
+        super().__init__(in_channels, num_classes, image_size, arch="imagenet_efficientnet_b0")
+        features = [_conv_bn_act(in_channels, 32, 3, 2, act=nn.SiLU)]
+        total, index = sum(stage[-1] for stage in self.SETTING), 0
+        for expand, kernel, stride, inp, oup, blocks in self.SETTING:
+            stage = []
+            for b in range(blocks):
+                stage.append(MBConv(expand, kernel, stride if b == 0 else 1, inp if b == 0 else oup, oup,
+                                    stochastic_depth * index / total))
+                index += 1
+            features.append(nn.Sequential(*stage))
+        features.append(_conv_bn_act(320, 1280, 1, 1, act=nn.SiLU))
+        self.features = nn.Sequential(*features)
+        self._modules["classifier"] = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+        self.embedding_dim = 1280
+        self._tap_names = (*(f"features.{i}" for i in range(len(features))), "embedding", "logits")
+        _init_conv_bn(self)
+        linear = self._modules["classifier"][1]
+        bound = 1.0 / math.sqrt(num_classes)
+        nn.init.uniform_(linear.weight, -bound, bound)
+        nn.init.zeros_(linear.bias)
+
+    classifier = ImageNetMobileNetV2.classifier
+    _logits = ImageNetMobileNetV2._logits
+
+    def _stages(self):
+        return [(f"features.{i}", module) for i, module in enumerate(self.features)]
+
+
+@register("imagenet_efficientnet_b0")
+def imagenet_efficientnet_b0(in_channels: int, num_classes: int, image_size: int) -> ImageNetEfficientNetB0:
+    """EfficientNet-B0 with torchvision's module names (5.3 M parameters at 1000 classes)."""
+    return ImageNetEfficientNetB0(in_channels, num_classes, image_size)
