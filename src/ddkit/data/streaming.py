@@ -355,14 +355,11 @@ class StreamingDataset(RealDataset):
     """A :class:`~ddkit.data.core.RealDataset` whose splits are :class:`StreamingSplit` s.
 
     ``streaming`` is True (an in-memory dataset has no such attribute); everything else reads as
-    the in-memory kind: ``image_shape`` is ``(C, S, S)`` of the decoded samples.
+    the in-memory kind: ``image_shape`` is ``(C, S, S)`` of the decoded samples, and
+    ``class_indices`` comes from the label tensor alone (nothing is decoded).
     """
 
     streaming = True
-
-    def class_indices(self, split: str = "train") -> list[torch.Tensor]:
-        """Indices of each class's samples, from the label tensor alone (nothing is decoded)."""
-        return super().class_indices(split)
 
 
 def load_streaming(name: str, image_size: int | None = None) -> StreamingDataset:
