@@ -414,6 +414,12 @@ class DistilledSet:
             # files written beside the set before it had a folder (sharded relabel records, hashed in meta)
             for name, source in getattr(self, "attachments", {}).items():
                 shutil.move(str(source), str(staging / name))
+            shards = (self.meta.get("relabel") or {}).get("shards")
+            if shards and self.path is not None and Path(self.path).resolve() != target:  # saved elsewhere: copy them
+                from ddkit.methods.shards import SHARD_FOLDER
+
+                if (Path(self.path) / SHARD_FOLDER).is_dir() and not (staging / SHARD_FOLDER).exists():
+                    shutil.copytree(Path(self.path) / SHARD_FOLDER, staging / SHARD_FOLDER)
             digest = sha256_of(staging / DATA_FILE)
             manifest = self.manifest(sha256=digest)
             write_json_atomic(staging / MANIFEST_FILE, seal_manifest(manifest))
