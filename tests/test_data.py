@@ -110,7 +110,8 @@ def test_list_datasets_names_and_descriptions():
     assert "fetch" in desc["mnist"] and "fetch" in desc["fashion-mnist"]
     assert "no fetch" in desc["digits"]
     assert "directory" in desc["cifar10"] and "directory" in desc["imagefolder:PATH"]
-    assert set(DATASETS) == set(names) - {"imagefolder:PATH"}
+    assert set(DATASETS) == set(names) - {"imagefolder:PATH", "imagenet:PATH", "imagenet21k:PATH", "stream:PATH"}
+    assert "streamed" in desc["imagenet:PATH"] and "streamed" in desc["stream:PATH"]
 
 
 def test_data_root_env(monkeypatch, tmp_path):

@@ -176,7 +176,10 @@ def _checkpoint_spec(spec, method, dataset, ipc, preset, seed, overrides, out, i
     else:
         options = list(overrides or [])
     if flags.get("teacher_paths"):  # a resume may start from another directory
-        flags["teacher_paths"] = [str(Path(path).resolve()) for path in flags["teacher_paths"]]
+        from ddkit.methods.pretrained import is_external
+
+        flags["teacher_paths"] = [path if is_external(path) else str(Path(path).resolve())
+                                  for path in flags["teacher_paths"]]
     run = {"method": method, "dataset": dataset, "ipc": ipc, "preset": preset, "seed": seed, "overrides": options,
            "image_size": image_size, "flags": {k: v for k, v in flags.items() if k in RESUMED_FLAGS}}
     return {"dir": str(root), "every": int(every), "seconds": float(seconds), "resume": bool(resume), "run": run}
@@ -225,7 +228,8 @@ def resume(out: str | Path, device: str | None = None, show_progress: bool = Tru
 
 
 def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: str | None = "cpu", overrides=None,
-            teacher_paths=None, show_progress: bool = True, compiled: bool = False):
+            teacher_paths=None, show_progress: bool = True, compiled: bool = False, class_check: bool = True,
+            save_to=None):
     """``distilled`` relabelled as statistics method ``like`` relabels its own sets: its teachers
     (trained or loaded from the cache, or the squeezed teacher folders ``teacher_paths``) store
     per-(epoch, sample) soft-label records under its relabel options at ``preset``.
@@ -236,6 +240,12 @@ def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: 
         like: a statistics method (``sre2l``, ``cda``, ``gvbsm``): whose teachers and relabel options.
         overrides: its options, as for :func:`distill` (``relabel.epochs=50``).
         compiled: teachers not cached yet train through ``torch.compile``.
+        class_check: check that teachers from outside ddkit (``teacher_paths`` such as
+            ``torchvision:resnet18``, or a preset's pretrained ones) order the classes as the dataset
+            does (:func:`ddkit.methods.pretrained.check_class_order`); False skips it.
+        save_to: the folder the result will be saved to; with ``relabel.shard_epochs`` > 0 the
+            shards of records are staged beside it, on the same disk
+            (:func:`ddkit.methods.stats_family.shard_staging`), until the set is saved.
 
     Returns:
         A new DistilledSet with the records in ``extras`` and, in ``meta``, ``relabelled_like``
@@ -244,7 +254,6 @@ def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: 
     """
     from ddkit.data import load_dataset
     from ddkit.methods import stats_family
-    from ddkit.methods.squeeze import load_teacher
     from ddkit.utils import resolve_device
 
     device = resolve_device(device)
@@ -252,11 +261,17 @@ def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: 
     config = stats_family.resolve_preset(like, real.name, preset, overrides, real=real)
     started = time.perf_counter()
     if teacher_paths:
-        teachers = [load_teacher(path, real, device) for path in teacher_paths]
+        teachers = stats_family.outside_teachers(teacher_paths, real, device, class_check)
     else:
         teachers = stats_family.method_teachers(real, config, seed, device, show_progress, compiled=compiled)
+        if class_check:
+            stats_family.check_pretrained(teachers, config, real, device)
     squeezed = time.perf_counter()
-    result = stats_family.relabel_with(distilled, teachers, config, seed, device, show_progress)
+    # Shards are staged on the disk the set goes to; without save_to, relabel() uses a temporary folder.
+    shard_dir = None
+    if config["relabel"].get("shard_epochs") and save_to is not None:
+        shard_dir = stats_family.shard_staging(Path(save_to) / "x")
+    result = stats_family.relabel_with(distilled, teachers, config, seed, device, show_progress, shard_dir=shard_dir)
     timings = result.meta.setdefault("timings", {})
     timings["squeeze_seconds"] = round(squeezed - started, 3)
     timings["relabel_seconds"] = round(time.perf_counter() - squeezed, 3)

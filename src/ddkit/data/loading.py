@@ -9,7 +9,9 @@ from ddkit.data import formats
 from ddkit.data.cache import CACHE_FILE, load_cache, read_cache_meta
 from ddkit.data.core import RealDataset, Split, resize_images
 from ddkit.data.fetch import cache_path, cached, read_directory
+from ddkit.data.streaming import load_streaming, streaming_name
 from ddkit.data.registry import (
+    STREAMING_NAMES,
     DATASETS,
     GRAY_MEAN,
     GRAY_STD,
@@ -94,9 +96,13 @@ def load_dataset(
             ``name="imagefolder"`` it is the folder.
         image_size: resize every image to ``image_size`` x ``image_size`` pixels (bilinear,
             antialiased; Pillow for imagefolder/Tiny-ImageNet files, torch otherwise).
-            ``None`` keeps the native size. Required for ``imagefolder``.
+            ``None`` keeps the native size. Required for ``imagefolder``. For the streaming
+            names (``imagenet:PATH``, ``imagenet21k:PATH``, ``stream:PATH``) the side of the
+            decoded samples (default 224 for ImageNet, the first image's for ``stream:``).
 
     Returns:
+        For a streaming name a :class:`ddkit.data.streaming.StreamingDataset` (same interface,
+        images decoded from disk when indexed or loaded in batches); otherwise a
         ``RealDataset`` with ``uint8 [N, C, H, W]`` images and ``int64 [N]`` labels per split,
         class names and per-channel ``mean``/``std`` in ``[0, 1]`` pixel units.
 
@@ -105,6 +111,8 @@ def load_dataset(
     """
     size = _check_size(image_size)
     canonical, folder = _resolve(name, root)
+    if streaming_name(canonical) is not None:
+        return load_streaming(canonical, size)
     if folder is not None:
         train, test, class_names, gray = formats.load_imagefolder(folder, size)
         mean, std = (GRAY_MEAN, GRAY_STD) if gray else (IMAGENET_MEAN, IMAGENET_STD)
@@ -169,6 +177,11 @@ def dataset_info(
             "std": ds.std,
         }
 
+    if streaming_name(canonical) is not None:  # scans file names; no image is decoded
+        described = describe(load_streaming(canonical, size), str(folder))
+        described["description"] = next(text for key, text in STREAMING_NAMES.items()
+                                         if key.split(":")[0] == canonical.split(":")[0])
+        return described
     if folder is not None:
         return describe(load_dataset(canonical, image_size=size), str(folder))
     if spec.kind == "bundled" or root is not None:

@@ -113,6 +113,15 @@ IMAGEFOLDER_SUMMARY = (
     "80/20 per class); resized to --image-size N; needs a user directory"
 )
 
+#: streaming datasets (ddkit.data.streaming): images decoded per batch from disk, never held whole
+STREAMING_NAMES = {
+    "imagenet:PATH": "ImageNet-1K layout (train/<wnid>/*.JPEG, val/ as class folders or with a label file), "
+                     "streamed from disk, 3x224x224 (--image-size N), RandomResizedCrop/flip to train, 256->224 to test",
+    "imagenet21k:PATH": "ImageNet-21K in the same layout, streamed from disk, 3x224x224",
+    "stream:PATH": "any image folder or tiny-imagenet-200, streamed from disk at the images' own size "
+                   "(--image-size N)",
+}
+
 _ALIASES = {
     "fashion_mnist": "fashion-mnist",
     "fashionmnist": "fashion-mnist",
@@ -128,7 +137,7 @@ _ALIASES = {
 
 
 def _choices() -> str:
-    return ", ".join([*DATASETS, "imagefolder:PATH"])
+    return ", ".join([*DATASETS, "imagefolder:PATH", *STREAMING_NAMES])
 
 
 def resolve_name(name: str) -> tuple[str, Path | None]:
@@ -141,6 +150,11 @@ def resolve_name(name: str) -> tuple[str, Path | None]:
     if not isinstance(name, str) or not name.strip():
         raise DDKitError(f"dataset name {name!r} is empty; choose one of: {_choices()}")
     raw = name.strip()
+    from ddkit.data.streaming import streaming_name
+
+    streamed = streaming_name(raw)
+    if streamed is not None:  # imagenet:PATH, imagenet21k:PATH, stream:PATH (images stay on disk)
+        return f"{streamed[0]}:{streamed[1]}", streamed[1]
     if raw.lower().startswith(IMAGEFOLDER_PREFIX):
         path_text = raw[len(IMAGEFOLDER_PREFIX):]
         if not path_text:
@@ -175,4 +189,5 @@ def list_datasets() -> list[tuple[str, str]]:
     """
     rows = [(spec.name, spec.summary) for spec in DATASETS.values()]
     rows.append(("imagefolder:PATH", IMAGEFOLDER_SUMMARY))
+    rows += [(name, summary) for name, summary in STREAMING_NAMES.items()]
     return rows

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ddkit.data.streaming import normalized_split
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, recipe_for_set, resolve_soft_config, train_soft
 from ddkit.models.training import check_training_options, test_accuracy, train_classifier
@@ -408,7 +409,7 @@ def evaluate(
     else:
         soft_source, train_labels = soft.source(device)
         num_train = soft.num_images
-    test_images = normalize(real.test.images.float().div_(255.0), real.mean, real.std).to(device)
+    test_images = normalized_split(real, "test", device)  # streamed per batch for a streaming dataset
     test_labels = real.test.labels.to(device)
     dsa = None
     if soft is None:

@@ -87,7 +87,7 @@ SOFT_TIER_CAPS: dict[str, dict] = {"paper": {}, "quick": {}, "smoke": {"batch_si
 _SRE2L_IMAGENET = {  # SRe2L validate/train_FKD.py: AdamW, get_parameters, LambdaLR cosine per epoch
     "epochs": 300, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": True,
     "schedule": "cosine_epoch", "batch_size": 1024, "loss": "kl", "temperature": 20.0, "t2": False,
-    "arch": "resnet18",
+    "arch": "imagenet_resnet18",  # torchvision's ResNet-18 (7x7 stem, max-pool), as the ImageNet student
 }
 _SRE2L_TINY = {  # zeyuanyin/tiny-imagenet train_kd.sh: SGD 0.2, LinearLR(0.01, 5) then CosineAnnealingLR, T^2 KL
     "epochs": 100, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4, "exempt_1d": False,
@@ -112,6 +112,8 @@ SOFT_RECIPES: dict[str, dict] = {
     "gvbsm-cifar10": {"epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "exempt_1d": True,
                       "schedule": "cosine_epoch", "batch_size": 100, "loss": "mse_ce", "gamma": 0.15,
                       "ce_label": "base", "arch": "resnet18"},
+    # G-VBSM Branch_full_ImageNet_1k/train/train.sh: train_FKD's AdamW 1e-3, wd 0.01, cosine, batch 1024, mse_gt 0.1
+    "gvbsm-imagenet": {**_SRE2L_IMAGENET, "loss": "mse_ce", "gamma": 0.1, "ce_label": "base"},
     "gvbsm-tiny": {"epochs": 100, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                    "exempt_1d": True, "schedule": "cosine_epoch", "batch_size": 100, "loss": "mse_ce",
                    "gamma": 0.1, "ce_label": "base", "arch": "resnet18"},
@@ -413,7 +415,8 @@ class SoftProtocol:
                     f"the relabel records cover {self.plan.num_samples} images but the set has "
                     f"{distilled.images.shape[0]}; the set is damaged, relabel it again"
                 )
-            has_targets = RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
+            has_targets = (RECORD_PREFIX + "logits" in extras or RECORD_PREFIX + "topk_values" in extras
+                           or bool(relabel_meta.get("shards")))
             if teachers is None and not has_targets:
                 raise DDKitError("the set's relabel records have no logits; relabel it again (ddkit relabel SET "
                                  "--like M), or in Python pass teachers= to ddkit.evaluate")
@@ -463,7 +466,11 @@ class SoftProtocol:
             src = ReplaySource(images, plan, teachers=self.teachers, equalize_norm=online["equalize_norm"],
                                norm_scope=online["norm_scope"], fp16=online["fp16"], fill=fill)
             return src, labels
-        extras = distilled.extras
-        return ReplaySource(images, self.plan, logits=extras.get(RECORD_PREFIX + "logits"),
-                            topk_values=extras.get(RECORD_PREFIX + "topk_values"),
-                            topk_indices=extras.get(RECORD_PREFIX + "topk_indices"), fill=fill), labels
+        from ddkit.methods.shards import sharded_sources
+
+        # records in the data file, or in shards beside it read one epoch at a time
+        records = {**{k: v for k, v in sharded_sources(distilled).items()},
+                   **{name: distilled.extras[RECORD_PREFIX + name] for name in ("logits", "topk_values", "topk_indices")
+                      if RECORD_PREFIX + name in distilled.extras}}
+        return ReplaySource(images, self.plan, logits=records.get("logits"), topk_values=records.get("topk_values"),
+                            topk_indices=records.get("topk_indices"), fill=fill), labels

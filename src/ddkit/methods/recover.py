@@ -315,14 +315,25 @@ def real_conv_targets(teacher, real, config: dict, device, show_progress: bool =
             pass  # damaged cache: compute again
     generator = make_generator(spec["seed"])
     images = real.train.images
+    rows = torch.arange(images.shape[0])
     if 0 < spec["images"] < images.shape[0]:
-        images = images[torch.randperm(images.shape[0], generator=generator)[:spec["images"]]]
+        rows = torch.randperm(images.shape[0], generator=generator)[:spec["images"]]
     step = spec["batch"] or 256
     black = padding_fill(real.mean, real.std).to(device)
+    from ddkit.data.streaming import is_streaming
+
+    # a streamed split's RandomResizedCrop + flip crop each original file, as a data loader does
+    from_files = is_streaming(real) and config["crop"] == "resized"
 
     def batches():
-        for start in progress(range(0, images.shape[0], step), desc="conv targets", enabled=show_progress):
-            batch = normalize(images[start:start + step].float().div(255.0), real.mean, real.std).to(device)
+        for start in progress(range(0, rows.numel(), step), desc="conv targets", enabled=show_progress):
+            pick = rows[start:start + step]
+            if from_files:
+                seeds = torch.randint(0, 2 ** 62, (pick.numel(),), generator=generator).tolist()
+                pixels = real.train.decode_many(pick, seeds, (spec["scale_min"], 1.0), spec["flip"])
+                yield normalize(pixels.float().div(255.0), real.mean, real.std).to(device)
+                continue
+            batch = normalize(images[pick].float().div(255.0), real.mean, real.std).to(device)
             yield augment(batch, config, real, generator, 0, 1, per_sample=True, jitter=False, fill=black)[0]
 
     targets = [ConvStatistics(*(f.float() if f is not None else None for f in t))

@@ -168,6 +168,8 @@ def relabel(
     crop: str = "resized",
     crop_padding: int | str = "auto",
     eval_recipe: str | None = None,
+    shard_epochs: int = 0,
+    shard_dir=None,
 ):
     """Store FKD-style soft-label records of a teacher ensemble on ``epochs`` replayed views.
 
@@ -205,6 +207,12 @@ def relabel(
         eval_recipe: the evaluation recipe the soft protocol should use for this set (a name of
             :data:`ddkit.evaluate.soft.SOFT_RECIPES`, stored as ``meta["relabel"]["eval_recipe"]``,
             read by ``recipe="auto"``); None leaves it unset.
+        shard_epochs: 0 keeps the logits in ``extras`` (one ``[E, N, K]`` tensor); ``S > 0`` writes
+            them in shards of ``S`` epochs (:mod:`ddkit.methods.shards`), holding one shard in
+            memory at a time; the shards go into the set's folder when it is saved, and
+            ``meta["relabel"]["shards"]`` lists them with their sha256. The records are the same.
+        shard_dir: where the shards are written until the set is saved (a new folder; default a
+            temporary one in the system's temporary directory).
 
     Returns:
         A new DistilledSet: the same images, labels and metadata (deep-copied; earlier soft-protocol
@@ -257,42 +265,71 @@ def relabel(
     images = normalize(distilled.images.float(), distilled.mean, distilled.std).to(device)
     device_plan = plan.to(device)
 
-    total = epochs * n
+    check_number("relabel", "shard_epochs", shard_epochs, integer=True, minimum=0)
     keep = num_classes if topk is None else topk
-    values = torch.empty(total, keep, dtype=torch.float16)
-    indices = torch.empty(total, keep, dtype=torch.int16) if topk is not None else None
+    block = epochs if not shard_epochs else min(int(shard_epochs), epochs)
     modes = [t.training for t in teachers]
     for teacher in teachers:
         teacher.to(device).eval()
-    try:
-        with torch.no_grad():
-            chunks = range(0, total, batch_size)
-            for start in progress(chunks, total=len(chunks), desc="relabel", enabled=show_progress):
-                flat = torch.arange(start, min(start + batch_size, total), device=device)
-                inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n, fill)
-                logits = ensemble_logits(teachers, inputs, equalize_norm, norm_scope)
-                if logits.shape[1] != num_classes:
-                    raise DDKitError(
-                        f"the teachers give {logits.shape[1]} logits but the set has {num_classes} classes; use "
-                        f"teachers trained on {distilled.dataset}"
-                    )
-                if topk is None:
-                    values[start:start + flat.numel()] = logits.cpu().half()
-                else:
-                    top_v, top_i = logits.topk(topk, dim=1)
-                    values[start:start + flat.numel()] = top_v.cpu().half()
-                    indices[start:start + flat.numel()] = top_i.cpu().to(torch.int16)
-    finally:
-        for teacher, mode in zip(teachers, modes):
-            teacher.train(mode)
+    bar = progress(range(-(-epochs * n // batch_size)), desc="relabel", enabled=show_progress)
+    ticks = iter(bar)
+
+    def label_epochs(first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp16 records ``[(stop - first) * n, keep]`` of epochs ``[first, stop)`` (and top-k indices)."""
+        count = (stop - first) * n
+        values = torch.empty(count, keep, dtype=torch.float16)
+        indices = torch.empty(count, keep, dtype=torch.int16) if topk is not None else None
+        for start in range(0, count, batch_size):
+            next(ticks, None)
+            flat = torch.arange(first * n + start, first * n + min(start + batch_size, count), device=device)
+            inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n, fill)
+            logits = ensemble_logits(teachers, inputs, equalize_norm, norm_scope)
+            if logits.shape[1] != num_classes:
+                raise DDKitError(
+                    f"the teachers give {logits.shape[1]} logits but the set has {num_classes} classes; use "
+                    f"teachers trained on {distilled.dataset}"
+                )
+            if topk is None:
+                values[start:start + flat.numel()] = logits.cpu().half()
+            else:
+                top_v, top_i = logits.topk(topk, dim=1)
+                values[start:start + flat.numel()] = top_v.cpu().half()
+                indices[start:start + flat.numel()] = top_i.cpu().to(torch.int16)
+        return values, indices
 
     extras = {k: v.clone() for k, v in distilled.extras.items() if not k.startswith(RECORD_PREFIX)}
     extras.update(plan.to_extras())
-    if topk is None:
-        extras[RECORD_PREFIX + "logits"] = values.view(epochs, n, num_classes)
-    else:
-        extras[RECORD_PREFIX + "topk_values"] = values.view(epochs, n, topk)
-        extras[RECORD_PREFIX + "topk_indices"] = indices.view(epochs, n, topk)
+    shards, folder = [], None
+    try:
+        with torch.no_grad():
+            if not shard_epochs:
+                values, indices = label_epochs(0, epochs)
+                if topk is None:
+                    extras[RECORD_PREFIX + "logits"] = values.view(epochs, n, num_classes)
+                else:
+                    extras[RECORD_PREFIX + "topk_values"] = values.view(epochs, n, topk)
+                    extras[RECORD_PREFIX + "topk_indices"] = indices.view(epochs, n, topk)
+            else:
+                import tempfile
+                from pathlib import Path
+
+                from ddkit.methods.shards import write_shard
+
+                folder = Path(shard_dir) if shard_dir is not None else Path(tempfile.mkdtemp(prefix="ddkit-relabel-"))
+                for first in range(0, epochs, block):
+                    stop = min(epochs, first + block)
+                    values, indices = label_epochs(first, stop)
+                    tensors = ({"logits": values.view(stop - first, n, keep)} if topk is None else
+                               {"topk_values": values.view(stop - first, n, keep),
+                                "topk_indices": indices.view(stop - first, n, keep)})
+                    shards.append(write_shard(folder, first, stop, tensors))
+                    del values, indices
+    finally:
+        for teacher, mode in zip(teachers, modes):
+            teacher.train(mode)
+        close = getattr(bar, "close", None)
+        if close is not None:
+            close()
     meta = copy.deepcopy(distilled.meta)
     meta["evaluations"] = [e for e in meta.get("evaluations", []) if e.get("protocol") != "soft"]
     settings = {
@@ -304,15 +341,23 @@ def relabel(
         "teacher_info": copy.deepcopy(teacher_info) if teacher_info is not None else None,
         "logits_dtype": "float16", "seconds": round(time.perf_counter() - started, 3),
     }
+    if shards:
+        settings["shards"] = shards
+        settings["shard_epochs"] = block
     if eval_loss is not None:
         settings["eval_loss"] = eval_loss
     if eval_recipe is not None:
         settings["eval_recipe"] = eval_recipe
     meta["relabel"] = settings
-    return DistilledSet(
+    result = DistilledSet(
         images=distilled.images.clone(), labels=distilled.labels.clone(), class_names=list(distilled.class_names),
         dataset=distilled.dataset, mean=distilled.mean, std=distilled.std, method=distilled.method,
         decode=copy.deepcopy(distilled.decode),
         soft_labels=None if distilled.soft_labels is None else distilled.soft_labels.clone(),
         extras=extras, meta=meta,
     )
+    if shards:
+        from ddkit.methods.shards import SHARD_FOLDER
+
+        result.attachments = {SHARD_FOLDER: folder}  # moved into the set's folder by DistilledSet.save
+    return result

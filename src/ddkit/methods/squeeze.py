@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
+from ddkit.data.streaming import StreamedInputs, is_streaming, normalized_split
 from ddkit.errors import DDKitError
 from ddkit.models import create, default_depth
 from ddkit.models.training import RunCheckpoint, check_training_options, test_accuracy, train_classifier
@@ -72,6 +73,8 @@ def build_net(model_config: dict, real, seed: int, device) -> torch.nn.Module:
     """
     options = dict(model_config)
     arch = options.pop("arch", "convnet")
+    options.pop("pretrained", None)  # where a preset's pretrained teacher comes from, not a model option
+    options.pop("source", None)
     channels, size, _ = real.image_shape
     if arch == "convnet" and options.get("depth") is None:
         options["depth"] = default_depth(size)
@@ -115,8 +118,8 @@ class Teacher:
 
     def info(self) -> dict:
         """JSON-able identity recorded in manifests of sets made with this teacher."""
-        return {"name": self.name, "model": self.model_config, "test_accuracy": round(self.test_accuracy, 3),
-                "key": self.path.name}
+        accuracy = None if self.test_accuracy != self.test_accuracy else round(self.test_accuracy, 3)  # NaN: not measured
+        return {"name": self.name, "model": self.model_config, "test_accuracy": accuracy, "key": self.path.name}
 
 
 def recipe_for(real, model_config: dict, schedule: dict, seed: int) -> dict:
@@ -241,14 +244,22 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
     generator = make_generator(seed)
     images, labels = real.train.images, real.train.labels
     subset = int(schedule.get("train_subset", 0) or 0)
+    pick = None
     if 0 < subset < labels.numel():
         pick = torch.randperm(labels.numel(), generator=generator)[:subset]
-        images, labels = images[pick], labels[pick]
-    inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
+        labels = labels[pick]
+    if is_streaming(real):  # decoded per batch inside train_teacher
+        inputs = StreamedInputs(real, pick, seed, device)
+    else:
+        images = images if pick is None else images[pick]
+        inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
     from ddkit import distributed
 
     # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (rank 0 writes).
     checkpoint = RunCheckpoint(folder / "training.safetensors", recipe)
+    if is_streaming(real) and "schedule" not in schedule:
+        raise DDKitError(f"{real.name} streams from disk: train its teachers with a papers' recipe (ddkit distill "
+                         f"sre2l/cda/gvbsm), or give a pretrained one (--teacher torchvision:resnet18 or ARCH:FILE)")
     if "schedule" in schedule:
         train_teacher(net, inputs, labels.to(device), schedule, generator, real, show_progress=show_progress, desc=desc,
                       checkpoint=checkpoint, compiled=compiled)
@@ -258,8 +269,7 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
         train_classifier(net, inputs, labels.to(device), config, generator, dsa=None, show_progress=show_progress,
                          desc=desc, checkpoint=checkpoint, compiled=compiled)
     started -= checkpoint.seconds_before
-    test_images = normalize(real.test.images.float().div(255.0), real.mean, real.std).to(device)
-    accuracy = 100.0 * test_accuracy(net, test_images, real.test.labels.to(device))
+    accuracy = 100.0 * test_accuracy(net, normalized_split(real, "test", device), real.test.labels.to(device))
     if not distributed.current().is_main:  # under torchrun (DDP training), rank 0 writes the cache
         distributed.barrier()
         return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
@@ -302,7 +312,9 @@ def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     ``auto`` follows the dataset, as relabelling does).
 
     Args:
-        images: float ``[N, C, H, W]``, normalised, on the model's device.
+        images: float ``[N, C, H, W]``, normalised, on the model's device; or a streaming split's
+            :class:`ddkit.data.streaming.StreamedInputs` (each batch decoded from disk: ``crop``
+            ``resized`` crops the original file, other crops apply to the decoded image).
         labels: int64 ``[N]`` on the same device.
         generator: CPU generator of the batch order and every augmentation draw.
         real: the dataset (name, normalisation).
@@ -314,6 +326,8 @@ def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     from ddkit.augment.crops import augment_batch, padding_for
     from ddkit.methods.relabel import auto_flip_prob, padding_fill
 
+    if isinstance(images, StreamedInputs):  # decoded and augmented per batch from disk
+        return images.train(model, labels, recipe, generator, real, show_progress, desc, checkpoint, compiled)
     size = int(images.shape[-1])
     padding = padding_for(size) if recipe.get("crop_padding", "auto") == "auto" else int(recipe["crop_padding"])
     flip = recipe.get("flip", "auto")

@@ -48,10 +48,12 @@ RECOVER_DEFAULTS: dict = {
     "log_every": 10,
 }
 #: Relabel options (FKD records; one epoch of records per student epoch of the soft protocol).
+#: ``shard_epochs`` > 0 writes the records in shards of that many epochs (a storage choice, the
+#: records are the same; :mod:`ddkit.methods.shards`); the ImageNet presets shard by 10.
 #: ``eval_loss`` and ``eval_recipe`` are what ``ddkit eval --protocol soft`` uses for the set.
 RELABEL_DEFAULTS: dict = {"epochs": 1000, "crop": "resized", "crop_scale_min": 0.08, "crop_padding": "auto",
                           "mix": "cutmix", "mix_beta": 1.0, "topk": None, "equalize_norm": False, "batch_size": 256,
-                          "eval_loss": "kl", "eval_recipe": "ddkit"}
+                          "eval_loss": "kl", "eval_recipe": "ddkit", "shard_epochs": 0}
 #: Teacher training options shared by the papers' recipes (SGD; :func:`ddkit.methods.squeeze.train_teacher`).
 SQUEEZE_DEFAULTS: dict = {"epochs": 50, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 64,
                           "schedule": "constant", "warmup_epochs": 0, "warmup_start": 0.01, "crop": "padded",
@@ -124,8 +126,82 @@ PUBLISHED: dict[tuple[str, str], dict] = {
         "relabel": {"epochs": 100, "eval_loss": "mse_ce", "eval_recipe": "gvbsm-tiny"},
     },
 }
-#: the datasets each method's papers publish a recipe for (ddkit's dataset names)
-PUBLISHED_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "tiny-imagenet": "tiny"}
+#: torchvision's ImageNet-1K weights as a preset teacher: ddkit's twin network (torchvision's keys)
+#: loaded with them, or torchvision's own network where ddkit has no twin
+def _torchvision_teacher(name: str, arch: str | None = None) -> dict:
+    return {"arch": arch or f"torchvision:{name}", "pretrained": f"torchvision:{name}"}
+
+
+#: A teacher the user supplies with ``--teacher ARCH:FILE`` (no package publishes it)
+USER_TEACHER = "user"
+_SRE2L_IMAGENET_RECOVER = {"iterations": 4000, "lr": 0.25, "r_bn": 0.01, "batch_size": 100, "crop": "resized",
+                           "jitter": 32, "jitter_mode": "positive", "first_multiplier": 10.0, "batch_mode": "spread"}
+#: SRe2L relabel/generate_soft_label.py: 300 epochs of RandomResizedCrop(0.08-1) + flip + CutMix, fp16
+_SRE2L_IMAGENET_RELABEL = {"epochs": 300, "crop": "resized", "crop_scale_min": 0.08, "mix": "cutmix",
+                           "mix_beta": 1.0, "eval_recipe": "sre2l-imagenet", "shard_epochs": 10}
+PUBLISHED.update({
+    # SRe2L recover/recover.sh: torchvision's pretrained ResNet-18; 4000 it, Adam lr 0.25, r_bn 0.01,
+    # batch 100 (one image of each of 100 classes), RandomResizedCrop + flip per batch, roll 0..32,
+    # x10 on the first BN; relabel 300 epochs (CutMix); student: validate/train_FKD.sh
+    ("sre2l", "imagenet1k"): {
+        "teachers": [_torchvision_teacher("resnet18", "imagenet_resnet18")],
+        "squeeze": {},
+        "recover": _SRE2L_IMAGENET_RECOVER,
+        "relabel": _SRE2L_IMAGENET_RELABEL,
+    },
+    # CDA README (recover_cda_in1k.py): as SRe2L with the cosine curriculum to milestone 1
+    ("cda", "imagenet1k"): {
+        "teachers": [_torchvision_teacher("resnet18", "imagenet_resnet18")],
+        "squeeze": {},
+        "recover": {**_SRE2L_IMAGENET_RECOVER, "curriculum": "cosine", "milestone": 1.0},
+        "relabel": _SRE2L_IMAGENET_RELABEL,
+    },
+    # CDA README (recover_cda_in21k.py): a ResNet-18 squeezed on ImageNet-21K-P (10450 classes, 80
+    # epochs; the authors' checkpoint, given with --teacher imagenet_resnet18:FILE), 2000 it, lr 0.05,
+    # r_bn 0.25, batch 100, cosine curriculum to milestone 1; relabel as SRe2L's ImageNet recipe
+    ("cda", "imagenet21k"): {
+        "teachers": [{"arch": "imagenet_resnet18", "pretrained": USER_TEACHER}],
+        "squeeze": {},
+        "recover": {**_SRE2L_IMAGENET_RECOVER, "iterations": 2000, "lr": 0.05, "r_bn": 0.25,
+                    "curriculum": "cosine", "milestone": 1.0},
+        "relabel": _SRE2L_IMAGENET_RELABEL,
+    },
+    # G-VBSM Branch_full_ImageNet_1k: torchvision's pretrained ResNet-18, MobileNetV2, EfficientNet-B0 and
+    # ShuffleNetV2 x0.5 in turn; 4000 it, lr 0.1, batch 80, r_loss 0.01 on BN and Conv2d inputs with
+    # 16-pixel patches, no conv drop, EMA 0.4, densification 1, RandomResizedCrop + flip per batch, roll
+    # 0..32; conv targets over the whole training set (RandomResizedCrop, batches of 256); relabel 300
+    # epochs of CutMix with the teachers' logits norm-equalised; student MSE + 0.1 CE (train/train.sh)
+    ("gvbsm", "imagenet1k"): {
+        "teachers": [_torchvision_teacher("resnet18", "imagenet_resnet18"),
+                     _torchvision_teacher("mobilenet_v2", "imagenet_mobilenet_v2"),
+                     _torchvision_teacher("efficientnet_b0", "imagenet_efficientnet_b0"),
+                     {**_torchvision_teacher("shufflenet_v2_x0_5", "imagenet_shufflenet_v2"), "width": "x0.5"}],
+        "squeeze": {},
+        "recover": {"iterations": 4000, "lr": 0.1, "r_bn": 0.01, "r_conv": 0.01, "batch_size": 80,
+                    "batch_mode": "spread", "crop": "resized", "jitter": 32, "patch_form": "reference",
+                    "patch_size": 16, "conv_drop": 0.0, "ema_alpha": 0.4, "densify_weight": 1.0,
+                    "conv_target_images": 0, "conv_target_batch": 256},
+        "relabel": {**_SRE2L_IMAGENET_RELABEL, "equalize_norm": True, "eval_loss": "mse_ce",
+                    "eval_recipe": "gvbsm-imagenet"},
+    },
+})
+#: the datasets each method's papers publish a recipe for (ddkit's dataset names; a streaming
+#: ``imagenet:PATH`` / ``imagenet21k:PATH`` by its prefix, :func:`published_key`)
+PUBLISHED_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "tiny-imagenet": "tiny",
+                      "imagenet": "imagenet1k", "imagenet21k": "imagenet21k"}
+#: the published results each ImageNet preset aims for (top-1 %, ResNet-18 student, by IPC;
+#: CDA ImageNet-21K: the paper's IPC 20 result)
+PUBLISHED_ACCURACY = {
+    ("sre2l", "imagenet1k"): {10: 21.3, 50: 46.8, 100: 52.8},
+    ("cda", "imagenet1k"): {50: 53.5, 100: 58.0, 200: 63.3},
+    ("cda", "imagenet21k"): {20: 36.1},
+    ("gvbsm", "imagenet1k"): {10: 31.4, 50: 51.8, 100: 55.7},
+}
+
+
+def published_key(name: str) -> str | None:
+    """The :data:`PUBLISHED_DATASETS` reference of dataset ``name`` (``imagenet:PATH`` -> imagenet1k)."""
+    return PUBLISHED_DATASETS.get(name.split(":", 1)[0] if ":" in name else name)
 
 #: The smaller tiers: teacher pools of reduced width, and what each tier shrinks. ``caps`` lower a
 #: published count to at most the value; ``sets`` replace an option.
@@ -191,9 +267,11 @@ def reference_for(method: str, dataset: str, real=None) -> tuple[str, str]:
         raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     facts = dataset_facts(dataset, real)
     name, size, classes = facts.name, int(facts.image_shape[1]), facts.num_classes
-    published = PUBLISHED_DATASETS.get(name)
+    published = published_key(name)
     if published is not None and (method, published) in PUBLISHED:
-        return published, f"{method}'s published recipe for {name}"
+        return published, f"{method}'s published recipe for {name.split(':', 1)[0]}"
+    if published == "imagenet21k":
+        return "imagenet1k", f"{method} publishes no ImageNet-21K recipe; its ImageNet-1K one"
     if method == "cda":
         return "tiny", "CDA publishes Tiny-ImageNet and ImageNet recipes only"
     if size > 32:
@@ -253,6 +331,17 @@ def method_teachers(real, config: dict, seed: int, device, show_progress: bool =
     ``compiled``: a teacher not cached yet trains through torch.compile)."""
     if not config["teachers"]:
         raise DDKitError("the teacher list is empty; give at least one model")
+    if any(model.get("pretrained") for model in config["teachers"]):  # the ImageNet presets' published teachers
+        from ddkit.methods.pretrained import load_external_teacher
+
+        if any(model.get("pretrained") == USER_TEACHER for model in config["teachers"]):
+            arch = next(m["arch"] for m in config["teachers"] if m.get("pretrained") == USER_TEACHER)
+            raise DDKitError(f"this recipe's teacher is a {arch} trained on {real.name.split(':', 1)[0]} that no "
+                             f"package ships; give its weights with --teacher {arch}:FILE.pth (or .safetensors)")
+        return [load_external_teacher(model["pretrained"], real, device) if model.get("pretrained") else
+                train_cached(real, model, config["squeeze"], seed=seed + i, device=device, kind="teachers",
+                             show_progress=show_progress, compiled=compiled)
+                for i, model in enumerate(config["teachers"])]
     return [train_cached(real, model, config["squeeze"], seed=seed + i, device=device, kind="teachers",
                          show_progress=show_progress, desc=f"squeeze {model.get('arch', 'convnet')}",
                          compiled=compiled)
@@ -314,7 +403,16 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
              f"{why} (reference {reference})"]
     lines.append(f"teachers ({len(config['teachers'])}, one per iteration in turn; cached in "
                  f"$DDKIT_DATA/teachers/{name}/):")
+    from ddkit.models import available
+
     for model, key in zip(config["teachers"], teacher_keys(config, dataset, seed, real)):
+        if model.get("pretrained"):
+            where = ("--teacher ARCH:FILE (yours)" if model["pretrained"] == USER_TEACHER
+                     else f"{model['pretrained']} (pretrained, its package's cache)")
+            key = f"from {where}"
+        if model["arch"] not in available():
+            lines.append(f"  {key}: {model['arch']}; its hooks are counted when it is loaded")
+            continue
         net = build_net(model, real, seed=0, device="cpu")
         hooks = StatisticsHooks(net, rc, [None] * len(conv_modules(net)) if float(rc["r_conv"]) > 0 else None)
         names = {module: module_name for module_name, module in net.named_modules()}
@@ -322,10 +420,13 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
         options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "arch" and v is not None)
         lines.append(f"  {key}: {model['arch']}({options}); {len(hooks.modules)} hooked modules, x{rc['first_multiplier']:g} on "
                      f"the first, {first}")
-    lines.append(f"squeeze: SGD lr {sq['lr']:g} momentum {sq['momentum']:g} wd {sq['weight_decay']:g}, batch "
-                 f"{sq['batch_size']}, {sq['epochs']} epochs, {_schedule_text(sq)}"
-                 + (f", on {sq['train_subset']} images" if sq["train_subset"] else "")
-                 + f"; {_augmentation_text(sq, name, size, 'per image')}")
+    if all(model.get("pretrained") for model in config["teachers"]):
+        lines.append("squeeze: none (the published teachers are pretrained)")
+    else:
+        lines.append(f"squeeze: SGD lr {sq['lr']:g} momentum {sq['momentum']:g} wd {sq['weight_decay']:g}, batch "
+                     f"{sq['batch_size']}, {sq['epochs']} epochs, {_schedule_text(sq)}"
+                     + (f", on {sq['train_subset']} images" if sq["train_subset"] else "")
+                     + f"; {_augmentation_text(sq, name, size, 'per image')}")
     jitter = f"0..{rc['jitter']}" if rc["jitter_mode"] == "positive" else f"-{rc['jitter']}..{rc['jitter']}"
     curriculum = (f", CDA {rc['curriculum']} curriculum to milestone {rc['milestone']:g}"
                   if rc["curriculum"] != "none" else "")
@@ -358,11 +459,53 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
     if describe_recipe is not None:
         recipe += f" ({describe_recipe(rl['eval_recipe']).split(None, 1)[1]})"
     lines.append(recipe)
+    aims = PUBLISHED_ACCURACY.get((method, reference))
+    if aims and preset == "paper":
+        lines.append("published top-1 (ResNet-18 student): "
+                     + ", ".join(f"IPC {ipc}: {accuracy:g} %" for ipc, accuracy in aims.items()))
     return lines
 
 
-def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True):
-    """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``)."""
+def outside_teachers(specs, real, device, class_check: bool = True) -> list:
+    """The teachers of ``--teacher`` values (folders, ``torchvision:NAME``, ``timm:NAME``,
+    ``ARCH:FILE``), each checked by :func:`ddkit.methods.pretrained.check_class_order` unless
+    ``class_check`` is False (a teacher from outside may order its classes differently)."""
+    from ddkit.methods.pretrained import check_class_order, resolve_teacher
+
+    teachers = [resolve_teacher(spec, real, device) for spec in specs]
+    if class_check:
+        for teacher in teachers:
+            check_class_order(teacher, real, device)
+    return teachers
+
+
+def check_pretrained(teachers, config: dict, real, device) -> None:
+    """:func:`ddkit.methods.pretrained.check_class_order` for the preset's pretrained teachers
+    (those ddkit trains on the dataset itself have its class order by construction)."""
+    from ddkit.methods.pretrained import check_class_order
+
+    for teacher, model in zip(teachers, config["teachers"]):
+        if model.get("pretrained"):
+            check_class_order(teacher, real, device)
+
+
+def shard_staging(near) -> str | None:
+    """A new folder beside ``near``'s parent for relabel shards until the set is saved (on the same
+    disk as the set, not the system's temporary directory), or None without ``near``."""
+    if near is None:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    parent = Path(near).resolve().parent.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".ddkit-relabel-", dir=parent)
+
+
+def relabel_with(distilled, teachers, config: dict, seed: int, device, show_progress: bool = True,
+                 shard_dir=None):
+    """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``,
+    or in shards written to ``shard_dir`` with ``shard_epochs`` > 0, see :func:`ddkit.methods.relabel.relabel`)."""
     from ddkit.methods.relabel import relabel
 
     options = config["relabel"]
@@ -374,7 +517,8 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
                      equalize_norm=options["equalize_norm"], batch_size=options["batch_size"],
                      device=device, teacher_info=[t.info() for t in teachers], eval_loss=options["eval_loss"],
                      show_progress=show_progress, crop=options["crop"], crop_padding=options["crop_padding"],
-                     eval_recipe=options["eval_recipe"])
+                     eval_recipe=options["eval_recipe"], shard_epochs=options.get("shard_epochs", 0),
+                     shard_dir=shard_dir)
     return result
 
 
@@ -403,7 +547,7 @@ def distill_statistics(method: str):
     """The registered entry point of one statistics-matching method (all three stages)."""
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True, relabel=True,
-            teacher_paths=None, merge_parts=None, checkpoint=None, compiled=False):
+            teacher_paths=None, merge_parts=None, checkpoint=None, compiled=False, class_check=True):
         import time
 
         from ddkit import distributed
@@ -411,18 +555,22 @@ def distill_statistics(method: str):
         config = resolve_preset(method, real.name, preset, overrides, real=real)
         started = time.perf_counter()
         if teacher_paths:
-            teachers = [load_teacher(path, real, device) for path in teacher_paths]
+            teachers = outside_teachers(teacher_paths, real, device, class_check)
             config["teachers"] = [t.model_config for t in teachers]
         else:
             # under torchrun the ranks train missing teachers together (DDP); rank 0 writes the cache
             teachers = method_teachers(real, config, seed, device, show_progress, compiled=compiled)
+            if class_check:
+                check_pretrained(teachers, config, real, device)
         squeeze_seconds = time.perf_counter() - started
         result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress, checkpoint)
         if merge_parts is not None:
             merge_parts(result)  # every rank now holds every recovered image
         if relabel and distributed.current().is_main:  # one process labels the merged set
             started = time.perf_counter()
-            result = relabel_with(result, teachers, config, seed, device, show_progress)
+            result = relabel_with(result, teachers, config, seed, device, show_progress,
+                                  shard_dir=shard_staging(checkpoint["dir"] if checkpoint and
+                                                          config["relabel"]["shard_epochs"] else None))
             result.meta["timings"]["relabel_seconds"] = round(time.perf_counter() - started, 3)
         result.meta["timings"]["squeeze_seconds"] = round(squeeze_seconds, 3)
         return result

@@ -11,7 +11,10 @@ Every model is a :class:`TapModel`: ``model(x)`` gives logits ``[N, num_classes]
 
 Registered: ``convnet`` (the standard backbone, the DC ConvNet), ``mlp``, ``alexnet``, ``vgg11``,
 ``resnet18``, ``resnet18_bn``, ``resnet18_in``, ``wrn``, ``wrn16_2``, ``mobilenetv2``,
-``mobilenetv2_crd``, ``shufflenetv2``, ``shufflenetv2_crd``. G-VBSM's teachers are the CRD model
+``mobilenetv2_crd``, ``shufflenetv2``, ``shufflenetv2_crd``, and the ImageNet-layout networks
+with torchvision's state-dict keys (:mod:`ddkit.models.imagenet`): ``imagenet_resnet18``,
+``imagenet_resnet50``, ``imagenet_mobilenet_v2``, ``imagenet_shufflenet_v2``,
+``imagenet_efficientnet_b0``. G-VBSM's teachers are the CRD model
 zoo's networks: ``resnet18_bn``, ``wrn16_2``, ``mobilenetv2_crd`` and ``shufflenetv2_crd``
 (:mod:`ddkit.models.crd` loads their reference checkpoints).
 """
@@ -22,6 +25,7 @@ from ddkit.models.registry import available, create, register
 # imported for their @register side effects
 from ddkit.models import alexnet as _alexnet  # noqa: E402,F401  isort: skip
 from ddkit.models import convnet as _convnet  # noqa: E402,F401  isort: skip
+from ddkit.models import imagenet as _imagenet  # noqa: E402,F401  isort: skip
 from ddkit.models import mlp as _mlp  # noqa: E402,F401  isort: skip
 from ddkit.models import mobilenet as _mobilenet  # noqa: E402,F401  isort: skip
 from ddkit.models import resnet as _resnet  # noqa: E402,F401  isort: skip

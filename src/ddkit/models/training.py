@@ -354,9 +354,15 @@ def end_epoch(bar, losses: list[float], loss_sum: float, samples: int, checkpoin
 
 @torch.no_grad()
 def test_accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on normalised images [N, C, H, W]."""
+    """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on normalised images [N, C, H, W]
+    (a tensor, or a streaming split's :class:`ddkit.data.streaming.NormalizedSplit`, read through
+    its loader; ``labels`` are then the split's own)."""
     model.eval()
     correct = 0
+    if hasattr(images, "batches"):  # a split streamed from disk
+        for batch, truth in images.batches(batch_size):
+            correct += int((model(batch).argmax(1) == truth).sum())
+        return correct / max(1, images.shape[0])
     for start in range(0, images.shape[0], batch_size):
         logits = model(images[start:start + batch_size])
         correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())

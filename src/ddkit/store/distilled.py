@@ -411,6 +411,15 @@ class DistilledSet:
                 raise (wrapped_os_error(exc) or exc) from None
             os.chmod(staging / DATA_FILE, default_mode())
             os.chmod(staging, default_mode(directory=True))
+            # files written beside the set before it had a folder (sharded relabel records, hashed in meta)
+            for name, source in getattr(self, "attachments", {}).items():
+                shutil.move(str(source), str(staging / name))
+            shards = (self.meta.get("relabel") or {}).get("shards")
+            if shards and self.path is not None and Path(self.path).resolve() != target:  # saved elsewhere: copy them
+                from ddkit.methods.shards import SHARD_FOLDER
+
+                if (Path(self.path) / SHARD_FOLDER).is_dir() and not (staging / SHARD_FOLDER).exists():
+                    shutil.copytree(Path(self.path) / SHARD_FOLDER, staging / SHARD_FOLDER)
             digest = sha256_of(staging / DATA_FILE)
             manifest = self.manifest(sha256=digest)
             write_json_atomic(staging / MANIFEST_FILE, seal_manifest(manifest))
@@ -440,6 +449,7 @@ class DistilledSet:
             # A roll back that itself failed leaves the user's files in staging: keep them then.
             if staging.exists() and not any((staging / name).exists() for name in carried):
                 shutil.rmtree(staging, ignore_errors=True)
+        self.attachments = {}  # now inside the set's folder
         # what the manifest now says, so later manifest updates write the same fields
         self.meta.setdefault("created", manifest["created"])
         self.meta.setdefault("versions", manifest["versions"])
