@@ -469,8 +469,8 @@ class StreamedInputs:
     """A streaming training split (or the rows ``pick`` of it) standing in for the normalised image
     tensor a teacher trains on (:func:`ddkit.methods.squeeze.train_teacher`).
 
-    ``shape`` is ``[n, C, S, S]``; :meth:`train` runs the same scheduled SGD loop, decoding each
-    batch from disk with threads.
+    ``shape`` is ``[n, C, S, S]``; :func:`ddkit.methods.squeeze.train_teacher` runs its scheduled
+    loop over :meth:`batch`, which decodes each batch from disk.
     """
 
     def __init__(self, real, pick, seed: int, device):
@@ -497,23 +497,3 @@ class StreamedInputs:
         size = int(x.shape[-1])
         padding = padding_for(size) if recipe.get("crop_padding", "auto") == "auto" else int(recipe["crop_padding"])
         return augment_batch(x, generator, recipe.get("crop", "none"), flip_prob, True, scale, padding, fill)
-
-    def train(self, model, labels, recipe: dict, generator, real, show_progress: bool, desc: str, checkpoint,
-              compiled: bool) -> list[float]:
-        """:func:`ddkit.methods.squeeze.train_teacher` over the streamed split; same arguments."""
-        import torch.nn.functional as F
-
-        from ddkit.methods.relabel import auto_flip_prob, padding_fill
-        from ddkit.optim import train_scheduled
-
-        flip = recipe.get("flip", "auto")
-        flip_prob = auto_flip_prob(real.name, None) if flip == "auto" else (0.5 if flip else 0.0)
-        fill = padding_fill(real.mean, real.std).to(self.device)
-
-        def batch_loss(module, epoch, index, mine):
-            share = index[mine]
-            batch = self.batch(share, epoch, recipe, generator, flip_prob, fill)
-            return F.cross_entropy(module(batch), labels[share.to(labels.device)])
-
-        return train_scheduled(model, self.rows.numel(), recipe, generator, batch_loss, show_progress, desc,
-                               checkpoint, compiled)

@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 from ddkit.errors import DDKitError
+from ddkit.store.distilled import SHARD_FOLDER  # noqa: F401 (the folder inside a set that holds the shards)
 from ddkit.utils import sha256_of
-
-#: the folder inside a set that holds the shards
-SHARD_FOLDER = "relabel-records"
 
 
 def write_shard(folder: Path, start: int, stop: int, tensors: dict[str, torch.Tensor]) -> dict:

@@ -326,12 +326,20 @@ def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     from ddkit.augment.crops import augment_batch, padding_for
     from ddkit.methods.relabel import auto_flip_prob, padding_fill
 
-    if isinstance(images, StreamedInputs):  # decoded and augmented per batch from disk
-        return images.train(model, labels, recipe, generator, real, show_progress, desc, checkpoint, compiled)
-    size = int(images.shape[-1])
-    padding = padding_for(size) if recipe.get("crop_padding", "auto") == "auto" else int(recipe["crop_padding"])
     flip = recipe.get("flip", "auto")
     flip_prob = auto_flip_prob(real.name, None) if flip == "auto" else (0.5 if flip else 0.0)
+    if isinstance(images, StreamedInputs):  # decoded and augmented per batch from disk
+        fill = padding_fill(real.mean, real.std).to(images.device)
+
+        def streamed_loss(module, epoch, index, mine):
+            share = index[mine]
+            batch = images.batch(share, epoch, recipe, generator, flip_prob, fill)
+            return F.cross_entropy(module(batch), labels[share.to(labels.device)])
+
+        return train_scheduled(model, images.rows.numel(), recipe, generator, streamed_loss, show_progress, desc,
+                               checkpoint, compiled)
+    size = int(images.shape[-1])
+    padding = padding_for(size) if recipe.get("crop_padding", "auto") == "auto" else int(recipe["crop_padding"])
     black = padding_fill(real.mean, real.std).to(images.device)
     scale = (float(recipe.get("crop_scale_min", 0.08)), 1.0)
 

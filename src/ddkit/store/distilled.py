@@ -66,6 +66,8 @@ READABLE_VERSIONS = (1, 2)
 UNSEALED_FIELDS = ("evaluations",)
 DATA_FILE = "data.safetensors"
 MANIFEST_FILE = "manifest.json"
+#: the folder of a set that holds its sharded relabel records (ddkit.methods.shards)
+SHARD_FOLDER = "relabel-records"
 GRID_FILE = "grid.png"
 RETIRED_MARK = ".old-"  # a save parks the previous set in a sibling ".NAME.old-XXXX/set"
 #: tensor names of data.safetensors with a fixed meaning; everything else is an extra
@@ -416,8 +418,6 @@ class DistilledSet:
                 shutil.move(str(source), str(staging / name))
             shards = (self.meta.get("relabel") or {}).get("shards")
             if shards and self.path is not None and Path(self.path).resolve() != target:  # saved elsewhere: copy them
-                from ddkit.methods.shards import SHARD_FOLDER
-
                 if (Path(self.path) / SHARD_FOLDER).is_dir() and not (staging / SHARD_FOLDER).exists():
                     shutil.copytree(Path(self.path) / SHARD_FOLDER, staging / SHARD_FOLDER)
             digest = sha256_of(staging / DATA_FILE)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddkit._version import __version__
+
 from ddkit.errors import DDKitError
 
 #: the ``format`` of the mark ddkit's tensor-file export writes
@@ -35,10 +37,8 @@ TENSOR_FORMATS = ("safetensors", "npz", "pt")
 
 def export_mark(dataset: str, method: str, class_names: list[str]) -> dict[str, str]:
     """The mark a tensor-file export carries: strings only (safetensors metadata holds strings)."""
-    import ddkit
-
     return {"format": EXPORT_FORMAT, "space": "pixel", "dataset": str(dataset), "method": str(method),
-            "class_names": json.dumps([str(name) for name in class_names]), "ddkit": ddkit.__version__}
+            "class_names": json.dumps([str(name) for name in class_names]), "ddkit": __version__}
 
 
 def export_tensors(images: torch.Tensor, labels: torch.Tensor, mark: dict[str, str], path: str | Path) -> Path:
