@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ddkit import precision
 from ddkit.augment.crops import padding_for
 from ddkit.augment.dsa import dsa_strategy_for
 from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
@@ -262,6 +263,7 @@ def relabel(
     values = torch.empty(total, keep, dtype=torch.float16)
     indices = torch.empty(total, keep, dtype=torch.int16) if topk is not None else None
     modes = [t.training for t in teachers]
+    amp = precision.current(device)  # the teachers' passes (ddkit.precision.using); logits kept in fp32
     for teacher in teachers:
         teacher.to(device).eval()
     try:
@@ -270,7 +272,8 @@ def relabel(
             for start in progress(chunks, total=len(chunks), desc="relabel", enabled=show_progress):
                 flat = torch.arange(start, min(start + batch_size, total), device=device)
                 inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n, fill)
-                logits = ensemble_logits(teachers, inputs, equalize_norm, norm_scope)
+                with amp.autocast():
+                    logits = amp.fp32(ensemble_logits(teachers, inputs, equalize_norm, norm_scope))
                 if logits.shape[1] != num_classes:
                     raise DDKitError(
                         f"the teachers give {logits.shape[1]} logits but the set has {num_classes} classes; use "
@@ -302,7 +305,7 @@ def relabel(
         "mix_beta": float(mix_beta) if mix != "none" else None, "topk": topk, "equalize_norm": bool(equalize_norm),
         "norm_scope": norm_scope, "batch_size": batch_size, "teachers": len(teachers),
         "teacher_info": copy.deepcopy(teacher_info) if teacher_info is not None else None,
-        "logits_dtype": "float16", "seconds": round(time.perf_counter() - started, 3),
+        "logits_dtype": "float16", "seconds": round(time.perf_counter() - started, 3), "precision": amp.name,
     }
     if eval_loss is not None:
         settings["eval_loss"] = eval_loss
