@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dm_reference_loop import ReferenceDM  # noqa: E402  (a script beside this one)
 
+from ddkit import precision as ddkit_precision  # noqa: E402
 from ddkit.data import load_dataset  # noqa: E402
 from ddkit.methods import dm_family, stats_family  # noqa: E402
 from ddkit.methods.matching import MatchingEngine  # noqa: E402
@@ -76,13 +77,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: ``wall``: elapsed seconds; ``cpu``: this process's CPU seconds (``time.process_time``), which on a
+#: shared machine does not count the time other processes hold the cores (use it with ``--threads 1``:
+#: with more threads, waiting threads spin and count)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(fn, device: torch.device) -> float:
-    """Seconds one call of ``fn`` takes, the device's queue included."""
+    """Seconds one call of ``fn`` takes on :data:`clock`, the device's queue included."""
     synchronize(device)
-    started = time.perf_counter()
+    started = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def median_seconds(fn, device: torch.device, repeat: int) -> float:
@@ -155,7 +163,8 @@ def dm_config(method: str, dataset: str, ipc: int, width: int, batch_real: int |
 def matching_step(real, method: str, sizes: dict, device, precision: str, batch_real: int | None = None):
     """A function running one step of a fresh matching engine (iteration numbers count up)."""
     config = dm_config(method, real.name, sizes["ipc"], sizes["width"], batch_real)
-    engine = MatchingEngine(real, sizes["ipc"], config, 0, device, show_progress=False, **precision_kwargs(precision))
+    with ddkit_precision.using(precision, device):
+        engine = MatchingEngine(real, sizes["ipc"], config, 0, device, show_progress=False)
     counter = iter(range(10 ** 9))
     return lambda: engine.step(next(counter))
 
@@ -174,14 +183,9 @@ def recover_step(real, sizes: dict, device, precision: str):
     model = frozen(build_net(model_config, real, 0, device)).eval()
     teacher = Teacher(model=model, model_config=model_config, recipe={}, test_accuracy=0.0, path=Path("untrained"))
     recover = apply_overrides(config["recover"], {"iterations": 1, "batch_size": real.num_classes * sizes["ipc"]})
-    engine = RecoverEngine(real, sizes["ipc"], recover, [teacher], 0, device, show_progress=False,
-                           **precision_kwargs(precision))
+    with ddkit_precision.using(precision, device):
+        engine = RecoverEngine(real, sizes["ipc"], recover, [teacher], 0, device, show_progress=False)
     return engine.run
-
-
-def precision_kwargs(precision: str) -> dict:
-    """Engine keyword for a precision other than fp32 (fp32 runs the engines as they always ran)."""
-    return {} if precision == "fp32" else {"precision": precision}
 
 
 def measure_steps(real, sizes: dict, device, iterations: int, precision: str) -> tuple[list[dict], dict]:
@@ -243,7 +247,8 @@ def report(peaks: list[dict], steps: list[dict], ratios: dict, device: torch.dev
 
 def print_table(result: dict) -> None:
     """The report as two plain-text tables and the ratios."""
-    print(f"# {result['machine']} ({result['device']}), torch {result['torch']}, {result['date']}")
+    print(f"# {result['machine']} ({result['device']}), torch {result['torch']}, {result['date']}, "
+          f"{result.get('clock', 'wall')} clock")
     print(f"{'peak':<6}{'prec':<6}{'layout':<15}{'shape':<18}{'GFLOP/s':>10}")
     for r in result["peaks"]:
         print(f"{r['kind']:<6}{r['precision']:<6}{r['layout']:<15}{r['shape']:<18}{r['flops_per_s'] / 1e9:>10.1f}")
@@ -260,17 +265,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--iterations", type=int, default=3, help="timed steps per engine (default 3)")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per peak measurement (default 5)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32",),
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="precision of the ddkit steps (default fp32); bf16 also times the fp32 DM step")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall (default) or cpu: process CPU seconds, for a machine shared with other work "
+                             "(with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     sizes = SIZES["quick" if args.quick else "full"]
     real = load_dataset(sizes["dataset"])
     peaks = measure_peaks(sizes, device, args.repeat)
     steps, ratios = measure_steps(real, sizes, device, args.iterations, args.precision)
     result = report(peaks, steps, ratios, device, args.precision)
+    result["clock"] = args.clock
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
