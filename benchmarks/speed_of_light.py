@@ -217,6 +217,26 @@ def measure_steps(real, sizes: dict, device, iterations: int, precision: str) ->
     return rows, ratios
 
 
+def profile_steps(real, sizes: dict, device, precision: str, steps: int = 2, rows: int = 12) -> None:
+    """Print torch.profiler's operators by self time over ``steps`` DM steps at the quick batch and
+    ``steps`` SRe2L recover iterations (after one warm-up each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, step in ((f"dm@{sizes['batches'][0]}", matching_step(real, "dm", sizes, device, precision,
+                                                                   sizes["batches"][0])),
+                       ("sre2l", recover_step(real, sizes, device, precision))):
+        step()
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(steps):
+                step()
+            synchronize(device)
+        print(f"## profile of {steps} {name} steps ({precision})")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows,
+                                                                 max_name_column_width=32, max_shapes_column_width=60))
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 def machine_name(device: torch.device) -> str:
@@ -273,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the table, print torch.profiler's top operators of the DM step at the quick "
+                             "batch and of the SRe2L recover iteration")
     args = parser.parse_args(argv)
     global clock
     clock = CLOCKS[args.clock]
@@ -281,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     sizes = SIZES["quick" if args.quick else "full"]
     real = load_dataset(sizes["dataset"])
+    if args.profile:
+        profile_steps(real, sizes, device, args.precision)
+        return {}
     peaks = measure_peaks(sizes, device, args.repeat)
     steps, ratios = measure_steps(real, sizes, device, args.iterations, args.precision)
     result = report(peaks, steps, ratios, device, args.precision)
