@@ -34,7 +34,7 @@ def default_depth(image_size: int) -> int:
 def _activation(kind: str) -> nn.Module:
     # ReLU in place: it follows a conv or a norm, whose backward needs their input, not their output,
     # so the values and gradients are the same with one map less to allocate and write per block
-    # (about 9 % of a DM step at 128 channels on a CPU, docs/speed.md)
+    # (docs/speed.md)
     if kind == "relu":
         return nn.ReLU(inplace=True)
     if kind == "leakyrelu":
