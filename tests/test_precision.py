@@ -149,3 +149,18 @@ def test_cli_eval_in_bf16_is_recorded(tmp_path, capsys, isolated_data):
     assert code == 0, capsys.readouterr().err
     record = ddkit.load(tmp_path / "set").meta["evaluations"][-1]
     assert record["precision"] == "bf16"
+
+
+def test_relabel_in_bf16_stores_logits_close_to_fp32_and_records_it(tiny_set):
+    from ddkit.methods.relabel import relabel
+    from ddkit.augment.replay import RECORD_PREFIX
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    fp32 = relabel(tiny_set, teacher, epochs=2, show_progress=False)
+    with precision.using("bf16"):
+        bf16 = relabel(tiny_set, teacher, epochs=2, show_progress=False)
+    assert fp32.meta["relabel"]["precision"] == "fp32" and bf16.meta["relabel"]["precision"] == "bf16"
+    a, b = fp32.extras[RECORD_PREFIX + "logits"].float(), bf16.extras[RECORD_PREFIX + "logits"].float()
+    assert not torch.equal(a, b)  # the teacher ran in bf16 ...
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max().item())  # ... to within bf16's rounding
