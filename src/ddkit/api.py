@@ -65,7 +65,7 @@ def distill(
         A :class:`ddkit.DistilledSet` (images float32 [K*ipc, C, H, W] in [0, 1]); under torchrun
         every rank returns the merged set once rank 0 has saved it.
     """
-    from ddkit import distributed
+    from ddkit import distributed, precision
     from ddkit.data import load_dataset
     from ddkit.methods import get_spec
     from ddkit.methods.matching import NonFiniteLoss
@@ -124,6 +124,7 @@ def distill(
         result.meta.setdefault("device", str(device))
         if compiled:
             result.meta["compiled"] = True
+        result.meta["precision"] = precision.active()  # of the network passes (ddkit.precision.using)
         if world.distributed:
             result.meta["processes"] = world.size
             if not merged:

@@ -136,7 +136,7 @@ def train_scheduled(model: torch.nn.Module, n: int, config: dict, generator: tor
             index = order[start:start + batch_size]
             mine, factor = parallel.share(index.numel())
             loss = batch_loss(parallel.module, epoch, index, mine)
-            optimizer_step(optimizer, loss, factor)
+            optimizer_step(optimizer, loss, factor, parallel.amp)
             step += 1
             total += float(loss.detach()) * index[mine].numel()
             count += index[mine].numel()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddkit.data.streaming import normalized_split
+from ddkit import precision
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, recipe_for_set, resolve_soft_config, train_soft
 from ddkit.models.training import check_training_options, test_accuracy, train_classifier
@@ -121,6 +122,8 @@ class EvalResult:
     # Runs it took over from an interrupted call, or continued from their epoch checkpoints, may have
     # trained eagerly before: like the device, this describes the execution, not the result.
     compiled: bool = False
+    #: the precision of the training passes (ddkit.precision.using), recorded unless fp32
+    precision: str = field(default_factory=precision.active)
 
     @property
     def mean(self) -> float:
@@ -145,6 +148,7 @@ class EvalResult:
             "seeds": self.seeds, "device": self.device, "train_images": self.train_images,
             "config": self.config, "date": self.date,
             **({"compiled": True} if self.compiled else {}),
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 
 
@@ -256,7 +260,8 @@ def find_stored(distilled, protocol: str, preset: str, arch: str, config: dict, 
     if rec is None:
         return None
     return EvalResult(protocol, preset, arch, list(rec["accuracies"]), rec["seconds_per_run"], config,
-                      seeds, rec["device"], rec["train_images"], rec["date"], bool(rec.get("compiled", False)))
+                      seeds, rec["device"], rec["train_images"], rec["date"], bool(rec.get("compiled", False)),
+                      rec.get("precision", "fp32"))
 
 
 def stored_runs(distilled, protocol: str, preset: str, arch: str, config: dict, seeds: list[int]):

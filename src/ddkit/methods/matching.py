@@ -39,7 +39,7 @@ from ddkit.losses import (
     class_aware_ce_loss, class_centralization_loss, gram_loss, icd_neighbours, intra_class_kl_loss,
     local_covariance_loss, mean_feature_loss, moment_loss,
 )
-from ddkit import distributed
+from ddkit import distributed, precision
 from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
 from ddkit.methods.terms import MATCHING_TERMS, TermInputs, check_terms, enabled_taps, flag, matching_term, number
@@ -261,6 +261,8 @@ class MatchingEngine:
         # the enabled terms in registration order: the order they are computed and summed in
         self.terms = [term for name, term in MATCHING_TERMS.items() if config["weights"].get(name)]
         self.weights = {term.name: float(config["weights"][term.name]) for term in self.terms}
+        # the network passes' precision (ddkit.precision.using); losses stay in fp32
+        self.amp = precision.current(device)
         self.factor = int(config["partition"])
         self.batch_real = effective_batch_real(config, real)
         self.per_class_steps = image_step(config) == "per_class"
@@ -307,9 +309,9 @@ class MatchingEngine:
         for networks whose normalisation couples no samples; BatchNorm nets use forward=per_class.
         """
         chunk = int(self.config["real_chunk"]) or real_aug.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), self.amp.autocast():
             parts = [self.taps_of(net, real_aug[i:i + chunk], tuple(taps)) for i in range(0, real_aug.shape[0], chunk)]
-        return {name: torch.cat([part[name] for part in parts]) for name in taps}
+        return self.amp.fp32({name: torch.cat([part[name] for part in parts]) for name in taps})
 
     def _lowest_loss_real(self, real_out: dict, class_ids: list[int]) -> dict:
         """IDM's IPC-1 branch: keep each class's ``real_lowest_loss`` real images of lowest CE."""
@@ -332,7 +334,8 @@ class MatchingEngine:
         real_out = self._real_taps(net, real_aug, real_taps)
         if self.ipc1_branch:
             real_out = self._lowest_loss_real(real_out, class_ids)
-        syn_out = self.taps_of(net, syn_aug, tuple(syn_taps))
+        with self.amp.autocast():
+            syn_out = self.amp.fp32(self.taps_of(net, syn_aug, tuple(syn_taps)))
 
         inputs = TermInputs(real=real_out, syn=syn_out, blocks=blocks, syn_images=syn_aug, class_ids=class_ids,
                             num_classes=self.real.num_classes, config=self.config, accuracy=accuracy, engine=self,
@@ -351,7 +354,7 @@ class MatchingEngine:
             bad = {name: float(value.detach()) for name, value in terms.items()}
             raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {iteration} (terms {bad}); "
                                 "lower the image learning rate (--set lr_img=...) or a term's weight")
-        total.backward()
+        self.amp.backward(total)
         for name, value in terms.items():
             values[name] = values.get(name, 0.0) + float(value.detach())
         return float(total.detach())
@@ -378,7 +381,7 @@ class MatchingEngine:
                                            syn_input[i * ns:(i + 1) * ns], [c], extractor)
                 values["total"] += self._backward(terms, iteration, values)
             syn_aug.backward(syn_input.grad)
-        self.optimizer.step()
+        self.amp.step(self.optimizer)
         return values
 
     def _step_per_class(self, iteration: int, net, accuracy: float, real: torch.Tensor, extractor) -> dict:
@@ -403,7 +406,7 @@ class MatchingEngine:
                 terms = self._class_losses(net, accuracy, real_c, syn_c, [c], extractor)
                 values["total"] += self._backward(terms, iteration, values)
             # a class of another process still steps here: its momentum moves this process's images
-            self.optimizer.step()
+            self.amp.step(self.optimizer)
         return values
 
     def step(self, iteration: int) -> dict[str, float]:

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ddkit import distributed
+from ddkit import distributed, precision
 from ddkit.augment.crops import CROP_KINDS, JITTER_MODES, augment_batch, cda_min_scale, padding_for
 from ddkit.checkpoint import BatchCheckpoints, generator_state, restore_generator
 from ddkit.errors import DDKitError
@@ -433,6 +433,8 @@ class RecoverEngine:
     def __init__(self, real, ipc: int, config: dict, teachers: list, seed: int, device, show_progress: bool = True):
         self.real, self.ipc, self.config, self.teachers = real, ipc, config, teachers
         self.seed, self.device, self.show_progress = seed, device, show_progress
+        # the teacher passes' precision (ddkit.precision.using); losses and statistics stay in fp32
+        self.amp = precision.current(device)
         self._check()
         self.generator = make_generator(seed)
         channels = real.image_shape[0]
@@ -582,15 +584,16 @@ class RecoverEngine:
             t_index = (batch_index * iterations + it) % len(self.teachers)
             teacher = self.teachers[t_index]
             x_aug, low = augment(x, c, self.real, self.generator, it, iterations)
-            with capture_inputs(teacher.model, (nn.BatchNorm2d, nn.Conv2d)) as taps:
+            with capture_inputs(teacher.model, (nn.BatchNorm2d, nn.Conv2d)) as taps, self.amp.autocast():
                 logits = teacher.model(x_aug)
+            logits, taps = self.amp.fp32((logits, taps))
             total, terms = recover_loss(RecoverInputs(x_aug, labels, logits, taps, t_index, self), c)
             if not torch.isfinite(total):
                 raise NonFiniteLoss(f"the loss became {float(total.detach())} at iteration {it} of batch {batch_index}; "
                                     "lower the learning rate (--set lr=...) or r_bn/r_conv")
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            self.amp.backward(total)
+            self.amp.step(optimizer)
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, self.high), self.low))
             if it % log_every == 0 or it == iterations - 1:

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ddkit import precision
 from ddkit.augment.crops import padding_for
 from ddkit.augment.dsa import dsa_strategy_for
 from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
@@ -269,6 +270,7 @@ def relabel(
     keep = num_classes if topk is None else topk
     block = epochs if not shard_epochs else min(int(shard_epochs), epochs)
     modes = [t.training for t in teachers]
+    amp = precision.current(device)  # the teachers' passes (ddkit.precision.using); logits kept in fp32
     for teacher in teachers:
         teacher.to(device).eval()
     bar = progress(range(-(-epochs * n // batch_size)), desc="relabel", enabled=show_progress)
@@ -283,7 +285,8 @@ def relabel(
             next(ticks, None)
             flat = torch.arange(first * n + start, first * n + min(start + batch_size, count), device=device)
             inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n, fill)
-            logits = ensemble_logits(teachers, inputs, equalize_norm, norm_scope)
+            with amp.autocast():
+                logits = amp.fp32(ensemble_logits(teachers, inputs, equalize_norm, norm_scope))
             if logits.shape[1] != num_classes:
                 raise DDKitError(
                     f"the teachers give {logits.shape[1]} logits but the set has {num_classes} classes; use "
@@ -339,7 +342,7 @@ def relabel(
         "mix_beta": float(mix_beta) if mix != "none" else None, "topk": topk, "equalize_norm": bool(equalize_norm),
         "norm_scope": norm_scope, "batch_size": batch_size, "teachers": len(teachers),
         "teacher_info": copy.deepcopy(teacher_info) if teacher_info is not None else None,
-        "logits_dtype": "float16", "seconds": round(time.perf_counter() - started, 3),
+        "logits_dtype": "float16", "seconds": round(time.perf_counter() - started, 3), "precision": amp.name,
     }
     if shards:
         settings["shards"] = shards

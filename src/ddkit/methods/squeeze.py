@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ddkit import precision
 from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
 from ddkit.data.streaming import StreamedInputs, is_streaming, normalized_split
@@ -203,9 +204,11 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
     if teacher is not None:
         return teacher
     with _training_lock(folder):
-        # another process may have trained it while this one waited for the lock
-        return _load_cached(folder, real, device) or _train_into_cache(
-            folder, real, model_config, schedule, recipe, seed, device, kind, show_progress, desc, compiled)
+        # another process may have trained it while this one waited for the lock; cached networks are
+        # shared by every run, so they train in fp32 whatever the run's --precision
+        with precision.using("fp32"):
+            return _load_cached(folder, real, device) or _train_into_cache(
+                folder, real, model_config, schedule, recipe, seed, device, kind, show_progress, desc, compiled)
 
 
 def _load_cached(folder: Path, real, device) -> Teacher | None:

@@ -27,7 +27,7 @@ from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
 from ddkit.methods.recover import RecoverEngine
 from ddkit.methods.registry import MethodSpec, register
-from ddkit.methods.squeeze import load_teacher, train_cached
+from ddkit.methods.squeeze import train_cached
 from ddkit.methods.terms import recover_weight_defaults
 from ddkit.utils import apply_overrides, check_number, override_items
 

@@ -26,6 +26,8 @@ from torch import nn
 from ddkit.errors import DDKitError
 
 NORMS = ("instance", "batch", "group", "layer", "none")
+#: Largest map (H * W pixels) that a GroupNorm on the CPU gets in the standard layout; see :func:`norm_layout`.
+GROUP_NORM_CONTIGUOUS_PIXELS = 256
 
 
 class TapModel(nn.Module):
@@ -183,6 +185,22 @@ def make_norm(kind: str, channels: int, arch: str = "model") -> nn.Module | None
     raise DDKitError(f"{arch}: norm={kind!r} is not valid; choose one of: {', '.join(NORMS)}")
 
 
+def norm_layout(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``h`` in the layout ``layer`` runs fastest on: a channels-last CPU map of at most
+    :data:`GROUP_NORM_CONTIGUOUS_PIXELS` pixels is copied to the standard layout before a GroupNorm
+    (instance, group and layer norm here), else ``h`` itself.
+
+    PyTorch's CPU GroupNorm is slow on small channels-last maps: one thread, 128 channels, 128 maps,
+    forward and backward, 3.6x faster on 16x16 maps after the copy and 4x on 8x8 ones (at 32x32
+    the channels-last kernel is as fast or faster, so large maps keep their layout). The values are
+    those of the channels-last kernel up to float rounding (about 1e-6).
+    """
+    if (isinstance(layer, nn.GroupNorm) and h.device.type == "cpu" and h.dim() == 4
+            and h.shape[2] * h.shape[3] <= GROUP_NORM_CONTIGUOUS_PIXELS and not h.is_contiguous()):
+        return h.contiguous()
+    return h
+
+
 class SequentialTapModel(TapModel):
     """A :class:`TapModel` made of one ``nn.Sequential`` feature stack and a linear classifier.
 
@@ -204,7 +222,7 @@ class SequentialTapModel(TapModel):
     def _stream(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         h = x
         for i, layer in enumerate(self.features):
-            h = layer(h)
+            h = layer(norm_layout(layer, h))
             name = self._tap_after.get(i)
             if name is not None:
                 yield name, h

@@ -32,8 +32,11 @@ def default_depth(image_size: int) -> int:
 
 
 def _activation(kind: str) -> nn.Module:
+    # ReLU in place: it follows a conv or a norm, whose backward needs their input, not their output,
+    # so the values and gradients are the same with one map less to allocate and write per block
+    # (docs/speed.md)
     if kind == "relu":
-        return nn.ReLU(inplace=False)
+        return nn.ReLU(inplace=True)
     if kind == "leakyrelu":
         return nn.LeakyReLU(0.01, inplace=False)
     if kind == "sigmoid":

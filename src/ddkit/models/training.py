@@ -110,9 +110,11 @@ class DataParallel:
     """
 
     def __init__(self, model: nn.Module, sync_bn: bool = False, compiled: bool = False):
-        from ddkit import distributed
+        from ddkit import distributed, precision
 
         self.world = distributed.current()
+        # the training passes' precision (ddkit.precision.using); the loss is computed in fp32
+        self.amp = precision.current(next((p.device for p in model.parameters()), "cpu"))
         self.module = model
         if self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -124,6 +126,7 @@ class DataParallel:
             if self.world.distributed:
                 _quiet_ddp_profiler_notice()
             self.module = torch.compile(self.module)
+        self.module = self.amp.wrap(self.module)
 
     def share(self, count: int) -> tuple[slice, float]:
         """(this rank's slice of a batch of ``count`` samples, its loss factor)."""
@@ -192,12 +195,18 @@ def taps_forward(compiled: bool = False):
     return _COMPILED_TAPS_OF
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, factor: float = 1.0) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, factor: float = 1.0, amp=None) -> None:
     """One step on ``loss * factor`` (``factor`` from :meth:`DataParallel.share`): clear the
-    gradients, backpropagate, update."""
+    gradients, backpropagate, update (through ``amp``, a :class:`ddkit.precision.Amp`, when given:
+    fp16's gradient scaling)."""
     optimizer.zero_grad(set_to_none=True)
-    (loss * factor if factor != 1.0 else loss).backward()
-    optimizer.step()
+    scaled = loss * factor if factor != 1.0 else loss
+    if amp is None:
+        scaled.backward()
+        optimizer.step()
+    else:
+        amp.backward(scaled)
+        amp.step(optimizer)
 
 
 class RunCheckpoint:
@@ -475,7 +484,7 @@ def train_classifier(
             mine, factor = parallel.share(index.numel())
             index, batch = index[mine], batch[mine]
             loss = F.cross_entropy(parallel.module(batch), labels[index])
-            optimizer_step(optimizer, loss, factor)
+            optimizer_step(optimizer, loss, factor, parallel.amp)
             total += float(loss.detach()) * index.numel()
             count += index.numel()
         end_epoch(bar, losses, total, count, checkpoint, model, optimizer, generator,

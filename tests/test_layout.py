@@ -1,0 +1,69 @@
+"""GroupNorm on small channels-last maps runs in the standard layout: same values up to rounding."""
+
+import torch
+from torch import nn
+
+from ddkit.models import create
+from ddkit.models.base import GROUP_NORM_CONTIGUOUS_PIXELS, norm_layout
+
+CL = torch.channels_last
+
+
+def test_norm_layout_copies_only_small_channels_last_maps_before_a_group_norm():
+    norm = nn.GroupNorm(8, 8)
+    small = torch.randn(2, 8, 16, 16).contiguous(memory_format=CL)
+    moved = norm_layout(norm, small)
+    assert moved.is_contiguous() and torch.equal(moved, small)
+    large = torch.randn(2, 8, 32, 32).contiguous(memory_format=CL)
+    assert 32 * 32 > GROUP_NORM_CONTIGUOUS_PIXELS and norm_layout(norm, large) is large
+    plain = torch.randn(2, 8, 16, 16)
+    assert norm_layout(norm, plain) is plain
+    assert norm_layout(nn.ReLU(), small) is small
+    assert norm_layout(nn.BatchNorm2d(8), small) is small
+
+
+def test_group_norm_in_either_layout_agrees_to_float_rounding():
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(128, 128)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    for size in (16, 8, 4):
+        x = torch.randn(6, 128, size, size) * 3 + 1
+        channels_last = norm(x.contiguous(memory_format=CL))
+        standard = norm(x)
+        assert channels_last.is_contiguous(memory_format=CL) and standard.is_contiguous()
+        assert torch.allclose(channels_last, standard, atol=1e-5, rtol=0), size
+
+
+def _old_taps(net, x):
+    """The ConvNet's taps as computed before ``norm_layout`` and the in-place ReLU: every layer on its
+    input as it comes, the ReLU out of place."""
+    h, taps = x, {}
+    for i, layer in enumerate(net.features):
+        h = torch.relu(h) if isinstance(layer, nn.ReLU) else layer(h)
+        if i in net._tap_after:
+            taps[net._tap_after[i]] = h
+    taps["embedding"] = torch.flatten(h, 1)
+    return taps
+
+
+def test_channels_last_convnet_matches_the_old_computation_forward_and_backward():
+    torch.manual_seed(0)
+    net = create("convnet", 1, 10, 28, width=32, norm="instance").to(memory_format=CL)
+    assert all(layer.inplace for layer in net.features if isinstance(layer, nn.ReLU))
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(5, 1, 28, 28)
+    names = ("block0", "block1", "block2", "embedding")
+    x_new = x.clone().requires_grad_(True)
+    new = net.forward_taps(x_new, names)
+    x_old = x.clone().requires_grad_(True)
+    old = _old_taps(net, x_old)
+    for name in names:
+        assert torch.allclose(new[name], old[name], atol=1e-5, rtol=0), name
+    # the gradient reaching the images, as the matching loss sends it back through every layer
+    weights = torch.randn_like(new["embedding"])
+    (new["embedding"] * weights).sum().backward()
+    (old["embedding"] * weights).sum().backward()
+    assert torch.allclose(x_new.grad, x_old.grad, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(x_new.grad, torch.zeros_like(x_new.grad))

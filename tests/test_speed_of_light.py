@@ -1,0 +1,59 @@
+"""benchmarks/speed_of_light.py: FLOP accounting against hand counts, and a tiny run's report."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module")
+def sol():
+    """benchmarks/speed_of_light.py, imported from its path (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_of_light.py"
+    spec = importlib.util.spec_from_file_location("speed_of_light", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counted_flops_of_a_convolution_and_its_input_gradient(sol):
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3)
+    forward = 2 * 3 * 4 * 5 * 9 * 6 * 6  # 2 per multiply-add, 'same' padding
+    assert sol.counted_flops(lambda: F.conv2d(x, w, padding=1)) == forward
+    # backward to the input only (frozen weights, as the engines run): one more convolution's worth
+    assert sol.counted_flops(lambda: F.conv2d(x, w, padding=1).sum().backward()) == 2 * forward
+    assert sol.counted_flops(lambda: torch.mm(torch.ones(7, 8), torch.ones(8, 9))) == 2 * 7 * 8 * 9
+
+
+def test_best_peak_picks_the_fastest_row_of_its_kind_and_precision(sol):
+    rows = [{"kind": "conv", "precision": "fp32", "flops_per_s": 3.0},
+            {"kind": "conv", "precision": "fp32", "flops_per_s": 5.0},
+            {"kind": "conv", "precision": "bf16", "flops_per_s": 9.0},
+            {"kind": "gemm", "precision": "fp32", "flops_per_s": 7.0}]
+    assert sol.best_peak(rows, "conv", "fp32") == 5.0
+    assert sol.best_peak(rows, "gemm", "fp32") == 7.0
+
+
+def test_quick_run_reports_every_step_as_a_sane_fraction_of_peak(sol, tmp_path, capsys):
+    result = sol.main(["--quick", "--iterations", "1", "--repeat", "2", "--json", str(tmp_path / "r.json")])
+    names = [row["step"] for row in result["steps"]]
+    assert names == ["dm@8", "official@8", "dm@16", "official@16", "idm", "sre2l"]
+    kinds = {(r["kind"], r["precision"], r["layout"]) for r in result["peaks"]}
+    assert ("conv", "bf16", "channels_last") in kinds and ("gemm", "fp32", "-") in kinds
+    for row in result["steps"]:
+        assert row["flops"] > 0 and row["seconds"] > 0
+        assert 0 < row["of_conv_peak"] < 1.5, row
+    # ddkit's engine and the per-class loop run the same convolutions: equal FLOPs up to the DSA's
+    # small affine-grid products
+    by_name = {row["step"]: row for row in result["steps"]}
+    assert by_name["dm@8"]["flops"] == pytest.approx(by_name["official@8"]["flops"], rel=0.02)
+    assert by_name["dm@16"]["flops"] > by_name["dm@8"]["flops"]
+    assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+    assert set(result["ratios"]) == {"official/ddkit@8", "official/ddkit@16"}
+    printed = capsys.readouterr().out
+    assert "official/ddkit@16:" in printed and "sre2l" in printed
+    assert (tmp_path / "r.json").read_text().startswith("{")
