@@ -22,6 +22,8 @@ import json
 import re
 from pathlib import Path
 
+from ddkit.bench.table import accuracy_text
+
 KEY = ("dataset", "ipc", "method")
 
 
@@ -44,11 +46,7 @@ def read_lines(path: str | Path) -> dict[tuple, dict]:
 
 def accuracy(line: dict | None) -> str:
     """``mean +- std`` (percent, two decimals) of a result line, with ``(1 run)`` for one run."""
-    if line is None:
-        return "-"
-    if line.get("runs", 0) == 1:
-        return f"{line['mean']:.2f} (1 run)"
-    return f"{line['mean']:.2f} +- {line['std']:.2f}"
+    return "-" if line is None else accuracy_text(line)
 
 
 def comparison_table(old: dict[tuple, dict], new: dict[tuple, dict], methods: list[str] | None = None,

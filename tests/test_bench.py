@@ -825,3 +825,13 @@ def test_overridden_options_are_named_beside_the_preset(isolated_data, tmp_path,
     for page in (write_report(set_dir), write_report(tmp_path / "runs")):
         text = page.read_text()
         assert "<td>smoke, epochs=3, model.width=8</td>" in text and "<td>smoke</td>" in text
+
+
+def test_a_stored_value_that_auto_resolved_to_is_not_a_preset_change():
+    """Relabel records store what ``crop_padding: auto`` became (1 on 8-pixel digits); a resumed
+    bench must not remake the random+M cell over it, while a real change still counts."""
+    from ddkit.bench.staleness import _differences
+
+    stored = {"relabel": {"crop_padding": 1, "epochs": 20}}
+    assert _differences(stored, {"relabel": {"crop_padding": "auto", "epochs": 20}}) == []
+    assert _differences(stored, {"relabel": {"crop_padding": 2, "epochs": 20}}) == ["relabel.crop_padding: 1 -> 2"]

@@ -29,8 +29,8 @@ SEED = 3
 LOSS_FAMILIES = ("matching", "statistics")
 #: Options that keep a family cheap here (the statistics family trains its teachers and relabels):
 #: smaller than the smoke preset, the same code paths.
-SMALLER = {"statistics": {"squeeze.epochs": 1, "squeeze.train_subset": 300, "relabel.epochs": 2,
-                          "recover.conv_target_images": 50}}
+SMALLER = {"statistics": {"squeeze.epochs": 1, "squeeze.warmup_epochs": 0, "squeeze.train_subset": 300,
+                          "relabel.epochs": 2, "recover.conv_target_images": 50}}
 
 
 @pytest.fixture(scope="module")

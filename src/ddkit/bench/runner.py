@@ -27,7 +27,7 @@ from ddkit.bench.results import (
     TABLE_FILE,
 )
 from ddkit.bench.staleness import cell_status, CellStatus, preset_changes, work_in_progress
-from ddkit.bench.table import write_table
+from ddkit.bench.table import accuracy_text, write_table
 from ddkit.checkpoint import LATEST
 from ddkit.data import check_available, load_dataset
 from ddkit.data.sampling import check_ipc
@@ -114,7 +114,7 @@ def plan_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0
             counts[status.state] = counts.get(status.state, 0) + 1
             text = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol}, {status.arch}): "
             if status.state == "done":
-                text += f"done, {status.line['mean']:.2f} +- {status.line['std']:.2f}"
+                text += f"done, {accuracy_text(status.line)}"
             else:
                 text += status.state + (f" ({_shown(status.reasons)})" if status.reasons else "")
                 left = work_in_progress(cell, out / SETS_DIR, tier, status.arch, runs, seed)
@@ -371,7 +371,7 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         finally:
             for claim in claims:
                 claim.release()
-        summary = "; ".join(f"{line['arch']} {line['mean']:.2f} +- {line['std']:.2f}" if "error" not in line
+        summary = "; ".join(f"{line['arch']} {accuracy_text(line)}" if "error" not in line
                             else f"{line['arch']} FAILED: {line['error'].splitlines()[0]}" for line in lines)
         say(f"{label}: {summary} ({time.perf_counter() - started:.0f} s)")
         write_table(out)

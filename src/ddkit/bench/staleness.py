@@ -28,7 +28,8 @@ def _differences(stored, current, prefix: str = "", one_sided: bool = False) -> 
 
     Keys on one side only are not differences unless ``one_sided``: an option added to a preset
     after a set was made carries a default that keeps the old behaviour (``channels_last``, for
-    example, changes speed).
+    example, changes speed). A preset's ``"auto"`` is met by any stored value: records store what
+    ``auto`` resolved to for the set's dataset (relabel's ``crop_padding`` 1 for 8-pixel images).
     """
     if isinstance(stored, dict) and isinstance(current, dict):
         found = []
@@ -38,7 +39,9 @@ def _differences(stored, current, prefix: str = "", one_sided: bool = False) -> 
             found += [f"{prefix}{key}: {stored[key]!r} -> (none)" for key in stored.keys() - current.keys()]
             found += [f"{prefix}{key}: (none) -> {current[key]!r}" for key in current.keys() - stored.keys()]
         return sorted(found)
-    return [] if stored == current else [f"{prefix.rstrip('.')}: {stored!r} -> {current!r}"]
+    if stored == current or (current == "auto" and stored is not None):
+        return []
+    return [f"{prefix.rstrip('.')}: {stored!r} -> {current!r}"]
 
 
 def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:

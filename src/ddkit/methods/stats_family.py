@@ -175,7 +175,7 @@ PUBLISHED.update({
         "teachers": [_torchvision_teacher("resnet18", "imagenet_resnet18"),
                      _torchvision_teacher("mobilenet_v2", "imagenet_mobilenet_v2"),
                      _torchvision_teacher("efficientnet_b0", "imagenet_efficientnet_b0"),
-                     {**_torchvision_teacher("shufflenet_v2_x0_5", "imagenet_shufflenet_v2"), "width": "x0.5"}],
+                     {**_torchvision_teacher("shufflenet_v2_x0_5", "imagenet_shufflenet_v2"), "multiplier": "x0.5"}],
         "squeeze": {},
         "recover": {"iterations": 4000, "lr": 0.1, "r_bn": 0.01, "r_conv": 0.01, "batch_size": 80,
                     "batch_mode": "spread", "crop": "resized", "jitter": 32, "patch_form": "reference",

@@ -12,7 +12,7 @@ and the logits are torchvision's (tests/test_imagenet_models.py checks both agai
 * ``imagenet_mobilenet_v2``: Sandler et al. 2018, "MobileNetV2: Inverted Residuals and Linear
   Bottlenecks", ``width_mult`` 1.0; final layers ``classifier`` = (Dropout 0.2, Linear).
 * ``imagenet_shufflenet_v2``: Ma et al. 2018, "ShuffleNet V2: Practical Guidelines for Efficient
-  CNN Architecture Design", ``width`` x0.5 (default), x1.0, x1.5 or x2.0; final layer ``fc``.
+  CNN Architecture Design", ``multiplier`` x0.5 (default), x1.0, x1.5 or x2.0; final layer ``fc``.
 * ``imagenet_efficientnet_b0``: Tan & Le 2019, "EfficientNet: Rethinking Model Scaling for
   Convolutional Neural Networks", B0 (MBConv with squeeze-and-excitation, SiLU, stochastic depth
   0.2 in training); final layers ``classifier`` = (Dropout 0.2, Linear).
@@ -40,8 +40,8 @@ TORCHVISION_NAMES = {
     "resnet18": ("imagenet_resnet18", {}),
     "resnet50": ("imagenet_resnet50", {}),
     "mobilenet_v2": ("imagenet_mobilenet_v2", {}),
-    "shufflenet_v2_x0_5": ("imagenet_shufflenet_v2", {"width": "x0.5"}),
-    "shufflenet_v2_x1_0": ("imagenet_shufflenet_v2", {"width": "x1.0"}),
+    "shufflenet_v2_x0_5": ("imagenet_shufflenet_v2", {"multiplier": "x0.5"}),
+    "shufflenet_v2_x1_0": ("imagenet_shufflenet_v2", {"multiplier": "x1.0"}),
     "efficientnet_b0": ("imagenet_efficientnet_b0", {}),
 }
 
@@ -303,9 +303,10 @@ class ImageNetShuffleNetV2(_ImageNetModel):
     """ShuffleNetV2 (``conv1``, ``maxpool``, ``stage2``-``stage4``, ``conv5``, ``fc``); taps ``stem``,
     ``stage2``, ``stage3``, ``stage4``, ``conv5``, ``embedding``, ``logits``."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: str = "x0.5"):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, multiplier: str = "x0.5"):
         super().__init__(in_channels, num_classes, image_size, arch="imagenet_shufflenet_v2")
-        widths = SHUFFLENET_WIDTHS[check_choice("imagenet_shufflenet_v2", "width", width, list(SHUFFLENET_WIDTHS))]
+        widths = SHUFFLENET_WIDTHS[check_choice("imagenet_shufflenet_v2", "multiplier", multiplier,
+                                                list(SHUFFLENET_WIDTHS))]
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                    nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -326,10 +327,10 @@ class ImageNetShuffleNetV2(_ImageNetModel):
 
 
 @register("imagenet_shufflenet_v2")
-def imagenet_shufflenet_v2(in_channels: int, num_classes: int, image_size: int, width: str = "x0.5"
+def imagenet_shufflenet_v2(in_channels: int, num_classes: int, image_size: int, multiplier: str = "x0.5"
                            ) -> ImageNetShuffleNetV2:
-    """ShuffleNetV2 with torchvision's module names (``width`` x0.5: 1.4 M parameters at 1000 classes)."""
-    return ImageNetShuffleNetV2(in_channels, num_classes, image_size, width)
+    """ShuffleNetV2 with torchvision's module names (``multiplier`` x0.5: 1.4 M parameters at 1000 classes)."""
+    return ImageNetShuffleNetV2(in_channels, num_classes, image_size, multiplier)
 
 
 # ---- EfficientNet-B0 -----------------------------------------------------------------------------
