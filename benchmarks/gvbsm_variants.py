@@ -32,10 +32,10 @@ VARIANTS = {
 def main(names: list[str]) -> None:
     real = load_dataset("fashion-mnist")
     base = ["log_every=1000"]
-    teachers = stats_family.method_teachers(real, stats_family.resolve_preset("gvbsm", real.name, "quick", base), 0,
+    teachers = stats_family.method_teachers(real, stats_family.resolve_preset("gvbsm", real.name, None, "quick", base), 0,
                                             "cpu", False)
     for name in names or list(VARIANTS):
-        config = stats_family.resolve_preset("gvbsm", real.name, "quick", base + VARIANTS[name])
+        config = stats_family.resolve_preset("gvbsm", real.name, None, "quick", base + VARIANTS[name])
         started = time.perf_counter()
         images, _, record = RecoverEngine(real, 10, config["recover"], teachers, 0, "cpu", False).run()
         within, between = spread(images, real.num_classes)

@@ -178,7 +178,7 @@ def reference_step(real, sizes: dict, device, batch_real: int):
 
 def recover_step(real, sizes: dict, device, precision: str):
     """A function running ONE SRe2L recover iteration (quick preset, one batch, untrained BN teacher)."""
-    config = stats_family.resolve_preset("sre2l", real.name, "quick", real=real)
+    config = stats_family.resolve_preset("sre2l", real.name, None, "quick", real=real)
     model_config = dict(config["teachers"][0], width=sizes["teacher_width"])
     model = frozen(build_net(model_config, real, 0, device)).eval()
     teacher = Teacher(model=model, model_config=model_config, recipe={}, test_accuracy=0.0, path=Path("untrained"))

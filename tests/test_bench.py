@@ -653,7 +653,7 @@ def test_preset_changes_names_each_changed_option_and_ignores_added_ones():
     from ddkit.bench.grid import Cell, preset_changes
     from ddkit.methods import stats_family
 
-    config = json.loads(json.dumps(stats_family.resolve_preset("gvbsm", "digits", "smoke")))
+    config = json.loads(json.dumps(stats_family.resolve_preset("gvbsm", "digits", 10, "smoke")))
     manifest = {"config": json.loads(json.dumps(config))}
     cell = Cell("digits", "gvbsm", 10)
     assert preset_changes(cell, manifest, "smoke") == []

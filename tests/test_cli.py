@@ -12,7 +12,7 @@ from ddkit.cli import build_parser, main
 
 COMMANDS = [
     [], ["data"], ["data", "list"], ["data", "info"], ["data", "fetch"], ["distill"], ["eval"], ["baseline"],
-    ["baseline", "random"], ["export"], ["show"],
+    ["baseline", "random"], ["export"], ["show"], ["config"],
 ]
 
 

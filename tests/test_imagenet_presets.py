@@ -46,7 +46,7 @@ def test_cda_plan_prints_the_published_imagenet_recipe_without_decoding(fake_ima
 
 
 def test_gvbsm_imagenet_preset_is_the_published_one(fake_imagenet):
-    config = stats_family.resolve_preset("gvbsm", f"imagenet:{fake_imagenet}", "paper")
+    config = stats_family.resolve_preset("gvbsm", f"imagenet:{fake_imagenet}", 10, "paper")
     assert [t["pretrained"] for t in config["teachers"]] == [
         "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:efficientnet_b0",
         "torchvision:shufflenet_v2_x0_5"]
@@ -63,7 +63,7 @@ def test_gvbsm_imagenet_preset_is_the_published_one(fake_imagenet):
 
 
 def test_cda_imagenet21k_and_the_fallbacks(fake_imagenet):
-    config = stats_family.resolve_preset("cda", f"imagenet21k:{fake_imagenet}", "paper")
+    config = stats_family.resolve_preset("cda", f"imagenet21k:{fake_imagenet}", 10, "paper")
     rc = config["recover"]
     assert (rc["iterations"], rc["lr"], rc["r_bn"], rc["curriculum"]) == (2000, 0.05, 0.25, "cosine")
     assert stats_family.reference_for("sre2l", f"imagenet21k:{fake_imagenet}")[0] == "imagenet1k"

@@ -79,7 +79,7 @@ def test_recover_in_bf16_stays_close_to_fp32(digits):
     from ddkit.methods.squeeze import Teacher, build_net, frozen
     from ddkit.utils import apply_overrides
 
-    config = stats_family.resolve_preset("sre2l", "digits", "smoke", real=digits)
+    config = stats_family.resolve_preset("sre2l", "digits", 10, "smoke", real=digits)
     model_config = config["teachers"][0]
     teacher = Teacher(frozen(build_net(model_config, digits, 0, "cpu")).eval(), model_config, {}, 0.0, Path("x"))
     recover = apply_overrides(config["recover"], {"iterations": 3, "batch_size": 20})

@@ -43,7 +43,7 @@ def teacher(digits, tmp_path_factory):
 
 
 def config(method="sre2l", **recover):
-    cfg = stats_family.resolve_preset(method, "digits", "smoke")
+    cfg = stats_family.resolve_preset(method, "digits", 10, "smoke")
     cfg["recover"].update(recover)
     return cfg
 
@@ -337,7 +337,7 @@ def test_bad_squeeze_and_relabel_options_fail_before_any_training(teacher, digit
     for options, message in (({"epochs": "x"}, "relabel option epochs='x' is not valid"),
                              ({"crop_scale_min": 2}, "relabel option crop_scale_min=2 is not valid"),
                              ({"equalize_norm": 1}, "relabel option equalize_norm=1 is not valid")):
-        cfg = stats_family.resolve_preset("sre2l", "digits", "smoke")
+        cfg = stats_family.resolve_preset("sre2l", "digits", 10, "smoke")
         cfg["relabel"].update(options)
         with pytest.raises(DDKitError, match=message):
             stats_family.relabel_with(subset, [teacher], cfg, 0, CPU, False)
@@ -345,16 +345,16 @@ def test_bad_squeeze_and_relabel_options_fail_before_any_training(teacher, digit
 
 
 def test_preset_overrides_bare_and_qualified():
-    cfg = stats_family.resolve_preset("gvbsm", "digits", "quick", ["lr=0.2", "relabel.epochs=7"])
+    cfg = stats_family.resolve_preset("gvbsm", "digits", 10, "quick", ["lr=0.2", "relabel.epochs=7"])
     assert cfg["recover"]["lr"] == 0.2 and cfg["relabel"]["epochs"] == 7
     assert cfg["recover"]["ema_alpha"] == 0.8 and cfg["relabel"]["eval_loss"] == "mse_ce"
     assert len(cfg["teachers"]) == 4
     with pytest.raises(DDKitError, match="unknown gvbsm option"):
-        stats_family.resolve_preset("gvbsm", "digits", "quick", ["nope=1"])
+        stats_family.resolve_preset("gvbsm", "digits", 10, "quick", ["nope=1"])
 
 
 def test_paper_presets_are_the_published_recipes_of_each_dataset():
-    sre2l = stats_family.resolve_preset("sre2l", "cifar100", "paper")
+    sre2l = stats_family.resolve_preset("sre2l", "cifar100", 10, "paper")
     assert sre2l["reference"] == "cifar100" and sre2l["teachers"] == [{"arch": "resnet18_bn"}]
     assert (sre2l["recover"]["iterations"], sre2l["recover"]["lr"], sre2l["recover"]["r_bn"]) == (1000, 0.25, 0.01)
     assert (sre2l["recover"]["crop"], sre2l["recover"]["flip"], sre2l["recover"]["jitter_mode"]) == ("none", False,
@@ -362,18 +362,18 @@ def test_paper_presets_are_the_published_recipes_of_each_dataset():
     assert (sre2l["squeeze"]["epochs"], sre2l["squeeze"]["lr"], sre2l["squeeze"]["schedule"]) == (200, 0.1,
                                                                                                    "cosine_epoch")
     assert sre2l["relabel"]["mix"] == "mixup" and sre2l["relabel"]["eval_recipe"] == "sre2l-cifar100"
-    tiny = stats_family.resolve_preset("sre2l", "tiny-imagenet", "paper")
+    tiny = stats_family.resolve_preset("sre2l", "tiny-imagenet", 10, "paper")
     assert tiny["recover"]["jitter_mode"] == "symmetric" and tiny["squeeze"]["warmup_epochs"] == 5
     assert tiny["relabel"]["epochs"] == 100 and tiny["relabel"]["mix"] == "none"
-    cda = stats_family.resolve_preset("cda", "cifar10", "paper")
+    cda = stats_family.resolve_preset("cda", "cifar10", 10, "paper")
     assert cda["reference"] == "tiny" and cda["recover"]["curriculum"] == "cosine" and cda["recover"]["lr"] == 0.4
     for dataset, epochs, relabel in (("cifar10", 5, 1000), ("cifar100", 50, 1000), ("tiny-imagenet", 50, 100)):
-        gvbsm = stats_family.resolve_preset("gvbsm", dataset, "paper")
+        gvbsm = stats_family.resolve_preset("gvbsm", dataset, 10, "paper")
         assert len(gvbsm["teachers"]) == 5 and gvbsm["squeeze"]["epochs"] == epochs
         assert gvbsm["relabel"]["epochs"] == relabel
         assert (gvbsm["recover"]["crop"], gvbsm["recover"]["patch_form"], gvbsm["recover"]["densify_form"]) == (
             "padded", "reference", "reference")
-    assert stats_family.resolve_preset("gvbsm", "tiny-imagenet", "paper")["squeeze"]["lr"] == 0.1
+    assert stats_family.resolve_preset("gvbsm", "tiny-imagenet", 10, "paper")["squeeze"]["lr"] == 0.1
     # sets without a published recipe take the closest one
     assert stats_family.reference_for("gvbsm", "fashion-mnist")[0] == "cifar10"
     assert stats_family.reference_for("sre2l", "fashion-mnist")[0] == "cifar100"
@@ -381,8 +381,8 @@ def test_paper_presets_are_the_published_recipes_of_each_dataset():
 
 def test_quick_tier_is_the_same_algorithm_made_smaller():
     for method in stats_family.METHODS:
-        quick = stats_family.resolve_preset(method, "fashion-mnist", "quick")
-        paper = stats_family.resolve_preset(method, "fashion-mnist", "paper")
+        quick = stats_family.resolve_preset(method, "fashion-mnist", 10, "quick")
+        paper = stats_family.resolve_preset(method, "fashion-mnist", 10, "paper")
         shrunk = {("recover", "iterations"), ("recover", "conv_target_images"), ("relabel", "epochs"),
                   ("squeeze", "epochs"), ("squeeze", "train_subset"), ("squeeze", "warmup_epochs")}
         for stage in ("recover", "relabel", "squeeze"):
@@ -391,16 +391,16 @@ def test_quick_tier_is_the_same_algorithm_made_smaller():
                     assert quick[stage][key] == value, (method, stage, key)
         assert quick["recover"]["iterations"] <= 500 and quick["squeeze"]["epochs"] == 2
     # an override still wins
-    assert stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["jitter=4"])["recover"]["jitter"] == 4
+    assert stats_family.resolve_preset("gvbsm", "fashion-mnist", 10, "quick", ["jitter=4"])["recover"]["jitter"] == 4
 
 
 def test_teacher_cache_keys_change_with_the_recipe():
-    quick = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick")
+    quick = stats_family.resolve_preset("gvbsm", "fashion-mnist", 10, "quick")
     keys = stats_family.teacher_keys(quick, "fashion-mnist")
     assert len(set(keys)) == len(keys) == 4
-    other = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["squeeze.lr=0.1"])
+    other = stats_family.resolve_preset("gvbsm", "fashion-mnist", 10, "quick", ["squeeze.lr=0.1"])
     assert not set(keys) & set(stats_family.teacher_keys(other, "fashion-mnist"))
-    padded = stats_family.resolve_preset("gvbsm", "fashion-mnist", "quick", ["squeeze.crop=none"])
+    padded = stats_family.resolve_preset("gvbsm", "fashion-mnist", 10, "quick", ["squeeze.crop=none"])
     assert not set(keys) & set(stats_family.teacher_keys(padded, "fashion-mnist"))
 
 
@@ -424,7 +424,7 @@ def test_a_published_teacher_recipe_trains_with_its_augmentation_and_schedule(di
     monkeypatch.setattr(optim_module, "set_lr", record_lr)
     monkeypatch.setattr(crops_module, "augment_batch", record_crop)
     monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("the generic loop trained"))
-    recipe = stats_family.resolve_preset("sre2l", "tiny-imagenet", "smoke")["squeeze"]
+    recipe = stats_family.resolve_preset("sre2l", "tiny-imagenet", 10, "smoke")["squeeze"]
     recipe.update(epochs=4, warmup_epochs=2, train_subset=300, batch_size=100)
     teacher = squeeze_module.train_cached(digits, TEACHER, recipe, seed=0, device=CPU)
     assert teacher.recipe["crop"] == "resized" and teacher.recipe["warmup_epochs"] == 2

@@ -28,7 +28,7 @@ def relabelled_real(tmp_path_factory):
     try:
         real = load_dataset("digits")
         subset = random_subset(real, 10, seed=0)
-        config = stats_family.resolve_preset("sre2l", "digits", "smoke", None, real=real)
+        config = stats_family.resolve_preset("sre2l", "digits", 10, "smoke", None, real=real)
         teachers = stats_family.method_teachers(real, config, 0, "cpu", False)
         yield stats_family.relabel_with(subset, teachers, config, 0, "cpu", False), teachers
     finally:

@@ -158,7 +158,7 @@ def test_gvbsm_conv_targets_stream_random_resized_crops_of_the_files(folder, tmp
     from ddkit.methods.stats_family import resolve_preset
 
     ds = load_dataset(f"imagenet:{folder}", image_size=32)
-    config = resolve_preset("gvbsm", ds.name, "smoke", real=ds)["recover"]
+    config = resolve_preset("gvbsm", ds.name, 10, "smoke", real=ds)["recover"]
     assert config["crop"] == "resized" and config["patch_size"] == 16
     net = build_net({"arch": "convnet", "width": 8, "depth": 2}, ds, seed=0, device="cpu").eval()
     teacher = SimpleNamespace(model=net, path=tmp_path)

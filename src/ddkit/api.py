@@ -259,7 +259,7 @@ def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: 
 
     device = resolve_device(device)
     real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
-    config = stats_family.resolve_preset(like, real.name, preset, overrides, real=real)
+    config = stats_family.resolve_preset(like, real.name, distilled.ipc, preset, overrides, real=real)
     started = time.perf_counter()
     if teacher_paths:
         teachers = stats_family.outside_teachers(teacher_paths, real, device, class_check)

@@ -16,6 +16,8 @@ from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError
 from ddkit.methods import describe_methods
 from ddkit.methods.terms import describe_terms
+from ddkit.tiers import DEFAULT_TIER, TIER_CHOICES
+from ddkit.utils import write_text_atomic
 
 
 
@@ -290,10 +292,55 @@ def _add_overwrite(parser) -> None:
                              "an --out is refused")
 
 
+def cmd_config(args) -> int:
+    """`ddkit config METHOD`: print (or write to --out) the YAML configuration a distill run would use."""
+    from ddkit.methods.runconfig import dump_run_config, run_config
+
+    flags = {name: value for name, value in (("terms", args.terms), ("weights", args.weights)) if value}
+    document = run_config(args.method, args.dataset, args.ipc, args.preset, args.seed, args.set_options or None,
+                          **flags)
+    if args.out is None:
+        print(dump_run_config(document), end="")
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DDKitError(f"{out} exists; choose another --out or add --overwrite to replace it")
+    write_text_atomic(out, dump_run_config(document, str(out)))
+    print(f"configuration of {args.method} on {args.dataset} IPC {args.ipc} ({args.preset}) -> {out}; "
+          f"run it with: ddkit distill --config {out} --out DIR")
+    return 0
+
+
+def apply_config_file(args) -> None:
+    """``ddkit distill --config FILE``: fill METHOD, --dataset, --ipc, --preset and --seed from the
+    file where the command line leaves them out (a value given on both says which wins), and put
+    the file's options before any --set (``args.set_options`` becomes a dict)."""
+    from ddkit.methods.runconfig import read_run_config
+    from ddkit.utils import override_items
+
+    if args.resume:
+        raise DDKitError("--config starts a run; --resume continues one with the configuration it was started with: "
+                         "give one of them")
+    document = read_run_config(args.config)
+    for field, flag in (("method", "METHOD"), ("dataset", "--dataset"), ("ipc", "--ipc"), ("preset", "--preset"),
+                        ("seed", "--seed")):
+        given = getattr(args, field)
+        if given is None:
+            setattr(args, field, document[field])
+        elif given != document[field]:
+            print(f"note: {flag} {given} given; {args.config} says {document[field]}: using {given}",
+                  file=sys.stderr)
+    overrides = document["overrides"]
+    overrides.update(override_items(args.set_options, "--set"))
+    args.set_options = overrides
+
+
 def cmd_distill(args) -> int:
     """`ddkit distill` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     import ddkit
 
+    if getattr(args, "config", None):
+        apply_config_file(args)
     if getattr(args, "plan", False):
         return _print_plan(args)
     if args.resume:
@@ -315,7 +362,7 @@ def cmd_distill(args) -> int:
                                             ("--ipc", args.ipc), ("--out", args.out)) if value is None]
         if missing:
             raise DDKitError(f"{args.command} needs {', '.join(missing)} (or --resume DIR to continue a run)")
-        distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset or "quick",
+        distilled = ddkit.distill(args.method, dataset=args.dataset, ipc=args.ipc, preset=args.preset or DEFAULT_TIER,
                                   seed=args.seed or 0, overrides=args.set_options, out=args.out,
                                   **({"image_size": args.image_size} if args.image_size else {}),
                                   **_method_flags(args), **options)
@@ -517,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (matching: one engine over loss terms; statistics: squeeze -> recover -> relabel)")
     p.add_argument("--dataset", help="real dataset name (see `ddkit data list`)")
     p.add_argument("--ipc", type=int, help="synthetic images per class")
-    p.add_argument("--preset", default=None, help="smoke | quick | paper (default quick)")
+    p.add_argument("--preset", default=None, help=f"{TIER_CHOICES} (default {DEFAULT_TIER})")
     p.add_argument("--out", help="output directory of the distilled set (checkpoints go to OUT/checkpoint)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (torchrun; gloo on CPU, nccl with --device cuda, one GPU each); "
@@ -528,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="resize side for imagefolder:PATH datasets; the side of the decoded crops for imagenet:PATH (default 224) and stream:PATH")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset option, e.g. --set iterations=200 --set model.width=64 (repeatable)")
+    p.add_argument("--config", metavar="FILE",
+                   help="run the configuration in FILE (written by `ddkit config`, edited or not): its method, "
+                        "dataset, IPC, preset, seed and options; values given on the command line win, and --set "
+                        "applies after the file")
     p.add_argument("--plan", action="store_true",
                    help="statistics family: print the resolved configuration (statistics, augmentation, teachers and "
                         "their cache keys, relabel, evaluation recipe) and exit, without loading images or training")
@@ -543,6 +594,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("config", help="print the configuration a distill run would use (YAML; distill --config runs it)",
+                       description="Print the merged options a `ddkit distill` run would use: the method's preset for "
+                                   "the dataset and IPC, the term switches and the --set overrides, as YAML. Save it "
+                                   "with --out, edit it, and run it with `ddkit distill --config FILE --out DIR`.")
+    p.add_argument("method", help="method name; " + describe_methods())
+    p.add_argument("--dataset", required=True, help="real dataset name (see `ddkit data list`); nothing is loaded")
+    p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    p.add_argument("--preset", default=DEFAULT_TIER, help=f"{TIER_CHOICES} (default {DEFAULT_TIER})")
+    p.add_argument("--seed", type=int, default=0, help="random seed the file records (default 0)")
+    p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset option, as for distill (repeatable)")
+    p.add_argument("--terms", action="append", default=[], metavar="T1,T2",
+                   help="matching family: switch loss terms on at their default weights, as for distill")
+    p.add_argument("--weight", dest="weights", action="append", default=[], metavar="TERM=W",
+                   help="matching family: set a term's weight, as for distill")
+    p.add_argument("--out", metavar="FILE", help="write the YAML to FILE instead of printing it")
+    _add_overwrite(p)
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("squeeze", help="train (or load the cached) teacher for a dataset",
                        description="Train a teacher on the real data and cache it under $DDKIT_DATA/teachers, "
                                    "keyed by dataset, architecture and recipe; prints its folder and test accuracy.")
@@ -550,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, help="model name, e.g. resnet18_bn, convnet, mobilenetv2, wrn16_2, shufflenetv2")
     p.add_argument("--model", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. --model width=32 --model norm=batch (repeatable)")
-    p.add_argument("--preset", default="quick", help="teacher recipe: smoke | quick | paper (default quick)")
+    p.add_argument("--preset", default=DEFAULT_TIER, help=f"teacher recipe: {TIER_CHOICES} (default {DEFAULT_TIER})")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe option: epochs, lr, momentum, weight_decay, batch_size, train_subset, ...")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
@@ -568,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", nargs="?", help="sre2l | cda | gvbsm")
     p.add_argument("--dataset", help="real dataset name")
     p.add_argument("--ipc", type=int, help="images per class")
-    p.add_argument("--preset", default=None, help="smoke | quick | paper (default quick)")
+    p.add_argument("--preset", default=None, help=f"{TIER_CHOICES} (default {DEFAULT_TIER})")
     p.add_argument("--out", help="output directory of the set (checkpoints go to OUT/checkpoint)")
     _add_checkpoint_options(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -589,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`ddkit eval --protocol soft`.")
     p.add_argument("set", help="distilled-set directory")
     p.add_argument("--like", default="sre2l", help="take teachers and relabel options from this method: sre2l | cda | gvbsm")
-    p.add_argument("--preset", default="quick", help="smoke | quick | paper (default quick)")
+    p.add_argument("--preset", default=DEFAULT_TIER, help=f"{TIER_CHOICES} (default {DEFAULT_TIER})")
     p.add_argument("--out", default=None, help="write the relabelled set here (default: in place)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crop, flip and mix draws (default 0)")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
@@ -606,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set", nargs="?", help="distilled-set directory")
     p.add_argument("--protocol", default="hard",
                    help="hard (hard labels) | soft (replays the set's relabel records under an evaluation recipe)")
-    p.add_argument("--preset", default="quick",
+    p.add_argument("--preset", default=DEFAULT_TIER,
                    help="paper (the recipe's epochs; hard: 1000) | quick (at most 300) | smoke (seconds)")
     p.add_argument("--recipe", default="auto",
                    help="soft protocol: the evaluation recipe, e.g. sre2l-cifar100, gvbsm-tiny, or ddkit (one shared "

@@ -167,7 +167,7 @@ def test_gvbsm_hook_loss_on_the_official_resnet18(golden):
     model = create("resnet18", in_channels=3, num_classes=100, image_size=32).double()
     crd_rule_weights(case, model)
     model.eval()
-    config = stats_family.resolve_preset("gvbsm", "cifar100", "paper",
+    config = stats_family.resolve_preset("gvbsm", "cifar100", 10, "paper",
                                          {"ema_alpha": float(case["training_momentum"]),
                                           "first_multiplier": float(case["first_multiplier"])})["recover"]
     targets = conv_target_statistics(model, [case["real_batch"]], config)
@@ -194,7 +194,7 @@ def test_gvbsm_first_layer_weights_table():
     from ddkit.methods import stats_family
     from ddkit.models import create
 
-    config = stats_family.resolve_preset("gvbsm", "cifar100", "paper")["recover"]
+    config = stats_family.resolve_preset("gvbsm", "cifar100", 10, "paper")["recover"]
     for model in stats_family.GVBSM_POOL:
         options = {k: v for k, v in model.items() if k != "arch" and v is not None}
         net = create(model["arch"], in_channels=3, num_classes=100, image_size=32, **options)

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from ddkit.data.registry import resolve_name
 from ddkit.errors import DDKitError
 from ddkit.methods import METHODS, get_spec, method_names
+from ddkit import tiers
 from ddkit.models import available
+from ddkit.tiers import TIERS  # noqa: F401  re-exported: the bench's tiers are the presets
 from ddkit.utils import split_names
 
 
-TIERS = ("smoke", "quick", "paper")
 BASELINE = "random"
 
 
@@ -89,10 +90,8 @@ def _as_list(value) -> list:
 
 
 def check_tier(tier: str) -> str:
-    """``tier`` itself if it is one of :data:`TIERS`; otherwise DDKitError naming the choices."""
-    if tier not in TIERS:
-        raise DDKitError(f"unknown tier {tier!r}; choose one of: {', '.join(TIERS)}")
-    return tier
+    """``tier`` itself if it is one of :data:`ddkit.tiers.TIERS`; otherwise DDKitError naming the choices."""
+    return tiers.check_tier(tier, "tier")
 
 
 def check_datasets(datasets) -> list[str]:

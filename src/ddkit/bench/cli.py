@@ -9,6 +9,7 @@ from ddkit.bench.report import write_report
 from ddkit.cli_help import COMPILE_HELP
 from ddkit.errors import DDKitError
 from ddkit.methods import get_spec, method_names
+from ddkit.tiers import DEFAULT_TIER, TIER_CHOICES
 from ddkit.utils import split_names
 
 DEFAULT_DATASETS = "fashion-mnist,mnist"
@@ -86,8 +87,8 @@ def add_commands(subparsers) -> None:
                     "--plan shows which. Several processes may run the same command on one OUT at once (e.g. one "
                     "per core or GPU): each claims a cell before running it and leaves the cells others are "
                     "running to them.")
-    p.add_argument("--tier", default="quick",
-                   help="distillation and evaluation preset: smoke | quick | paper (default quick)")
+    p.add_argument("--tier", default=DEFAULT_TIER,
+                   help=f"distillation and evaluation preset: {TIER_CHOICES} (default {DEFAULT_TIER})")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
                    help=f"comma-separated dataset names (default {DEFAULT_DATASETS})")
     p.add_argument("--methods", default=None,

@@ -54,7 +54,7 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
     if cell.method == BASELINE:
         return []
     if relabelled_method(cell.method) is not None:
-        config = stats_family.resolve_preset(relabelled_method(cell.method), cell.dataset, tier)
+        config = stats_family.resolve_preset(relabelled_method(cell.method), cell.dataset, cell.ipc, tier)
         relabel = manifest.get("relabel") or {}
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
                   "relabel": relabel}

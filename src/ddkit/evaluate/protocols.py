@@ -27,11 +27,11 @@ from ddkit import precision
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, recipe_for_set, resolve_soft_config, train_soft
 from ddkit.models.training import check_training_options, test_accuracy, train_classifier
-from ddkit.utils import (apply_overrides, check_flag, check_seed, make_generator, normalize, resolve_device,
-                         seeded_global_rng)
+from ddkit.tiers import check_tier, check_tier_table
+from ddkit.utils import apply_overrides, check_flag, check_seed, make_generator, normalize, resolve_device
 
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``).
-HARD_PRESETS: dict[str, dict] = {
+HARD_PRESETS: dict[str, dict] = check_tier_table({
     "paper": {
         "epochs": 1000, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
         "decay_at": 0.5, "decay_factor": 0.1, "reset_momentum": True, "dsa": True,
@@ -47,7 +47,7 @@ HARD_PRESETS: dict[str, dict] = {
         "decay_at": 0.5, "decay_factor": 0.1, "reset_momentum": True, "dsa": True,
         "dsa_strategy": "auto", "model": {"width": 32}, "eval_batch_size": 1000, "sync_bn": False,
     },
-}
+}, "HARD_PRESETS")
 PROTOCOLS = ("hard", "soft")
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18", "resnet18_bn", "mlp")
 
@@ -61,8 +61,7 @@ def resolve_config(protocol: str, preset: str, overrides=None, recipe: str = "dd
     if protocol not in PROTOCOLS:
         raise DDKitError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     presets = SOFT_PRESETS if protocol == "soft" else HARD_PRESETS
-    if preset not in presets:
-        raise DDKitError(f"unknown evaluation preset {preset!r}; choose one of: {', '.join(presets)}")
+    check_tier(preset, "evaluation preset")
     config = resolve_soft_config(preset, recipe) if protocol == "soft" else presets[preset]
     return apply_overrides(config, overrides, what="evaluation option")
 
@@ -93,12 +92,10 @@ def model_options_for(arch: str, options: dict, preset_options: dict) -> dict:
 
 def build_model(arch: str, channels: int, num_classes: int, image_size: int, options: dict, seed: int, device):
     """Create ``arch`` with its initial weights drawn from ``seed`` (global RNG untouched)."""
-    from ddkit.models import create
+    from ddkit.models import build
 
     merged = {**default_model_options(arch, image_size), **options}
-    with seeded_global_rng(seed):
-        model = create(arch, in_channels=channels, num_classes=num_classes, image_size=image_size, **merged)
-    return model.to(device)
+    return build(arch, channels, num_classes, image_size, seed, device, **merged)
 
 
 @dataclass

@@ -53,6 +53,7 @@ from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
 from ddkit.errors import DDKitError
 from ddkit.models.training import check_training_options
 from ddkit.optim import check_schedule_options, train_scheduled
+from ddkit.tiers import check_tier_table
 from ddkit.utils import check_flag, check_number, check_option, normalize
 
 __all__ = [
@@ -73,17 +74,18 @@ _PAPER = {
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``); ``momentum`` is
 # used by ``optimizer="sgd"`` only; ``online.*`` only by the online-teacher mode. A tier's ``epochs``
 # caps the recipe's (paper: the recipe's own).
-SOFT_PRESETS: dict[str, dict] = {
+SOFT_PRESETS: dict[str, dict] = check_tier_table({
     "paper": {**_PAPER, "online": dict(_ONLINE)},
     "quick": {**_PAPER, "epochs": 300, "online": dict(_ONLINE)},
     "smoke": {**_PAPER, "epochs": 20, "model": {"width": 32, "norm": "batch"}, "online": dict(_ONLINE)},
-}
+}, "SOFT_PRESETS")
 #: What a smaller tier caps over the recipe besides ``epochs`` (paper and quick: nothing). The smoke
 #: tier trains at most 16 images a step: a set of 10 classes x IPC 10 then gets 7 steps an epoch
 #: (140 in all) instead of the one of a recipe's batch of 128, and its BatchNorm student (above;
 #: ConvNet's instance norm learns far more slowly on mixed, shifted views) lifts real images well
 #: above chance in seconds. See docs/methods.md, "Soft-label evaluation".
-SOFT_TIER_CAPS: dict[str, dict] = {"paper": {}, "quick": {}, "smoke": {"batch_size": 16}}
+SOFT_TIER_CAPS: dict[str, dict] = check_tier_table({"paper": {}, "quick": {}, "smoke": {"batch_size": 16}},
+                                                   "SOFT_TIER_CAPS")
 _SRE2L_IMAGENET = {  # SRe2L validate/train_FKD.py: AdamW, get_parameters, LambdaLR cosine per epoch
     "epochs": 300, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": True,
     "schedule": "cosine_epoch", "batch_size": 1024, "loss": "kl", "temperature": 20.0, "t2": False,

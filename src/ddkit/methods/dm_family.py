@@ -15,6 +15,7 @@ from ddkit.errors import DDKitError
 from ddkit.methods.matching import MatchingEngine
 from ddkit.methods.terms import MATCHING_TERMS, active_options as _term_active_options, default_weights, unknown_term
 from ddkit.methods.registry import MethodSpec, register
+from ddkit.tiers import check_tier, check_tier_table
 from ddkit.utils import apply_overrides, override_items, parse_value, split_names
 
 #: Engine defaults = DM's published settings (Zhao & Bilen, "Dataset Condensation with Distribution
@@ -124,7 +125,7 @@ PUBLISHED: dict[tuple[str, str, int], float] = {
 }
 
 #: CPU tiers. quick: Fashion-MNIST IPC 10 in at most ~10 minutes on two cores (docs/benchmarks.md).
-TIER_SETTINGS: dict[str, dict] = {
+TIER_SETTINGS: dict[str, dict] = check_tier_table({
     "paper": {},
     "quick": {
         # 64 real images per class (256 in the papers) and 1 queued net trained 2 steps of 128 images
@@ -144,7 +145,7 @@ TIER_SETTINGS: dict[str, dict] = {
         "cc": {"pool_size": 1, "model": {"arch": "convnet", "width": 8, "norm": "instance"}, "epochs": 1,
                "train_subset": 200},
     },
-}
+}, "TIER_SETTINGS")
 
 
 #: Tier settings that depend on the method: IDM matches 4x as many (expanded) images and trains its
@@ -166,17 +167,30 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def resolve_preset(method: str, dataset: str, ipc: int, preset: str) -> dict:
-    """The engine configuration of ``method`` at ``preset`` for (dataset, IPC), before overrides."""
+def resolve_preset(method: str, dataset: str, ipc: int, preset: str, overrides=None, real=None, terms=None,
+                   weights=None) -> dict:
+    """The engine configuration a run of ``method`` at ``preset`` on (``dataset``, ``ipc``) uses.
+
+    The method's settings over :data:`ENGINE_DEFAULTS`, the published ones for (dataset, IPC)
+    at ``paper``, the tier's; then the term switches ``terms``/``weights``
+    (:func:`apply_term_flags`) and the ``overrides`` (dict or ``key=value`` strings). The same
+    signature as :func:`ddkit.methods.stats_family.resolve_preset`; ``real`` is accepted for it
+    and not needed here (the presets read the dataset's name only).
+    """
     if method not in METHOD_SETTINGS:
         raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_SETTINGS)}")
-    if preset not in TIER_SETTINGS:
-        raise DDKitError(f"unknown preset {preset!r}; choose one of: {', '.join(TIER_SETTINGS)}")
+    check_tier(preset)
     defaults = deep_merge({"weights": {term: 0.0 for term in MATCHING_TERMS}}, ENGINE_DEFAULTS)
     config = deep_merge(defaults, METHOD_SETTINGS[method])
     config = deep_merge(config, paper_settings(method, dataset, ipc))
     config = deep_merge(config, TIER_SETTINGS[preset])
-    return deep_merge(config, TIER_METHOD_SETTINGS.get((method, preset), {}))
+    config = deep_merge(config, TIER_METHOD_SETTINGS.get((method, preset), {}))
+    if terms or weights:
+        config = apply_term_flags(config, terms, weights)
+    if overrides:
+        check_renamed(overrides, f"{method} option")
+        config = apply_overrides(config, overrides, what=f"{method} option")
+    return config
 
 
 def active_options(config: dict) -> dict:
@@ -249,10 +263,7 @@ def distill_matching(method: str):
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True,
             terms=None, weights=None, checkpoint=None, compiled=False):
-        check_renamed(overrides, f"{method} option")
-        config = resolve_preset(method, real.name, ipc, preset)
-        config = apply_term_flags(config, terms, weights)
-        config = apply_overrides(config, overrides, what=f"{method} option")
+        config = resolve_preset(method, real.name, ipc, preset, overrides, real, terms, weights)
         engine = MatchingEngine(real, ipc, config, seed, device, show_progress, compiled=compiled)
         result = engine.run(method, checkpoint=checkpoint)
         expected = PUBLISHED.get((method, real.name, ipc))
@@ -274,7 +285,8 @@ def register_matching_method(name: str, settings: dict, summary: str = "") -> Me
     METHOD_SETTINGS[name] = copy.deepcopy(settings)
     return register(MethodSpec(
         name=name, run=distill_matching(name), family="matching", protocol="hard",
-        resolve=lambda dataset, ipc, preset: resolve_preset(name, dataset, ipc, preset),
+        resolve=lambda dataset, ipc, preset, overrides=None, **flags: resolve_preset(name, dataset, ipc, preset,
+                                                                                      overrides, **flags),
         active_options=active_options, checkpoints=True, compile=True, splits_work=True,
         summary=summary or f"matching engine with {settings or 'the engine defaults'}"))
 

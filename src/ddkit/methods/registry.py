@@ -30,9 +30,11 @@ class MethodSpec:
             family's own (``terms``/``weights``, ``teacher_paths``/``relabel``).
         family: "matching", "statistics", "baseline" or "standalone" (what it shares with others).
         protocol: the evaluation protocol its sets call for: "hard" labels or "soft" (KD replay).
-        resolve: ``resolve(dataset, ipc, preset) -> dict``, the configuration a run would use before
-            overrides (for ``ddkit config``, the bench's staleness check and the contract tests),
-            or None for a method without options.
+        resolve: ``resolve(dataset, ipc, preset, overrides=None, **flags) -> dict``, the
+            configuration a run with these arguments uses (``flags``: the family's, e.g. the
+            matching family's ``terms``/``weights``), for ``ddkit config``, the bench's staleness
+            check and the contract tests; or None for a method without options. A resolver that
+            takes only ``(dataset, ipc, preset)`` still works where no overrides are given.
         active_options: ``config -> config`` without options the run never reads (compared by the
             bench to decide whether a preset changed), or None (compare everything).
         checkpoints: ``run`` takes ``checkpoint={"dir", "every", "seconds", "resume", "run"}`` and

@@ -37,9 +37,10 @@ from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
 from ddkit.data.streaming import StreamedInputs, is_streaming, normalized_split
 from ddkit.errors import DDKitError
-from ddkit.models import create, default_depth
+from ddkit.models import build, default_depth
 from ddkit.models.training import RunCheckpoint, check_training_options, test_accuracy, train_classifier
 from ddkit.optim import check_schedule_options, train_scheduled
+from ddkit.tiers import check_tier, check_tier_table
 from ddkit.utils import (
     apply_overrides,
     check_flag,
@@ -47,19 +48,18 @@ from ddkit.utils import (
     lock_file,
     make_generator,
     normalize,
-    seeded_global_rng,
     write_json_atomic,
 )
 
 #: Teacher training recipes per tier (every key overridable).
-SQUEEZE_PRESETS: dict[str, dict] = {
+SQUEEZE_PRESETS: dict[str, dict] = check_tier_table({
     "paper": {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
               "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 0, "sync_bn": False},
     "quick": {"epochs": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
               "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 20000, "sync_bn": False},
     "smoke": {"epochs": 6, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64,
               "decay_at": 0.5, "decay_factor": 0.1, "train_subset": 1500, "sync_bn": False},
-}
+}, "SQUEEZE_PRESETS")
 #: Recipe keys that change the trained weights (and so the cache key); the keys a recipe lacks are
 #: left out of the key, so a generic recipe keeps the cache entries it had before the papers' ones.
 RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "decay_at", "decay_factor", "train_subset",
@@ -80,9 +80,7 @@ def build_net(model_config: dict, real, seed: int, device) -> torch.nn.Module:
     if arch == "convnet" and options.get("depth") is None:
         options["depth"] = default_depth(size)
     options = {k: v for k, v in options.items() if v is not None}
-    with seeded_global_rng(seed):
-        net = create(arch, in_channels=channels, num_classes=real.num_classes, image_size=size, **options)
-    return net.to(device)
+    return build(arch, channels, real.num_classes, size, seed, device, **options)
 
 
 def frozen(net: torch.nn.Module) -> torch.nn.Module:
@@ -359,8 +357,7 @@ def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 def squeeze_config(preset: str, overrides=None) -> dict:
     """The teacher recipe of ``preset`` with ``overrides`` (dict or ``key=value`` strings)."""
-    if preset not in SQUEEZE_PRESETS:
-        raise DDKitError(f"unknown squeeze preset {preset!r}; choose one of: {', '.join(SQUEEZE_PRESETS)}")
+    check_tier(preset, "squeeze preset")
     return apply_overrides(SQUEEZE_PRESETS[preset], overrides, what="squeeze option")
 
 

@@ -29,6 +29,7 @@ from ddkit.methods.recover import RecoverEngine
 from ddkit.methods.registry import MethodSpec, register
 from ddkit.methods.squeeze import train_cached
 from ddkit.methods.terms import recover_weight_defaults
+from ddkit.tiers import check_tier, check_tier_table
 from ddkit.utils import apply_overrides, check_number, override_items
 
 #: Recover options shared by the family; each method's published values are in :data:`PUBLISHED`. The
@@ -216,7 +217,7 @@ SMOKE_TEACHERS = {
     "single": [{"arch": "convnet", "width": 8, "norm": "batch", "depth": None}],
     "pool": [{"arch": "convnet", "width": 8, "norm": "batch", "depth": None}, {"arch": "resnet18_bn", "width": 4}],
 }
-TIERS: dict[str, dict] = {
+TIERS: dict[str, dict] = check_tier_table({
     "paper": {"teachers": None, "caps": {}, "sets": {}},
     "quick": {"teachers": QUICK_TEACHERS,
               "caps": {"squeeze.epochs": 2, "recover.iterations": 500, "relabel.epochs": 300},
@@ -224,7 +225,7 @@ TIERS: dict[str, dict] = {
     "smoke": {"teachers": SMOKE_TEACHERS,
               "caps": {"squeeze.epochs": 6, "recover.iterations": 3, "relabel.epochs": 20},
               "sets": {"squeeze.train_subset": 1500, "recover.conv_target_images": 200, "recover.log_every": 1}},
-}
+}, "TIERS")
 METHODS = ("sre2l", "cda", "gvbsm")
 STAGES = ("teachers", "squeeze", "recover", "relabel")
 
@@ -281,8 +282,13 @@ def reference_for(method: str, dataset: str, real=None) -> tuple[str, str]:
     return "cifar100", f"the published recipe of the closest image size ({size} px: CIFAR-100, 32 px)"
 
 
-def resolve_preset(method: str, dataset: str, preset: str, overrides=None, real=None) -> dict:
+def resolve_preset(method: str, dataset: str, ipc: int | None = None, preset: str | None = None, overrides=None,
+                   real=None) -> dict:
     """The full configuration ``{reference, teachers, squeeze, recover, relabel}`` of ``method`` at ``preset``.
+
+    The same signature as :func:`ddkit.methods.dm_family.resolve_preset`; ``ipc`` does not change
+    this family's recipes (None is fine). The earlier spelling without it,
+    ``resolve_preset(method, dataset, preset, overrides)``, still works.
 
     ``paper`` is :data:`PUBLISHED` for the reference of :func:`reference_for`; the other tiers
     apply :data:`TIERS`. ``real`` (optional) supplies the image size and class count of a dataset
@@ -290,10 +296,11 @@ def resolve_preset(method: str, dataset: str, preset: str, overrides=None, real=
     may be given bare (``lr=0.1``) or qualified (``recover.lr=0.1``, ``relabel.epochs=50``,
     ``squeeze.epochs=3``).
     """
+    if isinstance(ipc, str):  # the earlier spelling: (method, dataset, preset, overrides)
+        ipc, preset, overrides = None, ipc, preset if overrides is None else overrides
     if method not in METHODS:
         raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    if preset not in TIERS:
-        raise DDKitError(f"unknown preset {preset!r}; choose one of: {', '.join(TIERS)}")
+    check_tier(preset)
     reference, _ = reference_for(method, dataset, real)
     published, tier = PUBLISHED[(method, reference)], TIERS[preset]
     squeeze = deep_merge(SQUEEZE_DEFAULTS, published["squeeze"])
@@ -395,7 +402,7 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
     from ddkit.methods.squeeze import build_net
 
     real = dataset_facts(dataset)
-    config = resolve_preset(method, dataset, preset, overrides, real=real)
+    config = resolve_preset(method, dataset, None, preset, overrides, real=real)
     name, (channels, size, _), classes = real.name, real.image_shape, real.num_classes
     reference, why = reference_for(method, dataset, real)
     sq, rc, rl = config["squeeze"], config["recover"], config["relabel"]
@@ -552,7 +559,7 @@ def distill_statistics(method: str):
 
         from ddkit import distributed
 
-        config = resolve_preset(method, real.name, preset, overrides, real=real)
+        config = resolve_preset(method, real.name, ipc, preset, overrides, real=real)
         started = time.perf_counter()
         if teacher_paths:
             teachers = outside_teachers(teacher_paths, real, device, class_check)
@@ -584,6 +591,7 @@ for _name in METHODS:
     # checkpoints: the recover step (teachers are cached and relabel is redone); merges_parts:
     # relabel needs every recovered image, so the parts are merged before it
     register(MethodSpec(name=_name, run=distill_statistics(_name), family="statistics", protocol="soft",
-                        resolve=lambda dataset, ipc, preset, _m=_name: resolve_preset(_m, dataset, preset),
+                        resolve=lambda dataset, ipc, preset, overrides=None, _m=_name: resolve_preset(
+                            _m, dataset, ipc, preset, overrides),
                         checkpoints=True, compile=True, splits_work=True, merges_parts=True, relabel_baseline=True,
                         summary=f"{_name}: squeeze -> recover -> relabel"))

@@ -20,7 +20,7 @@ zoo's networks: ``resnet18_bn``, ``wrn16_2``, ``mobilenetv2_crd`` and ``shufflen
 """
 
 from ddkit.models.base import TapModel, count_parameters
-from ddkit.models.registry import available, create, register
+from ddkit.models.registry import available, build, create, register
 
 # imported for their @register side effects
 from ddkit.models import alexnet as _alexnet  # noqa: E402,F401  isort: skip
@@ -40,6 +40,7 @@ __all__ = [
     "ConvNet",
     "TapModel",
     "available",
+    "build",
     "count_parameters",
     "create",
     "crd_to_ddkit_keys",

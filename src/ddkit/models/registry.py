@@ -9,6 +9,7 @@ from torch import nn
 
 from ddkit.errors import DDKitError
 from ddkit.models.base import TapModel
+from ddkit.utils import seeded_global_rng
 
 Factory = Callable[..., nn.Module]
 
@@ -100,6 +101,19 @@ def create(name: str, in_channels: int, num_classes: int, image_size: int, **opt
     if not isinstance(model, TapModel):
         raise TypeError(f"factory for {key!r} returned {type(model).__name__}, not a TapModel")
     return model
+
+
+def build(name: str, in_channels: int, num_classes: int, image_size: int, seed: int, device="cpu",
+          **options) -> TapModel:
+    """:func:`create` with the initial weights drawn from ``seed``, moved to ``device``.
+
+    The one way ddkit makes a seeded network (teachers, random matching nets, evaluation models):
+    the same ``seed`` gives the same weights bit for bit, and the caller's global RNG is left as
+    it was (:func:`ddkit.utils.seeded_global_rng`).
+    """
+    with seeded_global_rng(seed):
+        model = create(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+    return model.to(device)
 
 
 def _check_size(key: str, factory: Factory, in_channels: int, num_classes: int, image_size: int, options: dict) -> None:
