@@ -177,3 +177,38 @@ def test_both_families_resolve_presets_with_one_signature_and_the_old_spelling_s
     assert new["recover"]["lr"] == 0.2
     matching = dm_family.resolve_preset("dm", "digits", 10, "smoke", ["iterations=3"], terms="cm")
     assert matching["iterations"] == 3 and matching["weights"]["cm"] > 0
+
+
+# ---- option constraints as data -----------------------------------------------------------------------
+def test_option_tables_check_each_declared_option_in_one_line():
+    from ddkit import options as rules
+
+    table = {"steps": rules.number(integer=True, minimum=1), "pad": rules.number(minimum=0, allow=("auto",)),
+             "alpha": rules.number(minimum=0, maximum=1, allow=(None,)), "flip": rules.flag(allow=("auto",)),
+             "queue.mode": rules.choice("a", "b")}
+    good = {"steps": 3, "pad": "auto", "alpha": None, "flip": True, "queue": {"mode": "b"}}
+    rules.check_table(good, table, "toy")
+    rules.check_table({"steps": 1}, table, "toy")  # options the configuration lacks are not checked
+    for bad, message in [({"steps": 0}, "toy option steps=0 is not valid; give an integer >= 1"),
+                         ({"steps": True}, "toy option steps=True is not valid; give an integer >= 1"),
+                         ({"pad": "none"}, "toy option pad='none' is not valid; give a number >= 0, or auto"),
+                         ({"alpha": 2}, "toy option alpha=2 is not valid; give a number >= 0 and <= 1, or null"),
+                         ({"flip": "yes"}, "toy option flip='yes' is not valid; give true or false, or auto"),
+                         ({"queue": {"mode": "c"}}, "toy option queue.mode='c' is not valid; choose one of: a, b")]:
+        with pytest.raises(DDKitError) as caught:
+            rules.check_table({**good, **bad}, table, "toy")
+        assert str(caught.value) == message
+
+
+def test_the_engines_declare_their_options_as_tables():
+    from ddkit.methods.matching import ENGINE_OPTIONS
+    from ddkit.methods.recover import RECOVER_OPTIONS
+
+    matching = dm_family.resolve_preset("dm", "digits", 2, "smoke")
+    recover = stats_family.resolve_preset("gvbsm", "digits", 2, "smoke")["recover"]
+    from ddkit.options import lookup
+
+    # every declared option is one the presets set, but the old spelling that a resumed run may carry
+    assert [name for name in ENGINE_OPTIONS if lookup(matching, name, "missing") == "missing"] == \
+        ["legacy_step_per_class"]
+    assert [name for name in RECOVER_OPTIONS if lookup(recover, name, "missing") == "missing"] == []

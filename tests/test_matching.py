@@ -264,16 +264,19 @@ def test_published_settings_are_in_the_paper_presets():
     ({"weights.mean": 0.0}, "every loss term has weight 0"),
     ({"weights.ce": 0.5}, "needs trained networks"),
     ({"partition": 3}, "divisor"),
-    ({"image_step": "sometimes"}, "image_step must be per_iteration or per_class"),
-    ({"init_downscale": "nearest"}, "init_downscale must be bilinear or antialias"),
+    ({"image_step": "sometimes"}, r"image_step='sometimes' is not valid; choose one of: per_iteration, per_class"),
+    ({"init_downscale": "nearest"}, r"init_downscale='nearest' is not valid; choose one of: bilinear, antialias"),
     ({"queue.accuracy_reset_every": -1}, r"queue.accuracy_reset_every=-1 is not valid"),
     ({"icd.k": 0}, r"icd.k=0 is not valid"),
-    ({"channels_last": "yes"}, "channels_last must be auto, true or false"),
+    ({"channels_last": "yes"}, r"channels_last='yes' is not valid; give true or false, or auto"),
     ({"lr_img": "abc"}, r"lr_img='abc' is not valid; give a number > 0"),
     ({"iterations": 0}, r"iterations=0 is not valid; give an integer >= 1"),
     ({"momentum_img": 1.5}, r"momentum_img=1.5 is not valid; give a number >= 0 and <= 1"),
     ({"dsa": "maybe"}, r"dsa='maybe' is not valid; give true or false"),
     ({"queue.train_steps": 2.5}, r"queue.train_steps=2.5 is not valid; give an integer >= 1"),
+    ({"model_source": "zoo"}, r"model_source='zoo' is not valid; choose one of: random, queue"),
+    ({"forward": "sideways"}, r"forward='sideways' is not valid; choose one of: batched, per_class"),
+    ({"real_chunk": -1}, r"real_chunk=-1 is not valid; give an integer >= 0"),
 ])
 def test_bad_engine_settings_are_refused(digits, overrides, match):
     with pytest.raises(DDKitError, match=match):

@@ -44,7 +44,8 @@ from ddkit.checkpoint import commit, generator_state, load_latest, restore_gener
 from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
 from ddkit.methods.terms import MATCHING_TERMS, TermInputs, check_terms, enabled_taps, flag, matching_term, number
 from ddkit.models.training import taps_forward
-from ddkit.utils import check_flag, check_number, denormalize, make_generator, normalize, progress
+from ddkit import options as rules
+from ddkit.utils import denormalize, make_generator, normalize, progress
 
 
 class NonFiniteLoss(DDKitError):
@@ -55,8 +56,34 @@ class NonFiniteLoss(DDKitError):
         self.partial = partial
 
 
+#: The engine's options and their constraints (the terms declare their own, :mod:`ddkit.methods.terms`).
+ENGINE_OPTIONS = {
+    "model_source": rules.choice("random", "queue"),
+    "forward": rules.choice("batched", "per_class"),
+    "init": rules.choice("real", "noise"),
+    "init_downscale": rules.choice("bilinear", "antialias"),
+    "image_step": rules.choice("per_iteration", "per_class"),
+    "iterations": rules.number(integer=True, minimum=1),
+    "batch_real": rules.number(integer=True, minimum=1),
+    "partition": rules.number(integer=True, minimum=1),
+    "log_every": rules.number(integer=True, minimum=1),
+    "real_chunk": rules.number(integer=True, minimum=0),
+    "lr_img": rules.number(above=0),
+    "momentum_img": rules.number(minimum=0, maximum=1),
+    "dsa": rules.flag(),
+    "legacy_step_per_class": rules.flag(),
+    "channels_last": rules.flag(allow=("auto",)),
+    "real_lowest_loss": rules.number(integer=True, minimum=0),
+    **{f"queue.{key}": rules.number(integer=True, minimum=1)
+       for key in ("initial", "push_every", "max_size", "train_nets", "train_steps", "train_batch")},
+    "queue.accuracy_reset_every": rules.number(integer=True, minimum=0),
+    "queue.lr": rules.number(above=0),
+}
+
+
 def check_config(config: dict, real, ipc: int) -> None:
-    """Refuse impossible settings with one line each (negative weights, unknown terms, ...)."""
+    """Refuse impossible settings with one line each: :data:`ENGINE_OPTIONS`, the terms' weights
+    and constraints, and the rules that tie options to the data (partition, IPC)."""
     weights = config["weights"]
     for term, weight in weights.items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
@@ -64,31 +91,7 @@ def check_config(config: dict, real, ipc: int) -> None:
     if not any(weights.values()):
         raise DDKitError("every loss term has weight 0; enable at least one with --terms or --weight")
     check_terms(config)
-    if config["model_source"] not in ("random", "queue"):
-        raise DDKitError(f"model_source must be random or queue, got {config['model_source']!r}")
-    if config["forward"] not in ("batched", "per_class"):
-        raise DDKitError(f"forward must be batched or per_class, got {config['forward']!r}")
-    if config["init"] not in ("real", "noise"):
-        raise DDKitError(f"init must be real or noise, got {config['init']!r}")
-    if config.get("init_downscale", "bilinear") not in ("bilinear", "antialias"):
-        raise DDKitError(f"init_downscale must be bilinear or antialias, got {config['init_downscale']!r}")
-    if image_step(config) not in ("per_iteration", "per_class"):
-        raise DDKitError(f"image_step must be per_iteration or per_class, got {config['image_step']!r}")
-    for key in ("iterations", "batch_real", "partition", "log_every"):
-        check_number("distillation", key, config[key], integer=True, minimum=1)
-    check_number("distillation", "real_chunk", config["real_chunk"], integer=True, minimum=0)
-    check_number("distillation", "lr_img", config["lr_img"], above=0)
-    check_number("distillation", "momentum_img", config["momentum_img"], minimum=0, maximum=1)
-    check_flag("distillation", "dsa", config["dsa"])
-    if "legacy_step_per_class" in config:
-        check_flag("distillation", "legacy_step_per_class", config["legacy_step_per_class"])
-    queue = config["queue"]
-    for key in ("initial", "push_every", "max_size", "train_nets", "train_steps", "train_batch"):
-        check_number("distillation", f"queue.{key}", queue[key], integer=True, minimum=1)
-    check_number("distillation", "queue.accuracy_reset_every", queue.get("accuracy_reset_every", 0),
-                 integer=True, minimum=0)
-    check_number("distillation", "queue.lr", queue["lr"], above=0)
-    check_number("distillation", "real_lowest_loss", config.get("real_lowest_loss", 0), integer=True, minimum=0)
+    rules.check_table(config, ENGINE_OPTIONS, "distillation")
     factor = config["partition"]
     _, height, width = real.image_shape
     if height % factor or width % factor:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ddkit import distributed, precision
+from ddkit import options as rules
 from ddkit.augment.crops import CROP_KINDS, JITTER_MODES, augment_batch, cda_min_scale, padding_for
 from ddkit.checkpoint import BatchCheckpoints, generator_state, restore_generator
 from ddkit.errors import DDKitError
@@ -68,7 +69,7 @@ from ddkit.losses.statistics import (
 from ddkit.methods.matching import NonFiniteLoss
 from ddkit.methods.relabel import auto_flip_prob, padding_fill
 from ddkit.methods.terms import RecoverInputs, recover_loss, recover_term, recover_weight_defaults
-from ddkit.utils import check_flag, check_number, check_option, denormalize, make_generator, normalize, progress
+from ddkit.utils import denormalize, make_generator, normalize, progress
 
 BATCH_MODES = ("spread", "class-major", "class-tenths")
 CURRICULA = ("none", "cosine", "linear", "step")
@@ -420,6 +421,35 @@ def _recover_dense(inputs: RecoverInputs):
     return inputs.engine._densification(inputs.x, inputs.labels)
 
 
+#: The recover options and their constraints (the loss terms' weights come from their registry,
+#: :func:`ddkit.methods.terms.recover_term`: each a number >= 0).
+RECOVER_OPTIONS = {
+    **{name: rules.number(integer=True, minimum=1) for name in ("iterations", "batch_size", "log_every", "densify_pool")},
+    **{name: rules.number(integer=True, minimum=0)
+       for name in ("patch_cells", "patch_size", "conv_target_images", "conv_target_batch", "jitter")},
+    "first_multiplier": rules.number(minimum=0),
+    "lr": rules.number(above=0),
+    "densify_temperature": rules.number(above=0),
+    "crop_scale_min": rules.number(minimum=0, maximum=1),
+    "conv_drop": rules.number(minimum=0, maximum=1),
+    "milestone": rules.number(minimum=0, maximum=1),
+    "ema_scope": rules.choice(*EMA_SCOPES),
+    "ema_alpha": rules.number(minimum=0, maximum=1, allow=(None,)),
+    "crop_padding": rules.number(integer=True, minimum=0, allow=("auto",)),
+    "crop_per_sample": rules.flag(),
+    "legacy_ema_zero_start": rules.flag(),
+    "flip": rules.flag(allow=("auto",)),
+    "curriculum": rules.choice(*CURRICULA),
+    "patch_policy": rules.choice(*PATCH_POLICIES),
+    "batch_mode": rules.choice(*BATCH_MODES),
+    "stat_norm": rules.choice("l2", "l2sq", "mse"),
+    "crop": rules.choice(*CROP_KINDS),
+    "patch_form": rules.choice(*PATCH_FORMS),
+    "jitter_mode": rules.choice(*JITTER_MODES),
+    "densify_form": rules.choice(*DENSIFY_FORMS),
+}
+
+
 class RecoverEngine:
     """Recover ``ipc`` images per class of ``real`` from a pool of frozen :class:`Teacher` s.
 
@@ -457,32 +487,10 @@ class RecoverEngine:
         c = self.config
         if not self.teachers:
             raise DDKitError("the recover step needs at least one teacher")
-        for name in ("iterations", "batch_size", "log_every", "densify_pool"):
-            check_number("recover", name, c[name], integer=True, minimum=1)
-        for name in ("patch_cells", "patch_size", "conv_target_images", "conv_target_batch", "jitter"):
-            check_number("recover", name, c[name], integer=True, minimum=0)
-        for name in (*recover_weight_defaults(), "first_multiplier"):
-            check_number("recover", name, c[name], minimum=0)
-        check_number("recover", "lr", c["lr"], above=0)
-        check_number("recover", "densify_temperature", c["densify_temperature"], above=0)
-        for name in ("crop_scale_min", "conv_drop"):
-            check_number("recover", name, c[name], minimum=0, maximum=1)
+        weights = {name: rules.number(minimum=0) for name in recover_weight_defaults()}
+        rules.check_table(c, {**RECOVER_OPTIONS, **weights}, "recover")
         if c["conv_drop"] == 1:
             raise DDKitError("recover option conv_drop=1 drops every conv term; give a probability below 1")
-        check_number("recover", "milestone", c["milestone"], minimum=0, maximum=1)
-        check_option("recover", "ema_scope", c["ema_scope"], EMA_SCOPES)
-        if c["ema_alpha"] is not None:
-            check_number("recover", "ema_alpha", c["ema_alpha"], minimum=0, maximum=1)
-        if c["crop_padding"] != "auto":
-            check_number("recover", "crop_padding", c["crop_padding"], integer=True, minimum=0)
-        for name in ("crop_per_sample", "legacy_ema_zero_start"):
-            check_flag("recover", name, c[name])
-        if c["flip"] != "auto":
-            check_flag("recover", "flip", c["flip"])
-        for name, choices in (("curriculum", CURRICULA), ("patch_policy", PATCH_POLICIES), ("batch_mode", BATCH_MODES),
-                              ("stat_norm", ("l2", "l2sq", "mse")), ("crop", CROP_KINDS), ("patch_form", PATCH_FORMS),
-                              ("jitter_mode", JITTER_MODES), ("densify_form", DENSIFY_FORMS)):
-            check_option("recover", name, c[name], choices)
         if c["curriculum"] != "none" and c["crop"] != "resized":
             raise DDKitError(f"CDA's curriculum={c['curriculum']} moves the scale of a RandomResizedCrop, but crop="
                              f"{c['crop']}; set crop=resized or curriculum=none")

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from ddkit.errors import DDKitError
-from ddkit.utils import check_flag, check_number
+from ddkit import options as constraints
 
 #: Tap names in the order the engine asks the network for them (``blocks`` = every block's output).
 TAP_ORDER = ("blocks", "features", "embedding", "logits")
@@ -51,27 +51,14 @@ TAP_ORDER = ("blocks", "features", "embedding", "logits")
 def number(**bounds) -> Callable[[str, Any], None]:
     """A constraint: the option is a number within ``bounds`` (``integer``, ``minimum``, ``above``,
     ``maximum``, as :func:`ddkit.utils.check_number`); ``allow``: extra literal values (``"auto"``)."""
-    allow = bounds.pop("allow", ())
-
-    def check(name: str, value) -> None:
-        if value not in allow:
-            check_number("distillation", name, value, **bounds)
-
-    return check
+    check = constraints.number(**bounds)
+    return lambda name, value: check("distillation", name, value)
 
 
 def flag() -> Callable[[str, Any], None]:
     """A constraint: the option is true or false."""
-    return lambda name, value: check_flag("distillation", name, value)
-
-
-def _lookup(config: dict, dotted: str, default=None):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
+    check = constraints.flag()
+    return lambda name, value: check("distillation", name, value)
 
 
 # ---- matching terms ------------------------------------------------------------------------------------
@@ -192,7 +179,7 @@ def check_terms(config: dict) -> None:
                     raise DDKitError(f"the {name} term needs {term.requires_why or f'{key}={value}'}; "
                                      f"add --set {key}={value}")
         for dotted, check in term.constraints.items():
-            value = _lookup(config, dotted)
+            value = constraints.lookup(config, dotted)
             if value is not None:
                 check(dotted, value)
 
