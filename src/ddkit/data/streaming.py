@@ -249,11 +249,13 @@ class LazyImages:
 
     @property
     def shape(self) -> torch.Size:
+        """``[N, C, S, S]``: the split's images as they will be decoded (uint8, S = the crop side)."""
         return torch.Size([len(self.split), self.split.channels, self.split.size, self.split.size])
 
     dtype = torch.uint8
 
     def dim(self) -> int:
+        """4: images are ``[N, C, H, W]``."""
         return 4
 
     def __len__(self) -> int:
@@ -443,6 +445,7 @@ class NormalizedSplit:
 
     @property
     def shape(self) -> torch.Size:
+        """``[N, C, H, W]`` of the wrapped split's images."""
         return self.data.images.shape
 
     def __getitem__(self, index):

@@ -129,6 +129,7 @@ class TapModel(nn.Module):
             )
 
     def extra_repr(self) -> str:
+        """The architecture and sizes, shown by ``print(model)``."""
         return (
             f"arch={self.arch!r}, in_channels={self.in_channels}, num_classes={self.num_classes}, "
             f"image_size={self.image_size}, embedding_dim={self.embedding_dim}"

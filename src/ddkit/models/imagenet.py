@@ -99,6 +99,7 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C', H/s, W/s]``: two 3x3 convs plus the (downsampled) input."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + identity)
@@ -121,6 +122,7 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, 4P, H/s, W/s]``: 1x1 -> 3x3 -> 1x1 convs plus the (downsampled) input."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -211,6 +213,7 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C', H/s, W/s]``; the input is added back when shapes allow."""
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
@@ -243,7 +246,8 @@ class ImageNetMobileNetV2(_ImageNetModel):
         nn.init.zeros_(linear.bias)
 
     @property
-    def classifier(self) -> nn.Linear:  # the final Linear; the key prefix is torchvision's "classifier.1"
+    def classifier(self) -> nn.Linear:
+        """The final Linear layer (torchvision's key prefix ``classifier.1``)."""
         return self._modules["classifier"][1]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +295,7 @@ class ShuffleUnit(nn.Module):
             nn.Conv2d(branch, branch, 1, 1, 0, bias=False), nn.BatchNorm2d(branch), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C', H/s, W/s]``: split (or two branches at stride 2), concat, shuffle."""
         if self.stride == 1:
             x1, x2 = x.chunk(2, dim=1)
             out = torch.cat((x1, self.branch2(x2)), dim=1)
@@ -343,6 +348,7 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(squeeze, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` scaled per channel by a gate from its global average."""
         scale = self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
         return x * torch.sigmoid(scale)
 
@@ -364,6 +370,7 @@ class MBConv(nn.Module):
         self.drop = drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C', H/s, W/s]``; stochastic depth and the residual when shapes allow."""
         out = self.block(x)
         if not self.use_res_connect:
             return out

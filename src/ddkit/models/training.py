@@ -48,6 +48,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` normalised with the statistics of the whole batch across processes while training."""
         import torch.distributed as dist
 
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
