@@ -97,3 +97,22 @@ def test_the_cycle_finder_finds_a_cycle_and_names_it():
     assert find_cycle({"a": {"b": "x"}, "b": {"c": "y"}, "c": {"a": "z"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": "x"}, "b": {}, "c": {"a": "z"}}) is None
     assert unit("ddkit.methods.matching") == "ddkit.methods" and unit("ddkit") == "ddkit"
+
+
+def function_level_imports(source: str) -> list[tuple[int, str]]:
+    """``(line, text)`` of every import statement inside a function of ``source``."""
+    lines = source.splitlines()
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found |= {(inner.lineno, lines[inner.lineno - 1].strip()) for inner in ast.walk(node)
+                      if isinstance(inner, (ast.Import, ast.ImportFrom))}
+    return sorted(found)
+
+
+def test_imports_sit_at_module_top_unless_a_comment_gives_the_reason():
+    assert function_level_imports("def f():\n    import os  # why\n    import sys\n") == \
+        [(2, "import os  # why"), (3, "import sys")]
+    unexplained = [f"{path.relative_to(ROOT.parent)}:{line}: {text}" for path in sorted(ROOT.rglob("*.py"))
+                   for line, text in function_level_imports(path.read_text()) if "#" not in text]
+    assert unexplained == []

@@ -422,7 +422,7 @@ def test_a_published_teacher_recipe_trains_with_its_augmentation_and_schedule(di
         return augment_batch(x, generator, crop, flip_prob, per_sample, *args)
 
     monkeypatch.setattr(optim_module, "set_lr", record_lr)
-    monkeypatch.setattr(crops_module, "augment_batch", record_crop)
+    monkeypatch.setattr(squeeze_module, "augment_batch", record_crop)  # the name train_teacher calls
     monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: pytest.fail("the generic loop trained"))
     recipe = stats_family.resolve_preset("sre2l", "tiny-imagenet", 10, "smoke")["squeeze"]
     recipe.update(epochs=4, warmup_epochs=2, train_subset=300, batch_size=100)

@@ -28,6 +28,7 @@ def one_line(capsys, words, code=2):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a command gets as far as distilling or loading a dataset."""
+    import ddkit.cli
     import ddkit.data
 
     def refuse(*args, **kwargs):
@@ -36,6 +37,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(ddkit, "distill", refuse)
     monkeypatch.setattr(ddkit, "resume", refuse)
     monkeypatch.setattr(ddkit.data, "load_dataset", refuse)
+    monkeypatch.setattr(ddkit.cli, "load_dataset", refuse)  # the name the CLI's commands call
 
 
 # ---- 4. file-system faults -----------------------------------------------------------------------------

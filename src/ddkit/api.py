@@ -7,7 +7,18 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from ddkit import distributed, precision
+from ddkit.checkpoint import LATEST, load_tensors, read_run, save_tensors_atomic
+from ddkit.data import load_dataset
 from ddkit.errors import DDKitError
+from ddkit.methods import get_spec, stats_family
+from ddkit.methods.matching import NonFiniteLoss
+from ddkit.methods.pretrained import is_external
+from ddkit.models.training import check_compile_available
+from ddkit.store.distilled import run_lock
+from ddkit.utils import check_seed, peak_memory_bytes, resolve_device
 
 CHECKPOINT_DIR = "checkpoint"
 PARTS_DIR = ".parts"
@@ -65,19 +76,11 @@ def distill(
         A :class:`ddkit.DistilledSet` (images float32 [K*ipc, C, H, W] in [0, 1]); under torchrun
         every rank returns the merged set once rank 0 has saved it.
     """
-    from ddkit import distributed, precision
-    from ddkit.data import load_dataset
-    from ddkit.methods import get_spec
-    from ddkit.methods.matching import NonFiniteLoss
-    from ddkit.utils import check_seed, peak_memory_bytes, resolve_device
-
     spec = get_spec(method)
     check_seed("distillation", seed)
     device = resolve_device(device)
     compiled = bool(compiled) and spec.compile
     if compiled:
-        from ddkit.models.training import check_compile_available
-
         check_compile_available(device)
     world = distributed.setup(device)
     device = distributed.process_device(device)
@@ -144,9 +147,6 @@ def distill(
 def _hold_run_lock(held: contextlib.ExitStack, out, method: str, world) -> None:
     """Enter the run lock of ``out`` into ``held`` on rank 0 (the rank that saves); every rank
     raises the same one-line DDKitError when another process holds it, so none waits for the rest."""
-    from ddkit import distributed
-    from ddkit.store.distilled import run_lock
-
     refusal = None
     if world.is_main:
         try:
@@ -166,8 +166,6 @@ def _checkpoint_spec(spec, method, dataset, ipc, preset, seed, overrides, out, i
             raise DDKitError(f"--resume needs --out and a method that checkpoints (every method but random); "
                              f"{method} does not checkpoint")
         return None
-    from ddkit.checkpoint import LATEST
-
     root = Path(out) / CHECKPOINT_DIR
     if not resume and (root / LATEST).is_file():
         raise DDKitError(f"{out} holds a checkpoint of an unfinished run; continue it with --resume {out} "
@@ -177,8 +175,6 @@ def _checkpoint_spec(spec, method, dataset, ipc, preset, seed, overrides, out, i
     else:
         options = list(overrides or [])
     if flags.get("teacher_paths"):  # a resume may start from another directory
-        from ddkit.methods.pretrained import is_external
-
         flags["teacher_paths"] = [path if is_external(path) else str(Path(path).resolve())
                                   for path in flags["teacher_paths"]]
     run = {"method": method, "dataset": dataset, "ipc": ipc, "preset": preset, "seed": seed, "overrides": options,
@@ -189,11 +185,6 @@ def _checkpoint_spec(spec, method, dataset, ipc, preset, seed, overrides, out, i
 def _merge_parts(result, out: Path, world) -> None:
     """Every rank writes its images (and, for per-batch work, its loss log) to ``out/.parts``
     (atomically); every rank reads all parts, so each holds the merged images; rank 0 saves them."""
-    import torch
-
-    from ddkit import distributed
-    from ddkit.checkpoint import load_tensors, save_tensors_atomic
-
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     rows = getattr(result, "computed_rows", None)
@@ -220,8 +211,6 @@ def _merge_parts(result, out: Path, world) -> None:
 def resume(out: str | Path, device: str | None = None, show_progress: bool = True, **options):
     """Continue the interrupted run whose checkpoint is in ``out`` (its method, dataset, IPC, preset,
     seed and options are read from the checkpoint). Returns the finished set."""
-    from ddkit.checkpoint import read_run
-
     run = read_run(Path(out) / CHECKPOINT_DIR)
     return distill(run["method"], dataset=run["dataset"], ipc=run["ipc"], preset=run["preset"], seed=run["seed"],
                    device=device or "cpu", overrides=run["overrides"], show_progress=show_progress, out=out,
@@ -253,10 +242,6 @@ def relabel(distilled, like: str, preset: str = "quick", seed: int = 0, device: 
         ``{"method", "preset"}`` and the ``squeeze_seconds`` / ``relabel_seconds`` timings; it
         evaluates with ``protocol="soft"``.
     """
-    from ddkit.data import load_dataset
-    from ddkit.methods import stats_family
-    from ddkit.utils import resolve_device
-
     device = resolve_device(device)
     real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
     config = stats_family.resolve_preset(like, real.name, distilled.ipc, preset, overrides, real=real)

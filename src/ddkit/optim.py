@@ -14,7 +14,8 @@ import math
 import torch
 
 from ddkit.errors import DDKitError
-from ddkit.utils import check_flag, check_number, check_option
+from ddkit.models.training import DataParallel, end_epoch, optimizer_step
+from ddkit.utils import check_flag, check_number, check_option, progress
 
 #: optimisers a recipe may name
 OPTIMIZERS = ("sgd", "adamw")
@@ -113,9 +114,6 @@ def train_scheduled(model: torch.nn.Module, n: int, config: dict, generator: tor
     Returns:
         The mean training loss of each epoch (this process's shares).
     """
-    from ddkit.models.training import DataParallel, end_epoch, optimizer_step
-    from ddkit.utils import progress
-
     parallel = DataParallel(model, bool(config.get("sync_bn", False)), compiled)
     optimizer = make_optimizer(model, config)
     epochs, batch_size, lr = int(config["epochs"]), int(config["batch_size"]), float(config["lr"])

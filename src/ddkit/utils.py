@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import platform
 import re
 import resource
 import sys
@@ -17,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from ddkit.errors import DDKitError
 
@@ -182,8 +185,6 @@ def _deep_copy(config: dict) -> dict:
 
 def progress(iterable=None, total=None, desc: str = "", enabled: bool = True, **kwargs):
     """A tqdm progress bar on stderr, or a silent pass-through when ``enabled`` is False."""
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
                 dynamic_ncols=True, **kwargs)
 
@@ -211,8 +212,6 @@ def describe_cpu(cpuinfo: str | None = None, cores: int | None = None) -> str:
     ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None; where there is none, the platform's
     processor name is used); ``cores``: usable cores (default: those this process may run on).
     """
-    import platform
-
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpuinfo is None:
@@ -268,8 +267,6 @@ def lock_file(path: str | Path, wait: bool = True) -> int | None:
     it until closed, or until the process ends, crash included. With ``wait`` False, None at once
     when another open file holds the lock. Never delete such a file while it may be in use: two
     processes could then lock two different files of the same name."""
-    import fcntl
-
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -15,15 +15,19 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import ddkit
 from ddkit.bench.cells import BASELINE, is_baseline, relabelled_method, slug
 from ddkit.bench.results import PLOTS_DIR, latest_results, read_results
 from ddkit.bench.table import method_order
 from ddkit.errors import DDKitError
+from ddkit.store import save_grid
 from ddkit.store.distilled import MANIFEST_FILE
+from ddkit.utils import atomic_write
 
 #: loss_log fields that are bookkeeping, not loss terms
 NOT_LOSS_TERMS = frozenset({"iteration", "batch", "acc", "accuracy", "crop_min", "lr", "seconds"})
@@ -46,8 +50,6 @@ def png_bytes(figure: Figure) -> bytes:
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write the figure as a PNG atomically (a temporary name of its own, then a rename), so that
     bench processes sharing a directory may rewrite the same plot at once."""
-    from ddkit.utils import atomic_write
-
     path = Path(path)
     data = png_bytes(figure)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
@@ -55,8 +57,6 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
 
 
 def _colours(methods: list[str]) -> dict[str, object]:
-    from matplotlib import colormaps
-
     palette = colormaps["tab10"]
     plain = sorted({relabelled_method(m) or m for m in methods} - {BASELINE})
     colours = {m: palette(i % 10) for i, m in enumerate(plain)}
@@ -183,9 +183,6 @@ def write_accuracy_plots(lines: list[dict], plots: str | Path) -> list[Path]:
 
 def write_plots(directory: str | Path) -> list[Path]:
     """(Re)write the bench directory's plots and missing grids; returns the plot paths, sorted."""
-    import ddkit
-    from ddkit.store import save_grid
-
     directory = Path(directory)
     plots = directory / PLOTS_DIR
     lines = latest_results(read_results(directory))

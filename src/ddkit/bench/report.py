@@ -18,8 +18,16 @@ import json
 import os
 from pathlib import Path
 
+import ddkit
+from ddkit.bench.cells import is_baseline
+from ddkit.bench.plots import loss_figure, png_bytes, write_plots
+from ddkit.bench.results import PLOTS_DIR, RESULTS_FILE, SPEC_FILE, latest_results, read_results
+from ddkit.bench.table import sorted_lines, table_rows
 from ddkit.errors import DDKitError
+from ddkit.evaluate.protocols import accuracy_text, preset_label
+from ddkit.store import save_grid
 from ddkit.store.distilled import MANIFEST_FILE
+from ddkit.utils import write_text_atomic
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -120,15 +128,11 @@ def _accuracy(record: dict) -> str:
     """``"80.76 +- 0.09"`` of an evaluation record, or ``"not evaluated"`` for a set without one."""
     if "mean" not in record:
         return "not evaluated"
-    from ddkit.evaluate.protocols import accuracy_text
-
     return accuracy_text(record["mean"], record.get("std", float("nan")), len(record.get("accuracies") or []) or None)
 
 
 def _preset(record: dict) -> str:
     """The preset of an evaluation record with every option that differs from it ("quick, epochs=20")."""
-    from ddkit.evaluate.protocols import preset_label
-
     if "preset" not in record:
         return "-"
     return preset_label(record.get("protocol", "hard"), record["preset"], record.get("config"))
@@ -144,10 +148,6 @@ def _seconds(value) -> str:
 # ---- a single set ------------------------------------------------------------------------------------
 def set_body(directory: Path) -> tuple[str, list[str]]:
     """(title, body parts) of a set's report."""
-    import ddkit
-    from ddkit.bench.plots import loss_figure, png_bytes
-    from ddkit.store import save_grid
-
     distilled = ddkit.load(directory)
     meta = distilled.meta
     sizes = distilled.stored_bytes()
@@ -203,11 +203,6 @@ def set_body(directory: Path) -> tuple[str, list[str]]:
 # ---- a bench directory ---------------------------------------------------------------------------------
 def bench_body(directory: Path) -> tuple[str, list[str]]:
     """(title, body parts) of a bench directory's report."""
-    from ddkit.bench.cells import is_baseline
-    from ddkit.bench.results import PLOTS_DIR, SPEC_FILE, latest_results, read_results
-    from ddkit.bench.plots import write_plots
-    from ddkit.bench.table import sorted_lines, table_rows
-
     write_plots(directory)
     body = []
     spec_path = directory / SPEC_FILE
@@ -277,9 +272,6 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
     that sets judged alike (dataset, IPC, protocol, preset, architecture) are next to each other. A
     set that cannot be read is listed with its error instead of stopping the page.
     """
-    import ddkit
-    from ddkit.bench.cells import is_baseline
-
     rows, unreadable, loaded = [], [], []
     for set_dir in child_sets(directory):
         name = set_dir.relative_to(directory).as_posix()
@@ -322,8 +314,6 @@ def sets_body(directory: Path) -> tuple[str, list[str]]:
 
 def is_bench_dir(directory: Path) -> bool:
     """Whether ``directory`` was written by ``ddkit bench`` (it holds results.jsonl or bench.json)."""
-    from ddkit.bench.results import RESULTS_FILE, SPEC_FILE
-
     return (directory / RESULTS_FILE).is_file() or (directory / SPEC_FILE).is_file()
 
 
@@ -341,8 +331,6 @@ def write_report(path: str | Path, out_html: str | Path | None = None) -> Path:
     Raises:
         DDKitError: ``path`` is none of these (or the single set is damaged).
     """
-    from ddkit.utils import write_text_atomic
-
     directory = Path(path)
     if not directory.is_dir():
         raise DDKitError(f"{directory} is not a directory; pass a set directory or a bench directory")

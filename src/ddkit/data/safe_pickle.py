@@ -9,6 +9,8 @@ refuses everything else with a :class:`~ddkit.errors.DDKitError` *before* anythi
 
 from __future__ import annotations
 
+import _codecs
+import builtins
 import io
 import pickle
 
@@ -17,13 +19,14 @@ import numpy as np
 from ddkit.data.core import one_line
 from ddkit.errors import DDKitError
 
+try:  # numpy >= 2 keeps the implementation in numpy._core
+    from numpy import _core as _NUMPY_CORE  # type: ignore[attr-defined]
+except ImportError:  # numpy 1.x
+    from numpy import core as _NUMPY_CORE  # type: ignore[no-redef]
+
 
 def _numpy_core():
-    try:  # numpy >= 2 keeps the implementation in numpy._core
-        from numpy import _core as core  # type: ignore[attr-defined]
-    except ImportError:  # numpy 1.x
-        from numpy import core  # type: ignore[no-redef]
-    return core
+    return _NUMPY_CORE
 
 
 def _allowed() -> dict[tuple[str, str], object]:
@@ -38,14 +41,10 @@ def _allowed() -> dict[tuple[str, str], object]:
             table[(mod, "_frombuffer")] = frombuffer
     table[("numpy", "ndarray")] = np.ndarray
     table[("numpy", "dtype")] = np.dtype
-    import builtins
-
     for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray", "str",
                  "int", "float", "complex", "bool"):
         table[("builtins", name)] = getattr(builtins, name)
         table[("__builtin__", name)] = getattr(builtins, name)
-    import _codecs
-
     # Python 3 writes bytes in protocol < 3 pickles as _codecs.encode(text, "latin1").
     table[("_codecs", "encode")] = _codecs.encode
     return table

@@ -33,15 +33,23 @@ as ``imagefolder:PATH`` does.
 from __future__ import annotations
 
 import math
+import os
 import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from ddkit.augment.crops import augment_batch, padding_for
 from ddkit.data.core import RealDataset, one_line
+from ddkit.data.formats import IMAGE_EXTENSIONS, imagefolder_layout
+from ddkit.data.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from ddkit.errors import DDKitError
+from ddkit.utils import normalize
 
 #: name prefix -> (default image size, evaluation resize ratio, what it is)
 STREAMING_KINDS = {
@@ -100,8 +108,6 @@ def _read_label_file(path: Path, index: dict[str, int]) -> list[tuple[str, int]]
 def streaming_layout(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
     """Scan ``root`` without decoding: ``(class_names, train files, test files)`` (see the module
     docstring for the layouts). Files are ``(path, label)`` pairs."""
-    from ddkit.data.formats import IMAGE_EXTENSIONS, imagefolder_layout
-
     classes, train, test = imagefolder_layout(root)
     if test or not (root / "train").is_dir():
         return classes, train, test
@@ -129,10 +135,6 @@ def streaming_layout(root: Path) -> tuple[list[str], list[tuple[Path, int]], lis
 # ---- decoding and transforms --------------------------------------------------------------------
 def open_image(path: str, channels: int):
     """Decode ``path`` with Pillow as RGB (``channels`` 3) or grayscale (1); one-line error if damaged."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -170,8 +172,6 @@ def random_resized_box(width: int, height: int, rng: random.Random, scale=CROP_S
 def eval_transform(image, size: int, resize_ratio: float):
     """Resize the shorter side to ``round(size * resize_ratio)`` (bilinear, antialiased), then centre
     crop ``size`` x ``size`` (ImageNet: 256 then 224)."""
-    from PIL import Image
-
     short = max(size, int(round(size * resize_ratio)))
     width, height = image.size
     if width <= height:
@@ -187,8 +187,6 @@ def eval_transform(image, size: int, resize_ratio: float):
 def train_transform(image, size: int, rng: random.Random, scale=CROP_SCALE, flip_prob: float = 0.5):
     """RandomResizedCrop to ``size`` (area ``scale``, ratio 3/4..4/3) and a horizontal flip with
     probability ``flip_prob``."""
-    from PIL import Image
-
     left, top, w, h = random_resized_box(*image.size, rng, scale)
     image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < flip_prob:
@@ -209,9 +207,6 @@ _POOL = []
 
 def _thread_pool():
     """One process-wide pool of decoding threads (``$DDKIT_WORKERS`` or min(8, CPU cores))."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     if not _POOL:
         configured = os.environ.get("DDKIT_WORKERS", "").strip()
         threads = int(configured) if configured.isdigit() and int(configured) > 0 else min(8, os.cpu_count() or 1)
@@ -371,8 +366,6 @@ def load_streaming(name: str, image_size: int | None = None) -> StreamingDataset
     training image for its size and mode (a folder of grayscale images streams one channel).
     Raises :class:`DDKitError` for an unknown name, a missing folder or an unlabelled val/.
     """
-    from ddkit.data.registry import IMAGENET_MEAN, IMAGENET_STD, GRAY_MEAN, GRAY_STD
-
     parsed = streaming_name(name)
     if parsed is None:
         raise DDKitError(f"{name!r} is not a streaming dataset name; write imagenet:PATH, imagenet21k:PATH or stream:PATH")
@@ -382,8 +375,6 @@ def load_streaming(name: str, image_size: int | None = None) -> StreamingDataset
     channels = 3
     size = image_size or default_size
     if kind == "stream":
-        from PIL import Image
-
         with Image.open(train[0][0]) as first:
             if first.mode in ("1", "L", "LA"):
                 channels = 1
@@ -403,8 +394,6 @@ def load_streaming(name: str, image_size: int | None = None) -> StreamingDataset
 def default_workers(count: int) -> int:
     """Loader worker processes for a pass over ``count`` images: none below 512 images (starting
     workers costs more than it saves), else ``$DDKIT_WORKERS`` or min(8, CPU cores)."""
-    import os
-
     if count < 512:
         return 0
     configured = os.environ.get("DDKIT_WORKERS", "").strip()
@@ -422,8 +411,6 @@ def iterate_normalized(real, split: str, batch_size: int, device, workers: int =
                        indices=None, seed: int = 0, epoch: int = 0):
     """Batches ``(float [B, C, S, S] normalised, int64 [B])`` of one split on ``device``, for the
     in-memory kind (slices of the tensors) and the streaming kind (its DataLoader) alike."""
-    from ddkit.utils import normalize
-
     if is_streaming(real):
         for images, labels in real.split(split).loader(batch_size, augment, False, workers, seed, epoch, indices):
             yield normalize(images.float().div_(255.0), real.mean, real.std).to(device), labels.to(device)
@@ -449,8 +436,6 @@ class NormalizedSplit:
         return self.data.images.shape
 
     def __getitem__(self, index):
-        from ddkit.utils import normalize
-
         return normalize(self.data.images[index].float().div_(255.0), self.real.mean, self.real.std).to(self.device)
 
     def batches(self, batch_size: int):
@@ -461,8 +446,6 @@ class NormalizedSplit:
 def normalized_split(real, split: str, device):
     """``split`` of ``real`` as normalised float images on ``device``: a tensor for an in-memory
     dataset, a :class:`NormalizedSplit` (decoded per slice) for a streaming one."""
-    from ddkit.utils import normalize
-
     if is_streaming(real):
         return NormalizedSplit(real, split, device)
     return normalize(real.split(split).images.float().div_(255.0), real.mean, real.std).to(device)
@@ -486,9 +469,6 @@ class StreamedInputs:
         ``crop="resized"`` crops each original file (RandomResizedCrop, area ``crop_scale_min``..1,
         seeded by (seed, epoch, row)); other crops (``padded``, ``none``) and the flip are applied to
         the evaluation-transformed image by :func:`ddkit.augment.crops.augment_batch` from ``generator``."""
-        from ddkit.augment.crops import augment_batch, padding_for
-        from ddkit.utils import normalize
-
         rows = self.rows[positions.cpu()]
         scale = (float(recipe.get("crop_scale_min", CROP_SCALE[0])), 1.0)
         if recipe.get("crop", "none") == "resized":

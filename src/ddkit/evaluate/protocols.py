@@ -22,11 +22,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ddkit.augment import DSA, dsa_strategy_for
+from ddkit.data import load_dataset
 from ddkit.data.streaming import normalized_split
-from ddkit import precision
+from ddkit import distributed, precision
 from ddkit.errors import DDKitError
 from ddkit.evaluate.soft import SOFT_PRESETS, SoftProtocol, recipe_for_set, resolve_soft_config, train_soft
-from ddkit.models.training import check_training_options, test_accuracy, train_classifier
+from ddkit.models.convnet import default_depth
+from ddkit.models.registry import build, option_names
+from ddkit.models.training import (RunCheckpoint, check_compile_available, check_training_options, test_accuracy,
+                                   train_classifier)
+from ddkit.store import DistilledSet, load
 from ddkit.tiers import check_tier, check_tier_table
 from ddkit.utils import apply_overrides, check_flag, check_seed, make_generator, normalize, resolve_device
 
@@ -69,8 +75,6 @@ def resolve_config(protocol: str, preset: str, overrides=None, recipe: str = "dd
 def default_model_options(arch: str, image_size: int) -> dict:
     """Per-architecture defaults that depend on the image size (ConvNet depth: 3 up to 32 px, 4 at 64 px)."""
     if arch == "convnet":
-        from ddkit.models.convnet import default_depth
-
         return {"depth": default_depth(image_size)}
     return {}
 
@@ -81,8 +85,6 @@ def model_options_for(arch: str, options: dict, preset_options: dict) -> dict:
     ConvNet-like networks; AlexNet and VGG have no width, and are built as they are. An option an
     override set (a value other than the preset's) is kept, so one the architecture lacks is still
     refused with one line by :func:`ddkit.models.create`."""
-    from ddkit.models.registry import option_names
-
     accepted = option_names(arch)
     if accepted is None:
         return dict(options)
@@ -92,8 +94,6 @@ def model_options_for(arch: str, options: dict, preset_options: dict) -> dict:
 
 def build_model(arch: str, channels: int, num_classes: int, image_size: int, options: dict, seed: int, device):
     """Create ``arch`` with its initial weights drawn from ``seed`` (global RNG untouched)."""
-    from ddkit.models import build
-
     merged = {**default_model_options(arch, image_size), **options}
     return build(arch, channels, num_classes, image_size, seed, device, **merged)
 
@@ -303,9 +303,6 @@ def run_checkpoint(distilled, protocol: str, preset: str, arch: str, config: dic
     from its first epoch (``evaluate`` without ``reuse``). Under torchrun every rank calls this
     (rank 0 deletes, and the others wait for it before they look for the file).
     """
-    from ddkit import distributed
-    from ddkit.models.training import RunCheckpoint
-
     if distilled.path is None:
         return None
     name = eval_checkpoint_name(protocol, preset, arch, seed)
@@ -370,12 +367,6 @@ def evaluate(
     Returns:
         {arch: EvalResult}; accuracies in percent.
     """
-    from ddkit.augment import DSA, dsa_strategy_for
-    from ddkit.data import load_dataset
-    from ddkit.store import DistilledSet, load
-
-    from ddkit import distributed
-
     if not isinstance(distilled, DistilledSet):
         distilled = load(distilled)
     distilled.check_contents()  # never score an empty or non-finite set as if it were a result
@@ -393,8 +384,6 @@ def evaluate(
         archs = [config["arch"]] if soft is not None else ["convnet"]
     device = resolve_device(device)
     if compiled:
-        from ddkit.models.training import check_compile_available
-
         check_compile_available(device)
     if real is None:
         real = load_dataset(distilled.dataset, **distilled.meta.get("dataset_options", {}))

@@ -49,8 +49,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddkit.augment.crops import padding_for
 from ddkit.augment.replay import RECORD_PREFIX, ReplayPlan, replay_inputs
 from ddkit.errors import DDKitError
+from ddkit.methods.relabel import _as_teacher_list, ensemble_logits, padding_fill, plan_for
+from ddkit.methods.shards import sharded_sources
 from ddkit.models.training import check_training_options
 from ddkit.optim import check_schedule_options, train_scheduled
 from ddkit.tiers import check_tier_table
@@ -289,8 +292,6 @@ class ReplaySource:
         inputs, partner, lam = replay_inputs(self.images, self.plan, epoch, index, self.fill)
         dev = inputs.device
         if self.teachers is not None:
-            from ddkit.methods.relabel import ensemble_logits
-
             with torch.no_grad():
                 values = ensemble_logits(self.teachers, inputs, self.equalize_norm, self.norm_scope)
             if self.fp16:
@@ -389,8 +390,6 @@ class SoftProtocol:
         extras = distilled.extras
         self.has_records = any(k.startswith(RECORD_PREFIX) for k in extras)
         if teachers is not None:
-            from ddkit.methods.relabel import _as_teacher_list
-
             teachers = _as_teacher_list(teachers)
         self.teachers = teachers
         if teachers is None and not self.has_records:
@@ -440,9 +439,6 @@ class SoftProtocol:
 
     def source(self, device) -> tuple[ReplaySource, torch.Tensor]:
         """The :class:`ReplaySource` and int64 hard labels ``[N]`` on ``device``."""
-        from ddkit.augment.crops import padding_for
-        from ddkit.methods.relabel import padding_fill, plan_for
-
         distilled, config = self.distilled, self.config
         fill = padding_fill(distilled).to(device)
         if self.has_records:
@@ -468,8 +464,6 @@ class SoftProtocol:
             src = ReplaySource(images, plan, teachers=self.teachers, equalize_norm=online["equalize_norm"],
                                norm_scope=online["norm_scope"], fp16=online["fp16"], fill=fill)
             return src, labels
-        from ddkit.methods.shards import sharded_sources
-
         # records in the data file, or in shards beside it read one epoch at a time
         records = {**{k: v for k, v in sharded_sources(distilled).items()},
                    **{name: distilled.extras[RECORD_PREFIX + name] for name in ("logits", "topk_values", "topk_indices")

@@ -45,6 +45,7 @@ from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_ch
 from ddkit.methods.terms import MATCHING_TERMS, TermInputs, check_terms, enabled_taps, flag, matching_term, number
 from ddkit.models.training import taps_forward
 from ddkit import options as rules
+from ddkit.store import DistilledSet
 from ddkit.utils import denormalize, make_generator, normalize, progress
 
 
@@ -513,8 +514,6 @@ class MatchingEngine:
 
         ``iterations_done`` counts every iteration of the run, those before a resume included;
         ``seconds`` is this process's time, spent on the iterations from ``resumed_at`` on."""
-        from ddkit.store import DistilledSet
-
         decode = {"kind": "partition", "factor": self.factor} if self.factor > 1 else {"kind": "identity"}
         return DistilledSet(
             images=self.pixels(),

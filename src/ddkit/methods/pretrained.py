@@ -21,11 +21,18 @@ chance: a teacher trained with another class order silently ruins every syntheti
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from ddkit.data import data_root
 from ddkit.errors import DDKitError
+from ddkit.methods.squeeze import Teacher, build_net, frozen, load_teacher
+from ddkit.models import available
+from ddkit.models.imagenet import TORCHVISION_NAMES
+from ddkit.utils import normalize
 
 SOURCES = ("torchvision", "timm")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -42,8 +49,6 @@ def is_external(spec) -> bool:
 
 def _cache_dir(spec: str, real) -> Path:
     """A writable folder for what ddkit derives from this teacher (G-VBSM's conv targets)."""
-    from ddkit.data import data_root
-
     key = hashlib.sha256(f"{spec}|{real.name}|{list(real.image_shape)}".encode()).hexdigest()[:16]
     head = spec.split(":", 1)[0].replace("/", "_")
     return data_root() / "pretrained-teachers" / f"{head}-{key}"
@@ -56,8 +61,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise DDKitError(f"teacher checkpoint {path} does not exist; give the path of a .pth or .safetensors file")
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -77,8 +80,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def parse_arch(text: str) -> tuple[str, dict]:
     """``"convnet(width=16,depth=2)"`` -> ``("convnet", {"width": 16, "depth": 2})``; numbers become
     int or float, ``true``/``false`` booleans, anything else stays a string."""
-    import re
-
     match = re.fullmatch(r"\s*([\w.-]+)\s*(?:\((.*)\))?\s*", text)
     if match is None:
         raise DDKitError(f"{text!r} is not ARCH or ARCH(key=value,...); e.g. convnet(width=16)")
@@ -100,8 +101,6 @@ def parse_arch(text: str) -> tuple[str, dict]:
 
 
 def _ddkit_net(arch: str, options: dict, real) -> torch.nn.Module:
-    from ddkit.methods.squeeze import build_net
-
     return build_net({"arch": arch, **options}, real, seed=0, device="cpu")
 
 
@@ -116,13 +115,11 @@ def _load_into(net: torch.nn.Module, state: dict, what: str) -> None:
 
 def _torchvision(name: str, real):
     try:
-        import torchvision
+        import torchvision  # optional dependency: torchvision (the "gpu" extra)
     except Exception as exc:  # noqa: BLE001 - ImportError, or a build that does not import with this torch
         raise DDKitError(f"--teacher torchvision:{name} needs torchvision, which does not import here "
                          f"({' '.join(str(exc).split())[:100]}); install it, or save its weights and pass "
                          f"--teacher imagenet_resnet18:FILE.pth (a ddkit network with torchvision's keys)") from None
-    from ddkit.models.imagenet import TORCHVISION_NAMES
-
     try:
         source = torchvision.models.get_model(name, weights="DEFAULT")
     except (ValueError, KeyError) as exc:
@@ -137,7 +134,7 @@ def _torchvision(name: str, real):
 
 def _timm(name: str):
     try:
-        import timm
+        import timm  # optional dependency: timm (the "gpu" extra)
     except Exception as exc:  # noqa: BLE001
         raise DDKitError(f"--teacher timm:{name} needs timm, which does not import here "
                          f"({' '.join(str(exc).split())[:100]}); install timm or give ARCH:FILE") from None
@@ -151,16 +148,12 @@ def load_external_teacher(spec: str, real, device="cpu"):
     """A frozen, eval-mode :class:`ddkit.methods.squeeze.Teacher` for ``spec`` (see the module
     docstring); its logits must have ``real.num_classes`` entries. ``test_accuracy`` is NaN
     (not measured); ``path`` is a cache folder for what ddkit derives from it."""
-    from ddkit.methods.squeeze import Teacher, frozen
-
     head, _, tail = spec.partition(":")
     if head.lower() == "torchvision":
         net, config = _torchvision(tail, real)
     elif head.lower() == "timm":
         net, config = _timm(tail)
     else:
-        from ddkit.models import available
-
         arch, options = parse_arch(head)
         if arch not in available():
             raise DDKitError(f"--teacher {spec}: {arch!r} is not a ddkit model; write ARCH:FILE with ARCH one of "
@@ -182,8 +175,6 @@ def load_external_teacher(spec: str, real, device="cpu"):
 def resolve_teacher(spec, real, device="cpu"):
     """``--teacher`` value -> Teacher: an external one (:func:`load_external_teacher`) or a ddkit
     teacher folder (:func:`ddkit.methods.squeeze.load_teacher`)."""
-    from ddkit.methods.squeeze import load_teacher
-
     if is_external(spec):
         return load_external_teacher(spec, real, device)
     return load_teacher(spec, real, device)
@@ -204,8 +195,6 @@ def check_class_order(teacher, real, device="cpu", sample: int = 0, seed: int = 
     ``sample``: images to look at (0: ``min(2048, max(256, 2 K))``, all when the split is smaller);
     a streaming dataset decodes only these. Returns the accuracy in [0, 1].
     """
-    from ddkit.utils import normalize
-
     count = len(real.train)
     size = min(count, sample or min(2048, max(256, 2 * real.num_classes)))
     generator = torch.Generator().manual_seed(seed)

@@ -54,6 +54,7 @@ from ddkit import distributed, precision
 from ddkit import options as rules
 from ddkit.augment.crops import CROP_KINDS, JITTER_MODES, augment_batch, cda_min_scale, padding_for
 from ddkit.checkpoint import BatchCheckpoints, generator_state, restore_generator
+from ddkit.data.streaming import is_streaming
 from ddkit.errors import DDKitError
 from ddkit.losses.statistics import (
     PATCH_FORMS,
@@ -321,8 +322,6 @@ def real_conv_targets(teacher, real, config: dict, device, show_progress: bool =
         rows = torch.randperm(images.shape[0], generator=generator)[:spec["images"]]
     step = spec["batch"] or 256
     black = padding_fill(real.mean, real.std).to(device)
-    from ddkit.data.streaming import is_streaming
-
     # a streamed split's RandomResizedCrop + flip crop each original file, as a data loader does
     from_files = is_streaming(real) and config["crop"] == "resized"
 

@@ -26,7 +26,9 @@ The evaluation side is :mod:`ddkit.evaluate.soft` (``evaluate(..., protocol="sof
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -36,6 +38,8 @@ from ddkit.augment.crops import padding_for
 from ddkit.augment.dsa import dsa_strategy_for
 from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
 from ddkit.errors import DDKitError
+from ddkit.methods.shards import SHARD_FOLDER, write_shard
+from ddkit.store import DistilledSet
 from ddkit.utils import check_flag, check_number, make_generator, normalize, progress, resolve_device
 
 __all__ = ["NORM_SCOPES", "ensemble_logits", "auto_flip_prob", "plan_for", "padding_fill", "relabel", "EVAL_LOSSES"]
@@ -224,8 +228,6 @@ def relabel(
         DDKitError: bad settings, a partition-decoded set, or teachers whose class count differs
             from the set's.
     """
-    from ddkit.store import DistilledSet
-
     if not isinstance(distilled, DistilledSet):
         raise DDKitError("relabel expects a ddkit.DistilledSet; load it with ddkit.load(path) first")
     if distilled.decode_factor != 1:
@@ -313,11 +315,6 @@ def relabel(
                     extras[RECORD_PREFIX + "topk_values"] = values.view(epochs, n, topk)
                     extras[RECORD_PREFIX + "topk_indices"] = indices.view(epochs, n, topk)
             else:
-                import tempfile
-                from pathlib import Path
-
-                from ddkit.methods.shards import write_shard
-
                 folder = Path(shard_dir) if shard_dir is not None else Path(tempfile.mkdtemp(prefix="ddkit-relabel-"))
                 for first in range(0, epochs, block):
                     stop = min(epochs, first + block)
@@ -360,7 +357,5 @@ def relabel(
         extras=extras, meta=meta,
     )
     if shards:
-        from ddkit.methods.shards import SHARD_FOLDER
-
         result.attachments = {SHARD_FOLDER: folder}  # moved into the set's folder by DistilledSet.save
     return result

@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ddkit.errors import DDKitError
 from ddkit.store.distilled import SHARD_FOLDER  # noqa: F401 (the folder inside a set that holds the shards)
@@ -27,8 +29,6 @@ from ddkit.utils import sha256_of
 def write_shard(folder: Path, start: int, stop: int, tensors: dict[str, torch.Tensor]) -> dict:
     """Write the records of epochs ``[start, stop)`` (each tensor ``[stop - start, N, k]``) to
     ``folder`` and return its manifest entry ``{file, epochs, bytes, sha256}``."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     name = f"epochs-{start:05d}-{stop - 1:05d}.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name))
@@ -55,8 +55,6 @@ class ShardedRecords:
         self.shape = (int(self.shards[-1]["epochs"][1]), *first.get_slice(key).get_shape()[1:])
 
     def _open(self, shard: dict):
-        from safetensors import safe_open
-
         path = self.folder / shard["file"]
         if not path.is_file():
             raise DDKitError(f"relabel shard {path} is missing; the set is incomplete, relabel it again")

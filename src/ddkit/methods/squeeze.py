@@ -32,19 +32,28 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ddkit import precision
+from ddkit import distributed, precision
+from ddkit.augment.crops import CROP_KINDS, augment_batch, padding_for
 from ddkit.checkpoint import save_tensors_atomic
 from ddkit.data import data_root
 from ddkit.data.streaming import StreamedInputs, is_streaming, normalized_split
 from ddkit.errors import DDKitError
+from ddkit.methods.relabel import auto_flip_prob, padding_fill
 from ddkit.models import build, default_depth
-from ddkit.models.training import RunCheckpoint, check_training_options, test_accuracy, train_classifier
+from ddkit.models.training import (
+    RunCheckpoint,
+    check_compile_available,
+    check_training_options,
+    test_accuracy,
+    train_classifier,
+)
 from ddkit.optim import check_schedule_options, train_scheduled
 from ddkit.tiers import check_tier, check_tier_table
 from ddkit.utils import (
     apply_overrides,
     check_flag,
     check_number,
+    check_option,
     lock_file,
     make_generator,
     normalize,
@@ -224,8 +233,6 @@ def _training_lock(folder: Path):
     """Held while this process trains the cache entry ``folder``: another process that asks for the
     same network (two bench processes on one grid) waits, then loads what this one saved, instead
     of training it a second time. Not under torchrun, whose ranks train the network together."""
-    from ddkit import distributed
-
     if distributed.current().distributed:
         yield
         return
@@ -254,8 +261,6 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
     else:
         images = images if pick is None else images[pick]
         inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
-    from ddkit import distributed
-
     # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (rank 0 writes).
     checkpoint = RunCheckpoint(folder / "training.safetensors", recipe)
     if is_streaming(real) and "schedule" not in schedule:
@@ -287,9 +292,6 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
 
 def check_teacher_recipe(recipe: dict, what: str = "squeeze") -> None:
     """Refuse, with one line, a papers'-style teacher recipe no loop could use."""
-    from ddkit.augment.crops import CROP_KINDS
-    from ddkit.utils import check_option
-
     check_schedule_options(recipe, what)
     check_option(what, "crop", recipe.get("crop", "none"), CROP_KINDS)
     check_number(what, "crop_scale_min", recipe.get("crop_scale_min", 0.08), above=0, maximum=1)
@@ -324,9 +326,6 @@ def train_teacher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     Returns:
         The mean training loss of each epoch (this rank's share under torchrun).
     """
-    from ddkit.augment.crops import augment_batch, padding_for
-    from ddkit.methods.relabel import auto_flip_prob, padding_fill
-
     flip = recipe.get("flip", "auto")
     flip_prob = auto_flip_prob(real.name, None) if flip == "auto" else (0.5 if flip else 0.0)
     if isinstance(images, StreamedInputs):  # decoded and augmented per batch from disk
@@ -367,8 +366,6 @@ def squeeze(real, model_config: dict, preset: str = "quick", overrides=None, see
     (``compiled``: through ``torch.compile``, see :func:`train_cached`)."""
     schedule = squeeze_config(preset, overrides)
     if compiled:
-        from ddkit.models.training import check_compile_available
-
         check_compile_available(device)
     return train_cached(real, model_config, schedule, seed, device, kind="teachers", show_progress=show_progress,
                         desc=f"squeeze {model_config.get('arch', 'convnet')}", compiled=compiled)

@@ -22,14 +22,26 @@ epochs, conv targets from a subset.
 from __future__ import annotations
 
 import copy
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
+from ddkit import distributed
+from ddkit.augment.crops import padding_for
+from ddkit.data import dataset_info
+from ddkit.data.registry import DATASETS, resolve_name
 from ddkit.errors import DDKitError
 from ddkit.methods.dm_family import deep_merge
-from ddkit.methods.recover import RecoverEngine
+from ddkit.methods.pretrained import check_class_order, load_external_teacher, resolve_teacher
+from ddkit.methods.recover import RecoverEngine, StatisticsHooks, conv_modules
 from ddkit.methods.registry import MethodSpec, register
-from ddkit.methods.squeeze import train_cached
+from ddkit.methods.relabel import auto_flip_prob, relabel
+from ddkit.methods.squeeze import build_net, cache_folder, recipe_for, train_cached
 from ddkit.methods.terms import recover_weight_defaults
 from ddkit.tiers import check_tier, check_tier_table
+from ddkit.models import available
+from ddkit.store import DistilledSet
 from ddkit.utils import apply_overrides, check_number, override_items
 
 #: Recover options shared by the family; each method's published values are in :data:`PUBLISHED`. The
@@ -239,16 +251,10 @@ def dataset_facts(dataset: str, real=None):
     """What the presets need to know of ``dataset``: ``name``, ``image_shape`` ``(C, H, W)`` and
     ``num_classes``, from ``real`` when given, else from the dataset registry's metadata (no file
     is read; an ``imagefolder:`` dataset is read to be described)."""
-    from types import SimpleNamespace
-
-    from ddkit.data.registry import DATASETS, resolve_name
-
     if real is not None:
         return SimpleNamespace(name=real.name, image_shape=tuple(real.image_shape), num_classes=int(real.num_classes))
     name, folder = resolve_name(dataset)
     if folder is not None:
-        from ddkit.data import dataset_info
-
         info = dataset_info(dataset)
         return SimpleNamespace(name=name, image_shape=tuple(info["image_shape"]), num_classes=info["num_classes"])
     spec = DATASETS[name]
@@ -339,8 +345,6 @@ def method_teachers(real, config: dict, seed: int, device, show_progress: bool =
     if not config["teachers"]:
         raise DDKitError("the teacher list is empty; give at least one model")
     if any(model.get("pretrained") for model in config["teachers"]):  # the ImageNet presets' published teachers
-        from ddkit.methods.pretrained import load_external_teacher
-
         if any(model.get("pretrained") == USER_TEACHER for model in config["teachers"]):
             arch = next(m["arch"] for m in config["teachers"] if m.get("pretrained") == USER_TEACHER)
             raise DDKitError(f"this recipe's teacher is a {arch} trained on {real.name.split(':', 1)[0]} that no "
@@ -359,8 +363,6 @@ def teacher_keys(config: dict, dataset: str, seed: int = 0, real=None) -> list[s
     """The cache folder names (``<arch>-<hash>``) of the teachers :func:`method_teachers` would
     train or load for ``config``, from the dataset registry's metadata (no file is read); they
     change with the recipe, as the teachers do."""
-    from ddkit.methods.squeeze import cache_folder, recipe_for
-
     real = dataset_facts(dataset, real)
     return [cache_folder("teachers", real, recipe_for(real, model, config["squeeze"], seed + i)).name
             for i, model in enumerate(config["teachers"])]
@@ -368,9 +370,6 @@ def teacher_keys(config: dict, dataset: str, seed: int = 0, real=None) -> list[s
 
 def _augmentation_text(options: dict, dataset: str, size: int, per: str) -> str:
     """How a stage crops and flips (recover, squeeze or relabel options), in words."""
-    from ddkit.augment.crops import padding_for
-    from ddkit.methods.relabel import auto_flip_prob
-
     padding = padding_for(size) if options.get("crop_padding", "auto") == "auto" else int(options["crop_padding"])
     crop = {"resized": f"RandomResizedCrop (scale {options.get('crop_scale_min', 0.08):g}-1)",
             "padded": f"RandomCrop padded {padding} px", "none": "no crop"}[options.get("crop", "none")]
@@ -398,9 +397,6 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
     evaluation recipe (``describe_recipe(name)`` adds its options, when given). Reads the dataset
     registry's metadata only: no image is loaded and nothing trains.
     """
-    from ddkit.methods.recover import StatisticsHooks, conv_modules
-    from ddkit.methods.squeeze import build_net
-
     real = dataset_facts(dataset)
     config = resolve_preset(method, dataset, None, preset, overrides, real=real)
     name, (channels, size, _), classes = real.name, real.image_shape, real.num_classes
@@ -410,8 +406,6 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
              f"{why} (reference {reference})"]
     lines.append(f"teachers ({len(config['teachers'])}, one per iteration in turn; cached in "
                  f"$DDKIT_DATA/teachers/{name}/):")
-    from ddkit.models import available
-
     for model, key in zip(config["teachers"], teacher_keys(config, dataset, seed, real)):
         if model.get("pretrained"):
             where = ("--teacher ARCH:FILE (yours)" if model["pretrained"] == USER_TEACHER
@@ -477,8 +471,6 @@ def outside_teachers(specs, real, device, class_check: bool = True) -> list:
     """The teachers of ``--teacher`` values (folders, ``torchvision:NAME``, ``timm:NAME``,
     ``ARCH:FILE``), each checked by :func:`ddkit.methods.pretrained.check_class_order` unless
     ``class_check`` is False (a teacher from outside may order its classes differently)."""
-    from ddkit.methods.pretrained import check_class_order, resolve_teacher
-
     teachers = [resolve_teacher(spec, real, device) for spec in specs]
     if class_check:
         for teacher in teachers:
@@ -489,8 +481,6 @@ def outside_teachers(specs, real, device, class_check: bool = True) -> list:
 def check_pretrained(teachers, config: dict, real, device) -> None:
     """:func:`ddkit.methods.pretrained.check_class_order` for the preset's pretrained teachers
     (those ddkit trains on the dataset itself have its class order by construction)."""
-    from ddkit.methods.pretrained import check_class_order
-
     for teacher, model in zip(teachers, config["teachers"]):
         if model.get("pretrained"):
             check_class_order(teacher, real, device)
@@ -501,9 +491,6 @@ def shard_staging(near) -> str | None:
     disk as the set, not the system's temporary directory), or None without ``near``."""
     if near is None:
         return None
-    import tempfile
-    from pathlib import Path
-
     parent = Path(near).resolve().parent.parent
     parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkdtemp(prefix=".ddkit-relabel-", dir=parent)
@@ -513,8 +500,6 @@ def relabel_with(distilled, teachers, config: dict, seed: int, device, show_prog
                  shard_dir=None):
     """Relabel ``distilled`` with the pool and the method's relabel options (records in ``extras``,
     or in shards written to ``shard_dir`` with ``shard_epochs`` > 0, see :func:`ddkit.methods.relabel.relabel`)."""
-    from ddkit.methods.relabel import relabel
-
     options = config["relabel"]
     # relabel() checks its own arguments; this key only exists here, as the low end of crop_scale.
     check_number("relabel", "crop_scale_min", options["crop_scale_min"], minimum=0, maximum=1)
@@ -534,8 +519,6 @@ def recover_set(method: str, real, ipc: int, config: dict, teachers, seed: int, 
     """Recover ``ipc`` images per class (no soft labels yet) as a DistilledSet.
 
     ``checkpoint``: per-batch checkpoints and resume, see :meth:`RecoverEngine.run`."""
-    from ddkit.store import DistilledSet
-
     engine = RecoverEngine(real, ipc, config["recover"], teachers, seed, device, show_progress)
     images, labels, record = engine.run(checkpoint)
     result = DistilledSet(
@@ -555,10 +538,6 @@ def distill_statistics(method: str):
 
     def run(real, ipc, preset="quick", overrides=None, seed=0, device="cpu", show_progress=True, relabel=True,
             teacher_paths=None, merge_parts=None, checkpoint=None, compiled=False, class_check=True):
-        import time
-
-        from ddkit import distributed
-
         config = resolve_preset(method, real.name, ipc, preset, overrides, real=real)
         started = time.perf_counter()
         if teacher_paths:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ddkit.errors import DDKitError
@@ -120,10 +122,6 @@ def _check_size(key: str, factory: Factory, in_channels: int, num_classes: int, 
     """Refuse options whose parameters alone would not fit in this machine's memory (``--set
     model.width=1000000000000``), before anything is allocated: the model is first built on the
     ``meta`` device, which allocates nothing and draws no random numbers."""
-    import os
-
-    import torch
-
     try:
         with torch.device("meta"):
             probe = factory(in_channels, num_classes, image_size, **options)

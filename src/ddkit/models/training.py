@@ -3,14 +3,23 @@ the IDM model queue and the pretrained feature extractors of class centralizatio
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from torch.nn.parallel import DistributedDataParallel
 
+from ddkit import distributed, precision
+from ddkit.checkpoint import generator_state, load_tensors, restore_generator, save_tensors_atomic
 from ddkit.errors import DDKitError
 from ddkit.utils import check_flag, check_number, progress
 
@@ -21,16 +30,12 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         total = tensor.clone()
         dist.all_reduce(total)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         total = grad.clone()
         dist.all_reduce(total)
         return total
@@ -49,8 +54,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` normalised with the statistics of the whole batch across processes while training."""
-        import torch.distributed as dist
-
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         channels = x.shape[1]
@@ -111,15 +114,11 @@ class DataParallel:
     """
 
     def __init__(self, model: nn.Module, sync_bn: bool = False, compiled: bool = False):
-        from ddkit import distributed, precision
-
         self.world = distributed.current()
         # the training passes' precision (ddkit.precision.using); the loss is computed in fp32
         self.amp = precision.current(next((p.device for p in model.parameters()), "cpu"))
         self.module = model
         if self.world.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
             if sync_bn:
                 synced_batch_norm(model)
             self.module = DistributedDataParallel(model)
@@ -147,8 +146,6 @@ def _quiet_ddp_profiler_notice() -> None:
     """Drop the warning torch.compile logs on every rank when it traces DDP's forward: DDP marks it
     with a profiler ``record_function``, which the compiled graph leaves out. Harmless, and with no
     profiler running there is nothing to lose; every other message of that logger still shows."""
-    import logging
-
     logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
     if _drop_profiler_notice not in logger.filters:
         logger.addFilter(_drop_profiler_notice)
@@ -158,10 +155,6 @@ def check_compile_available(device) -> None:
     """Raise a one-line :class:`DDKitError` when ``torch.compile`` cannot build kernels for
     ``device``: its CPU backend compiles C++ (needs ``g++``, ``c++`` or ``clang++``, or ``$CXX``);
     its CUDA backend needs Triton."""
-    import importlib.util
-    import os
-    import shutil
-
     if torch.device(device).type == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise DDKitError("--compile on a GPU needs Triton (pip install triton); drop --compile to train eagerly")
@@ -244,8 +237,6 @@ class RunCheckpoint:
         self.every_seconds = float(every_seconds)
         self.seconds_before = 0.0
         self._started = self._last = time.monotonic()
-        from ddkit import distributed
-
         self._writer = distributed.current().is_main
 
     def restore(self, model: nn.Module, generator: torch.Generator) -> tuple[dict, dict] | None:
@@ -257,9 +248,6 @@ class RunCheckpoint:
         Raises:
             DDKitError: under torchrun, on every rank, when the ranks did not find the same checkpoint.
         """
-        from ddkit import distributed
-        from ddkit.checkpoint import restore_generator
-
         found = self._read()
         # Under torchrun, a rank that resumed while another started afresh would train a different
         # model in lockstep and hang or diverge silently: agree first, on every rank.
@@ -287,10 +275,6 @@ class RunCheckpoint:
 
     def _read(self) -> tuple[dict, dict] | None:
         """(tensors, state) of this run's checkpoint, or None (none, damaged, another identity)."""
-        from safetensors import SafetensorError
-
-        from ddkit.checkpoint import load_tensors
-
         if not self.path.is_file():
             return None
         try:
@@ -308,8 +292,6 @@ class RunCheckpoint:
         caller has stored what the run produced (:meth:`remove`): a stop between the end of
         training and that store then costs no training at all.
         Returns whether it wrote (never on a rank other than 0)."""
-        from ddkit.checkpoint import generator_state, save_tensors_atomic
-
         if not self._writer:
             return False
         if not final and time.monotonic() - self._last < self.every_seconds:

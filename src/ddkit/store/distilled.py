@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from ddkit.augment.partition import decode_images
 from ddkit.errors import DDKitError
+from ddkit.store.grid import save_grid
 from ddkit.utils import canonical_json, default_mode, lock_file, sha256_of, wrapped_os_error, write_json_atomic
 
 FORMAT_NAME = "ddkit-distilled-set"
@@ -424,8 +425,6 @@ class DistilledSet:
             manifest = self.manifest(sha256=digest)
             write_json_atomic(staging / MANIFEST_FILE, seal_manifest(manifest))
             if grid:
-                from ddkit.store.grid import save_grid
-
                 save_grid(self.images, self.labels, self.class_names, staging / GRID_FILE)
             # Keep files the set's directory already had that are not part of the format
             # (logs, checkpoints), so a re-save never loses a user's data.

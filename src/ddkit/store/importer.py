@@ -21,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as load_safetensors
 
+from ddkit.data import dataset_info
+from ddkit.data.formats import class_folders, decode_images, images_under
 from ddkit.errors import DDKitError
 from ddkit.store.distilled import DistilledSet
+from ddkit.store.tensorfile import declared_space
 from ddkit.utils import sha256_of
 
 #: how the numbers of an imported image tensor map to pixels
@@ -62,8 +67,6 @@ def load_file(source: Path):
 
 def _safetensors_metadata(source: Path) -> dict:
     """The string metadata of a safetensors header ({} when it has none)."""
-    from safetensors import safe_open
-
     with safe_open(str(source), "pt") as handle:
         return dict(handle.metadata() or {})
 
@@ -74,9 +77,6 @@ def _load_with_metadata(source: Path):
         raise DDKitError(f"{source} does not exist; {_WHAT_TO_PASS}")
     suffix = source.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file as load_safetensors
-
         try:
             return load_safetensors(str(source)), _safetensors_metadata(source)
         except (SafetensorError, OSError, ValueError) as exc:
@@ -157,8 +157,6 @@ def labels_in(obj, source: Path, labels_key: str = "labels"):
 
 def _read_folder(source: Path, channels: int, show_progress: bool):
     """An image folder: one sub-folder per class in label order (as ``ddkit export`` writes)."""
-    from ddkit.data.formats import class_folders, decode_images, images_under
-
     folders = class_folders(source)
     if not folders:
         raise DDKitError(f"{source} has no class sub-folders; put each class's images in its own folder, in label order")
@@ -197,8 +195,6 @@ def read_source(source: str | Path, entry: int = 0, images_key: str = "images", 
         and the space the file's writer declared with why (:func:`ddkit.store.tensorfile.declared_space`;
         ``None`` when the file does not say).
     """
-    from ddkit.store.tensorfile import declared_space
-
     source = Path(source)
     if source.is_dir():
         if (source / "manifest.json").is_file():
@@ -409,8 +405,6 @@ def import_set(
         A DistilledSet: images float32 [N, C, H, W] in pixel space (unclipped), labels int64 [N], and
         a manifest recording the source, its sha256 and the space conversion under ``imported``.
     """
-    from ddkit.data import dataset_info
-
     if not _METHOD_NAME.match(method or ""):
         raise DDKitError(f"method name {method!r} is not valid; use letters, digits and . _ + -, e.g. dm-original")
     info = dataset_info(dataset, image_size=image_size)

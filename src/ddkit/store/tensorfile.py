@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from ddkit._version import __version__
 
@@ -55,8 +56,6 @@ def export_tensors(images: torch.Tensor, labels: torch.Tensor, mark: dict[str, s
     images = images.detach().to(torch.float32).contiguous().cpu()
     labels = labels.detach().to(torch.int64).contiguous().cpu()
     if kind == "safetensors":
-        from safetensors.torch import save_file
-
         save_file({"images": images, "labels": labels}, str(path), metadata=mark)
     elif kind == "npz":
         with open(path, "wb") as handle:
