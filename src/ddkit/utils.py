@@ -279,6 +279,16 @@ def lock_file(path: str | Path, wait: bool = True) -> int | None:
     return fd
 
 
+@contextlib.contextmanager
+def holding_lock(path: str | Path):
+    """:func:`lock_file` for a ``with`` block: the exclusive lock on ``path`` is held until it ends."""
+    fd = lock_file(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 #: What to do about a file-system fault the user can fix by choosing another path, changing
 #: permissions or freeing space (``ddkit`` exits 2 for these; any other OSError exits 1).
 FILE_FAULT_ADVICE = {

@@ -53,7 +53,7 @@ def cmd_bench(args) -> int:
     lines = run_bench(args.tier, _names(args.datasets, "--datasets"), methods, _positive_ints(args.ipc, "--ipc"),
                       runs=args.runs, out=args.out, seed=args.seed, device=args.device,
                       show_progress=not args.quiet, archs=_names(args.arch, "--arch"), compiled=args.compile,
-                      trust_results=args.trust_results)
+                      trust_results=args.trust_results, scores=args.scores)
     failed = [line for line in lines if "error" in line]
     print(f"{len(lines) - len(failed)} of {len(lines)} cells done; table: {args.out}/{TABLE_FILE}")
     for line in failed:
@@ -111,6 +111,11 @@ def add_commands(subparsers) -> None:
                         "OUT/sets is missing (a results.jsonl carried to another machine without the sets), or is "
                         "a random subset a random+M cell made again and nobody evaluated; by default such a cell "
                         "is made or evaluated again. Other cells whose set is there are checked as usual")
+    p.add_argument("--scores", action="store_true",
+                   help="also compute DD-Ranking's scores of every cell (HLR, IOR, LRS, ARS; docs/bench.md): a "
+                        "hard-label evaluation of soft-label sets, an evaluation without augmentation, and the "
+                        "full-data reference (trained once per dataset, architecture and tier, cached in "
+                        "$DDKIT_DATA/references); finished cells get only the missing evaluations")
     p.add_argument("--plan", action="store_true",
                    help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "
                         "again, and what a stopped bench left to continue from) and exit; runs and writes nothing")

@@ -25,6 +25,7 @@ from ddkit.bench.results import PLOTS_DIR, RESULTS_FILE, SPEC_FILE, latest_resul
 from ddkit.bench.table import sorted_lines, table_rows
 from ddkit.errors import DDKitError
 from ddkit.evaluate.protocols import accuracy_text, preset_label
+from ddkit.evaluate.scores import LEGEND, SCORE_NAMES
 from ddkit.store import save_grid
 from ddkit.store.distilled import MANIFEST_FILE
 from ddkit.utils import write_text_atomic
@@ -218,7 +219,12 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
              "<p>Final-epoch test accuracy, mean +- population std over the runs. <code>random</code> is the "
              "random real subset (hard labels); <code>random+M</code> is that subset relabelled with M's "
              "teachers, the fair baseline for soft-label methods.</p>",
-             html_table(header, rows, classes, numeric={1, 4, 6, 7, 8, 9, 10})]
+             html_table(header, rows, classes, numeric={1, 4, 6, 7, 8, 9, 10, 11} | {
+                 index for index, name in enumerate(header) if name in SCORE_NAMES})]
+    shown = [name for name in SCORE_NAMES if name in header]
+    if shown:
+        body.append("<p>Scores, as DD-Ranking defines them (docs/bench.md, \"Scores\"):</p><ul>"
+                    + "".join(f"<li><b>{name}</b>: {esc(LEGEND[name])}</li>" for name in shown) + "</ul>")
     failures = [line for line in lines if "error" in line]
     if failures:
         items = [f"<li>{esc(str(line.get('dataset')))} {esc(str(line.get('method')))} ipc {esc(str(line.get('ipc')))} "

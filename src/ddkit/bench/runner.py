@@ -22,6 +22,7 @@ from ddkit.bench.cells import (
 )
 from ddkit.bench.claims import cell_held_elsewhere, claim_cell
 from ddkit.bench.plots import write_plots
+from ddkit.bench.scores import add_score_inputs, line_scores, needs_score_inputs
 from ddkit.bench.results import (
     utc_now, append_result, latest_by_key, latest_results, line_key, read_results, SETS_DIR, SPEC_FILE,
     TABLE_FILE,
@@ -278,7 +279,7 @@ def _error_line(cell: Cell, arch: str, tier: str, runs: int, seed: int, device, 
 
 def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0, device: str = "cpu",
               show_progress: bool = True, archs=("convnet",), compiled: bool = False,
-              trust_results: bool = False) -> list[dict]:
+              trust_results: bool = False, scores: bool = False) -> list[dict]:
     """Run (or resume) the grid of (dataset, method, IPC) cells into the bench directory ``out``.
 
     Args:
@@ -293,6 +294,10 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
             :func:`ddkit.evaluate`), and distill through it too (:func:`ddkit.distill`); an
             execution detail, so cells finished without it stay finished. Result lines of compiled
             evaluations say ``"compiled": true``, as do the manifests of compiled distillations.
+        scores: also run what DD-Ranking's scores need (:mod:`ddkit.bench.scores`: a hard-label
+            evaluation of soft-label sets, an evaluation without augmentation, the cached
+            full-data reference) and store the scores in each line; finished cells get the
+            missing evaluations only.
 
     Returns:
         The latest result line of every cell of this grid (failed cells carry ``"error"``), in
@@ -337,6 +342,8 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         which a ``random+M`` cell may have to make); False when another process holds either."""
         label = f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})"
         if all(status.state == "done" for status in statuses):
+            if scores and score_cell(cell, label):
+                return True
             say(f"{label}: done before, skipped")
             return True
         needs = [cell] + ([Cell(cell.dataset, BASELINE, cell.ipc)] if relabelled_method(cell.method) else [])
@@ -366,6 +373,8 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
                 raise
             except Exception as exc:  # a failing cell is recorded; the bench goes on
                 lines = [_error_line(cell, arch, tier, runs, seed, device, exc) for arch in pending]
+            if scores:
+                lines = [with_scores(line) for line in lines]
             for line in lines:
                 append_result(out, line)
         finally:
@@ -376,6 +385,39 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         say(f"{label}: {summary} ({time.perf_counter() - started:.0f} s)")
         write_table(out)
         write_plots(out)
+        return True
+
+    def with_scores(line: dict) -> dict:
+        """``line`` with the inputs of its scores evaluated and its scores against the latest lines."""
+        if needs_score_inputs(line):
+            try:
+                line = add_score_inputs(line, out, device, show_progress, compiled)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # the cell's own result stands; say why it has no scores
+                say(f"{line['dataset']} {line['method']} ipc {line['ipc']}: no scores ({exc})")
+                return line
+        found = line_scores(line, latest_results(read_results(out)) + [line])
+        return {**line, "scores": found} if found else line
+
+    def score_cell(cell: Cell, label: str) -> bool:
+        """Add the scores' evaluations to a finished cell's lines that lack them; False when none do
+        (or its set is gone: a results.jsonl carried without its sets keeps its lines)."""
+        keys = {cell_key(cell, tier, arch, runs, seed) for arch in archs}
+        lines = [line for line in latest_results(read_results(out)) if line_key(line) in keys]
+        todo = [line for line in lines if needs_score_inputs(line) and (out / str(line.get("set"))).is_dir()]
+        if not todo:
+            return False
+        claim = claim_cell(out, cell)
+        if not claim.held:
+            return False
+        try:
+            for line in todo:
+                append_result(out, with_scores(line))
+        finally:
+            claim.release()
+        say(f"{label}: done before; scores' evaluations added")
+        write_table(out)
         return True
 
     deferred = []

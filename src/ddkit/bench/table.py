@@ -6,13 +6,15 @@ from pathlib import Path
 
 from ddkit.bench.cells import BASELINE, relabelled_method
 from ddkit.bench.results import TABLE_FILE, latest_results, read_results
+from ddkit.bench.scores import line_scores, score_columns
+from ddkit.evaluate.scores import LEGEND, SCORE_NAMES
 from ddkit.evaluate.protocols import accuracy_text as spread
 from ddkit.utils import write_text_atomic
 
 MIB = 1024 * 1024
 #: Column titles of the table, in order; "arch" and "tier" are added when the results mix several.
 COLUMNS = ("dataset", "IPC", "method", "protocol", "runs", "accuracy % (mean +- std)", "distill s", "eval s/run",
-           "peak memory MiB", "image bytes", "soft-label bytes")
+           "peak memory MiB", "image bytes", "soft-label bytes", "total bytes")
 
 
 def method_order(method: str) -> tuple:
@@ -61,8 +63,14 @@ def row_cells(line: dict, extra: tuple[str, ...] = ()) -> list[str]:
         "-" if failed or peak is None else f"{peak / MIB:.0f}",
         "-" if failed else str(line.get("image_bytes", "-")),
         "-" if failed else str(line.get("soft_label_bytes", "-")),
+        "-" if failed or line.get("image_bytes") is None else str(total_bytes(line)),
     ]
     return cells + [str(line.get(name, "-")) for name in extra]
+
+
+def total_bytes(line: dict) -> int:
+    """What a cell's set costs to store: its images and its soft-label records, in bytes."""
+    return int(line.get("image_bytes") or 0) + int(line.get("soft_label_bytes") or 0)
 
 
 def extra_columns(lines: list[dict]) -> tuple[str, ...]:
@@ -75,7 +83,13 @@ def table_rows(directory: str | Path) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the bench directory's table, from ``results.jsonl``."""
     lines = sorted_lines(latest_results(read_results(directory)))
     extra = extra_columns(lines)
-    return list(COLUMNS) + list(extra), [row_cells(line, extra) for line in lines]
+    scores = score_columns(lines)
+    rows = []
+    for line in lines:
+        values = line_scores(line, lines)
+        shown = {name: f"{values[name]:.2f}" if name in values else "-" for name in scores}
+        rows.append(row_cells({**line, **shown}, extra + scores))
+    return list(COLUMNS) + list(extra) + list(scores), rows
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -100,9 +114,12 @@ def write_table(directory: str | Path) -> Path:
         "baseline for the soft-label methods. Peak memory is the resident set (CPU) or the allocated "
         "CUDA memory while the set was made. \"(compiled)\": the set was made, or its evaluation "
         "networks trained, with `--compile`: through torch.compile wherever the step can (for the "
-        "statistics family, only teachers not cached yet), the same computation in fused kernels.",
+        "statistics family, only teachers not cached yet), the same computation in fused kernels. Total "
+        "bytes: images plus soft-label records, what the set costs to store.",
         "",
         markdown_table(header, rows),
+        "",
+        *[f"- {name}: {LEGEND[name]}" for name in SCORE_NAMES if name in header],
         "",
     ])
     return write_text_atomic(directory / TABLE_FILE, text)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from ddkit.utils import (
     check_flag,
     check_number,
     check_option,
-    lock_file,
+    holding_lock,
     make_generator,
     normalize,
     write_json_atomic,
@@ -237,11 +236,8 @@ def _training_lock(folder: Path):
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fd = lock_file(folder / ".training.lock")
-    try:
+    with holding_lock(folder / ".training.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, recipe: dict, seed: int, device,

@@ -1,0 +1,60 @@
+"""`ddkit bench --scores`: DD-Ranking's scores of every cell, from the cell's extra evaluations, its
+baseline's line and the cached full-data reference; cells finished before get the missing
+evaluations only."""
+
+import math
+
+import pytest
+
+from ddkit.bench.results import TABLE_FILE, read_results
+from ddkit.bench.runner import run_bench
+from ddkit.bench.scores import baseline_method, line_scores
+from ddkit.evaluate import references
+
+
+def test_baselines_are_the_random_subset_or_its_relabelled_form():
+    assert baseline_method("dm") == "random"
+    assert baseline_method("sre2l") == "random+sre2l"
+    assert baseline_method("random") is None and baseline_method("random+gvbsm") is None
+
+
+def test_line_scores_use_the_baseline_of_the_same_cell():
+    base = {"dataset": "d", "ipc": 1, "arch": "convnet", "tier": "smoke", "runs": 1, "seed": 0, "protocol": "hard"}
+    random_line = {**base, "method": "random", "mean": 50.0, "plain_mean": 40.0}
+    other_ipc = {**random_line, "ipc": 10, "mean": 99.0}
+    dm = {**base, "method": "dm", "mean": 60.0, "plain_mean": 50.0, "full_data_hard": 90.0}
+    scores = line_scores(dm, [random_line, other_ipc, dm])
+    assert scores["IOR"] == 10.0 and scores["HLR"] == 30.0
+    assert scores["ARS"] == pytest.approx(100 * (math.exp(0.1) - math.exp(-1)) / (math.exp(1) - math.exp(-1)),
+                                          abs=1e-4)
+    assert line_scores({**dm, "error": "boom"}, [random_line]) == {}
+    assert line_scores(dm, [other_ipc]) == {"HLR": 30.0}
+
+
+@pytest.mark.slow
+def test_bench_scores_every_cell_and_adds_them_to_finished_cells(tmp_path, isolated_data, monkeypatch):
+    monkeypatch.setitem(references.FULL_DATA_EPOCHS, "smoke", 2)  # the plumbing, not the reference's quality
+    out = tmp_path / "bench"
+    run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out, show_progress=False)
+    before = len(read_results(out))
+    lines = run_bench("smoke", ["digits"], ["dm", "sre2l"], [1], runs=1, out=out, show_progress=False, scores=True)
+    by_method = {line["method"]: line for line in lines}
+    assert set(by_method) == {"random", "dm", "random+sre2l", "sre2l"}
+    # random and dm were finished: each got one more line (with the scores' evaluations), not a new run
+    assert len(read_results(out)) == before + 4
+    full = by_method["dm"]["full_data_hard"]
+    assert all(line["full_data_hard"] == full for line in lines)  # one cached reference for the dataset
+    dm, random_line = by_method["dm"], by_method["random"]
+    assert dm["scores"]["IOR"] == pytest.approx(dm["mean"] - random_line["mean"], abs=1e-3)
+    assert dm["scores"]["HLR"] == pytest.approx(full - dm["mean"], abs=1e-3)
+    assert set(dm["scores"]) == {"HLR", "IOR", "LRS", "ARS"} and "plain_mean" in dm
+    sre2l, relabelled = by_method["sre2l"], by_method["random+sre2l"]
+    assert sre2l["protocol"] == "soft" and "hard_mean" in sre2l and "plain_mean" not in sre2l
+    assert sre2l["scores"]["IOR"] == pytest.approx(sre2l["mean"] - relabelled["mean"], abs=1e-3)
+    assert sre2l["scores"]["HLR"] == pytest.approx(full - sre2l["hard_mean"], abs=1e-3)
+    assert set(sre2l["scores"]) == {"HLR", "IOR", "LRS"}  # the soft protocol has no plain evaluation yet
+    table = (out / TABLE_FILE).read_text()
+    assert "| HLR | IOR | LRS | ARS |" in table and "- LRS: label-robust score" in table
+    again = len(read_results(out))
+    run_bench("smoke", ["digits"], ["dm", "sre2l"], [1], runs=1, out=out, show_progress=False, scores=True)
+    assert len(read_results(out)) == again  # nothing left to add
