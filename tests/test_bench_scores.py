@@ -58,3 +58,22 @@ def test_bench_scores_every_cell_and_adds_them_to_finished_cells(tmp_path, isola
     again = len(read_results(out))
     run_bench("smoke", ["digits"], ["dm", "sre2l"], [1], runs=1, out=out, show_progress=False, scores=True)
     assert len(read_results(out)) == again  # nothing left to add
+
+
+def test_the_storage_plot_puts_both_protocols_on_one_bytes_axis(tmp_path):
+    from ddkit.bench.plots import storage_figure, write_storage_plots
+
+    base = {"dataset": "digits", "arch": "convnet", "tier": "smoke", "runs": 1, "seed": 0, "std": 0.5}
+    lines = [{**base, "method": "random", "protocol": "hard", "ipc": ipc, "mean": 40.0 + ipc, "image_bytes": 640 * ipc,
+              "soft_label_bytes": 0} for ipc in (1, 10, 50)]
+    lines += [{**base, "method": "sre2l", "protocol": "soft", "ipc": ipc, "mean": 60.0 + ipc,
+               "image_bytes": 640 * ipc, "soft_label_bytes": 4000 * ipc} for ipc in (1, 10)]
+    lines.append({**base, "method": "dm", "protocol": "hard", "ipc": 1, "error": "boom"})
+    axes = storage_figure(lines[:5], "t").axes[0]
+    assert axes.get_xscale() == "log"
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels == ["random (hard labels), baseline", "sre2l (soft labels)"]
+    xs = sorted({float(x) for line in axes.get_lines() for x in line.get_xdata()})
+    assert xs == [640, 4640, 6400, 32000, 46400]  # images + soft-label records, per set
+    written = write_storage_plots(lines, tmp_path)
+    assert [path.name for path in written] == ["storage-digits-convnet-smoke.png"]

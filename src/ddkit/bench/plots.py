@@ -3,6 +3,9 @@
 - ``plots/accuracy-<dataset>-<protocol>-<arch>-<tier>.png``: accuracy against IPC, one line per
   method with the standard deviation as error bars; the baselines are dashed (``random`` black,
   ``random+M`` in M's colour).
+- ``plots/storage-<dataset>-<arch>-<tier>.png``: accuracy against the bytes each set takes to
+  store (images plus soft-label records), both protocols together; the random subset with hard
+  labels (dashed black) is the baseline at equal storage.
 - ``plots/loss-<set>.png``: the loss terms of a set's ``loss_log`` against the iteration (the
   statistics family's batches are concatenated, with a dotted line where a batch starts).
 - every set of the bench gets its ``grid.png`` back if it is missing.
@@ -23,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 import ddkit
 from ddkit.bench.cells import BASELINE, is_baseline, relabelled_method, slug
 from ddkit.bench.results import PLOTS_DIR, latest_results, read_results
-from ddkit.bench.table import method_order
+from ddkit.bench.table import method_order, total_bytes
 from ddkit.errors import DDKitError
 from ddkit.store import save_grid
 from ddkit.store.distilled import MANIFEST_FILE
@@ -181,12 +184,59 @@ def write_accuracy_plots(lines: list[dict], plots: str | Path) -> list[Path]:
     return written
 
 
+def storage_figure(lines: list[dict], title: str) -> Figure:
+    """Accuracy against the bytes a set takes to store (images plus soft-label records, log scale),
+    one line per method over its IPCs, both protocols on one plot. The random subset with hard
+    labels is the dashed black line: at any storage budget, more real images instead of soft
+    labels; ``random+M`` is dashed in M's colour."""
+    figure = new_figure()
+    axes = figure.add_subplot(1, 1, 1)
+    methods = sorted({line["method"] for line in lines}, key=method_order)
+    colours = _colours(methods)
+    for method in methods:
+        points = sorted((total_bytes(l), float(l["mean"]), float(l["std"])) for l in lines if l["method"] == method)
+        baseline = is_baseline(method)
+        protocol = next(l["protocol"] for l in lines if l["method"] == method)
+        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                      label=f"{method} ({protocol} labels)" + (", baseline" if baseline else ""),
+                      color=colours[method], linestyle="--" if baseline else "-", marker="s" if baseline else "o",
+                      linewidth=2.0 if baseline else 1.5, capsize=4, markersize=6)
+    axes.set_xscale("log")
+    axes.set_xlabel("bytes stored: images + soft-label records (log scale)")
+    axes.set_ylabel("test accuracy %")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    return figure
+
+
+def storage_plot_name(dataset: str, arch: str, tier: str) -> str:
+    """File name of the accuracy-against-storage plot of one (dataset, arch, tier) group."""
+    return f"storage-{slug(dataset)}-{arch}-{tier}.png"
+
+
+def write_storage_plots(lines: list[dict], plots: str | Path) -> list[Path]:
+    """One accuracy-against-storage plot per (dataset, arch, tier) of ``lines`` whose lines say
+    their stored bytes; returns their paths, sorted."""
+    plots = Path(plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        if "error" not in line and line.get("mean") is not None and line.get("image_bytes"):
+            groups.setdefault((line["dataset"], line.get("arch", "convnet"), line.get("tier", "-")), []).append(line)
+    written = []
+    for (dataset, arch, tier), group in sorted(groups.items()):
+        figure = storage_figure(group, f"{dataset}: accuracy at equal storage, {arch}, {tier} tier")
+        written.append(save_figure(figure, plots / storage_plot_name(dataset, arch, tier)))
+    return written
+
+
 def write_plots(directory: str | Path) -> list[Path]:
     """(Re)write the bench directory's plots and missing grids; returns the plot paths, sorted."""
     directory = Path(directory)
     plots = directory / PLOTS_DIR
     lines = latest_results(read_results(directory))
-    written = write_accuracy_plots(lines, plots)
+    written = write_accuracy_plots(lines, plots) + write_storage_plots(lines, plots)
     for set_path in sorted({line["set"] for line in lines if line.get("set")}):
         set_dir = directory / set_path
         manifest_path = set_dir / MANIFEST_FILE

@@ -236,6 +236,14 @@ def bench_body(directory: Path) -> tuple[str, list[str]]:
         body += ["<h2>Accuracy against IPC</h2>", '<div class="figures">']
         body += [image_tag(p.read_bytes(), p.stem, p.stem) for p in accuracy]
         body.append("</div>")
+    storage = sorted(plots.glob("storage-*.png"))
+    if storage:
+        body += ["<h2>Accuracy at equal storage</h2>",
+                 "<p>Bytes stored per set (images plus soft-label records): a soft-label set is compared "
+                 "with the random subset of as many bytes (more real images, hard labels), dashed.</p>",
+                 '<div class="figures">']
+        body += [image_tag(p.read_bytes(), p.stem, p.stem) for p in storage]
+        body.append("</div>")
     set_dirs = sorted({directory / line["set"] for line in lines if line.get("set")})
     set_dirs = [d for d in set_dirs if (d / MANIFEST_FILE).is_file()]
     if set_dirs:
