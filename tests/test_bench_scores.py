@@ -77,3 +77,23 @@ def test_the_storage_plot_puts_both_protocols_on_one_bytes_axis(tmp_path):
     assert xs == [640, 4640, 6400, 32000, 46400]  # images + soft-label records, per set
     written = write_storage_plots(lines, tmp_path)
     assert [path.name for path in written] == ["storage-digits-convnet-smoke.png"]
+
+
+def test_tables_list_the_baselines_first_then_the_methods_best_first():
+    from ddkit.bench.table import sorted_lines
+
+    base = {"dataset": "d", "ipc": 1, "arch": "convnet", "tier": "smoke", "runs": 1, "seed": 0, "protocol": "hard",
+            "std": 0.0}
+    lines = [{**base, "method": "ddm", "mean": 55.0}, {**base, "method": "dm", "mean": 70.0},
+             {**base, "method": "idm", "error": "boom"}, {**base, "method": "random", "mean": 50.0},
+             {**base, "method": "iid", "mean": 60.0, "full_data_hard": 90.0},
+             {**base, "ipc": 10, "method": "random", "mean": 80.0}]
+    order = [(line["ipc"], line["method"]) for line in sorted_lines(lines)]
+    # not every method has an LRS (only iid has a full-data reference): by accuracy; failed cells last
+    assert order == [(1, "random"), (1, "dm"), (1, "iid"), (1, "ddm"), (1, "idm"), (10, "random")]
+    for line in lines:
+        if line["method"] in ("dm", "ddm"):
+            line["full_data_hard"] = {"dm": 95.0, "ddm": 56.0}[line["method"]]
+    # LRS for every method: ddm (HLR 1, IOR 5: a = 0.02) > dm (HLR 25, IOR 20: a = -0.025) > iid (a = -0.1)
+    order = [(line["ipc"], line["method"]) for line in sorted_lines(lines)]
+    assert order == [(1, "random"), (1, "ddm"), (1, "dm"), (1, "iid"), (1, "idm"), (10, "random")]

@@ -27,10 +27,27 @@ def method_order(method: str) -> tuple:
 
 
 def sorted_lines(lines: list[dict]) -> list[dict]:
-    """Lines sorted by dataset, IPC and method (baselines first), then protocol, architecture, tier."""
+    """Lines sorted by dataset and IPC; in each, the baselines first, then the methods best first
+    (by label-robust score when every method of that dataset and IPC has one, else by accuracy;
+    failed cells last), then by name, protocol, architecture and tier."""
+    scores = {id(line): line_scores(line, lines).get("LRS") for line in lines}
+    methods = [line for line in lines if method_order(str(line.get("method")))[0] == 2
+               and "error" not in line and line.get("mean") is not None]
+    by_lrs = {(line.get("dataset"), line.get("ipc")) for line in methods}
+    by_lrs -= {(line.get("dataset"), line.get("ipc")) for line in methods if scores[id(line)] is None}
+
+    def merit(line) -> float:
+        if "error" in line or line.get("mean") is None:
+            return float("inf")
+        if (line.get("dataset"), line.get("ipc")) in by_lrs:
+            return -float(scores[id(line)])
+        return -float(line["mean"])
+
     def key(line):
-        return (str(line.get("dataset")), int(line.get("ipc") or 0), method_order(str(line.get("method"))),
-                str(line.get("protocol")), str(line.get("arch")), str(line.get("tier")))
+        group = method_order(str(line.get("method")))
+        return (str(line.get("dataset")), int(line.get("ipc") or 0), group[0],
+                merit(line) if group[0] == 2 else 0.0, group[1], str(line.get("protocol")), str(line.get("arch")),
+                str(line.get("tier")))
 
     return sorted(lines, key=key)
 
