@@ -9,7 +9,9 @@ import pytest
 from ddkit.bench.results import TABLE_FILE, read_results
 from ddkit.bench.runner import run_bench
 from ddkit.bench.scores import baseline_method, line_scores
+import ddkit
 from ddkit.evaluate import references
+from ddkit.evaluate.scores import augmentation_robust_score
 
 
 def test_baselines_are_the_random_subset_or_its_relabelled_form():
@@ -49,10 +51,15 @@ def test_bench_scores_every_cell_and_adds_them_to_finished_cells(tmp_path, isola
     assert dm["scores"]["HLR"] == pytest.approx(full - dm["mean"], abs=1e-3)
     assert set(dm["scores"]) == {"HLR", "IOR", "LRS", "ARS"} and "plain_mean" in dm
     sre2l, relabelled = by_method["sre2l"], by_method["random+sre2l"]
-    assert sre2l["protocol"] == "soft" and "hard_mean" in sre2l and "plain_mean" not in sre2l
+    assert sre2l["protocol"] == "soft" and "hard_mean" in sre2l and "plain_mean" in sre2l
     assert sre2l["scores"]["IOR"] == pytest.approx(sre2l["mean"] - relabelled["mean"], abs=1e-3)
     assert sre2l["scores"]["HLR"] == pytest.approx(full - sre2l["hard_mean"], abs=1e-3)
-    assert set(sre2l["scores"]) == {"HLR", "IOR", "LRS"}  # the soft protocol has no plain evaluation yet
+    plain_gap = sre2l["plain_mean"] - relabelled["plain_mean"]
+    assert sre2l["scores"]["ARS"] == pytest.approx(augmentation_robust_score(sre2l["scores"]["IOR"], plain_gap),
+                                                   abs=1e-3)
+    stored = ddkit.load(out / sre2l["set"]).meta["evaluations"]
+    plain = [record for record in stored if record["config"].get("targets") == "online"]
+    assert len(plain) == 1 and plain[0]["config"]["online"]["plan"] == "plain"
     table = (out / TABLE_FILE).read_text()
     assert "| HLR | IOR | LRS | ARS |" in table and "- LRS: label-robust score" in table
     again = len(read_results(out))

@@ -360,6 +360,29 @@ def test_online_teachers_see_the_same_inputs_and_targets(digits, monkeypatch):
         assert e1 == e2 and torch.equal(i1, i2) and torch.equal(x1, x2)
 
 
+def test_without_augmentation_the_teachers_label_the_images_as_they_are(digits):
+    subset = random_subset(digits, 3, seed=1)
+    teacher = _teacher(seed=3).eval()
+    records = relabel(subset, teacher, epochs=2, seed=4, show_progress=False)
+    config = resolve_config("soft", "smoke", {"online.augment": False})
+    for distilled in (subset, records):  # the records' augmented views are not replayed
+        protocol = SoftProtocol(distilled, config, teachers=[teacher])
+        assert protocol.config["online"]["plan"] == "plain"
+        source, labels = protocol.source("cpu")
+        assert source.epochs == 1 and torch.equal(labels, subset.labels)
+        index = torch.tensor([4, 0, 29])
+        batch = source.batch(0, index)
+        images = normalize(subset.images, subset.mean, subset.std)[index]
+        assert torch.allclose(batch.inputs, images, atol=1e-6)
+        assert torch.equal(batch.partner, index)
+        with torch.no_grad():
+            assert torch.allclose(batch.values, teacher(images).half().float(), atol=1e-3)
+    with pytest.raises(DDKitError, match=r"online.augment='no' is not valid; give true or false"):
+        SoftProtocol(subset, resolve_config("soft", "smoke", {"online.augment": "no"}), teachers=[teacher])
+    plan = ReplayPlan.identity(5, 8, 7)
+    assert plan.crop.tolist()[0][3] == [0, 0, 8, 7] and plan.mix == "none" and plan.flip.sum() == 0
+
+
 # ---- the protocol end to end -------------------------------------------------------------------
 def test_soft_evaluation_of_a_relabelled_digits_subset_beats_chance(digits, trained_teacher, tmp_path):
     subset = random_subset(digits, 10, seed=0)

@@ -95,6 +95,14 @@ class ReplayPlan:
         if self.mix == "mixup" and (self.mix_lam is None or tuple(self.mix_lam.shape) != shape):
             raise DDKitError(f"a mixup replay plan needs mix_lam records of shape {shape}; the set is damaged")
 
+    @classmethod
+    def identity(cls, num_samples: int, height: int, width: int) -> ReplayPlan:
+        """One epoch that replays every image as it is: the whole image as its crop, no flip, no
+        mix (the soft protocol without augmentation)."""
+        crop = torch.tensor([0, 0, height, width], dtype=torch.int16).expand(1, num_samples, 4).clone()
+        return cls(crop=crop, flip=torch.zeros(1, num_samples, dtype=torch.uint8),
+                   partner=torch.arange(num_samples, dtype=torch.int32).unsqueeze(0), mix="none")
+
     @property
     def epochs(self) -> int:
         """Number of record epochs ``E``."""

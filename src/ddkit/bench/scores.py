@@ -9,8 +9,9 @@ adds to each line:
 * ``hard_mean`` / ``hard_std``: the set under the hard-label protocol (a soft-label set's images
   with their class labels; for a hard-label set, its own evaluation);
 * ``plain_mean`` / ``plain_std``: the set under its protocol with the evaluation's augmentation
-  off (hard-label protocol: ``dsa=false``; the soft-label protocol replays recorded augmented
-  views and has no such evaluation yet, so soft-label cells get no ARS);
+  off: ``dsa=false`` for the hard-label protocol; for the soft-label protocol the images
+  themselves, labelled online by the method's (cached) teachers (``online.augment=false``)
+  instead of the recorded augmented views;
 * ``full_data_hard``: the cached full-data reference (:mod:`ddkit.evaluate.references`).
 """
 
@@ -22,10 +23,11 @@ import ddkit
 from ddkit.bench.cells import BASELINE, relabelled_method
 from ddkit.evaluate.references import full_data_reference
 from ddkit.evaluate.scores import SCORE_NAMES, set_scores
-from ddkit.methods import SPECS
+from ddkit.data import load_dataset
+from ddkit.methods import SPECS, stats_family
 
-#: Evaluation options of the without-augmentation evaluation, per protocol (None: not available).
-PLAIN_OVERRIDES = {"hard": {"dsa": False}, "soft": None}
+#: Evaluation options of the without-augmentation evaluation, per protocol.
+PLAIN_OVERRIDES = {"hard": {"dsa": False}, "soft": {"online.augment": False}}
 #: Runs of the full-data reference (one: each is thousands of steps over the whole training split).
 REFERENCE_RUNS = 1
 
@@ -93,6 +95,10 @@ def add_score_inputs(line: dict, out: Path, device, show_progress: bool = True, 
     plain = PLAIN_OVERRIDES.get(line.get("protocol"))
     if "plain_mean" not in line and plain is not None:
         distilled = distilled or ddkit.load(out / line["set"])
+        if line["protocol"] == "soft":  # the images labelled online by the teachers that relabelled them
+            teachers = relabel_teachers(line, device, show_progress, compiled)
+            evaluate.update(teachers=[teacher.model for teacher in teachers],
+                            teacher_info=[teacher.info() for teacher in teachers])
         result = ddkit.evaluate(distilled, protocol=line["protocol"], overrides=plain, **evaluate)[arch]
         line["plain_mean"], line["plain_std"] = round(result.mean, 4), round(result.std, 4)
     if "full_data_hard" not in line:
@@ -102,6 +108,15 @@ def add_score_inputs(line: dict, out: Path, device, show_progress: bool = True, 
         line["full_data_reference"] = {"runs": REFERENCE_RUNS, "epochs": reference["config"]["epochs"],
                                        "train_images": reference["train_images"]}
     return line
+
+
+def relabel_teachers(line: dict, device, show_progress: bool = True, compiled: bool = False) -> list:
+    """The teachers that relabelled a soft-label cell's set: its method's (M's, for ``random+M``)
+    at the line's tier and seed, from the teacher cache (trained there if missing)."""
+    method = relabelled_method(str(line["method"])) or str(line["method"])
+    real = load_dataset(line["dataset"])
+    config = stats_family.resolve_preset(method, real.name, int(line["ipc"]), line["tier"], real=real)
+    return stats_family.method_teachers(real, config, int(line["seed"]), device, show_progress, compiled=compiled)
 
 
 def score_columns(lines: list[dict]) -> tuple[str, ...]:

@@ -40,6 +40,9 @@ on the fly by the teachers on the SAME replayed inputs, rounded to fp16 like sto
 (``online.fp16``). The inputs come from the set's records when it has them, else from a plan drawn
 like :func:`~ddkit.methods.relabel.relabel` would with the ``online.*`` settings (``online.epochs``
 None = the student's epochs), so online training sees exactly the inputs of the stored-record run.
+``online.augment=false`` replays the images themselves instead (no crop, flip or mix; the
+teachers label each image as it is): the soft protocol without augmentation, which DD-Ranking's
+augmentation-robust score compares with (:mod:`ddkit.evaluate.scores`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ __all__ = [
 _ONLINE = {
     "epochs": None, "seed": 0, "crop": "resized", "crop_padding": "auto", "crop_scale": [0.08, 1.0],
     "flip_prob": None, "mix": "cutmix", "mix_beta": 1.0, "equalize_norm": False, "norm_scope": "sample", "fp16": True,
+    "augment": True,
 }
 _PAPER = {
     "recipe": "ddkit", "epochs": 1000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "exempt_1d": False,
@@ -315,6 +319,7 @@ def _check_config(config: dict) -> None:
     check_number("evaluation", "temperature", config["temperature"], above=0)
     check_number("evaluation", "gamma", config["gamma"], minimum=0)
     check_flag("evaluation", "t2", config["t2"])
+    check_flag("evaluation", "online.augment", (config.get("online") or {}).get("augment", True))
 
 
 def train_soft(
@@ -407,7 +412,8 @@ class SoftProtocol:
                     f"unknown soft loss {config['loss']!r} in the set's relabel metadata; pass loss=kl or mse_ce"
                 )
         self.plan = None
-        if self.has_records:
+        plain = teachers is not None and not (config.get("online") or {}).get("augment", True)
+        if self.has_records and not plain:
             if distilled.decode_factor != 1:
                 raise DDKitError("relabel records on a partition-decoded set are not supported; re-create the records")
             self.plan = ReplayPlan.from_extras(extras)
@@ -426,7 +432,7 @@ class SoftProtocol:
             config["targets"] = "records"
         else:
             online = dict(config["online"])
-            online["plan"] = "records" if self.has_records else "sampled"
+            online["plan"] = "plain" if plain else "records" if self.has_records else "sampled"
             config["online"] = online
             config["targets"] = "online"
             config["teacher_info"] = teacher_info if teacher_info is not None else f"{len(teachers)} teacher(s)"
@@ -450,7 +456,9 @@ class SoftProtocol:
         if self.teachers is not None:
             online = config["online"]
             plan = self.plan
-            if plan is None:
+            if plan is None and not online.get("augment", True):
+                plan = ReplayPlan.identity(int(images.shape[0]), int(images.shape[2]), int(images.shape[3]))
+            elif plan is None:
                 epochs = online["epochs"] if online["epochs"] is not None else config["epochs"]
                 padding = 0
                 if online["crop"] == "padded":
