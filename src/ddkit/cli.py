@@ -34,17 +34,13 @@ from ddkit.methods.runconfig import dump_run_config, read_run_config, run_config
 from ddkit.methods.terms import describe_terms
 from ddkit.models import available
 from ddkit.store import export_imagefolder, save_grid
-from ddkit.store.distilled import HELD_LOCKS_ENV, run_lock, set_lock_path
+from ddkit.store.distilled import HELD_LOCKS_ENV, MANIFEST_FILE, run_lock, set_lock_path
 from ddkit.store.grid import clipped_share
 from ddkit.store.importer import class_count_note
 from ddkit.store.tensorfile import TENSOR_FORMATS, export_mark, export_tensors
 from ddkit.tiers import DEFAULT_TIER, TIER_CHOICES
 from ddkit.utils import (MAX_SEED, _split_pair, check_writable, describe_file_error, override_items,
-                         resolve_device, write_text_atomic)
-
-
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+                         resolve_device, split_names, write_text_atomic)
 
 
 def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +140,7 @@ def cmd_eval(args) -> int:
     world = distributed.setup(args.device)
     try:
         results = ddkit.evaluate(distilled, protocol=args.protocol, preset=args.preset, runs=args.runs, **online,
-                                 archs=_csv(args.arch) if args.arch else None, seed=args.seed,
+                                 archs=split_names(args.arch) if args.arch else None, seed=args.seed,
                                  device=distributed.process_device(args.device), overrides=args.set_options,
                                  show_progress=not args.quiet and world.is_main, reuse=args.reuse,
                                  compiled=args.compile, recipe=args.recipe)
@@ -257,7 +253,7 @@ def refuse_to_replace(out, overwrite: bool, keep=None) -> None:
     set being updated in place): saving would replace the set and the evaluations stored in it."""
     if out is None or overwrite:
         return
-    manifest = Path(out) / "manifest.json"
+    manifest = Path(out) / MANIFEST_FILE
     if not manifest.is_file() or (keep is not None and Path(out).resolve() == Path(keep).resolve()):
         return
     try:
@@ -355,7 +351,7 @@ def _print_plan(args) -> int:
         raise DDKitError(f"--plan shows the statistics family's configuration ({', '.join(stats_family.METHODS)}); "
                          f"got {args.method!r}")
     # without --dataset: every dataset the method's paper publishes a recipe for (ImageNet needs its PATH)
-    datasets = _csv(args.dataset) if args.dataset else [
+    datasets = split_names(args.dataset) if args.dataset else [
         name for name, reference in stats_family.PUBLISHED_DATASETS.items()
         if (args.method, reference) in stats_family.PUBLISHED and name in DATASETS]
     blocks = ["\n".join(stats_family.describe_plan(args.method, dataset, args.preset, args.set_options, args.seed or 0,

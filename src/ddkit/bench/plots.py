@@ -70,30 +70,41 @@ def _colours(methods: list[str]) -> dict[str, object]:
     return colours
 
 
+def _method_curves(axes, lines: list[dict], x_of, label_of) -> None:
+    """One error-bar line per method of ``lines`` (mean, std against ``x_of(line)``), baselines
+    dashed: ``random`` black, ``random+M`` in M's colour; ``label_of(method, line)`` names it."""
+    methods = sorted({line["method"] for line in lines}, key=method_order)
+    colours = _colours(methods)
+    for method in methods:
+        own = [line for line in lines if line["method"] == method]
+        points = sorted((x_of(line), float(line["mean"]), float(line["std"])) for line in own)
+        baseline = is_baseline(method)
+        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                      label=label_of(method, own[0]), color=colours[method], linestyle="--" if baseline else "-",
+                      marker="s" if baseline else "o", linewidth=2.0 if baseline else 1.5, capsize=4, markersize=6)
+
+
+def _finish(axes, xlabel: str, title: str) -> None:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("test accuracy %")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+
+
 def accuracy_figure(lines: list[dict], title: str) -> Figure:
     """Accuracy (mean, std error bars) against IPC for each method in ``lines`` (successful lines)."""
     figure = new_figure()
     axes = figure.add_subplot(1, 1, 1)
-    methods = sorted({line["method"] for line in lines}, key=method_order)
-    colours = _colours(methods)
+    _method_curves(axes, lines, lambda line: int(line["ipc"]),
+                   lambda method, line: method + (" (baseline)" if is_baseline(method) else ""))
     ipcs = sorted({int(line["ipc"]) for line in lines})
-    for method in methods:
-        points = sorted((int(l["ipc"]), float(l["mean"]), float(l["std"])) for l in lines if l["method"] == method)
-        baseline = is_baseline(method)
-        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                      label=method + (" (baseline)" if baseline else ""), color=colours[method],
-                      linestyle="--" if baseline else "-", marker="s" if baseline else "o",
-                      linewidth=2.0 if baseline else 1.5, capsize=4, markersize=6)
     if ipcs and ipcs[-1] / ipcs[0] >= 5:
         axes.set_xscale("log")
     axes.set_xticks(ipcs)
     axes.set_xticklabels([str(i) for i in ipcs])
     axes.minorticks_off()
-    axes.set_xlabel("images per class (IPC)")
-    axes.set_ylabel("test accuracy %")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    _finish(axes, "images per class (IPC)", title)
     return figure
 
 
@@ -191,22 +202,10 @@ def storage_figure(lines: list[dict], title: str) -> Figure:
     labels; ``random+M`` is dashed in M's colour."""
     figure = new_figure()
     axes = figure.add_subplot(1, 1, 1)
-    methods = sorted({line["method"] for line in lines}, key=method_order)
-    colours = _colours(methods)
-    for method in methods:
-        points = sorted((total_bytes(l), float(l["mean"]), float(l["std"])) for l in lines if l["method"] == method)
-        baseline = is_baseline(method)
-        protocol = next(l["protocol"] for l in lines if l["method"] == method)
-        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                      label=f"{method} ({protocol} labels)" + (", baseline" if baseline else ""),
-                      color=colours[method], linestyle="--" if baseline else "-", marker="s" if baseline else "o",
-                      linewidth=2.0 if baseline else 1.5, capsize=4, markersize=6)
+    _method_curves(axes, lines, total_bytes, lambda method, line: f"{method} ({line['protocol']} labels)"
+                   + (", baseline" if is_baseline(method) else ""))
     axes.set_xscale("log")
-    axes.set_xlabel("bytes stored: images + soft-label records (log scale)")
-    axes.set_ylabel("test accuracy %")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    _finish(axes, "bytes stored: images + soft-label records (log scale)", title)
     return figure
 
 

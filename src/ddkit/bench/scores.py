@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ddkit
-from ddkit.bench.cells import BASELINE, relabelled_method
+from ddkit.bench.cells import BASELINE, relabelled_baseline, relabelled_method
 from ddkit.evaluate.references import full_data_reference
 from ddkit.evaluate.scores import SCORE_NAMES, set_scores
 from ddkit.data import load_dataset
@@ -39,7 +39,7 @@ def baseline_method(method: str) -> str | None:
         return None
     spec = SPECS.get(method)
     if spec is not None and spec.protocol == "soft" and spec.relabel_baseline:
-        return f"{BASELINE}+{method}"
+        return relabelled_baseline(method)
     return BASELINE
 
 

@@ -34,7 +34,7 @@ from ddkit.models.training import (RunCheckpoint, check_compile_available, check
                                    train_classifier)
 from ddkit.store import DistilledSet, load
 from ddkit.tiers import check_tier, check_tier_table
-from ddkit.utils import apply_overrides, check_flag, check_seed, make_generator, normalize, resolve_device
+from ddkit.utils import apply_overrides, check_flag, check_seed, make_generator, normalize, resolve_device, split_names
 
 # A preset is data. Every key is overridable (``--set key=value`` / ``overrides=``).
 HARD_PRESETS: dict[str, dict] = check_tier_table({
@@ -376,7 +376,7 @@ def evaluate(
         raise DDKitError(f"--runs must be an integer of at least 1, got {runs!r}")
     check_seed("evaluation", seed, count=runs)
     if isinstance(archs, str):  # "convnet" or "convnet,resnet18", as on the command line
-        archs = [name for name in archs.split(",") if name.strip()]
+        archs = split_names(archs)
     if teachers is not None and protocol != "soft":
         raise DDKitError("teachers= is only used by protocol 'soft'; drop it or pass protocol='soft'")
     soft, config = protocol_for_set(distilled, protocol, preset, overrides, teachers, teacher_info, recipe)

@@ -59,6 +59,8 @@ from ddkit.utils import (
     write_json_atomic,
 )
 
+#: The two files of a teacher cache entry: its weights and what trained them.
+TEACHER_WEIGHTS, TEACHER_MANIFEST = "model.safetensors", "manifest.json"
 #: Teacher training recipes per tier (every key overridable).
 SQUEEZE_PRESETS: dict[str, dict] = check_tier_table({
     "paper": {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
@@ -163,7 +165,7 @@ def load_teacher(path: str | Path, real, device="cpu") -> Teacher:
             class count or image shape.
     """
     path = Path(path)
-    manifest_path, weights = path / "manifest.json", path / "model.safetensors"
+    manifest_path, weights = path / TEACHER_MANIFEST, path / TEACHER_WEIGHTS
     if not manifest_path.is_file() or not weights.is_file():
         raise DDKitError(f"{path} is not a teacher folder (needs manifest.json and model.safetensors); "
                          "make one with ddkit squeeze")
@@ -219,7 +221,7 @@ def train_cached(real, model_config: dict, schedule: dict, seed: int, device, ki
 
 def _load_cached(folder: Path, real, device) -> Teacher | None:
     """The cache entry ``folder`` loaded, or None where it is missing, damaged or stale (train again)."""
-    if (folder / "model.safetensors").is_file() and (folder / "manifest.json").is_file():
+    if (folder / TEACHER_WEIGHTS).is_file() and (folder / TEACHER_MANIFEST).is_file():
         try:
             return load_teacher(folder, real, device)
         except DDKitError:
@@ -276,8 +278,8 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
         distributed.barrier()
         return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(folder / "model.safetensors", net.state_dict())
-    write_json_atomic(folder / "manifest.json", {
+    save_tensors_atomic(folder / TEACHER_WEIGHTS, net.state_dict())
+    write_json_atomic(folder / TEACHER_MANIFEST, {
         "kind": kind, "dataset": real.name, "num_classes": real.num_classes, "image_shape": list(real.image_shape),
         "model": dict(model_config), "recipe": recipe, "test_accuracy": round(accuracy, 4),
         "train_seconds": round(time.perf_counter() - started, 2), **({"compiled": True} if compiled else {})})

@@ -27,7 +27,7 @@ from safetensors.torch import load_file as load_safetensors
 from ddkit.data import dataset_info
 from ddkit.data.formats import class_folders, decode_images, images_under
 from ddkit.errors import DDKitError
-from ddkit.store.distilled import DistilledSet
+from ddkit.store.distilled import MANIFEST_FILE, DistilledSet
 from ddkit.store.tensorfile import declared_space
 from ddkit.utils import sha256_of
 
@@ -197,7 +197,7 @@ def read_source(source: str | Path, entry: int = 0, images_key: str = "images", 
     """
     source = Path(source)
     if source.is_dir():
-        if (source / "manifest.json").is_file():
+        if (source / MANIFEST_FILE).is_file():
             raise DDKitError(f"{source} is a ddkit set already (it holds manifest.json): evaluate it with "
                              f"`ddkit eval {source}`, or copy the folder")
         if labels_file is not None:
