@@ -12,6 +12,7 @@ import ddkit
 from ddkit.cli import main
 from ddkit.distributed import World
 from ddkit.errors import DDKitError
+from ddkit.store.distilled import SHARD_FOLDER
 
 RUN = ["dm", "--dataset", "digits", "--ipc", "2", "--preset", "smoke", "--set", "iterations=12", "-q"]
 
@@ -297,3 +298,23 @@ def test_synced_batch_norm_keeps_the_state_dict_and_is_plain_batch_norm_in_one_p
     assert sorted(synced.state_dict()) == sorted(before)
     synced.load_state_dict(before)
     assert torch.allclose(synced.train()(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shards", [0, 1], ids=["one-tensor", "sharded"])
+def test_relabel_split_across_two_processes_gives_the_one_process_records(env, shards):
+    out = env / "random"
+    assert main(["baseline", "random", "--dataset", "digits", "--ipc", "3", "--out", str(out)]) == 0
+    options = ["--like", "sre2l", "--preset", "smoke", "--set", "relabel.epochs=3", "--set", "relabel.batch_size=7",
+               "--set", f"relabel.shard_epochs={shards}", "-q"]
+    assert main(["relabel", str(out), *options, "--out", str(env / "one")]) == 0
+    assert main(["relabel", str(out), *options, "--out", str(env / "two"), "--nproc", "2"]) == 0
+    one, two = ddkit.load(env / "one"), ddkit.load(env / "two")
+    assert one.extras.keys() == two.extras.keys()
+    assert all(torch.equal(one.extras[key], two.extras[key]) for key in one.extras)
+    if shards:  # three shards of one epoch: rank 0 wrote two, rank 1 one, all listed and in the set
+        listed = two.meta["relabel"]["shards"]
+        assert [entry["epochs"] for entry in listed] == [[0, 1], [1, 2], [2, 3]]
+        assert listed == one.meta["relabel"]["shards"]
+        assert sorted(p.name for p in (env / "two" / SHARD_FOLDER).iterdir()) == [e["file"] for e in listed]
+    else:
+        assert "relabel.logits" in two.extras and two.extras["relabel.logits"].abs().sum() > 0

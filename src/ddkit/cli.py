@@ -6,6 +6,7 @@ Every user error is one line on stderr and exit code 2 (no traceback); Ctrl-C ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -379,10 +380,10 @@ def _launch_torchrun(args) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "ddkit", *cleaned]
     env = None
-    if args.command in ("distill", "recover"):  # this process holds the run lock of --out for its workers
+    if args.command in ("distill", "recover", "relabel"):  # this process holds --out's run lock for its workers
         held = os.environ.get(HELD_LOCKS_ENV, "")
-        env = {**os.environ, HELD_LOCKS_ENV: os.pathsep.join(
-            filter(None, [held, str(set_lock_path(args.resume or args.out, "run"))]))}
+        target = (args.out or args.set) if args.command == "relabel" else (args.resume or args.out)
+        env = {**os.environ, HELD_LOCKS_ENV: os.pathsep.join(filter(None, [held, str(set_lock_path(target, "run"))]))}
     code = subprocess.call(command, env=env)
     if code != 0:
         hint = ""
@@ -443,14 +444,25 @@ def cmd_relabel(args) -> int:
     """`ddkit relabel` with the parsed ``args``; returns the exit code (errors raise DDKitError)."""
     distilled = ddkit.load(args.set)
     refuse_to_replace(args.out, args.overwrite, keep=args.set)
-    with run_lock(args.out or args.set, f"ddkit relabel --like {args.like}"):
-        result = ddkit.api.relabel(distilled, args.like, preset=args.preset, seed=args.seed, device=args.device,
-                                   overrides=args.set_options, teacher_paths=args.teacher_paths,
-                                   show_progress=not args.quiet, class_check=not args.no_class_check,
-                                   save_to=args.out or args.set)
-        if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
-            result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
-        out = result.save(args.out or args.set)
+    target = args.out or args.set
+    if _needs_launch(args):
+        with run_lock(target, f"ddkit relabel --like {args.like} --nproc {args.nproc}"):
+            return _launch_torchrun(args)
+    world = distributed.setup(args.device)
+    try:
+        # under torchrun every rank labels its share; the launcher holds the run lock, rank 0 saves
+        with run_lock(target, f"ddkit relabel --like {args.like}") if world.is_main else contextlib.nullcontext():
+            result = ddkit.api.relabel(distilled, args.like, preset=args.preset, seed=args.seed,
+                                       device=distributed.process_device(args.device), overrides=args.set_options,
+                                       teacher_paths=args.teacher_paths, show_progress=not args.quiet,
+                                       class_check=not args.no_class_check, save_to=target)
+            if not world.is_main:
+                return 0
+            if args.out is None or Path(args.out).resolve() == Path(args.set).resolve():
+                result.succeeds(distilled)  # in place: keep evaluations stored while it relabelled
+            out = result.save(target)
+    finally:
+        distributed.teardown()
     sizes = result.stored_bytes()
     shards = result.meta["relabel"].get("shards") or []
     stored = sizes["soft_labels"] + sum(shard["bytes"] for shard in shards)
@@ -612,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the crop, flip and mix draws (default 0)")
     p.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a relabel option, e.g. --set relabel.epochs=50 --set relabel.topk=5")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (torchrun; one GPU each with --device cuda): each labels a "
+                        "share of the views (of the shards, with relabel.shard_epochs); the same records as one "
+                        "process; rank 0 saves the set")
     _add_teacher_option(p)
     _add_precision(p, "the teachers' passes (the stored logits are fp16 either way)")
     _add_common(p)

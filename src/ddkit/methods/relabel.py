@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from ddkit import precision
+from ddkit import distributed, precision
 from ddkit.augment.crops import padding_for
 from ddkit.augment.dsa import dsa_strategy_for
 from ddkit.augment.replay import MIX_MODES, RECORD_PREFIX, ReplayPlan, replay_inputs, sample_replay_plan
@@ -109,6 +109,30 @@ def ensemble_logits(
         target = norms.mean(dim=0, keepdim=True)
         stacked = stacked * (target / norms.clamp_min(1e-12))
     return stacked.mean(dim=0)
+
+
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks, in its own dtype (each element is non-zero on one rank at
+    most, so the sum is exact; gloo reduces in int32 / float32)."""
+    wide = tensor.to(torch.float32 if tensor.is_floating_point() else torch.int32)
+    torch.distributed.all_reduce(wide)
+    return wide.to(tensor.dtype)
+
+
+def _shared_folder(shard_dir, world) -> Path:
+    """Rank 0's shard folder on every rank (``shard_dir``, or a new temporary folder)."""
+    folder = [str(shard_dir if shard_dir is not None else tempfile.mkdtemp(prefix="ddkit-relabel-"))
+              if world.is_main else None]
+    if world.distributed:
+        torch.distributed.broadcast_object_list(folder, src=0)
+    return Path(folder[0])
+
+
+def _gather_shards(shards: list[dict]) -> list[dict]:
+    """Every rank's shard entries, in epoch order."""
+    parts = [None] * distributed.current().size
+    torch.distributed.all_gather_object(parts, shards)
+    return sorted((entry for part in parts for entry in part), key=lambda entry: entry["epochs"][0])
 
 
 def auto_flip_prob(dataset: str, flip_prob: float | None) -> float:
@@ -217,7 +241,13 @@ def relabel(
             memory at a time; the shards go into the set's folder when it is saved, and
             ``meta["relabel"]["shards"]`` lists them with their sha256. The records are the same.
         shard_dir: where the shards are written until the set is saved (a new folder; default a
-            temporary one in the system's temporary directory).
+            temporary one in the system's temporary directory). Under torchrun rank 0's is used.
+
+    Under torchrun (``WORLD_SIZE > 1``) every rank calls this with the same arguments and labels a
+    share of the views: of the chunks of ``batch_size`` views (unsharded records, gathered into
+    every rank's result), or of the shards (written by their ranks into rank 0's ``shard_dir``,
+    which must be on a file system all ranks share). The records equal a one-process run's: each
+    chunk is the same batch of views through the same teachers.
 
     Returns:
         A new DistilledSet: the same images, labels and metadata (deep-copied; earlier soft-protocol
@@ -275,15 +305,25 @@ def relabel(
     amp = precision.current(device)  # the teachers' passes (ddkit.precision.using); logits kept in fp32
     for teacher in teachers:
         teacher.to(device).eval()
-    bar = progress(range(-(-epochs * n // batch_size)), desc="relabel", enabled=show_progress)
+    world = distributed.current()
+    blocks = list(range(0, epochs, block))
+    # the shards (or, unsharded, the chunks of views) this rank labels
+    mine = set(world.share(len(blocks))) if shard_epochs else None
+    total = (sum(min(epochs, blocks[b] + block) - blocks[b] for b in mine) * n if shard_epochs
+             else len(world.share(-(-epochs * n // batch_size))) * batch_size)
+    bar = progress(range(-(-total // batch_size)), desc="relabel", enabled=show_progress and world.is_main)
     ticks = iter(bar)
 
-    def label_epochs(first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fp16 records ``[(stop - first) * n, keep]`` of epochs ``[first, stop)`` (and top-k indices)."""
+    def label_epochs(first: int, stop: int, chunks=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp16 records ``[(stop - first) * n, keep]`` of epochs ``[first, stop)`` (and top-k indices);
+        with ``chunks`` (indices of batches of ``batch_size`` views) only those are labelled, the
+        rest left zero."""
         count = (stop - first) * n
-        values = torch.empty(count, keep, dtype=torch.float16)
-        indices = torch.empty(count, keep, dtype=torch.int16) if topk is not None else None
-        for start in range(0, count, batch_size):
+        values = torch.zeros(count, keep, dtype=torch.float16)
+        indices = torch.zeros(count, keep, dtype=torch.int16) if topk is not None else None
+        for chunk, start in enumerate(range(0, count, batch_size)):
+            if chunks is not None and chunk not in chunks:
+                continue
             next(ticks, None)
             flat = torch.arange(first * n + start, first * n + min(start + batch_size, count), device=device)
             inputs, _, _ = replay_inputs(images, device_plan, flat // n, flat % n, fill)
@@ -308,15 +348,20 @@ def relabel(
     try:
         with torch.no_grad():
             if not shard_epochs:
-                values, indices = label_epochs(0, epochs)
+                chunks = set(world.share(-(-epochs * n // batch_size))) if world.distributed else None
+                values, indices = label_epochs(0, epochs, chunks)
+                if world.distributed:  # every view was labelled by exactly one rank; the others hold zeros
+                    values, indices = _sum_over_ranks(values), None if indices is None else _sum_over_ranks(indices)
                 if topk is None:
                     extras[RECORD_PREFIX + "logits"] = values.view(epochs, n, num_classes)
                 else:
                     extras[RECORD_PREFIX + "topk_values"] = values.view(epochs, n, topk)
                     extras[RECORD_PREFIX + "topk_indices"] = indices.view(epochs, n, topk)
             else:
-                folder = Path(shard_dir) if shard_dir is not None else Path(tempfile.mkdtemp(prefix="ddkit-relabel-"))
-                for first in range(0, epochs, block):
+                folder = _shared_folder(shard_dir, world)
+                for number, first in enumerate(blocks):
+                    if number not in mine:
+                        continue
                     stop = min(epochs, first + block)
                     values, indices = label_epochs(first, stop)
                     tensors = ({"logits": values.view(stop - first, n, keep)} if topk is None else
@@ -324,6 +369,8 @@ def relabel(
                                 "topk_indices": indices.view(stop - first, n, keep)})
                     shards.append(write_shard(folder, first, stop, tensors))
                     del values, indices
+                if world.distributed:
+                    shards = _gather_shards(shards)
     finally:
         for teacher, mode in zip(teachers, modes):
             teacher.train(mode)

@@ -489,7 +489,7 @@ def check_pretrained(teachers, config: dict, real, device) -> None:
 def shard_staging(near) -> str | None:
     """A new folder beside ``near``'s parent for relabel shards until the set is saved (on the same
     disk as the set, not the system's temporary directory), or None without ``near``."""
-    if near is None:
+    if near is None or not distributed.current().is_main:  # under torchrun, rank 0's folder serves all
         return None
     parent = Path(near).resolve().parent.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -552,7 +552,7 @@ def distill_statistics(method: str):
         result = recover_set(method, real, ipc, config, teachers, seed, device, show_progress, checkpoint)
         if merge_parts is not None:
             merge_parts(result)  # every rank now holds every recovered image
-        if relabel and distributed.current().is_main:  # one process labels the merged set
+        if relabel:  # every rank labels its share of the merged set's views (relabel splits them)
             started = time.perf_counter()
             result = relabel_with(result, teachers, config, seed, device, show_progress,
                                   shard_dir=shard_staging(checkpoint["dir"] if checkpoint and
