@@ -120,6 +120,29 @@ def test_per_class_sampling_decodes_only_the_chosen_images(folder, monkeypatch):
     assert torch.equal(subset.images[0], ds.train.images[index[0]].float() / 255)
 
 
+def test_the_matching_family_decodes_only_the_real_images_each_iteration_draws(folder, monkeypatch, isolated_data):
+    import ddkit
+    from ddkit.methods.matching import RealSampler
+    from ddkit.utils import make_generator, normalize
+
+    ds = load_dataset(f"imagenet:{folder}", image_size=32)
+    sampler = RealSampler(ds, "cpu", make_generator(5))
+    drawn = sampler.per_class(2)
+    generator = make_generator(5)  # the sampler's draws, repeated
+    picks = [torch.randperm(idx.numel(), generator=generator)[:2] for idx in ds.class_indices("train")]
+    index = torch.cat([idx[pick] for idx, pick in zip(ds.class_indices("train"), picks)])
+    assert torch.equal(drawn, normalize(ds.train.images[index].float() / 255, ds.mean, ds.std))
+    opened = []
+    real_open = streaming.open_image
+    monkeypatch.setattr(streaming, "open_image", lambda path, channels: opened.append(path) or real_open(path, channels))
+    for method in ("dm", "idm", "iid", "ddm"):  # IID's extractor trains on its (smoke: 200-image) subset
+        opened.clear()
+        made = ddkit.distill(method, dataset=f"imagenet:{folder}", ipc=1, preset="smoke", show_progress=False,
+                             image_size=32, overrides={"iterations": 2})
+        assert made.images.shape == (10, 3, 32, 32) and torch.isfinite(made.images).all()
+        assert 0 < len(opened) < 10 * len(ds.train.labels)  # batches of drawn images, never the split each step
+
+
 def test_streamed_test_accuracy_equals_the_in_memory_one(folder):
     from ddkit.models.training import test_accuracy
 

@@ -34,6 +34,7 @@ from ddkit.augment import DSA, dsa_strategy_for
 from ddkit.augment.grouped import class_params, draw_per_class, repeat_params, siamese_per_class
 from ddkit.augment.partition import partition_expand
 from ddkit.data.sampling import check_ipc, sample_real_per_class
+from ddkit.data.streaming import is_streaming
 from ddkit.errors import DDKitError
 from ddkit.losses import (
     class_aware_ce_loss, class_centralization_loss, gram_loss, icd_neighbours, intra_class_kl_loss,
@@ -141,16 +142,23 @@ def initial_images(real, ipc: int, factor: int, init: str, generator: torch.Gene
 
 
 class RealSampler:
-    """Real training images kept on the device as uint8 and normalised per batch."""
+    """Real training images, drawn per class through the class index and normalised per batch.
+
+    An in-memory dataset's images are kept on the device as uint8; a streaming one's
+    (:mod:`ddkit.data.streaming`) stay on disk and only the drawn images are decoded (the
+    evaluation transform), so memory is one batch, and the draws are the same either way.
+    """
 
     def __init__(self, real, device, generator: torch.Generator):
-        self.images = real.train.images.to(device)
+        self.streaming = is_streaming(real)
+        self.images = real.train.images if self.streaming else real.train.images.to(device)
         self.labels = real.train.labels.to(device)
         self.class_indices = [idx.to(device) for idx in real.class_indices("train")]
         self.mean, self.std, self.generator, self.device = real.mean, real.std, generator, device
 
     def _prepare(self, index: torch.Tensor) -> torch.Tensor:
-        return normalize(self.images[index].float().div_(255.0), self.mean, self.std)
+        pixels = self.images[index.cpu()].to(self.device) if self.streaming else self.images[index]
+        return normalize(pixels.float().div_(255.0), self.mean, self.std)
 
     def per_class(self, count: int, kept: list[int] | None = None) -> torch.Tensor:
         """``count`` distinct random images of every class, class-major, normalised: [K*count, C, H, W].

@@ -254,16 +254,23 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
     if 0 < subset < labels.numel():
         pick = torch.randperm(labels.numel(), generator=generator)[:subset]
         labels = labels[pick]
-    if is_streaming(real):  # decoded per batch inside train_teacher
+    # A papers' recipe streams (decoded and augmented per batch inside train_teacher); the generic
+    # recipe trains on a subset decoded once (IID's feature extractors), never on a whole split.
+    streamed = is_streaming(real) and "schedule" in schedule
+    if is_streaming(real) and not streamed and subset <= 0:
+        raise DDKitError(f"{real.name} streams from disk: train its teachers with a papers' recipe (ddkit distill "
+                         f"sre2l/cda/gvbsm) or on a subset (--set train_subset=N), or give a pretrained one "
+                         f"(--teacher torchvision:resnet18 or ARCH:FILE)")
+    if streamed:
         inputs = StreamedInputs(real, pick, seed, device)
-    else:
-        images = images if pick is None else images[pick]
+    else:  # in memory, or a streaming dataset's subset of at most train_subset images decoded once
+        if is_streaming(real):
+            images = images[pick if pick is not None else torch.arange(labels.numel())]
+        elif pick is not None:
+            images = images[pick]
         inputs = normalize(images.float().div(255.0), real.mean, real.std).to(device)
     # A teacher can train for many minutes on a CPU: epoch checkpoints in its cache folder (rank 0 writes).
     checkpoint = RunCheckpoint(folder / "training.safetensors", recipe)
-    if is_streaming(real) and "schedule" not in schedule:
-        raise DDKitError(f"{real.name} streams from disk: train its teachers with a papers' recipe (ddkit distill "
-                         f"sre2l/cda/gvbsm), or give a pretrained one (--teacher torchvision:resnet18 or ARCH:FILE)")
     if "schedule" in schedule:
         train_teacher(net, inputs, labels.to(device), schedule, generator, real, show_progress=show_progress, desc=desc,
                       checkpoint=checkpoint, compiled=compiled)
