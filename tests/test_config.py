@@ -212,3 +212,19 @@ def test_the_engines_declare_their_options_as_tables():
     assert [name for name in ENGINE_OPTIONS if lookup(matching, name, "missing") == "missing"] == \
         ["legacy_step_per_class"]
     assert [name for name in RECOVER_OPTIONS if lookup(recover, name, "missing") == "missing"] == []
+
+
+def test_a_statistics_method_can_start_from_another_published_recipe(tmp_path, capsys):
+    own = stats_family.resolve_preset("gvbsm", "cifar10", 10, "paper")
+    other = stats_family.resolve_preset("gvbsm", "cifar10", 10, "paper", ["reference=cifar100", "lr=0.2"])
+    cifar100 = stats_family.resolve_preset("gvbsm", "cifar100", 10, "paper")
+    assert own["reference"] == "cifar10" and other["reference"] == "cifar100"
+    assert other["teachers"] == cifar100["teachers"] and other["recover"] == {**cifar100["recover"], "lr": 0.2}
+    with pytest.raises(DDKitError, match="reference='tiny2' is not valid; gvbsm publishes recipes for: "):
+        stats_family.resolve_preset("gvbsm", "cifar10", 10, "paper", ["reference=tiny2"])
+    # an edited configuration file's reference works the same way
+    document = run_config("gvbsm", "cifar10", 10, "paper")
+    document["options"]["reference"] = "cifar100"
+    assert read_run_config(write(tmp_path / "g.yaml", document))["overrides"] == {"reference": "cifar100"}
+    assert main(["distill", "--config", str(tmp_path / "g.yaml"), "--plan"]) == 0
+    assert "recipe for cifar100, chosen with --set reference=cifar100 (reference cifar100)" in capsys.readouterr().out

@@ -300,14 +300,20 @@ def resolve_preset(method: str, dataset: str, ipc: int | None = None, preset: st
     apply :data:`TIERS`. ``real`` (optional) supplies the image size and class count of a dataset
     the registry does not describe. Overrides are ``key=value`` strings or a dict; recover options
     may be given bare (``lr=0.1``) or qualified (``recover.lr=0.1``, ``relabel.epochs=50``,
-    ``squeeze.epochs=3``).
+    ``squeeze.epochs=3``). ``reference=NAME`` takes another published recipe of ``method`` as the
+    starting point (``reference=cifar100`` on CIFAR-10), before the other overrides.
     """
     if isinstance(ipc, str):  # the earlier spelling: (method, dataset, preset, overrides)
         ipc, preset, overrides = None, ipc, preset if overrides is None else overrides
     if method not in METHODS:
         raise DDKitError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     check_tier(preset)
-    reference, _ = reference_for(method, dataset, real)
+    overrides = _qualify(overrides)
+    reference = (overrides or {}).pop("reference", None) or reference_for(method, dataset, real)[0]
+    if (method, reference) not in PUBLISHED:
+        known = ", ".join(name for m, name in PUBLISHED if m == method)
+        raise DDKitError(f"{method} option reference={reference!r} is not valid; {method} publishes recipes for: "
+                         f"{known}")
     published, tier = PUBLISHED[(method, reference)], TIERS[preset]
     squeeze = deep_merge(SQUEEZE_DEFAULTS, published["squeeze"])
     config = {
@@ -328,15 +334,15 @@ def resolve_preset(method: str, dataset: str, ipc: int | None = None, preset: st
     if squeeze["warmup_epochs"]:  # the warm-up keeps its share of a shortened squeeze
         share = squeeze["warmup_epochs"] / published_epochs
         squeeze["warmup_epochs"] = min(squeeze["epochs"] - 1, round(share * squeeze["epochs"]))
-    return apply_overrides(config, _qualify(overrides), what=f"{method} option")
+    return apply_overrides(config, overrides, what=f"{method} option")
 
 
 def _qualify(overrides):
-    """Bare option names address the recover stage."""
+    """Bare option names address the recover stage (``reference`` stays itself)."""
     if overrides is None:
         return None
     items = override_items(overrides)
-    return {(k if k.split(".")[0] in STAGES else f"recover.{k}"): v for k, v in items}
+    return {(k if k.split(".")[0] in STAGES or k == "reference" else f"recover.{k}"): v for k, v in items}
 
 
 def method_teachers(real, config: dict, seed: int, device, show_progress: bool = True, compiled: bool = False) -> list:
@@ -401,6 +407,9 @@ def describe_plan(method: str, dataset: str, preset: str, overrides=None, seed: 
     config = resolve_preset(method, dataset, None, preset, overrides, real=real)
     name, (channels, size, _), classes = real.name, real.image_shape, real.num_classes
     reference, why = reference_for(method, dataset, real)
+    if config["reference"] != reference:
+        reference = config["reference"]
+        why = f"{method}'s published recipe for {reference}, chosen with --set reference={reference}"
     sq, rc, rl = config["squeeze"], config["recover"], config["relabel"]
     lines = [f"{method} on {name} ({channels}x{size}x{size}, {classes} classes), preset {preset}: "
              f"{why} (reference {reference})"]
