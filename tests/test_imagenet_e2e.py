@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import ddkit
 from ddkit.cli import main
@@ -68,3 +69,19 @@ def test_an_outside_teacher_of_another_class_order_is_refused(folder, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert "another order" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "refused" / "manifest.json").exists()
+
+
+def test_two_processes_on_the_streamed_folder_give_the_one_process_set(folder, tmp_path, isolated_data, capsys):
+    # squeeze with DDP on streamed batches, recover and relabel (sharded) split across ranks, then the
+    # evaluation's students with DDP: the same set and records as one process
+    options = ["distill", "sre2l", "--dataset", f"imagenet:{folder}", "--image-size", 32, "--ipc", 1, "--preset",
+               "smoke", "--set", "relabel.epochs=2", "--set", "relabel.shard_epochs=1", "-q"]
+    _run(capsys, *options, "--out", tmp_path / "two", "--nproc", 2)  # its ranks train the teacher (DDP, streamed)
+    assert len(list((isolated_data / "teachers").rglob("manifest.json"))) == 1
+    _run(capsys, *options, "--out", tmp_path / "one")  # loads that teacher from the cache
+    one, two = ddkit.load(tmp_path / "one"), ddkit.load(tmp_path / "two")
+    assert torch.equal(one.images, two.images) and two.meta["processes"] == 2
+    assert one.meta["relabel"]["shards"] == two.meta["relabel"]["shards"]  # same bytes (sha256), both shards
+    _run(capsys, "eval", tmp_path / "two", "--preset", "smoke", "--runs", 1, "--set", "epochs=2", "--nproc", 2)
+    record = ddkit.load(tmp_path / "two").meta["evaluations"][-1]
+    assert record["protocol"] == "hard" and len(record["accuracies"]) == 1

@@ -283,7 +283,9 @@ def _train_into_cache(folder: Path, real, model_config: dict, schedule: dict, re
     accuracy = 100.0 * test_accuracy(net, normalized_split(real, "test", device), real.test.labels.to(device))
     if not distributed.current().is_main:  # under torchrun (DDP training), rank 0 writes the cache
         distributed.barrier()
-        return Teacher(frozen(net).eval(), dict(model_config), recipe, accuracy, folder)
+        # ...and every rank uses what it wrote: BatchNorm running statistics are per process under
+        # DDP, so this rank's own copy would recover and relabel with other statistics
+        return load_teacher(folder, real, device)
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors_atomic(folder / TEACHER_WEIGHTS, net.state_dict())
     write_json_atomic(folder / TEACHER_MANIFEST, {
