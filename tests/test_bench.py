@@ -342,7 +342,7 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(isolated_da
     assert_self_contained(text)
     assert "&lt;img src=&quot;nowhere.png&quot;&gt;" in text
     images = text.count("<img ")
-    assert images == 4  # the accuracy plot, two grids (random, dm) and dm's loss curve
+    assert images == 5  # the accuracy and storage plots, two grids (random, dm) and dm's loss curve
 
     set_page = write_report(out / "sets" / "digits-dm-ipc1", tmp_path / "set.html")
     set_text = set_page.read_text()
@@ -548,7 +548,7 @@ def test_grid_to_docs_trusts_lines_recovered_from_an_earlier_table(tmp_path):
     baseline = {**common, "method": "random", "protocol": "hard", "mean": 76.60, "std": 0.18, "distill_seconds": 0.0,
                 "eval_seconds_per_run": 329.2, "image_bytes": 313600, "soft_label_bytes": 0}
     assert row_cells(line) == ["fashion-mnist", "10", "gvbsm", "soft", "3", "80.82 +- 0.23", "217.0",
-                               "351.9 (compiled)", "761", "313600", "1230000"]
+                               "351.9 (compiled)", "761", "313600", "1230000", "1543600"]
 
     bench = tmp_path / "kept"  # results.jsonl alone, as kept in git
     bench.mkdir()

@@ -127,14 +127,16 @@ def test_a_teacher_another_process_is_training_is_waited_for_then_loaded(digits,
     real_train = squeeze_module.train_classifier
     monkeypatch.setattr(squeeze_module, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     at_the_lock = threading.Event()
-    real_lock_file = squeeze_module.lock_file
+    import ddkit.utils as utils_module  # the cache's lock (utils.holding_lock) takes utils.lock_file
 
-    def lock_file(path):
+    real_lock_file = utils_module.lock_file
+
+    def lock_file(path, wait=True):
         if threading.current_thread() is waiting:
             at_the_lock.set()
-        return real_lock_file(path)
+        return real_lock_file(path, wait)
 
-    monkeypatch.setattr(squeeze_module, "lock_file", lock_file)
+    monkeypatch.setattr(utils_module, "lock_file", lock_file)
     asked = []
     waiting = threading.Thread(target=lambda: asked.append(
         squeeze(digits, TEACHER, preset="smoke", overrides=["epochs=2"], show_progress=False)))
