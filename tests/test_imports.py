@@ -116,3 +116,16 @@ def test_imports_sit_at_module_top_unless_a_comment_gives_the_reason():
     unexplained = [f"{path.relative_to(ROOT.parent)}:{line}: {text}" for path in sorted(ROOT.rglob("*.py"))
                    for line, text in function_level_imports(path.read_text()) if "#" not in text]
     assert unexplained == []
+
+
+def test_importing_ddkit_first_asks_torch_for_huge_pages_unless_told_not_to():
+    import os
+    import subprocess
+    import sys
+
+    code = "import ddkit, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                          capture_output=True, text=True, check=True)
+    assert (default.stdout.strip(), kept.stdout.strip()) == ("1", "0")
