@@ -104,3 +104,27 @@ def test_tables_list_the_baselines_first_then_the_methods_best_first():
     # LRS for every method: ddm (HLR 1, IOR 5: a = 0.02) > dm (HLR 25, IOR 20: a = -0.025) > iid (a = -0.1)
     order = [(line["ipc"], line["method"]) for line in sorted_lines(lines)]
     assert order == [(1, "random"), (1, "ddm"), (1, "dm"), (1, "iid"), (1, "idm"), (10, "random")]
+
+
+def test_table_to_docs_writes_the_scored_table_between_the_markers(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "table_to_docs.py"
+    spec = importlib.util.spec_from_file_location("table_to_docs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = {"dataset": "digits", "arch": "convnet", "tier": "smoke", "runs": 1, "seed": 0, "std": 0.0,
+            "image_bytes": 640, "soft_label_bytes": 0, "date": "2026-12-02T10:00:00+00:00", "machine": "m"}
+    lines = [{**base, "method": "random", "protocol": "hard", "ipc": 1, "mean": 50.0},
+             {**base, "method": "dm", "protocol": "hard", "ipc": 1, "mean": 60.0, "full_data_hard": 90.0},
+             {**base, "method": "dm", "protocol": "hard", "ipc": 10, "mean": 70.0}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    doc = tmp_path / "doc.md"
+    doc.write_text("# t\n<!-- s:start -->\nold\n<!-- s:end -->\ntail\n")
+    script.replace_section(doc, "s", script.section(tmp_path, ipcs=[1]))
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("<!-- s:end -->\ntail\n")
+    assert "| HLR | IOR | LRS |" in text and "| 30.00 | 10.00 | 22.85 |" in text
+    assert "| digits | 10 |" not in text and "- LRS: label-robust score" in text

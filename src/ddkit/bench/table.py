@@ -98,7 +98,13 @@ def extra_columns(lines: list[dict]) -> tuple[str, ...]:
 
 def table_rows(directory: str | Path) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the bench directory's table, from ``results.jsonl``."""
-    lines = sorted_lines(latest_results(read_results(directory)))
+    return rows_of(latest_results(read_results(directory)))
+
+
+def rows_of(lines: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a table of result ``lines`` (sorted here; score columns where any line
+    has a score, scored against the baselines among ``lines``)."""
+    lines = sorted_lines(lines)
     extra = extra_columns(lines)
     scores = score_columns(lines)
     rows = []
