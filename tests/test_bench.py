@@ -835,3 +835,20 @@ def test_a_stored_value_that_auto_resolved_to_is_not_a_preset_change():
     stored = {"relabel": {"crop_padding": 1, "epochs": 20}}
     assert _differences(stored, {"relabel": {"crop_padding": "auto", "epochs": 20}}) == []
     assert _differences(stored, {"relabel": {"crop_padding": 2, "epochs": 20}}) == ["relabel.crop_padding: 1 -> 2"]
+
+
+def test_an_unused_mix_beta_is_not_a_preset_change_of_a_relabelled_subset():
+    """A relabel without mixing stores mix_beta None; the preset keeps its unused 1.0. A resumed
+    bench must not remake random+cda (Tiny-ImageNet's relabel does not mix) over it."""
+    from ddkit.bench.cells import Cell
+    from ddkit.bench.staleness import preset_changes
+    from ddkit.methods import stats_family
+
+    config = stats_family.resolve_preset("cda", "digits", 1, "smoke")
+    assert config["relabel"]["mix"] == "none" and config["relabel"]["mix_beta"] == 1.0
+    teachers = [{"model": model} for model in config["teachers"]]
+    relabel = {**config["relabel"], "mix_beta": None, "crop_padding": 0, "teacher_info": teachers}
+    assert preset_changes(Cell("digits", "random+cda", 1), {"relabel": relabel}, "smoke") == []
+    changed = {**relabel, "epochs": relabel["epochs"] + 1}
+    assert preset_changes(Cell("digits", "random+cda", 1), {"relabel": changed}, "smoke") == [
+        f"relabel.epochs: {relabel['epochs'] + 1} -> {relabel['epochs']}"]

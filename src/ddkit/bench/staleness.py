@@ -44,6 +44,12 @@ def _differences(stored, current, prefix: str = "", one_sided: bool = False) -> 
     return [f"{prefix.rstrip('.')}: {stored!r} -> {current!r}"]
 
 
+def _used_relabel_options(options: dict) -> dict:
+    """Relabel ``options`` without those the relabel did not use: ``mix_beta`` without mixing (the
+    records store None for it then, the preset its unused value)."""
+    return {key: value for key, value in options.items() if not (key == "mix_beta" and options.get("mix") == "none")}
+
+
 def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
     """How the tier's preset for ``cell`` changed since its set (``manifest``) was made; [] if it did not.
 
@@ -57,8 +63,9 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
         config = stats_family.resolve_preset(relabelled_method(cell.method), cell.dataset, cell.ipc, tier)
         relabel = manifest.get("relabel") or {}
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
-                  "relabel": relabel}
-        changes = _differences(stored, _plain({"teachers": config["teachers"], "relabel": config["relabel"]}))
+                  "relabel": _used_relabel_options(relabel)}
+        changes = _differences(stored, _plain({"teachers": config["teachers"],
+                                               "relabel": _used_relabel_options(config["relabel"])}))
         # a teacher's cache key holds its training recipe: new teachers make new soft labels
         keys = [teacher.get("key") for teacher in relabel.get("teacher_info", [])]
         if keys and None not in keys:
