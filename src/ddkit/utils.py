@@ -75,6 +75,12 @@ def seeded_global_rng(seed: int):
         yield
 
 
+def plain_data(value: Any) -> Any:
+    """``value`` as JSON (or YAML) stores it: tuples become lists, keys strings, so a preset
+    compares equal to a configuration read back from a manifest or a file."""
+    return json.loads(json.dumps(value))
+
+
 def parse_value(text: str) -> Any:
     """Parse a command-line value: int, then float (YAML 1.1 reads ``1e-3`` as a string), then YAML
     (true, null, [1, 2], {a: 1}), else the text itself."""

@@ -16,11 +16,7 @@ from ddkit.checkpoint import LATEST, read_state
 from ddkit.evaluate.protocols import EVAL_CHECKPOINT_DIR, eval_checkpoint_name, evaluation_config, find_stored
 from ddkit.methods import get_spec, stats_family
 from ddkit.store.distilled import MANIFEST_FILE
-
-
-def _plain(value):
-    """``value`` as JSON would store it (tuples become lists), so presets compare with manifests."""
-    return json.loads(json.dumps(value))
+from ddkit.utils import plain_data
 
 
 def _differences(stored, current, prefix: str = "", one_sided: bool = False) -> list[str]:
@@ -64,7 +60,7 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
         relabel = manifest.get("relabel") or {}
         stored = {"teachers": [teacher.get("model") for teacher in relabel.get("teacher_info", [])],
                   "relabel": _used_relabel_options(relabel)}
-        changes = _differences(stored, _plain({"teachers": config["teachers"],
+        changes = _differences(stored, plain_data({"teachers": config["teachers"],
                                                "relabel": _used_relabel_options(config["relabel"])}))
         # a teacher's cache key holds its training recipe: new teachers make new soft labels
         keys = [teacher.get("key") for teacher in relabel.get("teacher_info", [])]
@@ -78,7 +74,7 @@ def preset_changes(cell: Cell, manifest: dict, tier: str) -> list[str]:
     stored = manifest.get("config") or {}
     current = spec.resolve(cell.dataset, cell.ipc, tier)
     active = spec.active_options or (lambda config: config)
-    return _differences(active(stored), _plain(active(current)))
+    return _differences(active(stored), plain_data(active(current)))
 
 
 def reasons_to_remake(cell: Cell, sets: Path, tier: str) -> list[str]:
@@ -109,7 +105,7 @@ def evaluation_changes(cell: Cell, sets: Path, tier: str, archs: list[str], runs
         earlier = [rec for rec in distilled.meta.get("evaluations", [])
                    if not rec.get("partial") and (rec.get("protocol"), rec.get("preset"), rec.get("arch"),
                                                   rec.get("seeds")) == (cell.protocol, tier, arch, seeds)]
-        changed[arch] = (_differences(earlier[-1].get("config"), _plain(config), one_sided=True) if earlier else []) \
+        changed[arch] = (_differences(earlier[-1].get("config"), plain_data(config), one_sided=True) if earlier else []) \
             or ["the set holds no finished evaluation with these seeds"]
     return changed
 

@@ -29,7 +29,7 @@ import yaml
 from ddkit.errors import DDKitError
 from ddkit.methods.registry import get_spec
 from ddkit.tiers import check_tier
-from ddkit.utils import check_seed
+from ddkit.utils import check_seed, plain_data
 
 #: The fields of a configuration file, in the order they are written.
 FIELDS = ("method", "dataset", "ipc", "preset", "seed", "options")
@@ -67,7 +67,7 @@ def run_config(method: str, dataset: str, ipc: int, preset: str = "quick", seed:
     check_seed("distillation", seed)
     options = resolve_options(method, dataset, ipc, preset, overrides, **flags)
     return {"method": method, "dataset": dataset, "ipc": int(ipc), "preset": preset, "seed": int(seed),
-            "options": _plain(options)}
+            "options": plain_data(options)}
 
 
 def dump_run_config(document: dict, path: str = "FILE") -> str:
@@ -112,7 +112,7 @@ def read_run_config(path) -> dict:
     options = document.get("options") or {}
     if not isinstance(options, dict):
         raise DDKitError(f"configuration file {path}: options must be a mapping of option -> value")
-    preset_options = _plain(resolve_options(method, dataset, ipc, preset))
+    preset_options = plain_data(resolve_options(method, dataset, ipc, preset))
     overrides = dict(changed_leaves(options, preset_options))
     if overrides:  # refuse a misspelt or unknown option now, with the known ones, not when the run starts
         resolve_options(method, dataset, ipc, preset, overrides)
@@ -135,12 +135,3 @@ def changed_leaves(options: dict, base: dict, prefix: str = "") -> list[tuple[st
         elif key not in base or base[key] != value:
             changes.append((name, value))
     return changes
-
-
-def _plain(value):
-    """``value`` with tuples as lists (as YAML reads them back), so a file compares equal to its preset."""
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
