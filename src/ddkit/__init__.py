@@ -16,6 +16,13 @@ import os as _os
 # command and its torchrun workers); THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+# The same maps are allocated again every step: keep freed memory in malloc's heap instead of
+# returning it to the system and faulting it in again (ddkit._allocator; DDKIT_KEEP_FREED_MEMORY=0
+# keeps glibc's default).
+from ddkit._allocator import keep_freed_memory_unless_told_not_to  # noqa: E402
+
+keep_freed_memory_unless_told_not_to()
+
 from ddkit._version import __version__  # noqa: E402
 
 # The layer package ddkit.evaluate is imported first, then the name is rebound to the function, so
