@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ddkit.models import create
-from ddkit.models.base import GROUP_NORM_CONTIGUOUS_PIXELS, norm_layout
+from ddkit.models.base import GROUP_NORM_CONTIGUOUS_PIXELS, norm_layout, run_norm
 
 CL = torch.channels_last
 
@@ -67,3 +67,41 @@ def test_channels_last_convnet_matches_the_old_computation_forward_and_backward(
     (old["embedding"] * weights).sum().backward()
     assert torch.allclose(x_new.grad, x_old.grad, atol=1e-5, rtol=1e-4)
     assert not torch.equal(x_new.grad, torch.zeros_like(x_new.grad))
+
+
+def test_instance_norm_without_gradients_keeps_small_channels_last_maps_and_agrees_with_group_norm():
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(128, 128)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    for size in (16, 8, 4, 1):
+        x = (torch.randn(6, 128, size, size) * 3 + 1).contiguous(memory_format=CL)
+        with torch.no_grad():
+            fast = run_norm(norm, x)
+            reference = norm(x.contiguous())
+        assert fast.is_contiguous(memory_format=CL), size
+        assert torch.allclose(fast, reference, atol=2e-5, rtol=0), size
+    # with gradients, and for other norms, the layer itself runs (after the layout copy)
+    x = torch.randn(2, 128, 8, 8).contiguous(memory_format=CL)
+    assert run_norm(norm, x).is_contiguous()
+    with torch.no_grad():
+        assert run_norm(nn.GroupNorm(4, 128), x).is_contiguous()
+
+
+def test_channels_last_convnet_without_gradients_matches_the_standard_layout():
+    torch.manual_seed(0)
+    net = create("convnet", 1, 10, 28, width=32, norm="instance")
+    for layer in net.features:
+        if isinstance(layer, nn.GroupNorm):
+            nn.init.normal_(layer.weight)
+            nn.init.normal_(layer.bias)
+    fast = create("convnet", 1, 10, 28, width=32, norm="instance")
+    fast.load_state_dict(net.state_dict())
+    fast = fast.to(memory_format=CL)
+    x = torch.randn(5, 1, 28, 28)
+    names = ("block0", "block1", "block2", "embedding", "logits")
+    with torch.no_grad():
+        reference = net.forward_taps(x, names)
+        got = fast.forward_taps(x.contiguous(memory_format=CL), names)
+    for name in names:
+        assert torch.allclose(got[name], reference[name], atol=1e-5, rtol=1e-5), name

@@ -48,8 +48,10 @@ def test_every_term_has_the_same_value_batched_and_per_class(digits, method, ter
         assert value == pytest.approx(logs["per_class"][term], rel=1e-4, abs=1e-6), term
 
 
-def test_channels_last_nets_give_the_same_images(digits):
-    """The layout is a speed option only: same nets, same draws, same images to float rounding."""
+def test_a_channels_last_real_side_gives_the_same_images(digits):
+    """The layout is a speed option only: same nets, same draws, same images to float rounding.
+    With it on, the real side runs through a channels-last twin of each network and the synthetic
+    side through the network itself, in the standard layout."""
     # DDM's style terms read the intermediate maps too. Its smoke step (lr 1, style weight 1e4) is
     # chaotic: rounding differences grow about a hundredfold per iteration (on an AMD EPYC, mean
     # 7e-6 after one iteration, 6e-4 after three), so DDM is compared after one.
@@ -60,15 +62,28 @@ def test_channels_last_nets_give_the_same_images(digits):
             engine = MatchingEngine(digits, 2, apply_overrides(config, {"channels_last": layout}), seed=3, device=CPU,
                                     show_progress=False)
             net, _ = engine.source.next(0)
-            last_conv = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # the first has 1 channel
+            real_side = engine._real_side_net(net)
+            last_conv = [m for m in real_side.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # the first has 1 channel
             assert last_conv.weight.is_contiguous(memory_format=torch.channels_last) is layout
+            assert (real_side is net) is not layout and engine._real_side_net(net) is real_side  # one twin per net
+            assert all(torch.equal(a, b) for a, b in zip(real_side.parameters(), net.parameters()))
+            assert [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.is_contiguous()
             runs[layout] = engine.run(method).images
         difference = (runs[True] - runs[False]).abs()
         if method == "dm":
             assert float(difference.max()) < 1e-5
         else:  # one DDM step moves pixels by about 0.6 on average; a layout bug would show at that scale
             assert float(difference.mean()) < 1e-4 and float(difference.max()) < 1e-2
-    assert MatchingEngine(digits, 2, smoke("dm"), seed=3, device=CPU, show_progress=False).source.channels_last  # auto
+    assert MatchingEngine(digits, 2, smoke("dm"), seed=3, device=CPU, show_progress=False).real_side_channels_last  # auto
+
+
+def test_a_network_with_running_statistics_keeps_its_own_real_side(digits):
+    """BatchNorm's running statistics are updated by the real side's forward in training mode: a
+    copy would keep those updates from the network, so such networks get no twin."""
+    config = apply_overrides(smoke("dm", forward="per_class"), {"model.norm": "batch", "channels_last": True})
+    engine = MatchingEngine(digits, 2, config, seed=0, device=CPU, show_progress=False)
+    net, _ = engine.source.next(0)
+    assert engine._real_side_net(net) is net
 
 
 def engine_with_one_net(digits, config, monkeypatch):

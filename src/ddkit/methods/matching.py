@@ -42,7 +42,7 @@ from ddkit.losses import (
 )
 from ddkit import distributed, precision
 from ddkit.checkpoint import commit, generator_state, load_latest, restore_generator, write_part
-from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, use_channels_last
+from ddkit.methods.sources import ModelQueue, PretrainedPool, RandomNets, channels_last_twin, use_channels_last
 from ddkit.methods.terms import MATCHING_TERMS, TermInputs, check_terms, enabled_taps, flag, matching_term, number
 from ddkit.models.training import taps_forward
 from ddkit import options as rules
@@ -285,8 +285,9 @@ class MatchingEngine:
         if config["model_source"] == "queue":
             self.source = ModelQueue(config["model"], config["queue"], real, device, self.generator)
         else:
-            self.source = RandomNets(config["model"], real, device, self.generator,
-                                     channels_last=use_channels_last(config.get("channels_last", "auto"), device))
+            self.source = RandomNets(config["model"], real, device, self.generator)
+        self.real_side_channels_last = use_channels_last(config.get("channels_last", "auto"), device)
+        self._twin: tuple = (None, None)  # (network, its channels-last twin) of the current iteration
         self.pool = (PretrainedPool(config["cc"], real, device, show_progress, compiled=compiled)
                      if any(term.extractor for term in self.terms) else None)
         pixels = initial_images(real, ipc, self.factor, config["init"], self.generator,
@@ -321,9 +322,19 @@ class MatchingEngine:
         for networks whose normalisation couples no samples; BatchNorm nets use forward=per_class.
         """
         chunk = int(self.config["real_chunk"]) or real_aug.shape[0]
+        net = self._real_side_net(net)
         with torch.no_grad(), self.amp.autocast():
             parts = [self.taps_of(net, real_aug[i:i + chunk], tuple(taps)) for i in range(0, real_aug.shape[0], chunk)]
         return self.amp.fp32({name: torch.cat([part[name] for part in parts]) for name in taps})
+
+    def _real_side_net(self, net):
+        """``net`` for the real side: its channels-last twin where ``channels_last`` is on (made once
+        per network; :func:`~ddkit.methods.sources.channels_last_twin`), else ``net``."""
+        if not self.real_side_channels_last:
+            return net
+        if self._twin[0] is not net:
+            self._twin = (net, channels_last_twin(net))
+        return self._twin[1] or net
 
     def _lowest_loss_real(self, real_out: dict, class_ids: list[int]) -> dict:
         """IDM's IPC-1 branch: keep each class's ``real_lowest_loss`` real images of lowest CE."""
@@ -424,6 +435,7 @@ class MatchingEngine:
     def step(self, iteration: int) -> dict[str, float]:
         """One matching iteration; returns the unweighted value of each term and the total."""
         net, accuracy = self.source.next(iteration)
+        self._twin = (None, None)  # a queued network may come back trained: never reuse an old twin
         split = self.world.distributed
         real = self.sampler.per_class(self.batch_real, kept=self.classes if split else None)
         # one extractor per iteration, drawn before any forward, whatever the forward mode or split

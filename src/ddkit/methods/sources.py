@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -30,22 +32,29 @@ def use_channels_last(option, device) -> bool:
     raise DDKitError(f"channels_last must be auto, true or false, got {option!r}")
 
 
-class RandomNets:
-    """A fresh, frozen, randomly initialised network for every iteration (DM).
+def channels_last_twin(net: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of ``net`` with its weights in channels-last layout (the same values), or None for a
+    network with buffers (BatchNorm's running statistics), whose updates must reach ``net`` itself.
 
-    ``channels_last``: keep the network's weights (and so its activations) in channels-last
-    layout, which the CPU's convolutions run faster; the weights' values are the same.
+    The matching engine runs the real side (no gradients) through the twin and the synthetic side
+    (forward and backward) through ``net`` in the standard layout: on the CPU the convolutions run
+    faster channels-last, while GroupNorm's backward on 32 x 32 maps and the pools run several times
+    slower there (docs/speed.md).
     """
+    if any(True for _ in net.buffers()):
+        return None
+    return copy.deepcopy(net).to(memory_format=torch.channels_last)
 
-    def __init__(self, model_config: dict, real, device, generator: torch.Generator, channels_last: bool = False):
+
+class RandomNets:
+    """A fresh, frozen, randomly initialised network for every iteration (DM)."""
+
+    def __init__(self, model_config: dict, real, device, generator: torch.Generator):
         self.model_config, self.real, self.device, self.generator = model_config, real, device, generator
-        self.channels_last = channels_last
 
     def next(self, iteration: int) -> tuple[torch.nn.Module, float]:
         """The network to match with at ``iteration`` and its accuracy scale (1 here)."""
         net = build_net(self.model_config, self.real, draw_seed(self.generator), self.device)
-        if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
         return frozen(net).train(), 1.0
 
     def after_step(self, iteration: int, sample_real) -> None:
