@@ -81,6 +81,12 @@ def test_instance_norm_without_gradients_keeps_small_channels_last_maps_and_agre
             reference = norm(x.contiguous())
         assert fast.is_contiguous(memory_format=CL), size
         assert torch.allclose(fast, reference, atol=2e-5, rtol=0), size
+    # bf16 maps (autocast): statistics in fp32, the output rounded once, like GroupNorm's kernel
+    x = (torch.randn(6, 128, 16, 16) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        fast, reference = run_norm(norm, x), norm.to(torch.float32)(x.float().contiguous()).to(torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    assert float((fast.float() - reference.float()).abs().max()) <= 2 ** -7 * float(reference.float().abs().max())
     # with gradients, and for other norms, the layer itself runs (after the layout copy)
     x = torch.randn(2, 128, 8, 8).contiguous(memory_format=CL)
     assert run_norm(norm, x).is_contiguous()

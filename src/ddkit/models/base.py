@@ -218,14 +218,17 @@ def channels_last_instance_norm(h: torch.Tensor, weight: torch.Tensor, bias: tor
     and pooling after it on the slow standard-layout kernels: one thread, 128 maps of 128 channels,
     norm and ReLU 5.0 ms here against 16.3 ms channels-last and 6.9 ms after a copy, then a 2x2
     average pool 1.4 ms channels-last against 10.6 ms; docs/speed.md). Equal to GroupNorm up to
-    float rounding (about 1e-6).
+    float rounding (about 1e-6); a bf16 or fp16 map (autocast) is normalised in fp32 and returned in
+    its own precision, as GroupNorm's kernel does.
     """
     n, c, height, width = h.shape
     rows = h.permute(0, 2, 3, 1).reshape(n, height * width, c)
+    if rows.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32, as GroupNorm's kernel keeps them
+        rows = rows.float()
     centred = rows - rows.mean(1, keepdim=True)
     variance = (centred * centred).mean(1, keepdim=True)
-    out = centred.mul_(weight * torch.rsqrt(variance + eps)).add_(bias)
-    return out.view(n, height, width, c).permute(0, 3, 1, 2)
+    out = centred.mul_(weight.float() * torch.rsqrt(variance + eps)).add_(bias.float())
+    return out.to(h.dtype).view(n, height, width, c).permute(0, 3, 1, 2)
 
 
 def run_norm(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
