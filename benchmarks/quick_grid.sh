@@ -6,11 +6,14 @@
 #   SRC=/path/to/worktree/src bash benchmarks/quick_grid.sh
 #     runs the ddkit of another checkout (e.g. a `git worktree` at a fixed commit), so that editing
 #     this checkout meanwhile cannot change code the workers have not imported yet.
-# Logs: runs/bench-grid-quick-w<K>.log (progress bars end in carriage returns: read them with
+#   GRID=scores-quick IPCS=1,10 EXTRA=--scores bash benchmarks/quick_grid.sh
+#     another grid of the same kind: its progress in benchmarks/results/$GRID, its run directory
+#     runs/bench-$GRID, the bench's --ipc and further flags (DD-Ranking's scores, docs/bench.md).
+# Logs: runs/bench-$GRID-w<K>.log (default GRID: quick-grid, logs runs/bench-grid-quick-w<K>.log) (progress bars end in carriage returns: read them with
 #   tail -c 300 runs/bench-grid-quick-w1.log | tr '\r' '\n'). Progress: the same bench command with --plan.
 # Stop: pkill -f "ddkit bench --tier quick"; a stopped grid loses at most about a minute per worker.
 #
-# The grid's progress lives in git, in benchmarks/results/quick-grid/ (runs/ is not tracked, and a
+# The grid's progress lives in git, in benchmarks/results/$GRID/ (runs/ is not tracked, and a
 # fresh checkout starts without it): results.jsonl, and sets/ with the sets of cells not finished
 # yet. A run directory without results.jsonl starts from a copy of both, and the workers run with
 # --trust-results, so cells finished on another machine (their sets are not kept) stay finished.
@@ -20,19 +23,23 @@ cd "$(dirname "$0")/.."
 workers=${1:-$(nproc)}
 src=${SRC:-$PWD/src}
 commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
-mkdir -p runs/bench-grid-quick/sets
-if [ ! -f runs/bench-grid-quick/results.jsonl ]; then
-  cp benchmarks/results/quick-grid/results.jsonl runs/bench-grid-quick/
-  if [ -d benchmarks/results/quick-grid/sets ]; then
-    cp -r benchmarks/results/quick-grid/sets/. runs/bench-grid-quick/sets/
+grid=${GRID:-quick-grid}
+ipcs=${IPCS:-1,10,50}
+if [ "$grid" = quick-grid ]; then run=runs/bench-grid-quick; else run=runs/bench-$grid; fi
+mkdir -p "$run/sets"
+if [ ! -f "$run/results.jsonl" ] && [ -f "benchmarks/results/$grid/results.jsonl" ]; then
+  cp "benchmarks/results/$grid/results.jsonl" "$run/"
+  if [ -d "benchmarks/results/$grid/sets" ]; then
+    cp -r "benchmarks/results/$grid/sets/." "$run/sets/"
   fi
 fi
 for worker in $(seq 1 "$workers"); do
-  log=runs/bench-grid-quick-w$worker.log
+  log=$run-w$worker.log
   echo "=== start $(date -u +%FT%TZ) on $commit ($src), worker $worker of $workers" >> "$log"
+  # shellcheck disable=SC2086  # EXTRA is a list of flags
   PYTHONPATH="$src" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup nice -n 19 .venv/bin/python -m ddkit bench \
-    --tier quick --datasets fashion-mnist,mnist --ipc 1,10,50 --runs 3 --out runs/bench-grid-quick --compile --trust-results \
+    --tier quick --datasets fashion-mnist,mnist --ipc "$ipcs" --runs 3 --out "$run" --compile --trust-results ${EXTRA:-} \
     >> "$log" 2>&1 &
   sleep 20  # the first worker claims its cell before the next one starts looking
 done
-echo "started $workers workers on $commit; logs: runs/bench-grid-quick-w*.log"
+echo "started $workers workers on $commit; logs: $run-w*.log"
