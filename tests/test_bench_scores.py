@@ -128,3 +128,26 @@ def test_table_to_docs_writes_the_scored_table_between_the_markers(tmp_path):
     assert "old" not in text and text.endswith("<!-- s:end -->\ntail\n")
     assert "| HLR | IOR | LRS |" in text and "| 30.00 | 10.00 | 22.85 |" in text
     assert "| digits | 10 |" not in text and "- LRS: label-robust score" in text
+
+
+def test_a_line_written_before_its_baseline_is_rescored_once_the_baseline_is_there(tmp_path, isolated_data):
+    """Two bench processes: the DM cell may finish before the random subset's; its stored scores
+    then lack IOR, LRS and ARS until a later --scores pass, which adds them without evaluating."""
+    from ddkit.bench.results import append_result
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    base = {"dataset": "digits", "ipc": 1, "arch": "convnet", "tier": "smoke", "runs": 1, "seed": 0,
+            "protocol": "hard", "std": 0.0, "full_data_hard": 90.0}
+    dm = {**base, "method": "dm", "mean": 60.0, "plain_mean": 50.0, "set": "sets/digits-dm-ipc1"}
+    append_result(out, {**dm, "scores": {"HLR": 30.0}})  # scored while the random subset had no line
+    append_result(out, {**base, "method": "random", "mean": 50.0, "plain_mean": 45.0, "set": "sets/digits-random-ipc1",
+                        "scores": {"HLR": 40.0}})
+    lines = run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out, show_progress=False, scores=True,
+                      trust_results=True)
+    rescored = {line["method"]: line for line in lines}["dm"]
+    assert rescored["scores"] == line_scores(dm, [dm, {**base, "method": "random", "mean": 50.0, "plain_mean": 45.0}])
+    assert set(rescored["scores"]) == {"HLR", "IOR", "LRS", "ARS"} and rescored["scores"]["IOR"] == 10.0
+    count = len(read_results(out))
+    run_bench("smoke", ["digits"], ["dm"], [1], runs=1, out=out, show_progress=False, scores=True, trust_results=True)
+    assert len(read_results(out)) == count  # up to date: nothing appended

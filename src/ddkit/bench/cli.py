@@ -115,7 +115,8 @@ def add_commands(subparsers) -> None:
                    help="also compute DD-Ranking's scores of every cell (HLR, IOR, LRS, ARS; docs/bench.md): a "
                         "hard-label evaluation of soft-label sets, an evaluation without augmentation, and the "
                         "full-data reference (trained once per dataset, architecture and tier, cached in "
-                        "$DDKIT_DATA/references); finished cells get only the missing evaluations")
+                        "$DDKIT_DATA/references); finished cells get only the missing evaluations, and "
+                        "lines scored before their baseline's line existed are rescored")
     p.add_argument("--plan", action="store_true",
                    help="print what the bench would do with each cell (done, to run, failed, make again, evaluate "
                         "again, and what a stopped bench left to continue from) and exit; runs and writes nothing")

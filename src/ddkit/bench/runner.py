@@ -401,11 +401,21 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
         return {**line, "scores": found} if found else line
 
     def score_cell(cell: Cell, label: str) -> bool:
-        """Add the scores' evaluations to a finished cell's lines that lack them; False when none do
-        (or its set is gone: a results.jsonl carried without its sets keeps its lines)."""
+        """Add the scores' evaluations to a finished cell's lines that lack them, and rescore lines
+        whose stored scores its baseline's later line changes; False when there is nothing to do
+        (a set that is gone keeps its line: a results.jsonl carried without its sets)."""
         keys = {cell_key(cell, tier, arch, runs, seed) for arch in archs}
-        lines = [line for line in latest_results(read_results(out)) if line_key(line) in keys]
+        latest = latest_results(read_results(out))
+        lines = [line for line in latest if line_key(line) in keys]
         todo = [line for line in lines if needs_score_inputs(line) and (out / str(line.get("set"))).is_dir()]
+        stale = [line for line in lines if line not in todo and "error" not in line
+                 and line_scores(line, latest) != line.get("scores", {})]
+        for line in stale:  # no evaluation needed: the scores of what is there now
+            append_result(out, {**line, "scores": line_scores(line, latest)})
+        if stale and not todo:
+            say(f"{label}: done before; scores updated from its baseline's line")
+            write_table(out)
+            return True
         if not todo:
             return False
         claim = claim_cell(out, cell)
@@ -428,6 +438,9 @@ def run_bench(tier: str, datasets, methods, ipcs, runs: int, out, seed: int = 0,
     # run_claimed reads the results again once it holds one.
     for number, cell, statuses in deferred:
         run_claimed(number, cell, statuses, last_try=True)
+    if scores:  # a cell another process finished before its baseline's line was written
+        for number, cell in enumerate(cells, 1):
+            score_cell(cell, f"[{number}/{len(cells)}] {cell.dataset} {cell.method} ipc {cell.ipc} ({cell.protocol})")
     if not (out / TABLE_FILE).exists():
         write_table(out)
         write_plots(out)
