@@ -26,7 +26,8 @@ pixels with lr 1 and momentum 0.5), the same dataset, IPC, network builder and i
      re-seeds and draws one value per sample, builds per-sample affine matrices in Python for scale
      and rotate, and then copies the first sample's draw to every sample;
   3. its own real forward (detached) and synthetic forward, adding the class's squared
-     mean-embedding distance to the loss.
+     mean-embedding distance to the loss; the forwards run the ConvNet's layers in the standard
+     layout with PyTorch's own kernels (``plain_embed``), as the original network does.
   Then one backward and one SGD step on the single synthetic tensor.
   The per-call seed comes from a seeded NumPy generator instead of the wall clock, so runs repeat.
 
@@ -206,13 +207,22 @@ class ReferenceDM:
             seed = int(self.numpy_rng.randint(100000))
             img_real = self.dsa(img_real, seed)
             img_syn = self.dsa(img_syn, seed)
-            output_real = net.embed(img_real).detach()
-            output_syn = net.embed(img_syn)
+            output_real = plain_embed(net, img_real).detach()
+            output_syn = plain_embed(net, img_syn)
             loss = loss + torch.sum((output_real.mean(dim=0) - output_syn.mean(dim=0)) ** 2)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+
+def plain_embed(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The ConvNet's embedding ``[N, D]`` as the published code computes it: the feature layers in
+    order with PyTorch's own kernels (``nn.AvgPool2d``'s, not ddkit's faster pool), then flatten."""
+    h = images
+    for layer in net.features:
+        h = torch.nn.AvgPool2d.forward(layer, h) if isinstance(layer, torch.nn.AvgPool2d) else layer(h)
+    return torch.flatten(h, 1)
 
 
 def main() -> None:

@@ -111,3 +111,22 @@ def test_channels_last_convnet_without_gradients_matches_the_standard_layout():
         got = fast.forward_taps(x.contiguous(memory_format=CL), names)
     for name in names:
         assert torch.allclose(got[name], reference[name], atol=1e-5, rtol=1e-5), name
+
+
+def test_the_2x2_average_pool_agrees_with_pytorchs_forward_and_backward():
+    from ddkit.models.base import AvgPool2x2
+
+    torch.manual_seed(0)
+    pool = AvgPool2x2()
+    assert isinstance(pool, nn.AvgPool2d) and pool.kernel_size == 2 and pool.stride == 2
+    for shape in ((3, 5, 8, 8), (2, 4, 32, 16), (2, 3, 7, 6), (1, 2, 2, 2)):
+        for layout in (torch.contiguous_format, CL):
+            x = torch.randn(shape).contiguous(memory_format=layout)
+            mine, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            out_mine, out_theirs = pool(mine), nn.functional.avg_pool2d(theirs, 2, 2)
+            assert out_mine.shape == out_theirs.shape
+            assert torch.allclose(out_mine, out_theirs, atol=1e-6, rtol=0), (shape, layout)
+            weights = torch.randn_like(out_theirs)
+            (out_mine * weights).sum().backward()
+            (out_theirs * weights).sum().backward()
+            assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=0), (shape, layout)

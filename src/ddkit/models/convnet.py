@@ -12,7 +12,7 @@ import math
 from torch import nn
 
 from ddkit.errors import DDKitError
-from ddkit.models.base import NORMS, SequentialTapModel, check_choice, check_positive_int, make_norm
+from ddkit.models.base import NORMS, AvgPool2x2, SequentialTapModel, check_choice, check_positive_int, make_norm
 from ddkit.models.registry import register
 
 POOLINGS = ("avg", "max", "none")
@@ -108,7 +108,7 @@ class ConvNet(SequentialTapModel):
                         f"convnet: depth {depth} pools a {image_size}px image below 1x1 at block "
                         f"{d}; {hint}"
                     )
-                layers.append(nn.AvgPool2d(2, 2) if pooling == "avg" else nn.MaxPool2d(2, 2))
+                layers.append(AvgPool2x2() if pooling == "avg" else nn.MaxPool2d(2, 2))
                 size //= 2
             channels = width
         self._finish(layers, tap_after, (width, size, size), num_classes)
