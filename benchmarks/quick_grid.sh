@@ -18,6 +18,9 @@
 # yet. A run directory without results.jsonl starts from a copy of both, and the workers run with
 # --trust-results, so cells finished on another machine (their sets are not kept) stay finished.
 # Save the progress by copying OUT/results.jsonl (and the sets of unfinished cells) there and committing it.
+# The full-data references that --scores measures (ddkit.evaluate.references, 10-30 minutes each on
+# a CPU) travel the same way: benchmarks/results/$GRID/references/ holds their cache files, copied
+# into the data directory's references/ where it lacks them; save new ones from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-$(nproc)}
@@ -32,6 +35,11 @@ if [ ! -f "$run/results.jsonl" ] && [ -f "benchmarks/results/$grid/results.jsonl
   if [ -d "benchmarks/results/$grid/sets" ]; then
     cp -r "benchmarks/results/$grid/sets/." "$run/sets/"
   fi
+fi
+if [ -d "benchmarks/results/$grid/references" ]; then
+  cache="${DDKIT_DATA:-$HOME/.cache/ddkit}/references"
+  mkdir -p "$cache"
+  cp -rn "benchmarks/results/$grid/references/." "$cache/"
 fi
 for worker in $(seq 1 "$workers"); do
   log=$run-w$worker.log

@@ -8,7 +8,9 @@ Usage:
 The table is the bench's own (``ddkit.bench.table.rows_of``: the baselines first, then the methods
 best first, the score columns and their legend); a line is kept when its dataset, IPC and method
 are among those given (all by default). Nothing is measured here: every number comes from
-``BENCH_DIR/results.jsonl``.
+``BENCH_DIR/results.jsonl``. When both ``--ipc`` and ``--datasets`` are given, the section ends with
+the cells of that grid (the bench's default methods unless ``--methods``) that have no line yet, so
+an unfinished grid says what it lacks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import argparse
 import re
 from pathlib import Path
 
+from ddkit.bench.cells import plan_cells
+from ddkit.bench.cli import default_methods
 from ddkit.bench.results import latest_results, read_results
 from ddkit.bench.table import markdown_table, rows_of
 from ddkit.evaluate.scores import LEGEND, SCORE_NAMES
@@ -36,7 +40,22 @@ def section(bench: Path, ipcs=None, datasets=None, methods=None) -> str:
         text.append(f"Result lines written from {dates[0]} to {dates[-1]}, on: {', '.join(machines)}.")
     text += ["", markdown_table(header, rows), ""]
     text += [f"- {name}: {LEGEND[name]}" for name in SCORE_NAMES if name in header]
+    if ipcs and datasets:
+        text += ["", missing_cells(lines, datasets, methods or default_methods(), ipcs)]
     return "\n".join(text).strip() + "\n"
+
+
+def missing_cells(lines: list[dict], datasets: list[str], methods: list[str], ipcs: list[int]) -> str:
+    """One sentence naming the grid's cells without a result line, per dataset and IPC (or saying none)."""
+    have = {(line.get("dataset"), line.get("method"), int(line.get("ipc", 0))) for line in lines}
+    lacking: dict[tuple[str, int], list[str]] = {}
+    for cell in plan_cells(datasets, methods, ipcs):
+        if (cell.dataset, cell.method, cell.ipc) not in have:
+            lacking.setdefault((cell.dataset, cell.ipc), []).append(cell.method)
+    if not lacking:
+        return "Every cell of the grid has its line."
+    parts = [f"{dataset} IPC {ipc}: {', '.join(methods)}" for (dataset, ipc), methods in lacking.items()]
+    return f"Cells not measured yet ({sum(map(len, lacking.values()))}): " + "; ".join(parts) + "."
 
 
 def replace_section(doc: Path, marker: str, body: str) -> None:

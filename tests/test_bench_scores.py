@@ -128,6 +128,13 @@ def test_table_to_docs_writes_the_scored_table_between_the_markers(tmp_path):
     assert "old" not in text and text.endswith("<!-- s:end -->\ntail\n")
     assert "| HLR | IOR | LRS |" in text and "| 30.00 | 10.00 | 22.85 |" in text
     assert "| digits | 10 |" not in text and "- LRS: label-robust score" in text
+    assert "Cells not measured" not in text  # no grid named: nothing to compare against
+
+    ipc1 = [line for line in lines if line["ipc"] == 1]
+    assert script.missing_cells(ipc1, ["digits"], ["dm"], [1]) == "Every cell of the grid has its line."
+    assert script.missing_cells(ipc1, ["digits"], ["dm", "sre2l"], [1, 10]) == (
+        "Cells not measured yet (6): digits IPC 1: random+sre2l, sre2l; "
+        "digits IPC 10: random, random+sre2l, dm, sre2l.")
 
 
 def test_a_line_written_before_its_baseline_is_rescored_once_the_baseline_is_there(tmp_path, isolated_data):
