@@ -53,6 +53,25 @@ def test_bn_statistics_biased():
         bn_statistics(torch.randn(3, 4))
 
 
+def test_bn_statistics_row_reduction_equals_var_mean_in_values_and_gradients():
+    """The CPU fast path (two passes over the [N, C, H*W] rows) against torch.var_mean, the general
+    path (channels-last input), with a large mean that E[x^2] - E[x]^2 would lose to cancellation."""
+    x = (torch.randn(6, 5, 7, 3, generator=gen(4)) * 0.1 + 100.0).requires_grad_()
+    mean, var = bn_statistics(x)
+    (mean.sum() * 0.3 + var.sum()).backward()
+    grad, x.grad = x.grad.clone(), None
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    general_mean, general_var = bn_statistics(x_cl)
+    (general_mean.sum() * 0.3 + general_var.sum()).backward()
+    exact_var, exact_mean = torch.var_mean(x.detach().double(), dim=(0, 2, 3), correction=0)
+    assert torch.allclose(mean.double(), exact_mean, rtol=1e-6) and torch.allclose(var.double(), exact_var, rtol=1e-4)
+    assert torch.allclose(var, general_var, rtol=1e-4) and torch.allclose(grad, x_cl.grad, rtol=1e-4, atol=1e-6)
+    constant = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    m, v = bn_statistics(constant)
+    (m.sum() + v.sum()).backward()
+    assert torch.equal(v, torch.zeros(3)) and torch.isfinite(constant.grad).all()
+
+
 def test_bn_matching_loss_closed_form_and_norms():
     g = gen(2)
     f64 = dict(generator=g, dtype=torch.float64)

@@ -106,7 +106,25 @@ def bn_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         what BatchNorm normalises with in training mode). Differentiable with respect to ``x``.
     """
     x = _check_map(x, "bn_statistics input")
+    if x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
+        return _two_pass_channel_statistics(x)
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _two_pass_channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bn_statistics` for a standard-layout CPU map: the mean, then the sum of squares of the
+    centred rows of its ``[N, C, H*W]`` view. The same two-pass arithmetic as ``torch.var_mean``
+    (no E[x^2] - E[x]^2 cancellation), but PyTorch's CPU reduction over dims (0, 2, 3) walks
+    the map with a stride; these row reductions run 1.8x (128 channels) to 3x (32 channels)
+    faster, forward and backward, on 32x32 maps of 100 images (docs/speed.md). float32 and float64
+    only: a bf16 or fp16 map keeps ``var_mean``, which accumulates in float32."""
+    n, c = x.shape[0], x.shape[1]
+    rows = x.reshape(n, c, -1)
+    count = rows.shape[0] * rows.shape[2]
+    mean = rows.sum(dim=2).sum(dim=0) / count
+    centred = rows - mean[:, None]
+    var = torch.linalg.vecdot(centred, centred, dim=2).sum(dim=0) / count
     return mean, var
 
 
