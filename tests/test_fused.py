@@ -1,0 +1,145 @@
+"""A ConvNet's first block as one pass (ddkit.models.fused): the layer-by-layer values up to float
+rounding, and only where it applies (no gradients, CPU float32, the block's inner tap not asked for)."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddkit.methods.sources import channels_last_twin
+from ddkit.models import create, fused
+from ddkit.models.base import AvgPool2x2
+
+CL = torch.channels_last
+
+
+def _block(in_channels: int, channels: int, padding: int) -> nn.Sequential:
+    torch.manual_seed(1)
+    block = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=padding), nn.GroupNorm(channels, channels),
+                          nn.ReLU(inplace=True), AvgPool2x2())
+    nn.init.normal_(block[1].weight, 1.0, 0.5)  # gamma and beta away from their defaults, so both count
+    nn.init.normal_(block[1].bias, 0.0, 0.5)
+    return block
+
+
+def _layer_by_layer(block, x):
+    with torch.no_grad():
+        return block[3](block[2](block[1](block[0](x))))
+
+
+@pytest.mark.parametrize("in_channels,size,padding,count", [(1, 28, 3, 37), (3, 32, 1, 5), (1, 10, 0, 16)])
+def test_the_fused_block_equals_conv_norm_relu_pool_to_float_rounding(in_channels, size, padding, count):
+    block = _block(in_channels, 24, padding)
+    x = torch.randn(count, in_channels, size, size) * 2 + 0.5
+    with torch.no_grad():
+        assert fused.fusable_first_block(block, x)
+        for sub_batch in (1, 16, 64):  # sub-batches that split the batch unevenly, and one that holds it
+            out = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=False, sub_batch=sub_batch)
+            assert out.is_contiguous()
+            torch.testing.assert_close(out, _layer_by_layer(block, x), atol=2e-6, rtol=1e-5)
+        in_cl = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=True, sub_batch=64)
+        assert in_cl.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(in_cl, out, atol=0, rtol=0)  # the same numbers, another layout
+
+
+def test_a_constant_image_gives_the_norms_shift_as_group_norm_does():
+    """Zero variance: every pixel of the convolution equals its mean, so the norm outputs beta (the
+    rounding of the convolution is scaled by 1 / sqrt(eps) there, in GroupNorm as here)."""
+    block = _block(1, 8, 0)
+    x = torch.full((3, 1, 8, 8), 0.7)
+    with torch.no_grad():
+        out = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=False)
+    expected = block[1].bias.detach().clamp_min(0)[None, :, None, None].expand(3, 8, 3, 3)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, _layer_by_layer(block, x), atol=1e-4, rtol=0)
+
+
+def test_only_a_cpu_float32_forward_without_gradients_through_that_block_is_fused():
+    block = _block(1, 8, 1)
+    x = torch.randn(2, 1, 8, 8)
+    assert not fused.fusable_first_block(block, x)  # gradients on
+    with torch.no_grad():
+        assert fused.fusable_first_block(block, x)
+        assert not fused.fusable_first_block(block, x.double())
+        assert not fused.fusable_first_block(block, torch.randn(2, 1, 7, 7))  # odd map: the pool drops a row
+        other_norm = nn.Sequential(block[0], nn.BatchNorm2d(8), block[2], block[3])
+        assert not fused.fusable_first_block(other_norm, x)
+        strided = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), block[1], block[2], block[3])
+        assert not fused.fusable_first_block(strided, x)
+        max_pool = nn.Sequential(block[0], block[1], block[2], nn.MaxPool2d(2))
+        assert not fused.fusable_first_block(max_pool, x)
+
+
+def _convnet(in_channels, size):
+    torch.manual_seed(0)
+    return create("convnet", in_channels=in_channels, num_classes=10, image_size=size, width=32, depth=3)
+
+
+@pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
+def test_convnet_taps_without_gradients_match_the_unfused_network(in_channels, size, monkeypatch):
+    net = _convnet(in_channels, size)
+    twin = channels_last_twin(net)
+    x = torch.randn(20, in_channels, size, size)
+    with torch.no_grad():
+        fused_taps = {name: model.forward_taps(x, ("block1", "embedding")) for name, model in
+                      (("standard", net), ("channels_last", twin))}
+        assert fused_taps["channels_last"]["block1"].is_contiguous(memory_format=CL)
+        assert fused_taps["standard"]["block1"].is_contiguous()
+        monkeypatch.setattr(fused, "fusable_first_block", lambda layers, x: False)
+        plain = net.forward_taps(x, ("block1", "embedding"))
+    for taps in fused_taps.values():
+        for name in ("block1", "embedding"):
+            torch.testing.assert_close(taps[name], plain[name], atol=2e-5, rtol=1e-4)
+
+
+def test_convnet_runs_layer_by_layer_when_the_first_blocks_tap_or_gradients_are_wanted(monkeypatch):
+    net = _convnet(1, 28)
+    x = torch.randn(4, 1, 28, 28)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the first block was fused")
+
+    monkeypatch.setattr(fused, "conv_instance_norm_relu_pool", must_not_run)
+    with torch.no_grad():
+        assert net.forward_taps(x, ("block0", "embedding"))["block0"].shape == (4, 32, 32, 32)
+    out = net.embed(x.requires_grad_(True))
+    assert out.requires_grad
+
+
+def test_under_bf16_autocast_the_fused_block_stays_float32():
+    net = _convnet(1, 28)
+    x = torch.randn(6, 1, 28, 28)
+    block = net.features
+    with torch.no_grad():
+        reference = _layer_by_layer(block, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused.fusable_first_block(block, x)
+            out = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=2e-6, rtol=1e-5)
+
+
+def test_an_images_result_does_not_depend_on_its_place_in_the_batch():
+    """Sharded relabelling and split runs rely on it: the same image gives the same bits in any batch."""
+    block = _block(1, 16, 3)
+    x = torch.randn(40, 1, 28, 28)
+    with torch.no_grad():
+        whole = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=False)
+        for part in (x[1:8], x[17:40], x[5:6]):
+            start = int((x == part[0]).all(dim=(1, 2, 3)).nonzero()[0])
+            alone = fused.conv_instance_norm_relu_pool(part, block[0], block[1], channels_last=False)
+            assert torch.equal(alone, whole[start:start + part.shape[0]])
+
+
+def test_a_hooked_layer_keeps_the_block_layer_by_layer():
+    """Hooks that read a layer's input or output (G-VBSM's convolution statistics) must see it run."""
+    net = _convnet(3, 32)
+    seen = []
+    handle = net.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not fused.fusable_first_block(net.features, x)
+        net.embed(x)
+    assert seen == [(2, 32, 32, 32)]
+    handle.remove()
+    with torch.no_grad():
+        assert fused.fusable_first_block(net.features, x)
