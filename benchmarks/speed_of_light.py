@@ -38,6 +38,7 @@ Timings on a shared machine vary; compare numbers only within one run (ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -59,6 +60,10 @@ from ddkit.methods import dm_family, stats_family  # noqa: E402
 from ddkit.methods.matching import MatchingEngine  # noqa: E402
 from ddkit.methods.recover import RecoverEngine  # noqa: E402
 from ddkit.methods.squeeze import Teacher, build_net, frozen  # noqa: E402
+try:  # a tree before the one-pass first block (to time it with this same script)
+    from ddkit.models import fused  # noqa: E402
+except ImportError:
+    fused = None
 from ddkit.utils import apply_overrides, resolve_device  # noqa: E402
 
 #: Sizes of the full run and of ``--quick`` (a check that the script runs, in seconds).
@@ -99,10 +104,28 @@ def median_seconds(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(timed(fn, device) for _ in range(repeat))
 
 
+@contextlib.contextmanager
+def layer_by_layer():
+    """Within it ddkit's networks run layer by layer: the one-pass first block
+    (:mod:`ddkit.models.fused`) is off."""
+    if fused is None:
+        yield
+        return
+    kept = fused.fusable_first_block
+    fused.fusable_first_block = lambda layers, x: False
+    try:
+        yield
+    finally:
+        fused.fusable_first_block = kept
+
+
 def counted_flops(fn) -> int:
     """FLOPs (2 per multiply-add) of the convolutions and matrix products one call of ``fn`` runs,
-    forward and backward, as ``torch.utils.flop_counter`` counts them."""
-    with FlopCounterMode(display=False) as counter:
+    forward and backward, as ``torch.utils.flop_counter`` counts them, with the networks run layer
+    by layer: the work of the network as written, the same for every way of computing it (the
+    one-pass first block does the first convolution's multiply-adds as matrix products, plus a
+    9 x 9 patch covariance per image)."""
+    with layer_by_layer(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -178,7 +201,7 @@ def reference_step(real, sizes: dict, device, batch_real: int):
 
 def recover_step(real, sizes: dict, device, precision: str):
     """A function running ONE SRe2L recover iteration (quick preset, one batch, untrained BN teacher)."""
-    config = stats_family.resolve_preset("sre2l", real.name, None, "quick", real=real)
+    config = stats_family.resolve_preset("sre2l", real.name, preset="quick", real=real)
     model_config = dict(config["teachers"][0], width=sizes["teacher_width"])
     model = frozen(build_net(model_config, real, 0, device)).eval()
     teacher = Teacher(model=model, model_config=model_config, recipe={}, test_accuracy=0.0, path=Path("untrained"))
@@ -196,7 +219,9 @@ def measure_steps(real, sizes: dict, device, iterations: int, precision: str) ->
                  f"official@{batch}": reference_step(real, sizes, device, batch)}
         if precision != "fp32":
             sides[f"dm@{batch} fp32"] = matching_step(real, "dm", sizes, device, "fp32", batch)
-        flops = {name: counted_flops(step) for name, step in sides.items()}  # also the warm-up
+        flops = {name: counted_flops(step) for name, step in sides.items()}
+        for step in sides.values():  # warm-up
+            step()
         seconds = {name: [] for name in sides}
         for _ in range(iterations):  # alternate, so drift of the machine's speed hits every side alike
             for name, step in sides.items():
@@ -212,6 +237,7 @@ def measure_steps(real, sizes: dict, device, iterations: int, precision: str) ->
     for name, step in (("idm", matching_step(real, "idm", sizes, device, precision)),
                        ("sre2l", recover_step(real, sizes, device, precision))):
         flops = counted_flops(step)
+        step()  # warm-up
         rows.append({"step": name, "precision": precision, "flops": flops,
                      "seconds": statistics.median(timed(step, device) for _ in range(iterations))})
     return rows, ratios

@@ -57,3 +57,18 @@ def test_quick_run_reports_every_step_as_a_sane_fraction_of_peak(sol, tmp_path, 
     printed = capsys.readouterr().out
     assert "official/ddkit@16:" in printed and "sre2l" in printed
     assert (tmp_path / "r.json").read_text().startswith("{")
+
+
+def test_first_block_benchmark_times_both_paths_of_every_case(sol, capsys):
+    """benchmarks/first_block_speed.py --quick: each case timed layer by layer and in one pass."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "first_block_speed.py"
+    spec = importlib.util.spec_from_file_location("first_block_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--iterations", "1"])
+    assert len(result) == 4 and any(case.startswith("DM step, 16 real images") for case in result)
+    for times in result.values():
+        assert times["layer by layer"] > 0 and times["one pass"] > 0 and times["speed-up"] > 0
+    assert "one pass" in capsys.readouterr().out
+    stages = module.main(["--quick", "--iterations", "1", "--layers"])
+    assert list(stages)[0] == "first block (one pass)" and len(stages) == 9 and min(stages.values()) >= 0
