@@ -25,6 +25,9 @@ Everything is measured in one process:
      alternates step by step with ``dm@...``, so drift of the machine's speed hits both alike, and
      the output gives ``official / ddkit`` seconds per step;
    - ``idm``: one IDM step of the quick preset (per-class image steps, the model queue and its training);
+   - ``iid``: one IID step of the quick preset (DM with local covariance matching and class
+     centralization through a pretrained extractor, here untrained);
+   - ``ddm``: one DDM step of the quick preset (style moments of every block's maps, intra-class diversity);
    - ``sre2l``: one SRe2L recover iteration of the quick preset (a BatchNorm ConvNet teacher, here
      untrained: the FLOPs and time do not depend on its weights), one batch of 100 images.
 
@@ -184,10 +187,15 @@ def dm_config(method: str, dataset: str, ipc: int, width: int, batch_real: int |
 
 
 def matching_step(real, method: str, sizes: dict, device, precision: str, batch_real: int | None = None):
-    """A function running one step of a fresh matching engine (iteration numbers count up)."""
+    """A function running one step of a fresh matching engine (iteration numbers count up). IID's
+    pretrained extractors are untrained here (built, not trained: the time does not depend on
+    their weights)."""
     config = dm_config(method, real.name, sizes["ipc"], sizes["width"], batch_real)
     with ddkit_precision.using(precision, device):
         engine = MatchingEngine(real, sizes["ipc"], config, 0, device, show_progress=False)
+    if engine.pool is not None:
+        engine.pool._member = lambda index: frozen(build_net(engine.pool.config["model"], real, 1000 + index,
+                                                             device)).eval()
     counter = iter(range(10 ** 9))
     return lambda: engine.step(next(counter))
 
@@ -235,6 +243,8 @@ def measure_steps(real, sizes: dict, device, iterations: int, precision: str) ->
             ratios[f"{precision}-speedup@{batch}"] = (statistics.median(seconds[f"dm@{batch} fp32"])
                                                       / statistics.median(seconds[f"dm@{batch}"]))
     for name, step in (("idm", matching_step(real, "idm", sizes, device, precision)),
+                       ("iid", matching_step(real, "iid", sizes, device, precision)),
+                       ("ddm", matching_step(real, "ddm", sizes, device, precision)),
                        ("sre2l", recover_step(real, sizes, device, precision))):
         flops = counted_flops(step)
         step()  # warm-up

@@ -10,7 +10,9 @@ from ddkit.augment import DSA
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, random_subset
 from ddkit.methods.dm_family import apply_term_flags, resolve_preset
-from ddkit.methods.matching import MatchingEngine, initial_images
+from ddkit.methods import matching
+from ddkit.methods.matching import MatchingEngine, _add_class_sums, initial_images
+from ddkit.methods.terms import MATCHING_TERMS, class_mean_taps
 from ddkit.methods.sources import ModelQueue, PretrainedPool
 from ddkit.utils import apply_overrides, make_generator
 
@@ -423,3 +425,30 @@ def test_quick_class_centralization_extractor_has_a_small_pooled_embedding():
     for size in (28, 56):  # pooled: the embedding does not grow with the image
         assert net.embed(torch.zeros(2, 1, size, size)).shape == (2, 128)
     assert resolve_preset("iid", "fashion-mnist", 10, "paper")["cc"]["model"] == {"arch": "resnet18", "norm": "instance"}
+
+
+def test_style_reads_class_means_of_the_real_maps_as_every_image_would_give(digits, monkeypatch):
+    """DDM's style term reads only each class's mean map, so the real side averages its block maps
+    chunk by chunk (chunks of 4 that straddle classes of 6 images) instead of keeping them all:
+    the same loss and images to float rounding as from every image's maps."""
+    blocks = ["block0", "block1"]
+    assert class_mean_taps([MATCHING_TERMS["style"], MATCHING_TERMS["mean"]], blocks) == set(blocks)
+    assert class_mean_taps([MATCHING_TERMS["style"], MATCHING_TERMS["gram"]], blocks) == set()  # gram: every image
+    config = smoke("ddm", iterations=1, batch_real=6, real_chunk=4)
+    runs = {}
+    for means in (True, False):
+        if not means:
+            monkeypatch.setattr(matching, "class_mean_taps", lambda terms, blocks: set())
+        result = MatchingEngine(digits, 2, config, seed=3, device=CPU, show_progress=False).run("ddm")
+        runs[means] = result
+    for term, value in runs[True].meta["loss_log"][0].items():
+        assert value == pytest.approx(runs[False].meta["loss_log"][0][term], rel=1e-5, abs=1e-7), term
+    assert float((runs[True].images - runs[False].images).abs().max()) < 1e-4
+
+
+def test_class_sums_of_class_major_chunks():
+    rows = torch.randn(15, 2, 3)  # 3 classes of 5 rows
+    sums = {}
+    for start in range(0, 15, 4):
+        _add_class_sums(sums, "t", rows[start:start + 4], start, 5, 3)
+    torch.testing.assert_close(sums["t"] / 5, rows.reshape(3, 5, 2, 3).mean(1))

@@ -41,7 +41,7 @@ def test_best_peak_picks_the_fastest_row_of_its_kind_and_precision(sol):
 def test_quick_run_reports_every_step_as_a_sane_fraction_of_peak(sol, tmp_path, capsys):
     result = sol.main(["--quick", "--iterations", "1", "--repeat", "2", "--json", str(tmp_path / "r.json")])
     names = [row["step"] for row in result["steps"]]
-    assert names == ["dm@8", "official@8", "dm@16", "official@16", "idm", "sre2l"]
+    assert names == ["dm@8", "official@8", "dm@16", "official@16", "idm", "iid", "ddm", "sre2l"]
     kinds = {(r["kind"], r["precision"], r["layout"]) for r in result["peaks"]}
     assert ("conv", "bf16", "channels_last") in kinds and ("gemm", "fp32", "-") in kinds
     for row in result["steps"]:
