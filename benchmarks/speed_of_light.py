@@ -41,11 +41,14 @@ Timings on a shared machine vary; compare numbers only within one run (ratios).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -207,15 +210,26 @@ def reference_step(real, sizes: dict, device, batch_real: int):
     return reference.step
 
 
-def recover_step(real, sizes: dict, device, precision: str):
-    """A function running ONE SRe2L recover iteration (quick preset, one batch, untrained BN teacher)."""
-    config = stats_family.resolve_preset("sre2l", real.name, preset="quick", real=real)
-    model_config = dict(config["teachers"][0], width=sizes["teacher_width"])
-    model = frozen(build_net(model_config, real, 0, device)).eval()
-    teacher = Teacher(model=model, model_config=model_config, recipe={}, test_accuracy=0.0, path=Path("untrained"))
-    recover = apply_overrides(config["recover"], {"iterations": 1, "batch_size": real.num_classes * sizes["ipc"]})
+def recover_step(real, sizes: dict, device, precision: str, method: str = "sre2l"):
+    """A function running ONE recover iteration of ``method``'s quick preset on one batch, with
+    untrained teachers (the time does not depend on their weights): SRe2L's BatchNorm ConvNet at
+    ``teacher_width``, or every teacher of the preset as it is (G-VBSM's four backbones)."""
+    config = stats_family.resolve_preset(method, real.name, preset="quick", real=real)
+    model_configs = ([dict(config["teachers"][0], width=sizes["teacher_width"])] if method == "sre2l"
+                     else config["teachers"])
+    scratch = Path(tempfile.mkdtemp(prefix="ddkit-speed-"))  # G-VBSM caches its real targets beside the teacher
+    atexit.register(shutil.rmtree, scratch, True)
+    teachers = [Teacher(model=frozen(build_net(model_config, real, index, device)).eval(), model_config=model_config,
+                        recipe={}, test_accuracy=0.0, path=scratch / f"teacher-{index}")
+                for index, model_config in enumerate(model_configs)]
+    for teacher in teachers:
+        teacher.path.mkdir()
+    overrides = {"iterations": 1, "batch_size": real.num_classes * sizes["ipc"]}
+    if "conv_target_images" in config["recover"]:  # targets from 512 real images: the step's time is the same
+        overrides["conv_target_images"] = 512
+    recover = apply_overrides(config["recover"], overrides)
     with ddkit_precision.using(precision, device):
-        engine = RecoverEngine(real, sizes["ipc"], recover, [teacher], 0, device, show_progress=False)
+        engine = RecoverEngine(real, sizes["ipc"], recover, teachers, 0, device, show_progress=False)
     return engine.run
 
 

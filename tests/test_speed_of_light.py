@@ -72,3 +72,16 @@ def test_first_block_benchmark_times_both_paths_of_every_case(sol, capsys):
     assert "one pass" in capsys.readouterr().out
     stages = module.main(["--quick", "--iterations", "1", "--layers"])
     assert list(stages)[0] == "first block (one pass)" and len(stages) == 9 and min(stages.values()) >= 0
+
+
+def test_statistics_benchmark_times_both_paths_of_every_case():
+    """benchmarks/bn_statistics_speed.py --quick: BatchNorm and patch statistics, SRe2L and G-VBSM
+    recover iterations, each timed with torch.var_mean and with the row reductions."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bn_statistics_speed.py"
+    spec = importlib.util.spec_from_file_location("bn_statistics_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--iterations", "1"])
+    assert len(result) == 4 and "G-VBSM recover iteration (quick), both statistics" in result
+    for times in result.values():
+        assert times["torch.var_mean"] > 0 and times["row reduction"] > 0

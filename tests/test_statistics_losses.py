@@ -72,6 +72,25 @@ def test_bn_statistics_row_reduction_equals_var_mean_in_values_and_gradients():
     assert torch.equal(v, torch.zeros(3)) and torch.isfinite(constant.grad).all()
 
 
+def test_patch_statistics_row_reduction_equals_var_mean_in_values_and_gradients():
+    """The CPU path (one row per patch, two passes) against torch.var_mean over dims (0, 1, 3, 5),
+    in float64 for the values, with a large mean; a map that is resized first takes it too."""
+    for shape in ((3, 5, 8, 12), (2, 3, 7, 7)):
+        x = (torch.randn(*shape, generator=gen(5)) * 0.1 + 100.0).requires_grad_()
+        mean, var = patch_statistics(x, 4)
+        (mean.sum() * 0.3 + var.sum()).backward()
+        resized = F.interpolate(x.detach().double(), size=(-(-shape[2] // 4) * 4, -(-shape[3] // 4) * 4),
+                                mode="bilinear", align_corners=False).requires_grad_()
+        n, c, h, w = resized.shape
+        exact_var, exact_mean = torch.var_mean(resized.reshape(n, c, h // 4, 4, w // 4, 4), dim=(0, 1, 3, 5),
+                                               correction=0)
+        assert torch.allclose(mean.double(), exact_mean.reshape(-1), rtol=1e-6)
+        assert torch.allclose(var.double(), exact_var.reshape(-1), rtol=1e-4)
+        (exact_mean.sum() * 0.3 + exact_var.sum()).backward()
+        if (h, w) == tuple(shape[2:]):
+            assert torch.allclose(x.grad.double(), resized.grad, rtol=1e-3, atol=1e-6)
+
+
 def test_bn_matching_loss_closed_form_and_norms():
     g = gen(2)
     f64 = dict(generator=g, dtype=torch.float64)
