@@ -25,7 +25,7 @@ import torch
 from ddkit import precision as ddkit_precision
 from ddkit.data import load_dataset
 from ddkit.methods.sources import channels_last_twin
-from ddkit.models import create, fused
+from ddkit.models import create
 from ddkit.models.base import run_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,17 +58,14 @@ def real_side(net, images: torch.Tensor, chunk: int, precision: str):
 
 def first_block(net, images: torch.Tensor):
     """The first block alone on ``images``, through the channels-last twin: the path the model
-    would take (fused unless turned off), timed without the rest of the network."""
-    layers = channels_last_twin(net).features
+    would take (one pass unless turned off), timed without the rest of the network."""
+    twin = channels_last_twin(net)
 
     def run():
         with torch.no_grad():
-            if fused.fusable_first_block(layers, images):
-                fused.conv_instance_norm_relu_pool(images, layers[0], layers[1],
-                                                   channels_last=fused.is_channels_last_weight(layers[4]))
-            else:
+            if twin.one_pass_first_block(images) is None:
                 h = images
-                for layer in list(layers)[:4]:
+                for layer in list(twin.features)[:4]:
                     h = run_norm(layer, h)
     return run
 
@@ -76,18 +73,18 @@ def first_block(net, images: torch.Tensor):
 def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str) -> dict[str, float]:
     """Median process CPU seconds of each stage of the channels-last twin's forward on ``images``
     without gradients, in ``precision``: the first block (in one pass), then layer by layer."""
-    layers = channels_last_twin(net).features
-    channels_last = fused.is_channels_last_weight(layers[4])
+    twin = channels_last_twin(net)
     seconds: dict[str, list[float]] = {}
     with torch.no_grad(), ddkit_precision.Amp(precision, images.device).autocast():
         for _ in range(iterations + 1):  # the first round warms up
             start = time.process_time()
-            h = fused.conv_instance_norm_relu_pool(images, layers[0], layers[1], channels_last=channels_last)
+            h = twin.one_pass_first_block(images)
             seconds.setdefault("first block (one pass)", []).append(time.process_time() - start)
-            for index in range(4, len(layers)):
+            for index in range(4, len(twin.features)):
+                layer = twin.features[index]
                 start = time.process_time()
-                h = run_norm(layers[index], h)
-                seconds.setdefault(f"{index}: {type(layers[index]).__name__}", []).append(time.process_time() - start)
+                h = run_norm(layer, h)
+                seconds.setdefault(f"{index}: {type(layer).__name__}", []).append(time.process_time() - start)
     return {name: statistics.median(values[1:]) for name, values in seconds.items()}
 
 

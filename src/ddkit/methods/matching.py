@@ -351,14 +351,15 @@ class MatchingEngine:
         chunk = int(self.config["real_chunk"]) or real_aug.shape[0]
         per_class = real_aug.shape[0] // classes
         net = self._real_side_net(net)
-        parts: dict[str, list] = {name: [] for name in taps if name not in means}
+        averaged = means & set(taps)
+        parts: dict[str, list] = {name: [] for name in taps if name not in averaged}
         sums: dict[str, torch.Tensor] = {}
         with torch.no_grad(), self.amp.autocast():
             for start in range(0, real_aug.shape[0], chunk):
                 out = self.taps_of(net, real_aug[start:start + chunk], tuple(taps))
                 for name in parts:
                     parts[name].append(out[name])
-                for name in means & set(taps):
+                for name in averaged:
                     _add_class_sums(sums, name, out[name].float(), start, per_class, classes)
         result = {name: torch.cat(values) for name, values in parts.items()}
         result.update({name: total / per_class for name, total in sums.items()})

@@ -316,10 +316,8 @@ class SequentialTapModel(TapModel):
     def _stream(self, x: torch.Tensor, start: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """The taps from layer ``start`` of ``features`` on, ``x`` being that layer's input."""
         h = x
-        for i, layer in enumerate(self.features):
-            if i < start:
-                continue
-            h = run_norm(layer, h)
+        for i in range(start, len(self.features)):
+            h = run_norm(self.features[i], h)
             name = self._tap_after.get(i)
             if name is not None:
                 yield name, h
@@ -329,19 +327,26 @@ class SequentialTapModel(TapModel):
         yield "logits", self.classifier(h)
 
     def _stream_for(self, x: torch.Tensor, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Without gradients on the CPU, a first block of convolution, instance norm, ReLU and 2x2
-        average pool whose inner taps are not ``wanted`` runs as one pass
-        (:func:`ddkit.models.fused.conv_instance_norm_relu_pool`: 1.47x faster on a ConvNet's first
-        block, docs/speed.md); everything else layer by layer."""
+        """:meth:`_stream`, with the first block in one pass where :meth:`one_pass_first_block` can."""
+        pooled = self.one_pass_first_block(x, wanted)
+        return self._stream(x) if pooled is None else self._stream(pooled, start=4)
+
+    def one_pass_first_block(self, x: torch.Tensor, wanted: set[str] = frozenset()) -> torch.Tensor | None:
+        """The output of ``features[:4]`` on ``x`` in one pass, or None where it does not apply.
+
+        Without gradients on the CPU, a first block of convolution, instance norm, ReLU and 2x2
+        average pool whose inner taps are not ``wanted`` runs as
+        :func:`ddkit.models.fused.conv_instance_norm_relu_pool` (1.47x faster on a ConvNet's first
+        block, docs/speed.md), in the layout of the layer after it.
+        """
         from ddkit.models import fused  # here, not at the top: ddkit.models.fused imports this module
 
         inner = {self._tap_after[i] for i in range(4) if i in self._tap_after}
-        if not (inner & wanted) and fused.fusable_first_block(self.features, x):
-            after = self.features[4] if len(self.features) > 4 else self.features[0]
-            pooled = fused.conv_instance_norm_relu_pool(x, self.features[0], self.features[1],
-                                                        channels_last=fused.is_channels_last_weight(after))
-            return self._stream(pooled, start=4)
-        return self._stream(x)
+        if inner & wanted or not fused.fusable_first_block(self.features, x):
+            return None
+        after = self.features[4] if len(self.features) > 4 else self.features[0]
+        return fused.conv_instance_norm_relu_pool(x, self.features[0], self.features[1],
+                                                  channels_last=fused.is_channels_last_weight(after))
 
 
 class GlobalPoolTapModel(TapModel):
