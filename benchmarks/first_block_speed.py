@@ -26,7 +26,7 @@ from ddkit import precision as ddkit_precision
 from ddkit.data import load_dataset
 from ddkit.methods.sources import channels_last_twin
 from ddkit.models import create
-from ddkit.models.base import run_norm
+from ddkit.models.base import run_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_of_light  # noqa: E402  (benchmarks/ is not a package)
@@ -66,7 +66,7 @@ def first_block(net, images: torch.Tensor):
             if twin.one_pass_first_block(images) is None:
                 h = images
                 for layer in list(twin.features)[:4]:
-                    h = run_norm(layer, h)
+                    h = run_layer(layer, h)
     return run
 
 
@@ -83,7 +83,7 @@ def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str
             for index in range(4, len(twin.features)):
                 layer = twin.features[index]
                 start = time.process_time()
-                h = run_norm(layer, h)
+                h = run_layer(layer, h)
                 seconds.setdefault(f"{index}: {type(layer).__name__}", []).append(time.process_time() - start)
     return {name: statistics.median(values[1:]) for name, values in seconds.items()}
 

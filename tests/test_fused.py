@@ -143,3 +143,30 @@ def test_a_hooked_layer_keeps_the_block_layer_by_layer():
     handle.remove()
     with torch.no_grad():
         assert fused.fusable_first_block(net.features, x)
+
+
+def test_a_rounded_result_is_the_float32_result_rounded_once():
+    block = _block(1, 24, 3)
+    x = torch.randn(37, 1, 28, 28)
+    with torch.no_grad():
+        full = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=True, sub_batch=16)
+        rounded = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=True, sub_batch=16,
+                                                     out_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and rounded.is_contiguous(memory_format=CL)
+    assert torch.equal(rounded, full.to(torch.bfloat16))
+
+
+def test_under_bf16_autocast_a_convnet_rounds_the_fused_block_as_its_next_convolution_would(monkeypatch):
+    """The next convolution rounds its input to bf16 under autocast: rounding the block's output
+    sub-batch by sub-batch gives the same network output, bit for bit."""
+    net = channels_last_twin(_convnet(1, 28))
+    x = torch.randn(40, 1, 28, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net.forward_taps(x, ("block1", "embedding"))
+        kept = fused.conv_instance_norm_relu_pool
+        monkeypatch.setattr(fused, "conv_instance_norm_relu_pool",
+                            lambda *args, out_dtype=None, **kwargs: kept(*args, **kwargs))  # float32 out
+        reference = net.forward_taps(x, ("block1", "embedding"))
+    for name in ("block1", "embedding"):
+        assert got[name].dtype == reference[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], reference[name]), name

@@ -85,3 +85,32 @@ def test_statistics_benchmark_times_both_paths_of_every_case():
     assert len(result) == 4 and "G-VBSM recover iteration (quick), both statistics" in result
     for times in result.values():
         assert times["torch.var_mean"] > 0 and times["row reduction"] > 0
+
+
+def test_kernel_benchmark_swaps_in_the_previous_kernels_and_restores_them(capsys):
+    """benchmarks/kernel_speed.py: its ``before`` kernels compute what the current ones do, they are
+    back in place afterwards, and a quick run times every case both ways."""
+    from ddkit.models import base, fused
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_speed.py"
+    spec = importlib.util.spec_from_file_location("kernel_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    current = (base.channels_last_instance_norm, base._HalvingAverage.backward, fused.conv_instance_norm_relu_pool,
+               base.run_layer)
+    norm = torch.nn.GroupNorm(128, 128)
+    maps = torch.randn(3, 128, 16, 16).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 4, 3, 5)
+    with torch.no_grad():
+        now = base.run_norm(norm, maps), base._HalvingAverage.backward(None, grad)
+        with module.previous_kernels():
+            assert base.run_layer is base.run_norm
+            before = base.run_norm(norm, maps), base._HalvingAverage.backward(None, grad)
+    assert (base.channels_last_instance_norm, base._HalvingAverage.backward, fused.conv_instance_norm_relu_pool,
+            base.run_layer) == current
+    torch.testing.assert_close(now[0], before[0], atol=2e-6, rtol=1e-5)
+    assert torch.equal(now[1], before[1])
+    result = module.main(["--quick", "--iterations", "1"])
+    assert len(result) == 12 and "DM step, 8 real images per class, bf16" in result
+    assert all(times["before"] > 0 and times["after"] > 0 for times in result.values())
+    assert "first conv" in capsys.readouterr().out

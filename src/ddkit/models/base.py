@@ -29,6 +29,13 @@ NORMS = ("instance", "batch", "group", "layer", "none")
 #: Largest map (H * W pixels) that a GroupNorm on the CPU gets in the standard layout; see :func:`norm_layout`.
 GROUP_NORM_CONTIGUOUS_PIXELS = 256
 
+#: Values per image (pixels x channels) from which :func:`channels_last_instance_norm` normalises
+#: image by image (``F.batch_norm`` over one image's pixels, one call each) rather than all images'
+#: rows at once. One thread, 128 channels-last maps: at 16 x 16 x 128 values per image 16.2 against
+#: 19.0 ms in float32 and 13.0 against 24.4 ms in bf16; at 16 x 16 x 96 as fast in float32 and 1.5x
+#: faster in bf16; at 8 x 8 x 128 the per-call cost makes it 2.3x slower (docs/speed.md).
+PER_IMAGE_NORM_VALUES = 24576
+
 
 class TapModel(nn.Module):
     """Base class of all ddkit models.
@@ -216,8 +223,11 @@ def channels_last_instance_norm(h: torch.Tensor, weight: torch.Tensor, bias: tor
     ``(h - mean) / sqrt(var + eps) * weight + bias`` with the biased variance over ``H, W`` per
     sample and channel, as ``nn.GroupNorm(C, C)`` computes it, returned channels-last.
 
-    The per-pixel rows ``[N, H*W, C]`` are a view of the map; the variance is that of the centred
-    rows (two passes, as stable as GroupNorm's). For the forward of
+    The per-pixel rows ``[N, H*W, C]`` are a view of the map. From :data:`PER_IMAGE_NORM_VALUES`
+    values per image each image's rows ``[H*W, C]`` are normalised by ``F.batch_norm`` in training
+    mode (per channel over the rows: an instance norm of that image; its statistics in float32 for a
+    bf16 map, rounded once), else all rows at once with the variance of the centred rows (two
+    passes, as stable as GroupNorm's). For the forward of
     a network without gradients on maps of 16 x 16 pixels or fewer (the CPU kernel for
     channels-last GroupNorm is 3x slower there, and a copy to the standard layout leaves the ReLU
     and pooling after it on the slow standard-layout kernels: one thread, 128 maps of 128 channels,
@@ -227,7 +237,13 @@ def channels_last_instance_norm(h: torch.Tensor, weight: torch.Tensor, bias: tor
     its own precision, as GroupNorm's kernel does.
     """
     n, c, height, width = h.shape
-    rows = h.permute(0, 2, 3, 1).reshape(n, height * width, c)
+    rows = h.permute(0, 2, 3, 1).view(n, height * width, c)
+    if height * width * c >= PER_IMAGE_NORM_VALUES:
+        out = torch.empty_like(rows)
+        weight, bias = weight.float(), bias.float()
+        for image in range(n):
+            out[image] = F.batch_norm(rows[image], None, None, weight, bias, True, 0.0, eps)
+        return out.view(n, height, width, c).permute(0, 3, 1, 2)
     if rows.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32, as GroupNorm's kernel keeps them
         rows = rows.float()
     centred = rows - rows.mean(1, keepdim=True)
@@ -249,6 +265,26 @@ def run_norm(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return layer(norm_layout(layer, h))
 
 
+def run_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``layer(h)`` for a layer of a feature stack: :func:`run_norm`'s kernels for norms, and under
+    CPU autocast a one-channel convolution whose weight is being trained in float32.
+
+    oneDNN's bf16 weight gradient of a convolution with one input channel is slow: ConvNet-3's
+    first convolution (1 -> 128 channels, 28 x 28 images, padding 3), 256 images, forward and
+    backward, one thread, 102.5 ms in bf16 against 63.6 ms in float32 with the output rounded to
+    bf16 (docs/speed.md); that layer has 2.4 % of the network's FLOPs. So in training under
+    autocast it runs in float32 and its output is rounded to the autocast dtype, as the bf16
+    convolution's would be (the rounding of its input and weight is skipped: slightly more
+    accurate). With three input channels bf16 is the faster one and is kept.
+    """
+    if (type(layer) is nn.Conv2d and layer.in_channels == 1 and layer.weight.requires_grad
+            and torch.is_grad_enabled() and h.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):
+            out = layer(h.float())
+        return out.to(torch.get_autocast_dtype("cpu"))
+    return run_norm(layer, h)
+
+
 def _small_channels_last_cpu_map(h: torch.Tensor) -> bool:
     return (h.device.type == "cpu" and h.dim() == 4 and h.shape[2] * h.shape[3] <= GROUP_NORM_CONTIGUOUS_PIXELS
             and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last))
@@ -268,7 +304,10 @@ class _HalvingAverage(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         n, c, h, w = grad.shape
-        return (grad * 0.25)[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+        # each value twice along a row, then each row twice: two plain copies, 2-4x faster than one
+        # copy of a [n, c, h, 2, w, 2] broadcast (the same values)
+        rows = (grad * 0.25)[..., None].expand(n, c, h, w, 2).reshape(n, c, h, 2 * w)
+        return torch.cat((rows, rows), 3).view(n, c, 2 * h, 2 * w)
 
 
 class AvgPool2x2(nn.AvgPool2d):
@@ -279,7 +318,9 @@ class AvgPool2x2(nn.AvgPool2d):
     two additions of halves: one thread, 256 maps of 128 channels, 80.6 against 13.3 ms at 32x32
     and 22.2 against 3.2 ms at 16x16; in relabelling (a BatchNorm ConvNet teacher's forward over
     views) the pools were 44 % of the time (docs/speed.md). The backward spreads each gradient over
-    its 2x2 window in one pass (PyTorch's fills a zero map first). Values equal the standard
+    its 2x2 window by copying each row's values twice, then each row twice (PyTorch's fills a zero
+    map first; 100 maps of 128 channels at 16 x 16 pixels, one thread: 6.3 ms against 13.7 ms for
+    one copy of the broadcast 2x2 window, docs/speed.md). Values equal the standard
     kernel's up to float rounding (the four terms are added in another order). Channels-last maps,
     odd sides, other devices and ``torch.compile`` (which fuses its own) use the standard kernel.
     """
@@ -317,7 +358,7 @@ class SequentialTapModel(TapModel):
         """The taps from layer ``start`` of ``features`` on, ``x`` being that layer's input."""
         h = x
         for i in range(start, len(self.features)):
-            h = run_norm(self.features[i], h)
+            h = run_layer(self.features[i], h)
             name = self._tap_after.get(i)
             if name is not None:
                 yield name, h
@@ -345,8 +386,12 @@ class SequentialTapModel(TapModel):
         if inner & wanted or not fused.fusable_first_block(self.features, x):
             return None
         after = self.features[4] if len(self.features) > 4 else self.features[0]
+        # under CPU autocast the next convolution rounds its input to the autocast dtype anyway
+        rounded = (torch.is_autocast_enabled("cpu") and len(self.features) > 4
+                   and isinstance(self.features[4], nn.Conv2d))
         return fused.conv_instance_norm_relu_pool(x, self.features[0], self.features[1],
-                                                  channels_last=fused.is_channels_last_weight(after))
+                                                  channels_last=fused.is_channels_last_weight(after),
+                                                  out_dtype=torch.get_autocast_dtype("cpu") if rounded else None)
 
 
 class GlobalPoolTapModel(TapModel):

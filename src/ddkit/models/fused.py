@@ -65,7 +65,7 @@ def _hooked(layer: nn.Module) -> bool:
 
 
 def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, channels_last: bool,
-                                 sub_batch: int = SUB_BATCH) -> torch.Tensor:
+                                 sub_batch: int = SUB_BATCH, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``AvgPool2d(2)(relu(norm(conv(x))))`` without storing the full-resolution map.
 
     Args:
@@ -74,6 +74,9 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
         norm: an instance norm ``GroupNorm(C, C)`` with affine.
         channels_last: the layout of the result (that of the next layer's weight).
         sub_batch: images per pass (their maps stay in the cache).
+        out_dtype: the result's dtype (default ``x``'s): under bf16 autocast the next convolution
+            casts its input to bf16 anyway, so each sub-batch is rounded while it is in the cache
+            instead of in a pass over the whole result (the same values).
 
     Returns:
         ``[N, C, H'/2, W'/2]`` with ``H' x W'`` the convolution's output size, channels-last or in
@@ -90,8 +93,10 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
         filters = conv.weight.detach().reshape(channels, -1).t()  # [K, C]
         k = filters.shape[0]
         gamma, beta = norm.weight.detach(), norm.bias.detach()
-        out = torch.empty(n, quarter, channels, dtype=x.dtype)
+        out = torch.empty(n, quarter, channels, dtype=out_dtype or x.dtype)
+        rounded = out.dtype != x.dtype
         scratch = torch.empty(min(sub_batch, n), quarter, channels, dtype=x.dtype)
+        window_sums = torch.empty(min(sub_batch, n), quarter, channels, dtype=x.dtype) if rounded else None
         for start in range(0, n, sub_batch):
             images = x[start:start + sub_batch]
             m = images.shape[0]
@@ -109,10 +114,12 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
             # [m, 4, P/4, K]: the patches of the four pixels of each pooling window, window by window
             windows = (patches.view(m, k, out_h // 2, 2, out_w // 2, 2).permute(0, 3, 5, 2, 4, 1)
                        .reshape(m, 4, quarter, k))
-            pooled = out[start:start + m]
+            pooled = window_sums[:m] if rounded else out[start:start + m]
             torch.baddbmm(bias, windows[:, 0], per_image_filters, out=pooled).clamp_min_(0)
             for pixel in range(1, 4):
                 pooled.add_(torch.baddbmm(bias, windows[:, pixel], per_image_filters, out=scratch[:m]).clamp_min_(0))
+            if rounded:
+                out[start:start + m] = pooled
     result = out.view(n, out_h // 2, out_w // 2, channels).permute(0, 3, 1, 2)
     return result if channels_last else result.contiguous()
 
