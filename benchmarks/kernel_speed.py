@@ -115,7 +115,7 @@ def kernel_cases(sizes: dict, quick: bool) -> dict[str, dict]:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for start in range(0, maps, 128):
                 twin.forward_taps(images[start:start + 128], ("embedding",))
-    cases[f"real side, {maps} images, bf16 (one-pass block rounding)"] = both(real_side)
+    cases[f"real side, {maps} images, bf16"] = both(real_side)
     batch = 256 if not quick else 16
     x = torch.randn(batch, in_channels, height, width, generator=generator)
     first = net.features[0]
