@@ -238,7 +238,8 @@ def channels_last_instance_norm(h: torch.Tensor, weight: torch.Tensor, bias: tor
     """
     n, c, height, width = h.shape
     rows = h.permute(0, 2, 3, 1).view(n, height * width, c)
-    if height * width > 1 and height * width * c >= PER_IMAGE_NORM_VALUES:  # batch_norm needs 2+ rows
+    # batch_norm needs 2+ rows; a compiled graph gets the vectorised form (a loop would unroll)
+    if height * width > 1 and height * width * c >= PER_IMAGE_NORM_VALUES and not torch.compiler.is_compiling():
         out = torch.empty_like(rows)
         weight, bias = weight.float(), bias.float()
         for image in range(n):
