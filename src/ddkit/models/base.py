@@ -31,9 +31,9 @@ GROUP_NORM_CONTIGUOUS_PIXELS = 256
 
 #: Values per image (pixels x channels) from which :func:`channels_last_instance_norm` normalises
 #: image by image (``F.batch_norm`` over one image's pixels, one call each) rather than all images'
-#: rows at once. One thread, 128 channels-last maps: at 16 x 16 x 128 values per image 16.2 against
-#: 19.0 ms in float32 and 13.0 against 24.4 ms in bf16; at 16 x 16 x 96 as fast in float32 and 1.5x
-#: faster in bf16; at 8 x 8 x 128 the per-call cost makes it 2.3x slower (docs/speed.md).
+#: rows at once. One thread, 640 channels-last maps: at 16 x 16 x 128 values per image 16.6 against
+#: 20.1 ms in float32 and 13.2 against 26.8 ms in bf16; at 16 x 16 x 96 as fast in float32 and 1.5x
+#: faster in bf16; at 8 x 8 x 128 the per-call cost makes it about 2x slower (docs/speed.md).
 PER_IMAGE_NORM_VALUES = 24576
 
 
@@ -320,7 +320,7 @@ class AvgPool2x2(nn.AvgPool2d):
     and 22.2 against 3.2 ms at 16x16; in relabelling (a BatchNorm ConvNet teacher's forward over
     views) the pools were 44 % of the time (docs/speed.md). The backward spreads each gradient over
     its 2x2 window by copying each row's values twice, then each row twice (PyTorch's fills a zero
-    map first; 100 maps of 128 channels at 16 x 16 pixels, one thread: 6.3 ms against 13.7 ms for
+    map first; 100 maps of 128 channels at 16 x 16 pixels, one thread: 6.9 ms against 14.1 ms for
     one copy of the broadcast 2x2 window, docs/speed.md). Values equal the standard
     kernel's up to float rounding (the four terms are added in another order). Channels-last maps,
     odd sides, other devices and ``torch.compile`` (which fuses its own) use the standard kernel.
