@@ -45,6 +45,47 @@ def median_cpu_seconds(functions: dict, iterations: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
+def benchmark_arguments(doc: str, iterations: int, argv=None, more=None) -> tuple[argparse.Namespace, dict]:
+    """The options every before/after benchmark here takes (``--iterations``, ``--quick``, and any
+    that ``more(parser)`` adds), parsed from ``argv``, with torch set to one thread.
+
+    Returns:
+        The parsed options and the sizes of the run (``speed_of_light.SIZES``: full or quick).
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=iterations,
+                        help=f"timed calls per path (default {iterations})")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
+    if more is not None:
+        more(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    return args, speed_of_light.SIZES["quick" if args.quick else "full"]
+
+
+def compare_paths(cases: dict[str, dict], iterations: int) -> dict[str, dict[str, float]]:
+    """Time each case's two paths against each other and print the result.
+
+    Args:
+        cases: case name -> ``{path name: function}`` with two paths, the reference first.
+        iterations: timed calls of each path (alternating, after one warm-up call each).
+
+    Returns:
+        case name -> the median process CPU seconds of each path and ``speed-up`` (the first
+        path's seconds over the second's); each case is printed as one line.
+    """
+    result = {}
+    for case, paths in cases.items():
+        for fn in paths.values():
+            fn()  # warm-up
+        times = median_cpu_seconds(paths, iterations)
+        (first, first_seconds), (second, second_seconds) = times.items()
+        result[case] = {**times, "speed-up": first_seconds / second_seconds}
+        print(f"{case}: {first} {first_seconds * 1e3:.1f} ms, {second} {second_seconds * 1e3:.1f} ms, "
+              f"{first_seconds / second_seconds:.2f}x", flush=True)
+    return result
+
+
 def on_path(path: str, replaced: tuple[str, ...], fn):
     """``fn`` run with the row reductions named in ``replaced`` swapped for ``torch.var_mean`` on
     the ``torch.var_mean`` path, as they are on the other."""
@@ -72,12 +113,7 @@ def forward_backward(statistic, shape: tuple[int, ...]):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=15, help="timed calls per path (default 15)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    sizes = speed_of_light.SIZES["quick" if args.quick else "full"]
+    args, sizes = benchmark_arguments(__doc__, 15, argv)
     shapes = [(4, 8, 8, 8)] if args.quick else [(100, 32, 32, 32), (100, 64, 16, 16), (100, 128, 32, 32)]
     bn, patch = ("_two_pass_channel_statistics",), ("_patch_rows_statistics",)
     cases = {f"bn_statistics {'x'.join(map(str, shape))}": (bn, forward_backward(bn_stats.bn_statistics, shape))
@@ -89,16 +125,8 @@ def main(argv=None) -> dict:
     cases["SRe2L recover iteration (quick)"] = (bn, speed_of_light.recover_step(real, sizes, cpu, "fp32"))
     cases["G-VBSM recover iteration (quick), both statistics"] = (
         bn + patch, speed_of_light.recover_step(real, sizes, cpu, "fp32", method="gvbsm"))
-    result = {}
-    for case, (replaced, fn) in cases.items():
-        fn()  # warm-up
-        times = median_cpu_seconds({path: on_path(path, replaced, fn) for path in PATHS}, args.iterations)
-        speedup = times["torch.var_mean"] / times["row reduction"]
-        result[case] = {**times, "speed-up": speedup}
-        print(f"{case}: torch.var_mean {times['torch.var_mean'] * 1e3:.1f} ms, "
-              f"row reduction {times['row reduction'] * 1e3:.1f} ms, {speedup:.2f}x")
-    return result
-
+    return compare_paths({case: {path: on_path(path, replaced, fn) for path in PATHS}
+                          for case, (replaced, fn) in cases.items()}, args.iterations)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ sizes on digits, a check that it runs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
@@ -30,7 +29,7 @@ from ddkit.models.base import run_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_of_light  # noqa: E402  (benchmarks/ is not a package)
-from bn_statistics_speed import median_cpu_seconds  # noqa: E402
+from bn_statistics_speed import benchmark_arguments, compare_paths  # noqa: E402
 
 PATHS = ("layer by layer", "one pass")
 
@@ -89,16 +88,13 @@ def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=9, help="timed calls per path (default 9)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="the precision of the real side and of the DM steps (default fp32)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
-    parser.add_argument("--layers", action="store_true",
-                        help="instead, the seconds of each stage of the real side's forward on one chunk")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    sizes = speed_of_light.SIZES["quick" if args.quick else "full"]
+    def more(parser):
+        parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                            help="the precision of the real side and of the DM steps (default fp32)")
+        parser.add_argument("--layers", action="store_true",
+                            help="instead, the seconds of each stage of the real side's forward on one chunk")
+
+    args, sizes = benchmark_arguments(__doc__, 9, argv, more)
     real = load_dataset(sizes["dataset"])
     device = torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -119,16 +115,8 @@ def main(argv=None) -> dict:
     for batch in sizes["batches"]:
         cases[f"DM step, {batch} real images per class ({args.precision})"] = speed_of_light.matching_step(
             real, "dm", sizes, device, args.precision, batch)
-    result = {}
-    for case, fn in cases.items():
-        fn()  # warm-up
-        times = median_cpu_seconds({path: with_path(path, fn) for path in PATHS}, args.iterations)
-        speedup = times["layer by layer"] / times["one pass"]
-        result[case] = {**times, "speed-up": speedup}
-        print(f"{case}: layer by layer {times['layer by layer'] * 1e3:.1f} ms, "
-              f"one pass {times['one pass'] * 1e3:.1f} ms, {speedup:.2f}x", flush=True)
-    return result
-
+    return compare_paths({case: {path: with_path(path, fn) for path in PATHS} for case, fn in cases.items()},
+                         args.iterations)
 
 if __name__ == "__main__":
     main()

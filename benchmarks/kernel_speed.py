@@ -23,7 +23,6 @@ and ratios. ``--quick``: tiny sizes on digits, a check that it runs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from ddkit.models import base, create, fused
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_of_light  # noqa: E402  (benchmarks/ is not a package)
-from bn_statistics_speed import median_cpu_seconds  # noqa: E402
+from bn_statistics_speed import benchmark_arguments, compare_paths  # noqa: E402
 
 CL = torch.channels_last
 
@@ -159,22 +158,8 @@ def step_cases(sizes: dict, quick: bool) -> dict[str, dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=7, help="timed calls per path (default 7)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    sizes = speed_of_light.SIZES["quick" if args.quick else "full"]
-    result = {}
-    for cases in (kernel_cases(sizes, args.quick), step_cases(sizes, args.quick)):
-        for name, pair in cases.items():
-            for fn in pair.values():
-                fn()  # warm-up
-            times = median_cpu_seconds(pair, args.iterations)
-            result[name] = {**times, "speed-up": times["before"] / times["after"]}
-            print(f"{name}: before {times['before'] * 1e3:.1f} ms, after {times['after'] * 1e3:.1f} ms, "
-                  f"{times['before'] / times['after']:.2f}x", flush=True)
-    return result
+    args, sizes = benchmark_arguments(__doc__, 7, argv)
+    return compare_paths({**kernel_cases(sizes, args.quick), **step_cases(sizes, args.quick)}, args.iterations)
 
 
 if __name__ == "__main__":
