@@ -170,3 +170,74 @@ def test_under_bf16_autocast_a_convnet_rounds_the_fused_block_as_its_next_convol
     for name in ("block1", "embedding"):
         assert got[name].dtype == reference[name].dtype == torch.bfloat16
         assert torch.equal(got[name], reference[name]), name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_relu_maps_group_sums_equal_those_of_the_layer_by_layer_map(channels_last):
+    block = _block(1, 24, 3)
+    x = torch.randn(37, 1, 28, 28) * 2 + 0.5
+    groups = torch.randint(0, 4, (37,), generator=torch.Generator().manual_seed(0))  # unsorted, across sub-batches
+    with torch.no_grad():
+        relu_map = block[2](block[1](block[0](x)))  # [37, 24, 32, 32]
+        expected = torch.zeros(4, 24, 32, 32).index_add_(0, groups, relu_map)
+        for sub_batch in (16, 64):
+            pooled, sums = fused.conv_instance_norm_relu_pool(x, block[0], block[1], channels_last=channels_last,
+                                                              sub_batch=sub_batch, relu_sums=(groups, 4))
+            assert sums.shape == (4, 24, 32, 32) and sums.dtype == torch.float32
+            assert sums.is_contiguous(memory_format=CL) if channels_last else sums.is_contiguous()
+            torch.testing.assert_close(sums, expected, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(pooled, block[3](relu_map), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer_by_layer", [False, True])
+def test_convnet_tap_sums_equal_the_group_sums_of_every_images_taps(layer_by_layer, monkeypatch):
+    """forward_taps(..., sums=TapSums(...)): ConvNet's block0 summed inside the one-pass block,
+    block1 from every image's map; the same numbers as summing what forward_taps returns."""
+    from ddkit.models.base import TapSums
+
+    twin = channels_last_twin(_convnet(1, 28))
+    x = torch.randn(20, 1, 28, 28)
+    groups = torch.arange(20) // 7  # class-major, three groups of 7, 7 and 6
+    names = ("block0", "block1", "embedding")
+    if layer_by_layer:
+        monkeypatch.setattr(fused, "fusable_first_block", lambda layers, x: False)
+    calls = []
+    one_pass = fused.conv_instance_norm_relu_pool
+    monkeypatch.setattr(fused, "conv_instance_norm_relu_pool",
+                        lambda *args, **kwargs: calls.append(kwargs.get("relu_sums")) or one_pass(*args, **kwargs))
+    with torch.no_grad():
+        every = twin.forward_taps(x, names)
+        got = twin.forward_taps(x, names, sums=TapSums(frozenset({"block0", "block1"}), groups, 3))
+        alone = twin.forward_taps(x, ("block0",), sums=TapSums(frozenset({"block0"}), groups, 3))
+    for name in ("block0", "block1"):
+        expected = torch.zeros(3, *every[name].shape[1:]).index_add_(0, groups, every[name])
+        torch.testing.assert_close(got[name], expected, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(alone["block0"], got["block0"], atol=0, rtol=0)
+    # block0 per image: layer by layer; summed: in the one pass (unless turned off)
+    assert [sums is not None for sums in calls] == ([] if layer_by_layer else [True, True])
+    # block0 per image takes the layer-by-layer path: the one-pass block's embedding differs by rounding
+    torch.testing.assert_close(got["embedding"], every["embedding"], atol=2e-5, rtol=1e-4)
+
+
+def test_tap_sums_must_name_asked_taps_and_give_one_group_per_image():
+    from ddkit.errors import DDKitError
+    from ddkit.models.base import TapSums
+
+    net = _convnet(1, 28)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad(), pytest.raises(DDKitError, match="one group per image"):
+        net.forward_taps(x, ("embedding",), sums=TapSums(frozenset({"block0"}), torch.zeros(4, dtype=torch.long), 1))
+    with torch.no_grad(), pytest.raises(DDKitError, match="one group per image"):
+        net.forward_taps(x, ("block0",), sums=TapSums(frozenset({"block0"}), torch.zeros(3, dtype=torch.long), 1))
+
+
+def test_group_sums_of_a_channels_last_map_equal_those_of_the_standard_layout():
+    from ddkit.models.base import group_sums
+
+    maps = torch.randn(9, 5, 4, 6)
+    groups = torch.tensor([2, 0, 0, 1, 2, 2, 1, 0, 0])
+    plain = group_sums(maps, groups, 3)
+    cl = group_sums(maps.contiguous(memory_format=CL), groups, 3)
+    assert cl.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(cl, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain[2], maps[0] + maps[4] + maps[5], atol=1e-6, rtol=0)

@@ -11,7 +11,7 @@ from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, random_subset
 from ddkit.methods.dm_family import apply_term_flags, resolve_preset
 from ddkit.methods import matching
-from ddkit.methods.matching import MatchingEngine, _add_class_sums, initial_images
+from ddkit.methods.matching import MatchingEngine, initial_images
 from ddkit.methods.terms import MATCHING_TERMS, class_mean_taps
 from ddkit.methods.sources import ModelQueue, PretrainedPool
 from ddkit.utils import apply_overrides, make_generator
@@ -446,9 +446,3 @@ def test_style_reads_class_means_of_the_real_maps_as_every_image_would_give(digi
     assert float((runs[True].images - runs[False].images).abs().max()) < 1e-4
 
 
-def test_class_sums_of_class_major_chunks():
-    rows = torch.randn(15, 2, 3)  # 3 classes of 5 rows
-    sums = {}
-    for start in range(0, 15, 4):
-        _add_class_sums(sums, "t", rows[start:start + 4], start, 5, 3)
-    torch.testing.assert_close(sums["t"] / 5, rows.reshape(3, 5, 2, 3).mean(1))

@@ -18,6 +18,7 @@ ending with ``"embedding"`` and then ``"logits"``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,34 @@ GROUP_NORM_CONTIGUOUS_PIXELS = 256
 #: 20.1 ms in float32 and 13.2 against 26.8 ms in bf16; at 16 x 16 x 96 as fast in float32 and 1.5x
 #: faster in bf16; at 8 x 8 x 128 the per-call cost makes it about 2x slower (docs/speed.md).
 PER_IMAGE_NORM_VALUES = 24576
+
+
+@dataclass(frozen=True)
+class TapSums:
+    """A request to :meth:`TapModel.forward_taps` for the sums of some taps over groups of images
+    instead of every image's tensor (the matching engine's class means of DDM's block maps).
+
+    Attributes:
+        names: the taps to sum (a subset of the requested taps).
+        groups: long ``[N]``, the group of each input image, each in ``0 .. count - 1``.
+        count: the number of groups.
+    """
+
+    names: frozenset
+    groups: torch.Tensor
+    count: int
+
+
+def group_sums(values: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
+    """The float32 sums ``[count, ...]`` of the rows of ``values`` ``[N, ...]`` per group
+    (``groups``: long ``[N]``), a channels-last map summed in memory order as ``[N, H, W, C]``
+    (PyTorch's CPU reductions over the first dimension of the channels-last view are about 10x
+    slower) and returned channels-last."""
+    values = values.float()
+    if values.dim() == 4 and not values.is_contiguous() and values.is_contiguous(memory_format=torch.channels_last):
+        rows = values.permute(0, 2, 3, 1)
+        return rows.new_zeros(count, *rows.shape[1:]).index_add_(0, groups, rows).permute(0, 3, 1, 2)
+    return values.new_zeros(count, *values.shape[1:]).index_add_(0, groups, values)
 
 
 class TapModel(nn.Module):
@@ -75,9 +104,11 @@ class TapModel(nn.Module):
         """Run the network on ``x`` and yield ``(tap_name, tensor)`` in compute order."""
         raise NotImplementedError
 
-    def _stream_for(self, x: torch.Tensor, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _stream_for(self, x: torch.Tensor, wanted: set[str], sums: TapSums | None = None,
+                    summed: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """:meth:`_stream` for a call that needs only the taps ``wanted``: a subclass may skip
-        computing taps outside it (see :class:`SequentialTapModel`)."""
+        computing taps outside it, and may put the group sums of taps in ``sums.names`` into
+        ``summed`` itself instead of yielding them (see :class:`SequentialTapModel`)."""
         return self._stream(x)
 
     # -- public interface ------------------------------------------------------------------------
@@ -90,12 +121,16 @@ class TapModel(nn.Module):
         """The flattened final feature ``[N, embedding_dim]`` (the classifier's input)."""
         return self.forward_taps(x, ("embedding",))["embedding"]
 
-    def forward_taps(self, x: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward_taps(self, x: torch.Tensor, taps: Sequence[str], sums: TapSums | None = None) -> dict[str, torch.Tensor]:
         """Named intermediate tensors for images ``x`` ``[N, C, H, W]``.
 
         Args:
             x: input batch.
             taps: names from :attr:`tap_names`. A single string is accepted as one name.
+            sums: optional; the taps in ``sums.names`` come back as float32 sums over the groups
+                of images ``[sums.count, ...]`` (:func:`group_sums`) instead of ``[N, ...]``. A
+                model may compute them without storing every image's tensor (ConvNet's one-pass
+                first block sums its ReLU map while it is in the cache).
 
         Returns:
             dict mapping each requested name to its tensor, in the requested order. Computation
@@ -103,7 +138,8 @@ class TapModel(nn.Module):
             Returned tensors are not changed afterwards by in-place operations.
 
         Raises:
-            DDKitError: unknown tap name, or input of the wrong shape.
+            DDKitError: unknown tap name, input of the wrong shape, or ``sums`` naming a tap not
+            asked for or without one group per image.
         """
         if isinstance(taps, str):
             taps = (taps,)
@@ -115,15 +151,22 @@ class TapModel(nn.Module):
                 f"choose from: {', '.join(self._tap_names)}"
             )
         self._check_input(x)
+        if sums is not None and (not set(sums.names) <= set(wanted) or tuple(sums.groups.shape) != (x.shape[0],)):
+            raise DDKitError(f"tap sums over {sorted(sums.names)} with groups of shape {tuple(sums.groups.shape)} do "
+                             f"not fit taps {wanted} of {x.shape[0]} images; sum requested taps, one group per image")
+        to_sum = sums.names if sums is not None else frozenset()
         pending = set(wanted)
         found: dict[str, torch.Tensor] = {}
         if pending:
-            for name, value in self._stream_for(x, pending):
+            summed: dict[str, torch.Tensor] = {}  # sums the model computed itself
+            for name, value in self._stream_for(x, pending, sums, summed):
                 if name in pending:
-                    found[name] = value
+                    found[name] = group_sums(value, sums.groups, sums.count) if name in to_sum else value
                     pending.discard(name)
-                    if not pending:
-                        break
+                pending.difference_update(summed)
+                if not pending:
+                    break
+            found.update(summed)
         return {t: found[t] for t in wanted}
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -368,31 +411,46 @@ class SequentialTapModel(TapModel):
         yield "embedding", h
         yield "logits", self.classifier(h)
 
-    def _stream_for(self, x: torch.Tensor, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """:meth:`_stream`, with the first block in one pass where :meth:`one_pass_first_block` can."""
-        pooled = self.one_pass_first_block(x, wanted)
-        return self._stream(x) if pooled is None else self._stream(pooled, start=4)
+    def _stream_for(self, x: torch.Tensor, wanted: set[str], sums: TapSums | None = None,
+                    summed: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`_stream`, with the first block in one pass where :meth:`one_pass_first_block` can
+        (its ReLU map summed into ``summed`` when ``sums`` asks for it)."""
+        pooled = self.one_pass_first_block(x, wanted, sums, summed)
+        if pooled is None:
+            return self._stream(x)
+        if summed is not None and not set(wanted) - set(summed):
+            return iter(())
+        return self._stream(pooled, start=4)
 
-    def one_pass_first_block(self, x: torch.Tensor, wanted: set[str] = frozenset()) -> torch.Tensor | None:
+    def one_pass_first_block(self, x: torch.Tensor, wanted: set[str] = frozenset(), sums: TapSums | None = None,
+                             summed: dict | None = None) -> torch.Tensor | None:
         """The output of ``features[:4]`` on ``x`` in one pass, or None where it does not apply.
 
         Without gradients on the CPU, a first block of convolution, instance norm, ReLU and 2x2
-        average pool whose inner taps are not ``wanted`` runs as
-        :func:`ddkit.models.fused.conv_instance_norm_relu_pool` (1.47x faster on a ConvNet's first
-        block, docs/speed.md), in the layout of the layer after it.
+        average pool runs as :func:`ddkit.models.fused.conv_instance_norm_relu_pool` (1.47x faster
+        on a ConvNet's first block, docs/speed.md), in the layout of the layer after it, when its
+        inner taps are not ``wanted``, or only the ReLU's, as group sums (``sums``, e.g. DDM's class
+        means of ``block0``): those go into ``summed`` as ``[sums.count, C, H, W]``.
         """
         from ddkit.models import fused  # here, not at the top: ddkit.models.fused imports this module
 
-        inner = {self._tap_after[i] for i in range(4) if i in self._tap_after}
-        if inner & wanted or not fused.fusable_first_block(self.features, x):
+        inner = {self._tap_after[i] for i in range(4) if i in self._tap_after} & set(wanted)
+        relu_tap = self._tap_after.get(2)
+        summable = sums is not None and summed is not None and inner == {relu_tap} and relu_tap in sums.names
+        if (inner and not summable) or not fused.fusable_first_block(self.features, x):
             return None
         after = self.features[4] if len(self.features) > 4 else self.features[0]
         # under CPU autocast the next convolution rounds its input to the autocast dtype anyway
         rounded = (torch.is_autocast_enabled("cpu") and len(self.features) > 4
                    and isinstance(self.features[4], nn.Conv2d))
-        return fused.conv_instance_norm_relu_pool(x, self.features[0], self.features[1],
-                                                  channels_last=fused.is_channels_last_weight(after),
-                                                  out_dtype=torch.get_autocast_dtype("cpu") if rounded else None)
+        result = fused.conv_instance_norm_relu_pool(x, self.features[0], self.features[1],
+                                                    channels_last=fused.is_channels_last_weight(after),
+                                                    out_dtype=torch.get_autocast_dtype("cpu") if rounded else None,
+                                                    relu_sums=(sums.groups, sums.count) if inner else None)
+        if not inner:
+            return result
+        pooled, summed[relu_tap] = result
+        return pooled
 
 
 class GlobalPoolTapModel(TapModel):

@@ -65,7 +65,8 @@ def _hooked(layer: nn.Module) -> bool:
 
 
 def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, channels_last: bool,
-                                 sub_batch: int = SUB_BATCH, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                                 sub_batch: int = SUB_BATCH, out_dtype: torch.dtype | None = None,
+                                 relu_sums: tuple[torch.Tensor, int] | None = None):
     """``AvgPool2d(2)(relu(norm(conv(x))))`` without storing the full-resolution map.
 
     Args:
@@ -77,12 +78,17 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
         out_dtype: the result's dtype (default ``x``'s): under bf16 autocast the next convolution
             casts its input to bf16 anyway, so each sub-batch is rounded while it is in the cache
             instead of in a pass over the whole result (the same values).
+        relu_sums: optional ``(groups, count)``, ``groups`` long ``[N]`` in ``0 .. count - 1``:
+            also return the float32 sums over each group's images of the block's full-resolution
+            ReLU map ``relu(norm(conv(x)))``, added up window by window while each is in the cache
+            (the map itself is never stored; DDM's class means of its first block).
 
     Returns:
         ``[N, C, H'/2, W'/2]`` with ``H' x W'`` the convolution's output size, channels-last or in
         the standard layout as asked. Equal to the
         layer-by-layer result up to float rounding (about 1e-6 relative; ``tests/test_fused.py``).
-        Runs with autocast off: float32 throughout.
+        Runs with autocast off: float32 throughout. With ``relu_sums``, the pair of that and the
+        ReLU map's group sums ``[count, C, H', W']`` (in the same layout).
     """
     n, _, height, width = x.shape
     (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
@@ -97,6 +103,10 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
         rounded = out.dtype != x.dtype
         scratch = torch.empty(min(sub_batch, n), quarter, channels, dtype=x.dtype)
         window_sums = torch.empty(min(sub_batch, n), quarter, channels, dtype=x.dtype) if rounded else None
+        if relu_sums is not None:
+            groups, count = relu_sums
+            # per group and pixel of the pooling window; the ReLU outputs below carry the pool's 1/4
+            relu_totals = torch.zeros(4, count, quarter, channels, dtype=x.dtype)  # index_add_ wants contiguous rows
         for start in range(0, n, sub_batch):
             images = x[start:start + sub_batch]
             m = images.shape[0]
@@ -116,12 +126,23 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
                        .reshape(m, 4, quarter, k))
             pooled = window_sums[:m] if rounded else out[start:start + m]
             torch.baddbmm(bias, windows[:, 0], per_image_filters, out=pooled).clamp_min_(0)
+            if relu_sums is not None:
+                relu_totals[0].index_add_(0, groups[start:start + m], pooled)
             for pixel in range(1, 4):
-                pooled.add_(torch.baddbmm(bias, windows[:, pixel], per_image_filters, out=scratch[:m]).clamp_min_(0))
+                relu = torch.baddbmm(bias, windows[:, pixel], per_image_filters, out=scratch[:m]).clamp_min_(0)
+                if relu_sums is not None:
+                    relu_totals[pixel].index_add_(0, groups[start:start + m], relu)
+                pooled.add_(relu)
             if rounded:
                 out[start:start + m] = pooled
     result = out.view(n, out_h // 2, out_w // 2, channels).permute(0, 3, 1, 2)
-    return result if channels_last else result.contiguous()
+    result = result if channels_last else result.contiguous()
+    if relu_sums is None:
+        return result
+    # [(dy, dx), count, (i, j), C] -> [count, 2i + dy, 2j + dx, C]; times 4 undoes the pool's factor (exact)
+    maps = (relu_totals.mul_(4).view(2, 2, count, out_h // 2, out_w // 2, channels).permute(2, 3, 0, 4, 1, 5)
+            .reshape(count, out_h, out_w, channels).permute(0, 3, 1, 2))
+    return result, maps if channels_last else maps.contiguous()
 
 
 def is_channels_last_weight(layer: nn.Module) -> bool:

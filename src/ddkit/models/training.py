@@ -165,16 +165,17 @@ def check_compile_available(device) -> None:
                          "(e.g. apt install g++) or drop --compile to train eagerly")
 
 
-def _taps_of(net: nn.Module, images: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return net.forward_taps(images, taps)
+def _taps_of(net: nn.Module, images: torch.Tensor, taps: tuple[str, ...], sums=None) -> dict[str, torch.Tensor]:
+    return net.forward_taps(images, taps) if sums is None else net.forward_taps(images, taps, sums=sums)
 
 
 _COMPILED_TAPS_OF = None
 
 
 def taps_forward(compiled: bool = False):
-    """The function ``(net, images [N, C, H, W], taps: tuple of names) -> {tap: tensor}`` that
-    runs ``net.forward_taps``; with ``compiled``, through ``torch.compile``.
+    """The function ``(net, images [N, C, H, W], taps: tuple of names, sums=None) -> {tap: tensor}``
+    that runs ``net.forward_taps`` (``sums``: a :class:`~ddkit.models.base.TapSums`); with
+    ``compiled``, through ``torch.compile``.
 
     The distillation loops draw a new network every iteration. One compiled function serves them
     all: the parameters are inputs of the compiled graph, not constants, so a new network of the
