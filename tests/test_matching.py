@@ -446,3 +446,23 @@ def test_style_reads_class_means_of_the_real_maps_as_every_image_would_give(digi
     assert float((runs[True].images - runs[False].images).abs().max()) < 1e-4
 
 
+
+
+def test_the_queues_training_runs_in_the_runs_precision(digits):
+    """IDM's queue trains its networks under the run's precision: bf16 passes (a convolution's
+    output seen by a hook), the cross-entropy in fp32, weights stay fp32; fp32 is plain."""
+    from ddkit.methods.matching import RealSampler
+
+    config = smoke("idm")
+    options = {**config["queue"], "initial": 1, "train_nets": 1, "train_steps": 1, "train_batch": 8}
+    for name, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        queue = ModelQueue(config["model"], options, digits, CPU, make_generator(0), name)
+        seen = []
+        conv = next(m for m in queue.nets[0].modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        before = [p.detach().clone() for p in queue.nets[0].parameters()]
+        queue.after_step(0, RealSampler(digits, CPU, make_generator(1)).mixed)
+        assert seen == [expected], name
+        after = list(queue.nets[0].parameters())
+        assert all(p.dtype == torch.float32 for p in after)
+        assert any(not torch.equal(a, b) for a, b in zip(after, before)), name

@@ -114,3 +114,22 @@ def test_kernel_benchmark_swaps_in_the_previous_kernels_and_restores_them(capsys
     assert len(result) == 12 and "DM step, 8 real images per class, bf16" in result
     assert all(times["before"] > 0 and times["after"] > 0 for times in result.values())
     assert "first conv" in capsys.readouterr().out
+
+
+def test_step_breakdown_accounts_for_the_whole_step():
+    """benchmarks/step_breakdown.py --quick: the parts (and the rest) add up to the mean step, the
+    real side is timed, IDM's queue training is, and the engine is unwrapped afterwards."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
+    spec = importlib.util.spec_from_file_location("step_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--iterations", "2", "--methods", "dm,idm"])
+    assert set(result) == {"dm", "idm"}
+    for method, row in result.items():
+        parts = row["parts"]
+        assert list(parts)[-1] == "rest" and parts["real side"] > 0 and parts["backward"] > 0, method
+        assert all(value >= 0 for name, value in parts.items() if name != "rest"), method
+    assert result["idm"]["parts"]["queue training"] > 0
+    assert result["dm"]["parts"]["queue training"] < 1e-3  # DM: nothing to train
+    import ddkit.methods.matching as matching
+    assert not hasattr(matching.siamese_per_class, "__wrapped__") and matching.siamese_per_class.__name__ == "siamese_per_class"

@@ -285,7 +285,7 @@ class MatchingEngine:
         self.dsa = DSA(strategy if config["dsa"] else "none")
         self.sampler = RealSampler(real, device, self.generator)
         if config["model_source"] == "queue":
-            self.source = ModelQueue(config["model"], config["queue"], real, device, self.generator)
+            self.source = ModelQueue(config["model"], config["queue"], real, device, self.generator, self.amp.name)
         else:
             self.source = RandomNets(config["model"], real, device, self.generator)
         self.real_side_channels_last = use_channels_last(config.get("channels_last", "auto"), device)

@@ -13,6 +13,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ddkit import precision
 from ddkit.errors import DDKitError
 from ddkit.methods.squeeze import build_net, frozen, train_cached
 from ddkit.utils import check_number
@@ -71,7 +72,8 @@ class ModelQueue:
     oldest beyond ``max_size`` dropped. Each iteration one queued network is sampled for matching
     (in eval mode, as the reference matches); afterwards ``train_nets`` DISTINCT random queued
     networks are each trained ``train_steps`` SGD steps of cross-entropy on un-augmented real
-    batches of ``train_batch`` images drawn from all classes without replacement.
+    batches of ``train_batch`` images drawn from all classes without replacement, their passes in
+    the run's precision (``precision_name``: autocast under bf16, the loss in fp32).
 
     A network's accuracy is its training accuracy accumulated over every step since the last
     reset, as the reference's torchnet ``ClassErrorMeter``; all meters are reset every
@@ -79,9 +81,12 @@ class ModelQueue:
     and a network never trained since reads 0, so it adds no class-aware CE.
     """
 
-    def __init__(self, model_config: dict, queue_config: dict, real, device, generator: torch.Generator):
+    def __init__(self, model_config: dict, queue_config: dict, real, device, generator: torch.Generator,
+                 precision_name: str = "fp32"):
         self.model_config, self.config, self.real, self.device = model_config, queue_config, real, device
         self.generator = generator
+        # the queue's training passes in the run's precision, with their own fp16 gradient scaler
+        self.amp = precision.Amp(precision_name, device)
         self.nets: list[torch.nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         #: [correct, seen] training predictions per net since the last reset
@@ -128,11 +133,12 @@ class ModelQueue:
             net.train()
             for _ in range(steps):
                 images, labels = sample_real(batch)
-                logits = net(images)
+                with self.amp.autocast():
+                    logits = self.amp.fp32(net(images))
                 loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                self.amp.backward(loss)
+                self.amp.step(optimizer)
                 meter[0] += int((logits.detach().argmax(1) == labels).sum())
                 meter[1] += labels.numel()
 
