@@ -452,3 +452,21 @@ def test_wrong_input_shape():
     resnet = create("resnet18", 3, 10, 32, width=8).eval()
     with torch.no_grad():
         assert resnet(_images(1, 3, 40)).shape == (1, 10)
+
+
+def test_the_size_probe_runs_once_per_model_and_options(monkeypatch):
+    from ddkit.models import registry
+
+    probes = []
+    real_probe = registry._probe_size
+    monkeypatch.setattr(registry, "_SIZE_CHECKED", set())
+    monkeypatch.setattr(registry, "_probe_size", lambda *args: probes.append(args[1:]) or real_probe(*args))
+    for _ in range(3):
+        create("convnet", 1, 10, 28, width=8, depth=2)
+    assert len(probes) == 1
+    create("convnet", 1, 10, 28, width=16, depth=2)  # other options: probed again
+    assert len(probes) == 2
+    for _ in range(2):  # a refused size is refused every time
+        with pytest.raises(DDKitError, match="GiB of parameters"):
+            create("convnet", 1, 10, 28, width=10 ** 6)
+    assert len(probes) == 4
