@@ -125,14 +125,13 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
             windows = (patches.view(m, k, out_h // 2, 2, out_w // 2, 2).permute(0, 3, 5, 2, 4, 1)
                        .reshape(m, 4, quarter, k))
             pooled = window_sums[:m] if rounded else out[start:start + m]
-            torch.baddbmm(bias, windows[:, 0], per_image_filters, out=pooled).clamp_min_(0)
-            if relu_sums is not None:
-                relu_totals[0].index_add_(0, groups[start:start + m], pooled)
-            for pixel in range(1, 4):
-                relu = torch.baddbmm(bias, windows[:, pixel], per_image_filters, out=scratch[:m]).clamp_min_(0)
+            for pixel in range(4):  # the first window's ReLU straight into the pooled sum, the others added
+                relu = torch.baddbmm(bias, windows[:, pixel], per_image_filters,
+                                     out=scratch[:m] if pixel else pooled).clamp_min_(0)
                 if relu_sums is not None:
                     relu_totals[pixel].index_add_(0, groups[start:start + m], relu)
-                pooled.add_(relu)
+                if pixel:
+                    pooled.add_(relu)
             if rounded:
                 out[start:start + m] = pooled
     result = out.view(n, out_h // 2, out_w // 2, channels).permute(0, 3, 1, 2)

@@ -166,7 +166,7 @@ def check_compile_available(device) -> None:
 
 
 def _taps_of(net: nn.Module, images: torch.Tensor, taps: tuple[str, ...], sums=None) -> dict[str, torch.Tensor]:
-    return net.forward_taps(images, taps) if sums is None else net.forward_taps(images, taps, sums=sums)
+    return net.forward_taps(images, taps, sums=sums)
 
 
 _COMPILED_TAPS_OF = None
