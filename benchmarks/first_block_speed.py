@@ -1,10 +1,14 @@
-"""A ConvNet's first block without gradients: layer by layer (convolution, instance norm, ReLU, 2x2
-average pool) against ddkit's one pass (``ddkit.models.fused``), alone, over DM's real side and
-inside whole DM steps.
+"""A ConvNet's first block: layer by layer (convolution, instance norm, ReLU, 2x2 average pool)
+against ddkit's one pass (``ddkit.models.fused``), alone, over DM's real side and inside whole DM
+steps; with ``--gradients``, where gradients are recorded (``FirstBlockWithGradients``): the block's
+forward and backward for DM's synthetic images and for training, whole DM and IDM steps and a
+ConvNet training step, the forwards without gradients in one pass on both paths.
 
 Usage:
     python benchmarks/first_block_speed.py [--iterations 9] [--precision fp32|bf16] [--quick]
     python benchmarks/first_block_speed.py --layers     # each stage of the real side's forward, one chunk
+    python benchmarks/first_block_speed.py --gradients [--precision fp32|bf16]
+    python benchmarks/first_block_speed.py --sizes      # the block with gradients by size, one pass forced
 
 Both paths run in this process, alternating, timed in process CPU seconds on one thread (fair on a
 machine shared with other work); prints the median of each and the speed-up. ``--quick``: tiny
@@ -24,7 +28,7 @@ import torch
 from ddkit import precision as ddkit_precision
 from ddkit.data import load_dataset
 from ddkit.methods.sources import channels_last_twin
-from ddkit.models import create
+from ddkit.models import create, fused
 from ddkit.models.base import run_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,10 +38,12 @@ from bn_statistics_speed import benchmark_arguments, compare_paths  # noqa: E402
 PATHS = ("layer by layer", "one pass")
 
 
-def with_path(path: str, fn):
-    """``fn`` run with the first block fused (``one pass``) or not (``layer by layer``)."""
+def with_path(path: str, fn, gradients_only: bool = False):
+    """``fn`` run with the first block fused (``one pass``) or not (``layer by layer``; with
+    ``gradients_only`` only where gradients are recorded)."""
     def run():
-        with speed_of_light.layer_by_layer() if path == "layer by layer" else contextlib.nullcontext():
+        with (speed_of_light.layer_by_layer(gradients_only) if path == "layer by layer"
+              else contextlib.nullcontext()):
             fn()
     return run
 
@@ -69,6 +75,89 @@ def first_block(net, images: torch.Tensor):
     return run
 
 
+def block_with_gradients(net, images: torch.Tensor, precision: str, train: bool):
+    """The first block's forward and backward on ``images``: of the images through frozen layers
+    (DM's synthetic side), or of the weights (``train``); ``net``'s other layers are not run."""
+    conv, norm = net.features[0], net.features[1]
+    for parameter in (*conv.parameters(), *norm.parameters()):
+        parameter.requires_grad_(train)
+    amp = ddkit_precision.Amp(precision, images.device)
+    with torch.no_grad():
+        upstream = net.features[:4](images)
+
+    def run():
+        x = images.clone().requires_grad_(not train)
+        with amp.autocast():
+            out = net.one_pass_first_block(x)
+            if out is None:
+                out = x
+                for layer in list(net.features)[:4]:
+                    out = run_layer(layer, out)
+        out.backward(upstream.to(out.dtype))
+    return run
+
+
+def forced_block_paths(size: int, width: int, count: int, train: bool, generator: torch.Generator) -> dict:
+    """The first block's forward and backward on ``count`` random 1-channel ``size`` x ``size``
+    images of a width-``width`` ConvNet, layer by layer and through
+    :func:`ddkit.models.fused.first_block_with_gradients` whatever ``one_pass_pays_with_gradients``
+    says (to find where it pays)."""
+    net = create("convnet", 1, 10, size, width=width, depth=3)
+    conv, norm = net.features[0], net.features[1]
+    for parameter in (*conv.parameters(), *norm.parameters()):
+        parameter.requires_grad_(train)
+    images = torch.randn(count, 1, size, size, generator=generator)
+    with torch.no_grad():
+        upstream = net.features[:4](images)
+
+    def layers():
+        out = images.clone().requires_grad_(not train)
+        for layer in list(net.features)[:4]:
+            out = run_layer(layer, out)
+        out.backward(upstream)
+
+    def one_pass():
+        fused.first_block_with_gradients(images.clone().requires_grad_(not train), conv, norm).backward(upstream)
+    return {"layer by layer": layers, "one pass": one_pass}
+
+
+def training_step(net, images: torch.Tensor, labels: torch.Tensor, precision: str):
+    """One SGD step of ``net`` on ``images`` (cross-entropy, autocast in ``precision``)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    amp = ddkit_precision.Amp(precision, images.device)
+
+    def run():
+        with amp.autocast():
+            logits = net(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return run
+
+
+def gradient_cases(real, sizes: dict, generator: torch.Generator, precision: str, quick: bool) -> dict:
+    """name -> fn for the ``--gradients`` comparison."""
+    channels, height, width = real.image_shape
+    synthetic, batch = (100, 256) if not quick else (10, 16)
+    cases = {}
+    for train, count in ((False, synthetic), (True, batch)):
+        net = create("convnet", channels, real.num_classes, height, width=sizes["width"], depth=3)
+        images = torch.randn(count, channels, height, width, generator=generator)
+        what = "weights' gradients" if train else "images' gradient"
+        cases[f"first block, {count} images, forward and backward, {what} ({precision})"] = block_with_gradients(
+            net, images, precision, train)
+    device = torch.device("cpu")
+    for method in ("dm", "idm"):
+        cases[f"{method.upper()} step, {sizes['batches'][0]} real images per class ({precision})"] = (
+            speed_of_light.matching_step(real, method, sizes, device, precision, sizes["batches"][0]))
+    net = create("convnet", channels, real.num_classes, height, width=sizes["width"], depth=3)
+    images = torch.randn(batch, channels, height, width, generator=generator)
+    labels = torch.randint(0, real.num_classes, (batch,), generator=generator)
+    cases[f"ConvNet training step, {batch} images ({precision})"] = training_step(net, images, labels, precision)
+    return cases
+
+
 def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str) -> dict[str, float]:
     """Median process CPU seconds of each stage of the channels-last twin's forward on ``images``
     without gradients, in ``precision``: the first block (in one pass), then layer by layer."""
@@ -93,6 +182,11 @@ def main(argv=None) -> dict:
                             help="the precision of the real side and of the DM steps (default fp32)")
         parser.add_argument("--layers", action="store_true",
                             help="instead, the seconds of each stage of the real side's forward on one chunk")
+        parser.add_argument("--gradients", action="store_true",
+                            help="instead, the paths where gradients are recorded (synthetic side, training)")
+        parser.add_argument("--sizes", action="store_true",
+                            help="instead, the first block with gradients at several image sizes and widths, "
+                                 "one pass forced (where it pays: ONE_PASS_GRADIENT_VALUES)")
 
     args, sizes = benchmark_arguments(__doc__, 9, argv, more)
     real = load_dataset(sizes["dataset"])
@@ -109,6 +203,17 @@ def main(argv=None) -> dict:
             print(f"{name}: {value * 1e3:.2f} ms")
         print(f"total: {sum(stages.values()) * 1e3:.2f} ms per {chunk} images")
         return stages
+    if args.sizes:
+        grid = ((8, 32), (8, 128), (16, 32), (16, 128), (28, 32), (28, 64), (28, 128), (32, 128))
+        count = 100 if not args.quick else 4
+        cases = {f"{size} x {size} images, width {width}, {'weights' if train else 'images'}' gradients":
+                 forced_block_paths(size, width if not args.quick else 8, count, train, generator)
+                 for size, width in (grid if not args.quick else grid[:1]) for train in (False, True)}
+        return compare_paths(cases, args.iterations)
+    if args.gradients:
+        cases = gradient_cases(real, sizes, generator, args.precision, args.quick)
+        return compare_paths({case: {path: with_path(path, fn, gradients_only=True) for path in PATHS}
+                              for case, fn in cases.items()}, args.iterations)
     cases = {f"first block, {chunk} images": first_block(net, images[:chunk]),
              f"real side, {images.shape[0]} images in chunks of {chunk} ({args.precision})":
                  real_side(net, images, chunk, args.precision)}

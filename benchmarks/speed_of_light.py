@@ -111,14 +111,18 @@ def median_seconds(fn, device: torch.device, repeat: int) -> float:
 
 
 @contextlib.contextmanager
-def layer_by_layer():
+def layer_by_layer(gradients_only: bool = False):
     """Within it ddkit's networks run layer by layer: the one-pass first block
-    (:mod:`ddkit.models.fused`) is off."""
+    (:mod:`ddkit.models.fused`) is off; with ``gradients_only``, only where gradients are recorded
+    (:class:`ddkit.models.fused.FirstBlockWithGradients`), the forwards without gradients keep it."""
     if fused is None:
         yield
         return
     kept = fused.fusable_first_block
-    fused.fusable_first_block = lambda layers, x: False
+    if gradients_only:
+        fused.fusable_first_block = lambda layers, x: not torch.is_grad_enabled() and kept(layers, x)
+    else:
+        fused.fusable_first_block = lambda layers, x: False
     try:
         yield
     finally:

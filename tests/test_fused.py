@@ -1,5 +1,6 @@
-"""A ConvNet's first block as one pass (ddkit.models.fused): the layer-by-layer values up to float
-rounding, and only where it applies (no gradients, CPU float32, the block's inner tap not asked for)."""
+"""A ConvNet's first block as one pass (ddkit.models.fused): the layer-by-layer values and gradients
+up to float rounding, and only where it applies (CPU float32, the block's inner tap not asked for;
+with gradients, one input channel and a standard-layout next layer)."""
 
 import pytest
 import torch
@@ -53,10 +54,10 @@ def test_a_constant_image_gives_the_norms_shift_as_group_norm_does():
     torch.testing.assert_close(out, _layer_by_layer(block, x), atol=1e-4, rtol=0)
 
 
-def test_only_a_cpu_float32_forward_without_gradients_through_that_block_is_fused():
+def test_only_a_cpu_float32_forward_through_that_block_is_fused():
     block = _block(1, 8, 1)
     x = torch.randn(2, 1, 8, 8)
-    assert not fused.fusable_first_block(block, x)  # gradients on
+    assert fused.fusable_first_block(block, x)  # with gradients too (FirstBlockWithGradients)
     with torch.no_grad():
         assert fused.fusable_first_block(block, x)
         assert not fused.fusable_first_block(block, x.double())
@@ -69,9 +70,9 @@ def test_only_a_cpu_float32_forward_without_gradients_through_that_block_is_fuse
         assert not fused.fusable_first_block(max_pool, x)
 
 
-def _convnet(in_channels, size):
+def _convnet(in_channels, size, width=32):
     torch.manual_seed(0)
-    return create("convnet", in_channels=in_channels, num_classes=10, image_size=size, width=32, depth=3)
+    return create("convnet", in_channels=in_channels, num_classes=10, image_size=size, width=width, depth=3)
 
 
 @pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
@@ -91,7 +92,7 @@ def test_convnet_taps_without_gradients_match_the_unfused_network(in_channels, s
             torch.testing.assert_close(taps[name], plain[name], atol=2e-5, rtol=1e-4)
 
 
-def test_convnet_runs_layer_by_layer_when_the_first_blocks_tap_or_gradients_are_wanted(monkeypatch):
+def test_convnet_runs_layer_by_layer_when_the_first_blocks_tap_is_wanted(monkeypatch):
     net = _convnet(1, 28)
     x = torch.randn(4, 1, 28, 28)
 
@@ -101,8 +102,90 @@ def test_convnet_runs_layer_by_layer_when_the_first_blocks_tap_or_gradients_are_
     monkeypatch.setattr(fused, "conv_instance_norm_relu_pool", must_not_run)
     with torch.no_grad():
         assert net.forward_taps(x, ("block0", "embedding"))["block0"].shape == (4, 32, 32, 32)
-    out = net.embed(x.requires_grad_(True))
-    assert out.requires_grad
+    with_gradients = net.forward_taps(x.requires_grad_(True), ("block0", "embedding"))
+    assert with_gradients["embedding"].requires_grad
+
+
+def _first_backward_node(out: torch.Tensor) -> str:
+    """The name of the backward node nearest the input along the first inputs of ``out``'s graph."""
+    node, name = out.grad_fn, None
+    while node is not None:
+        name = type(node).__name__
+        node = next((f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"),
+                    None)
+    return name
+
+
+def test_with_gradients_a_large_one_channel_block_runs_in_one_pass_others_layer_by_layer():
+    one = _convnet(1, 28, width=64)  # 32 x 32 x 64 values per image: ONE_PASS_GRADIENT_VALUES
+    out = one.embed(torch.randn(3, 1, 28, 28).requires_grad_(True))
+    assert _first_backward_node(out) == "FirstBlockWithGradientsBackward"
+    others = {"3 channels": (_convnet(3, 32, width=64), 3, 32),  # oneDNN's 3-channel convolution is faster
+              "32 x 32 x 32 values": (_convnet(1, 28), 1, 28),
+              "8 x 8 digits": (_convnet(1, 8, width=128), 1, 8),
+              "a channels-last next layer": (channels_last_twin(_convnet(1, 28, width=64)), 1, 28)}
+    for name, (net, channels, size) in others.items():
+        out = net.embed(torch.randn(3, channels, size, size).requires_grad_(True))
+        assert _first_backward_node(out) != "FirstBlockWithGradientsBackward", name
+
+
+@pytest.mark.parametrize("in_channels,size,padding,count", [(1, 28, 3, 37), (3, 32, 1, 5), (1, 10, 0, 16)])
+def test_the_fused_blocks_gradients_equal_autograds_through_the_layers(in_channels, size, padding, count):
+    """Every gradient (images, convolution weight and bias, the norm's gamma and beta) in float64,
+    where the two differ by rounding only, over sub-batches that split the batch unevenly."""
+    block = _block(in_channels, 24, padding).double()
+    x = (torch.randn(count, in_channels, size, size, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    reference = block[3](block[2](block[1](block[0](x))))
+    upstream = torch.randn_like(reference)
+    wanted = [x, *block.parameters()]  # x, conv weight, conv bias, gamma, beta
+    expected = torch.autograd.grad(reference, wanted, upstream)
+    for sub_batch in (16, 64):
+        out = fused.first_block_with_gradients(x, block[0], block[1], sub_batch=sub_batch)
+        torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-10)
+        got = torch.autograd.grad(out, wanted, upstream)
+        for name, a, b in zip(("x", "weight", "bias", "gamma", "beta"), got, expected):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)  # the bias's: 0 and ~1e-15
+
+
+def test_the_fused_blocks_gradient_only_for_what_asks_for_one():
+    """Frozen layers (distribution matching's random networks): only the images' gradient, in float32
+    as the layers give it to rounding; frozen images (training): only the weights'."""
+    block = _block(1, 16, 3)
+    for parameter in block.parameters():
+        parameter.requires_grad_(False)
+    x = (torch.randn(20, 1, 28, 28) * 2 + 0.5).requires_grad_(True)
+    reference = block[3](block[2](block[1](block[0](x))))
+    upstream = torch.randn_like(reference)
+    (expected,) = torch.autograd.grad(reference, x, upstream)
+    out = fused.first_block_with_gradients(x, block[0], block[1])
+    out.backward(upstream)
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-4)
+    assert all(parameter.grad is None for parameter in block.parameters())
+    trained = _block(1, 16, 3)
+    fused.first_block_with_gradients(x.detach(), trained[0], trained[1]).backward(upstream)
+    assert all(parameter.grad is not None for parameter in trained.parameters())
+
+
+def test_a_convnet_trains_the_same_with_the_fused_block(monkeypatch):
+    """Five SGD steps of a 1-channel ConvNet, one pass against layer by layer: the same weights to
+    float rounding."""
+    import torch.nn.functional as F
+
+    x = torch.randn(32, 1, 28, 28)
+    labels = torch.randint(0, 10, (32,))
+    nets = {}
+    for path in ("one pass", "layer by layer"):
+        if path == "layer by layer":
+            monkeypatch.setattr(fused, "fusable_first_block", lambda layers, x: False)
+        net = _convnet(1, 28, width=64)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), labels).backward()
+            optimizer.step()
+        nets[path] = net
+    for (name, a), b in zip(nets["one pass"].named_parameters(), nets["layer by layer"].parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_under_bf16_autocast_the_fused_block_stays_float32():
@@ -241,3 +324,41 @@ def test_group_sums_of_a_channels_last_map_equal_those_of_the_standard_layout():
     assert cl.is_contiguous(memory_format=CL)
     torch.testing.assert_close(cl, plain, atol=1e-6, rtol=0)
     torch.testing.assert_close(plain[2], maps[0] + maps[4] + maps[5], atol=1e-6, rtol=0)
+
+
+def test_under_bf16_autocast_the_fused_block_with_gradients_rounds_only_its_output():
+    """The block runs in float32 and rounds its output to bf16 (as the next convolution would); its
+    backward takes the bf16 gradient and gives the images the float32 block's gradient of it."""
+    net = _convnet(1, 28, width=64)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(20, 1, 28, 28, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net.one_pass_first_block(x)
+    assert out.dtype == torch.bfloat16
+    upstream = torch.randn(out.shape).to(torch.bfloat16)
+    out.backward(upstream)
+    x32 = x.detach().clone().requires_grad_(True)
+    out32 = fused.first_block_with_gradients(x32, net.features[0], net.features[1])
+    out32.backward(upstream.float())
+    assert torch.equal(out, out32.detach().to(torch.bfloat16))
+    assert torch.equal(x.grad, x32.grad)
+
+
+def test_an_images_gradient_does_not_depend_on_its_place_in_the_batch():
+    """Split runs give each process some classes' synthetic images: an image's gradient must be the
+    same bits in a batch of one, at a sub-batch's edge or deep inside a large batch."""
+    block = _block(1, 16, 3)
+    for parameter in block.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(40, 1, 28, 28)
+    upstream = torch.randn(40, 16, 16, 16)
+
+    def gradient(images, grads):
+        images = images.clone().requires_grad_(True)
+        fused.first_block_with_gradients(images, block[0], block[1]).backward(grads)
+        return images.grad
+
+    whole = gradient(x, upstream)
+    for start, stop in ((1, 8), (17, 40), (5, 6), (15, 33), (32, 33)):
+        assert torch.equal(gradient(x[start:stop], upstream[start:stop]), whole[start:stop]), (start, stop)

@@ -72,6 +72,27 @@ def test_first_block_benchmark_times_both_paths_of_every_case(sol, capsys):
     assert "one pass" in capsys.readouterr().out
     stages = module.main(["--quick", "--iterations", "1", "--layers"])
     assert list(stages)[0] == "first block (one pass)" and len(stages) == 9 and min(stages.values()) >= 0
+    with_gradients = module.main(["--quick", "--iterations", "1", "--gradients"])
+    assert len(with_gradients) == 5 and any(case.startswith("IDM step") for case in with_gradients)
+    assert all(times["layer by layer"] > 0 and times["one pass"] > 0 for times in with_gradients.values())
+    by_size = module.main(["--quick", "--iterations", "1", "--sizes"])
+    assert len(by_size) == 2 and all(times["one pass"] > 0 for times in by_size.values())
+
+
+def test_layer_by_layer_for_gradients_only_keeps_the_forwards_without_gradients_fused(sol):
+    from ddkit.models import fused
+    from ddkit.models.base import AvgPool2x2
+
+    block = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(8, 8), torch.nn.ReLU(),
+                                AvgPool2x2())
+    x = torch.randn(2, 1, 8, 8)
+    with sol.layer_by_layer(gradients_only=True):
+        assert not fused.fusable_first_block(block, x)
+        with torch.no_grad():
+            assert fused.fusable_first_block(block, x)
+    with sol.layer_by_layer(), torch.no_grad():
+        assert not fused.fusable_first_block(block, x)
+    assert fused.fusable_first_block(block, x)
 
 
 def test_statistics_benchmark_times_both_paths_of_every_case():

@@ -426,11 +426,16 @@ class SequentialTapModel(TapModel):
                              summed: dict | None = None) -> torch.Tensor | None:
         """The output of ``features[:4]`` on ``x`` in one pass, or None where it does not apply.
 
-        Without gradients on the CPU, a first block of convolution, instance norm, ReLU and 2x2
-        average pool runs as :func:`ddkit.models.fused.conv_instance_norm_relu_pool` (1.47x faster
+        On the CPU, a first block of convolution, instance norm, ReLU and 2x2 average pool runs as
+        :func:`ddkit.models.fused.conv_instance_norm_relu_pool` without gradients (1.47x faster
         on a ConvNet's first block, docs/speed.md), in the layout of the layer after it, when its
         inner taps are not ``wanted``, or only the ReLU's, as group sums (``sums``, e.g. DDM's class
-        means of ``block0``): those go into ``summed`` as ``[sums.count, C, H, W]``.
+        means of ``block0``): those go into ``summed`` as ``[sums.count, C, H, W]``. Where a
+        gradient is wanted (of the images or of the block's weights) it runs as
+        :func:`ddkit.models.fused.first_block_with_gradients` when no inner tap is wanted, the
+        next layer takes the standard layout and the block is large enough for it to pay
+        (:func:`ddkit.models.fused.one_pass_pays_with_gradients`: one input channel, maps of at
+        least 32 x 32 x 64 values).
         """
         from ddkit.models import fused  # here, not at the top: ddkit.models.fused imports this module
 
@@ -439,13 +444,19 @@ class SequentialTapModel(TapModel):
         summable = sums is not None and summed is not None and inner == {relu_tap} and relu_tap in sums.names
         if (inner and not summable) or not fused.fusable_first_block(self.features, x):
             return None
-        after = self.features[4] if len(self.features) > 4 else self.features[0]
+        conv, norm = self.features[0], self.features[1]
+        after = self.features[4] if len(self.features) > 4 else conv
+        channels_last = fused.is_channels_last_weight(after)
         # under CPU autocast the next convolution rounds its input to the autocast dtype anyway
         rounded = (torch.is_autocast_enabled("cpu") and len(self.features) > 4
                    and isinstance(self.features[4], nn.Conv2d))
-        result = fused.conv_instance_norm_relu_pool(x, self.features[0], self.features[1],
-                                                    channels_last=fused.is_channels_last_weight(after),
-                                                    out_dtype=torch.get_autocast_dtype("cpu") if rounded else None,
+        out_dtype = torch.get_autocast_dtype("cpu") if rounded else None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in (*conv.parameters(),
+                                                                                           *norm.parameters()))):
+            if inner or channels_last or not fused.one_pass_pays_with_gradients(conv, x):
+                return None
+            return fused.first_block_with_gradients(x, conv, norm, out_dtype=out_dtype)
+        result = fused.conv_instance_norm_relu_pool(x, conv, norm, channels_last=channels_last, out_dtype=out_dtype,
                                                     relu_sums=(sums.groups, sums.count) if inner else None)
         if not inner:
             return result
