@@ -226,6 +226,9 @@ def test_a_hooked_layer_keeps_the_block_layer_by_layer():
     handle.remove()
     with torch.no_grad():
         assert fused.fusable_first_block(net.features, x)
+    handle = net.features[1].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    assert not fused.fusable_first_block(net.features, x)  # a backward hook must see the norm's gradient
+    handle.remove()
 
 
 def test_a_rounded_result_is_the_float32_result_rounded_once():

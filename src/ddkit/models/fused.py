@@ -45,8 +45,8 @@ def fusable_first_block(layers: nn.Sequential | list, x: torch.Tensor) -> bool:
     convolution (stride 1, no dilation or groups, zero padding), an instance norm
     (``GroupNorm(C, C)`` with affine), a ReLU and ddkit's 2x2 average pool, to an even-sided map;
     not while ``torch.compile`` traces (a compiled graph fuses the block its own way), nor where a
-    forward hook watches one of the four layers (G-VBSM's convolution statistics, SRe2L's BatchNorm
-    statistics: they read the layer's own input or output)."""
+    forward or backward hook watches one of the four layers (G-VBSM's convolution statistics,
+    SRe2L's BatchNorm statistics: they read the layer's own input or output)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or len(layers) < 4
             or torch.compiler.is_compiling()):
         return False
@@ -82,9 +82,12 @@ def one_pass_pays_with_gradients(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def _hooked(layer: nn.Module) -> bool:
-    """Whether a forward hook (on ``layer`` or on every module) would run when ``layer`` runs."""
-    return bool(layer._forward_hooks or layer._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+    """Whether a forward or backward hook (on ``layer`` or on every module) would run when
+    ``layer`` runs or its gradient is computed."""
+    module = nn.modules.module
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks or module._global_forward_hooks or module._global_forward_pre_hooks
+                or module._global_backward_hooks or module._global_backward_pre_hooks)
 
 
 def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, channels_last: bool,
