@@ -8,7 +8,7 @@ Usage:
     python benchmarks/first_block_speed.py [--iterations 9] [--precision fp32|bf16] [--quick]
     python benchmarks/first_block_speed.py --layers     # each stage of the real side's forward, one chunk
     python benchmarks/first_block_speed.py --gradients [--precision fp32|bf16]
-    python benchmarks/first_block_speed.py --sizes      # the block with gradients by size, one pass forced
+    python benchmarks/first_block_speed.py --sizes      # the block by size, with and without gradients, one pass forced
 
 Both paths run in this process, alternating, timed in process CPU seconds on one thread (fair on a
 machine shared with other work); prints the median of each and the speed-up. ``--quick``: tiny
@@ -97,28 +97,59 @@ def block_with_gradients(net, images: torch.Tensor, precision: str, train: bool)
     return run
 
 
-def forced_block_paths(size: int, width: int, count: int, train: bool, generator: torch.Generator) -> dict:
-    """The first block's forward and backward on ``count`` random 1-channel ``size`` x ``size``
-    images of a width-``width`` ConvNet, layer by layer and through
-    :func:`ddkit.models.fused.first_block_with_gradients` whatever ``one_pass_pays_with_gradients``
-    says (to find where it pays)."""
-    net = create("convnet", 1, 10, size, width=width, depth=3)
+#: what ``--sizes`` times: a forward without gradients (through the channels-last twin, as DM's
+#: real side), a forward and backward for the images' gradient, or for the weights'
+SIZE_MODES = ("no gradients", "images' gradient", "weights' gradients")
+
+
+def forced_block_paths(in_channels: int, size: int, width: int, count: int, mode: str,
+                       generator: torch.Generator) -> dict:
+    """The first block on ``count`` random ``size`` x ``size`` images of a width-``width``
+    ConvNet, layer by layer and in one pass whatever ``ddkit.models.fused.one_pass_pays`` says
+    (to find where it pays), in one of :data:`SIZE_MODES`."""
+    net = create("convnet", in_channels, 10, size, width=width, depth=3)
+    if mode == "no gradients":
+        net = channels_last_twin(net)
     conv, norm = net.features[0], net.features[1]
+    train = mode == "weights' gradients"
     for parameter in (*conv.parameters(), *norm.parameters()):
         parameter.requires_grad_(train)
-    images = torch.randn(count, 1, size, size, generator=generator)
+    images = torch.randn(count, in_channels, size, size, generator=generator)
     with torch.no_grad():
         upstream = net.features[:4](images)
 
     def layers():
-        out = images.clone().requires_grad_(not train)
-        for layer in list(net.features)[:4]:
-            out = run_layer(layer, out)
-        out.backward(upstream)
+        with torch.set_grad_enabled(mode != "no gradients"):
+            out = images.clone().requires_grad_(mode == "images' gradient")
+            for layer in list(net.features)[:4]:
+                out = run_layer(layer, out)
+        if mode != "no gradients":
+            out.backward(upstream)
 
     def one_pass():
-        fused.first_block_with_gradients(images.clone().requires_grad_(not train), conv, norm).backward(upstream)
+        if mode == "no gradients":
+            with torch.no_grad():
+                fused.conv_instance_norm_relu_pool(images, conv, norm, channels_last=True)
+            return
+        out = fused.first_block_with_gradients(images.clone().requires_grad_(not train), conv, norm)
+        out.backward(upstream)
     return {"layer by layer": layers, "one pass": one_pass}
+
+
+def forced_real_side(in_channels: int, size: int, width: int, count: int, generator: torch.Generator) -> dict:
+    """DM's real side (:func:`real_side`) on ``count`` random ``size`` x ``size`` images, with the
+    first block layer by layer and in one pass whatever ``ddkit.models.fused.one_pass_pays`` says."""
+    net = create("convnet", in_channels, 10, size, width=width, depth=3)
+    run = real_side(net, torch.randn(count, in_channels, size, size, generator=generator), min(count, 128), "fp32")
+
+    def one_pass():
+        kept = fused.one_pass_pays
+        fused.one_pass_pays = lambda conv, x: True
+        try:
+            run()
+        finally:
+            fused.one_pass_pays = kept
+    return {"layer by layer": with_path("layer by layer", run), "one pass": one_pass}
 
 
 def training_step(net, images: torch.Tensor, labels: torch.Tensor, precision: str):
@@ -160,14 +191,20 @@ def gradient_cases(real, sizes: dict, generator: torch.Generator, precision: str
 
 def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str) -> dict[str, float]:
     """Median process CPU seconds of each stage of the channels-last twin's forward on ``images``
-    without gradients, in ``precision``: the first block (in one pass), then layer by layer."""
+    without gradients, in ``precision``: the first block (in one pass where it pays, else its four
+    layers), then layer by layer."""
     twin = channels_last_twin(net)
     seconds: dict[str, list[float]] = {}
     with torch.no_grad(), ddkit_precision.Amp(precision, images.device).autocast():
         for _ in range(iterations + 1):  # the first round warms up
             start = time.process_time()
             h = twin.one_pass_first_block(images)
-            seconds.setdefault("first block (one pass)", []).append(time.process_time() - start)
+            path = "one pass" if h is not None else "layer by layer"
+            if h is None:
+                h = images
+                for layer in list(twin.features)[:4]:
+                    h = run_layer(layer, h)
+            seconds.setdefault(f"first block ({path})", []).append(time.process_time() - start)
             for index in range(4, len(twin.features)):
                 layer = twin.features[index]
                 start = time.process_time()
@@ -185,8 +222,8 @@ def main(argv=None) -> dict:
         parser.add_argument("--gradients", action="store_true",
                             help="instead, the paths where gradients are recorded (synthetic side, training)")
         parser.add_argument("--sizes", action="store_true",
-                            help="instead, the first block with gradients at several image sizes and widths, "
-                                 "one pass forced (where it pays: ONE_PASS_GRADIENT_VALUES)")
+                            help="instead, the first block at several image sizes and widths, with and without "
+                                 "gradients, one pass forced (where it pays: ddkit.models.fused.one_pass_pays)")
 
     args, sizes = benchmark_arguments(__doc__, 9, argv, more)
     real = load_dataset(sizes["dataset"])
@@ -204,11 +241,15 @@ def main(argv=None) -> dict:
         print(f"total: {sum(stages.values()) * 1e3:.2f} ms per {chunk} images")
         return stages
     if args.sizes:
-        grid = ((8, 32), (8, 128), (16, 32), (16, 128), (28, 32), (28, 64), (28, 128), (32, 128))
+        grid = ((1, 8, 32), (1, 8, 128), (1, 16, 32), (1, 16, 128), (1, 28, 32), (1, 28, 64), (1, 28, 128),
+                (1, 32, 128), (3, 32, 32), (3, 32, 128))
         count = 100 if not args.quick else 4
-        cases = {f"{size} x {size} images, width {width}, {'weights' if train else 'images'}' gradients":
-                 forced_block_paths(size, width if not args.quick else 8, count, train, generator)
-                 for size, width in (grid if not args.quick else grid[:1]) for train in (False, True)}
+        cases = {f"{channels} x {size} x {size} images, width {width}, {mode}":
+                 forced_block_paths(channels, size, width if not args.quick else 8, count, mode, generator)
+                 for channels, size, width in (grid if not args.quick else grid[:1]) for mode in SIZE_MODES}
+        for channels, size in ((1, 28), (3, 32)):  # Fashion-MNIST and CIFAR sizes
+            cases[f"DM's real side, {count * 6 + 40} images of {channels} x {size} x {size}, width 128"] = (
+                forced_real_side(channels, size, 128 if not args.quick else 8, count * 6 + 40, generator))
         return compare_paths(cases, args.iterations)
     if args.gradients:
         cases = gradient_cases(real, sizes, generator, args.precision, args.quick)

@@ -70,12 +70,14 @@ def test_only_a_cpu_float32_forward_through_that_block_is_fused():
         assert not fused.fusable_first_block(max_pool, x)
 
 
-def _convnet(in_channels, size, width=32):
+def _convnet(in_channels, size, width=64):
+    """A ConvNet-3 with instance norm; width 64 and 1-channel images of 16 x 16 or more: its first
+    block runs in one pass (fused.one_pass_pays)."""
     torch.manual_seed(0)
     return create("convnet", in_channels=in_channels, num_classes=10, image_size=size, width=width, depth=3)
 
 
-@pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize("in_channels,size", [(1, 28), (1, 16)])
 def test_convnet_taps_without_gradients_match_the_unfused_network(in_channels, size, monkeypatch):
     net = _convnet(in_channels, size)
     twin = channels_last_twin(net)
@@ -101,9 +103,26 @@ def test_convnet_runs_layer_by_layer_when_the_first_blocks_tap_is_wanted(monkeyp
 
     monkeypatch.setattr(fused, "conv_instance_norm_relu_pool", must_not_run)
     with torch.no_grad():
-        assert net.forward_taps(x, ("block0", "embedding"))["block0"].shape == (4, 32, 32, 32)
+        assert net.forward_taps(x, ("block0", "embedding"))["block0"].shape == (4, 64, 32, 32)
     with_gradients = net.forward_taps(x.requires_grad_(True), ("block0", "embedding"))
     assert with_gradients["embedding"].requires_grad
+
+
+def test_the_one_pass_runs_only_where_it_pays():
+    """One input channel, 64 channels or more, maps of 16 x 16 pixels or more (fused.one_pass_pays):
+    3-channel images, narrow networks and 8 x 8 digits keep the layers, with or without gradients."""
+    assert fused.one_pass_pays(nn.Conv2d(1, 64, 3, padding=0), torch.empty(1, 1, 18, 18))  # 16 x 16 x 64
+    assert not fused.one_pass_pays(nn.Conv2d(1, 64, 3, padding=0), torch.empty(1, 1, 16, 16))  # 14 x 14
+    assert not fused.one_pass_pays(nn.Conv2d(1, 32, 3, padding=3), torch.empty(1, 1, 28, 28))
+    assert not fused.one_pass_pays(nn.Conv2d(3, 128, 3, padding=1), torch.empty(1, 3, 32, 32))
+    for net, shape in ((_convnet(3, 32), (2, 3, 32, 32)), (_convnet(1, 28, width=32), (2, 1, 28, 28)),
+                       (_convnet(1, 8, width=128), (2, 1, 8, 8))):
+        with torch.no_grad():
+            assert fused.fusable_first_block(net.features, torch.empty(shape))  # the form fits, the size does not
+            assert net.one_pass_first_block(torch.randn(shape)) is None
+            assert channels_last_twin(net).one_pass_first_block(torch.randn(shape)) is None
+    with torch.no_grad():
+        assert _convnet(1, 28).one_pass_first_block(torch.randn(2, 1, 28, 28)) is not None
 
 
 def _first_backward_node(out: torch.Tensor) -> str:
@@ -116,14 +135,14 @@ def _first_backward_node(out: torch.Tensor) -> str:
     return name
 
 
-def test_with_gradients_a_large_one_channel_block_runs_in_one_pass_others_layer_by_layer():
-    one = _convnet(1, 28, width=64)  # 32 x 32 x 64 values per image: ONE_PASS_GRADIENT_VALUES
+def test_with_gradients_a_one_channel_block_runs_in_one_pass_where_it_pays():
+    one = _convnet(1, 28)
     out = one.embed(torch.randn(3, 1, 28, 28).requires_grad_(True))
     assert _first_backward_node(out) == "FirstBlockWithGradientsBackward"
-    others = {"3 channels": (_convnet(3, 32, width=64), 3, 32),  # oneDNN's 3-channel convolution is faster
-              "32 x 32 x 32 values": (_convnet(1, 28), 1, 28),
+    others = {"3 channels": (_convnet(3, 32), 3, 32),  # oneDNN's 3-channel convolution is faster
+              "32 channels": (_convnet(1, 28, width=32), 1, 28),
               "8 x 8 digits": (_convnet(1, 8, width=128), 1, 8),
-              "a channels-last next layer": (channels_last_twin(_convnet(1, 28, width=64)), 1, 28)}
+              "a channels-last next layer": (channels_last_twin(_convnet(1, 28)), 1, 28)}
     for name, (net, channels, size) in others.items():
         out = net.embed(torch.randn(3, channels, size, size).requires_grad_(True))
         assert _first_backward_node(out) != "FirstBlockWithGradientsBackward", name
@@ -177,7 +196,7 @@ def test_a_convnet_trains_the_same_with_the_fused_block(monkeypatch):
     for path in ("one pass", "layer by layer"):
         if path == "layer by layer":
             monkeypatch.setattr(fused, "fusable_first_block", lambda layers, x: False)
-        net = _convnet(1, 28, width=64)
+        net = _convnet(1, 28)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         for _ in range(5):
             optimizer.zero_grad()
@@ -215,7 +234,7 @@ def test_an_images_result_does_not_depend_on_its_place_in_the_batch():
 
 def test_a_hooked_layer_keeps_the_block_layer_by_layer():
     """Hooks that read a layer's input or output (G-VBSM's convolution statistics) must see it run."""
-    net = _convnet(3, 32)
+    net = _convnet(3, 32, width=32)
     seen = []
     handle = net.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     x = torch.randn(2, 3, 32, 32)
@@ -332,7 +351,7 @@ def test_group_sums_of_a_channels_last_map_equal_those_of_the_standard_layout():
 def test_under_bf16_autocast_the_fused_block_with_gradients_rounds_only_its_output():
     """The block runs in float32 and rounds its output to bf16 (as the next convolution would); its
     backward takes the bf16 gradient and gives the images the float32 block's gradient of it."""
-    net = _convnet(1, 28, width=64)
+    net = _convnet(1, 28)
     for parameter in net.parameters():
         parameter.requires_grad_(False)
     x = torch.randn(20, 1, 28, 28, requires_grad=True)

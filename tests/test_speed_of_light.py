@@ -71,12 +71,12 @@ def test_first_block_benchmark_times_both_paths_of_every_case(sol, capsys):
         assert times["layer by layer"] > 0 and times["one pass"] > 0 and times["speed-up"] > 0
     assert "one pass" in capsys.readouterr().out
     stages = module.main(["--quick", "--iterations", "1", "--layers"])
-    assert list(stages)[0] == "first block (one pass)" and len(stages) == 9 and min(stages.values()) >= 0
+    assert list(stages)[0].startswith("first block (") and len(stages) == 9 and min(stages.values()) >= 0
     with_gradients = module.main(["--quick", "--iterations", "1", "--gradients"])
     assert len(with_gradients) == 5 and any(case.startswith("IDM step") for case in with_gradients)
     assert all(times["layer by layer"] > 0 and times["one pass"] > 0 for times in with_gradients.values())
     by_size = module.main(["--quick", "--iterations", "1", "--sizes"])
-    assert len(by_size) == 2 and all(times["one pass"] > 0 for times in by_size.values())
+    assert len(by_size) == 5 and all(times["one pass"] > 0 for times in by_size.values())
 
 
 def test_layer_by_layer_for_gradients_only_keeps_the_forwards_without_gradients_fused(sol):

@@ -65,20 +65,23 @@ def fusable_first_block(layers: nn.Sequential | list, x: torch.Tensor) -> bool:
     return height > 0 and width > 0 and height % 2 == 0 and width % 2 == 0
 
 
-#: The smallest convolution output per image (``H' x W' x C`` values) from which a first block with
-#: gradients runs in one pass (:func:`one_pass_pays_with_gradients`).
-ONE_PASS_GRADIENT_VALUES = 65536
+#: The fewest output channels and output pixels per image from which a first block runs in one
+#: pass (:func:`one_pass_pays`).
+ONE_PASS_MIN_CHANNELS, ONE_PASS_MIN_PIXELS = 64, 256
 
 
-def one_pass_pays_with_gradients(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether :func:`first_block_with_gradients` is faster than the layers for ``conv`` on images
-    ``x``: one input channel (oneDNN's convolution is slow there, fast with three: 0.9x for a
-    3-channel ConvNet at 32 x 32) and at least :data:`ONE_PASS_GRADIENT_VALUES` output values per
-    image (per-image Python and product overheads dominate smaller maps: 0.3x to 0.55x for 8 x 8
-    digits, mixed at 32 x 32 x 32 and 16 x 16 x 128, 1.07x to 1.71x from 32 x 32 x 64 on;
-    docs/speed.md)."""
+def one_pass_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether the one-pass block (:func:`conv_instance_norm_relu_pool` without gradients,
+    :func:`first_block_with_gradients` with them) is faster than the layers for ``conv`` on images
+    ``x``: one input channel and at least :data:`ONE_PASS_MIN_CHANNELS` output channels on maps of
+    at least :data:`ONE_PASS_MIN_PIXELS` pixels. With three input channels oneDNN's convolution is
+    fast and the one pass's 27-term products are not: 0.31x to 0.82x at 32 x 32 (widths 32 and
+    128); on 8 x 8 maps or 32 channels per-image overheads dominate (0.33x to 0.85x); from 16 x 16
+    x 128 and 32 x 32 x 64 on, 1.05x to 1.88x (0.96x once, 16 x 16 x 128 with weights' gradients;
+    ``benchmarks/first_block_speed.py --sizes``, docs/speed.md)."""
     out_h, out_w = _output_size(x, conv)
-    return conv.in_channels == 1 and out_h * out_w * conv.out_channels >= ONE_PASS_GRADIENT_VALUES
+    return (conv.in_channels == 1 and conv.out_channels >= ONE_PASS_MIN_CHANNELS
+            and out_h * out_w >= ONE_PASS_MIN_PIXELS)
 
 
 def _hooked(layer: nn.Module) -> bool:
