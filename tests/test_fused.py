@@ -384,3 +384,16 @@ def test_an_images_gradient_does_not_depend_on_its_place_in_the_batch():
     whole = gradient(x, upstream)
     for start, stop in ((1, 8), (17, 40), (5, 6), (15, 33), (32, 33)):
         assert torch.equal(gradient(x[start:stop], upstream[start:stop]), whole[start:stop]), (start, stop)
+
+
+def test_a_weight_changed_in_place_before_the_backward_is_an_error():
+    """The backward recomputes the block from the saved images and weights: autograd's version
+    check refuses weights changed in place since the forward, as it would through the layers."""
+    block = _block(1, 8, 3)
+    for parameter in block.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    out = fused.first_block_with_gradients(x, block[0], block[1])
+    block[0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

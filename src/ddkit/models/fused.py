@@ -261,7 +261,7 @@ class FirstBlockWithGradients(torch.autograd.Function):
         images ``x`` ``[N, C_in, H, W]``; ``weight`` ... ``beta`` are the layers' own parameters,
         passed so that autograd sees them."""
         ctx.layers, ctx.sub_batch = (conv, norm), sub_batch
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, weight, gamma, beta)  # saved: an in-place change before the backward is an error
         return conv_instance_norm_relu_pool(x, conv, norm, channels_last=False, sub_batch=sub_batch,
                                             out_dtype=out_dtype)
 
@@ -270,13 +270,12 @@ class FirstBlockWithGradients(torch.autograd.Function):
     def backward(ctx, grad):
         """The gradients of the images ``[N, C_in, H, W]``, the convolution's weight and bias and
         the norm's gamma and beta (each None where not wanted), from ``grad`` ``[N, C, H'/2, W'/2]``."""
-        (x,), (conv, norm) = ctx.saved_tensors, ctx.layers
+        (x, weight, gamma, beta), (conv, norm) = ctx.saved_tensors, ctx.layers
         wants_x, wants_weight, wants_bias, wants_gamma, wants_beta = ctx.needs_input_grad[:5]
         weights_wanted = wants_weight or wants_gamma or wants_beta
         n, channels = x.shape[0], conv.out_channels
         with torch.autocast("cpu", enabled=False):
-            filters = conv.weight.detach().reshape(channels, -1).t()  # [K, C]
-            gamma, beta = norm.weight.detach(), norm.bias.detach()
+            filters = weight.reshape(channels, -1).t()  # [K, C]
             k = filters.shape[0]
             grad = grad.reshape(n, channels, -1)
             grad_x = torch.empty_like(x) if wants_x else None
@@ -345,7 +344,7 @@ class FirstBlockWithGradients(torch.autograd.Function):
                                            - (d_gamma * inverse_std)[:, :, None] * covariance_filters.transpose(1, 2))
                                         )[:count].sum(0)
         grad_bias = torch.zeros_like(conv.bias) if wants_bias else None
-        return (grad_x, grad_weight.view_as(conv.weight) if wants_weight else None, grad_bias, grad_gamma, grad_beta,
+        return (grad_x, grad_weight.view_as(weight) if wants_weight else None, grad_bias, grad_gamma, grad_beta,
                 None, None, None, None)
 
 
