@@ -8,6 +8,7 @@ Usage:
 Both paths run in this process, alternating, timed in process CPU seconds on one thread (fair on a
 machine shared with other work); prints the median of each and the speed-up. ``--quick``: tiny
 sizes on digits, a check that it runs.
+``--threads N`` (N > 1): N torch threads, timed by the wall clock (on an otherwise idle machine).
 """
 
 from __future__ import annotations
@@ -34,20 +35,28 @@ VAR_MEAN = {"_two_pass_channel_statistics": bn_stats._var_mean_channel_statistic
 PATHS = ("torch.var_mean", "row reduction")
 
 
+#: the clock of :func:`median_cpu_seconds`: this process's CPU time on one thread (fair on a shared
+#: machine), the wall clock with more threads (``--threads``; CPU time would add the threads' times)
+CLOCK = {"clock": time.process_time}
+
+
 def median_cpu_seconds(functions: dict, iterations: int) -> dict[str, float]:
-    """Median process CPU seconds of each ``name -> function`` (no arguments), alternating between them."""
+    """Median seconds (:data:`CLOCK`) of each ``name -> function`` (no arguments), alternating between them."""
+    clock = CLOCK["clock"]
     seconds = {name: [] for name in functions}
     for _ in range(iterations):
         for name, run in functions.items():
-            start = time.process_time()
+            start = clock()
             run()
-            seconds[name].append(time.process_time() - start)
+            seconds[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def benchmark_arguments(doc: str, iterations: int, argv=None, more=None) -> tuple[argparse.Namespace, dict]:
-    """The options every before/after benchmark here takes (``--iterations``, ``--quick``, and any
-    that ``more(parser)`` adds), parsed from ``argv``, with torch set to one thread.
+    """The options every before/after benchmark here takes (``--iterations``, ``--quick``,
+    ``--threads``, and any that ``more(parser)`` adds), parsed from ``argv``, with torch set to
+    that many threads (default one) and :data:`CLOCK` to process CPU time on one thread, else to
+    the wall clock.
 
     Returns:
         The parsed options and the sizes of the run (``speed_of_light.SIZES``: full or quick).
@@ -56,10 +65,16 @@ def benchmark_arguments(doc: str, iterations: int, argv=None, more=None) -> tupl
     parser.add_argument("--iterations", type=int, default=iterations,
                         help=f"timed calls per path (default {iterations})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on digits: a check that it runs")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: process CPU seconds, fair on a shared machine; "
+                             "more: wall-clock seconds, on an otherwise idle machine)")
     if more is not None:
         more(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        parser.error(f"--threads must be 1 or more, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    CLOCK["clock"] = time.process_time if args.threads == 1 else time.perf_counter
     return args, speed_of_light.SIZES["quick" if args.quick else "full"]
 
 

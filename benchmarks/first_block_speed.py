@@ -13,13 +13,13 @@ Usage:
 Both paths run in this process, alternating, timed in process CPU seconds on one thread (fair on a
 machine shared with other work); prints the median of each and the speed-up. ``--quick``: tiny
 sizes on digits, a check that it runs.
+``--threads N`` (N > 1): N torch threads, timed by the wall clock (on an otherwise idle machine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 import sys
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from ddkit.models.base import run_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_of_light  # noqa: E402  (benchmarks/ is not a package)
-from bn_statistics_speed import benchmark_arguments, compare_paths  # noqa: E402
+from bn_statistics_speed import CLOCK, benchmark_arguments, compare_paths  # noqa: E402
 
 PATHS = ("layer by layer", "one pass")
 
@@ -197,19 +197,19 @@ def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str
     seconds: dict[str, list[float]] = {}
     with torch.no_grad(), ddkit_precision.Amp(precision, images.device).autocast():
         for _ in range(iterations + 1):  # the first round warms up
-            start = time.process_time()
+            start = CLOCK["clock"]()
             h = twin.one_pass_first_block(images)
             path = "one pass" if h is not None else "layer by layer"
             if h is None:
                 h = images
                 for layer in list(twin.features)[:4]:
                     h = run_layer(layer, h)
-            seconds.setdefault(f"first block ({path})", []).append(time.process_time() - start)
+            seconds.setdefault(f"first block ({path})", []).append(CLOCK["clock"]() - start)
             for index in range(4, len(twin.features)):
                 layer = twin.features[index]
-                start = time.process_time()
+                start = CLOCK["clock"]()
                 h = run_layer(layer, h)
-                seconds.setdefault(f"{index}: {type(layer).__name__}", []).append(time.process_time() - start)
+                seconds.setdefault(f"{index}: {type(layer).__name__}", []).append(CLOCK["clock"]() - start)
     return {name: statistics.median(values[1:]) for name, values in seconds.items()}
 
 

@@ -19,6 +19,7 @@ Then whole steps (DM's at the quick batch, fp32 and bf16; a ConvNet training ste
 fp32 and bf16) with all four as they are now (``after``) and all four as before (``before``).
 Everything alternates in this process, timed in process CPU seconds on one thread; prints medians
 and ratios. ``--quick``: tiny sizes on digits, a check that it runs.
+``--threads N`` (N > 1): N torch threads, timed by the wall clock (on an otherwise idle machine).
 """
 
 from __future__ import annotations

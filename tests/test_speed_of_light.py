@@ -154,3 +154,23 @@ def test_step_breakdown_accounts_for_the_whole_step():
     assert result["dm"]["parts"]["queue training"] < 1e-3  # DM: nothing to train
     import ddkit.methods.matching as matching
     assert not hasattr(matching.siamese_per_class, "__wrapped__") and matching.siamese_per_class.__name__ == "siamese_per_class"
+
+
+def test_benchmark_threads_switch_to_the_wall_clock(sol):
+    """--threads 1 (the default) times process CPU seconds on one thread; more threads, the wall clock."""
+    import time
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bn_statistics_speed.py"
+    spec = importlib.util.spec_from_file_location("bn_statistics_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.benchmark_arguments("doc", 3, ["--threads", "2"])
+        assert torch.get_num_threads() == 2 and module.CLOCK["clock"] is time.perf_counter
+        module.benchmark_arguments("doc", 3, [])
+        assert torch.get_num_threads() == 1 and module.CLOCK["clock"] is time.process_time
+        with pytest.raises(SystemExit):
+            module.benchmark_arguments("doc", 3, ["--threads", "0"])
+    finally:
+        torch.set_num_threads(threads)
