@@ -233,11 +233,19 @@ def _launch(mode: str, out, nproc: int, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+def _why_it_failed(finished: subprocess.CompletedProcess) -> str:
+    """A failed launch's exit status, the workers' own error lines (which the launcher's summary at
+    the end of stderr pushes out of a plain tail) and that tail."""
+    marks = ("terminate", "Error", "error", "Abort", "Traceback", "Signal")
+    lines = [line for line in finished.stderr.splitlines() if any(mark in line for mark in marks)]
+    return f"exit {finished.returncode}; " + "\n".join(lines[:40]) + "\n... " + finished.stderr[-1500:]
+
+
 def _trained(mode: str, out, nproc: int) -> dict:
     from safetensors.torch import load_file
 
     finished = _launch(mode, out, nproc)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.returncode == 0, _why_it_failed(finished)
     return load_file(str(out))
 
 
@@ -273,7 +281,7 @@ def test_a_stopped_two_process_run_continues_from_rank_0s_epoch_checkpoint_exact
     shutil.copy(tmp_path / "stopped.ckpt", tmp_path / "own.ckpt0")  # for the next check: rank 1 finds none
 
     finished = _launch("hard-bn-checkpointed", out, 2)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.returncode == 0, _why_it_failed(finished)
     assert "rank 0 resumed at epoch 2" in finished.stderr and "rank 1 resumed at epoch 2" in finished.stderr
     resumed = load_file(str(out))
     # Bit for bit, BatchNorm running statistics included: rank 1 restored rank 0's, which never enter training.
