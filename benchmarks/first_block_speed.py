@@ -61,6 +61,20 @@ def real_side(net, images: torch.Tensor, chunk: int, precision: str):
     return run
 
 
+def layer_by_layer_block(net, h: torch.Tensor) -> torch.Tensor:
+    """``net.features[:4]`` on ``h``, one layer after another (as ``SequentialTapModel`` runs them)."""
+    for layer in list(net.features)[:4]:
+        h = run_layer(layer, h)
+    return h
+
+
+def model_block(net, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """``net``'s first block on ``x`` the way the model runs it, and which way that was: in one
+    pass where it applies, else layer by layer."""
+    out = net.one_pass_first_block(x)
+    return (out, "one pass") if out is not None else (layer_by_layer_block(net, x), "layer by layer")
+
+
 def first_block(net, images: torch.Tensor):
     """The first block alone on ``images``, through the channels-last twin: the path the model
     would take (one pass unless turned off), timed without the rest of the network."""
@@ -68,10 +82,7 @@ def first_block(net, images: torch.Tensor):
 
     def run():
         with torch.no_grad():
-            if twin.one_pass_first_block(images) is None:
-                h = images
-                for layer in list(twin.features)[:4]:
-                    h = run_layer(layer, h)
+            model_block(twin, images)
     return run
 
 
@@ -88,11 +99,7 @@ def block_with_gradients(net, images: torch.Tensor, precision: str, train: bool)
     def run():
         x = images.clone().requires_grad_(not train)
         with amp.autocast():
-            out = net.one_pass_first_block(x)
-            if out is None:
-                out = x
-                for layer in list(net.features)[:4]:
-                    out = run_layer(layer, out)
+            out, _ = model_block(net, x)
         out.backward(upstream.to(out.dtype))
     return run
 
@@ -120,9 +127,7 @@ def forced_block_paths(in_channels: int, size: int, width: int, count: int, mode
 
     def layers():
         with torch.set_grad_enabled(mode != "no gradients"):
-            out = images.clone().requires_grad_(mode == "images' gradient")
-            for layer in list(net.features)[:4]:
-                out = run_layer(layer, out)
+            out = layer_by_layer_block(net, images.clone().requires_grad_(mode == "images' gradient"))
         if mode != "no gradients":
             out.backward(upstream)
 
@@ -198,12 +203,7 @@ def per_layer_seconds(net, images: torch.Tensor, iterations: int, precision: str
     with torch.no_grad(), ddkit_precision.Amp(precision, images.device).autocast():
         for _ in range(iterations + 1):  # the first round warms up
             start = CLOCK["clock"]()
-            h = twin.one_pass_first_block(images)
-            path = "one pass" if h is not None else "layer by layer"
-            if h is None:
-                h = images
-                for layer in list(twin.features)[:4]:
-                    h = run_layer(layer, h)
+            h, path = model_block(twin, images)
             seconds.setdefault(f"first block ({path})", []).append(CLOCK["clock"]() - start)
             for index in range(4, len(twin.features)):
                 layer = twin.features[index]

@@ -60,8 +60,7 @@ def fusable_first_block(layers: nn.Sequential | list, x: torch.Tensor) -> bool:
             or isinstance(conv.padding, str) or conv.weight.dtype != torch.float32
             or norm.weight.dtype != torch.float32):
         return False
-    height = x.shape[2] + 2 * conv.padding[0] - conv.kernel_size[0] + 1
-    width = x.shape[3] + 2 * conv.padding[1] - conv.kernel_size[1] + 1
+    height, width = _output_size(x, conv)
     return height > 0 and width > 0 and height % 2 == 0 and width % 2 == 0
 
 
@@ -119,7 +118,7 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
         Runs with autocast off: float32 throughout. With ``relu_sums``, the pair of that and the
         ReLU map's group sums ``[count, C, H', W']`` (in the same layout).
     """
-    n, _, height, width = x.shape
+    n = x.shape[0]
     out_h, out_w = _output_size(x, conv)
     channels = conv.out_channels
     quarter = out_h * out_w // 4
@@ -141,9 +140,11 @@ def conv_instance_norm_relu_pool(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Grou
             images = x[start:start + sub_batch]
             m = images.shape[0]
             moments = _PatchMoments(images, filters, conv, norm.eps)
+            per_image_filters, bias = moments.quarter_filters(filters, gamma, beta)
             pooled = window_sums[:m] if rounded else out[start:start + m]
-            for pixel, relu in enumerate(moments.window_responses(filters, gamma, beta, channels_last, scratch[:m],
-                                                                  first_out=pooled)):
+            responses = moments.window_responses(per_image_filters, bias, moments.windows(channels_last), channels_last,
+                                                 scratch[:m], first_out=pooled)
+            for pixel, relu in enumerate(responses):
                 relu.clamp_min_(0)  # the first window's ReLU is written straight into the pooled sum
                 if relu_sums is not None:
                     relu_totals[pixel].index_add_(0, groups[start:start + m], relu)
@@ -213,12 +214,13 @@ class _PatchMoments:
             return grid.permute(0, 3, 5, 2, 4, 1).reshape(m, 4, -1, k)
         return grid.permute(0, 3, 5, 1, 2, 4).reshape(m, 4, k, -1)
 
-    def window_responses(self, filters, gamma, beta, pixel_rows: bool, out: torch.Tensor, first_out=None):
+    @staticmethod
+    def window_responses(per_image_filters: torch.Tensor, bias: torch.Tensor, windows: torch.Tensor,
+                         pixel_rows: bool, out: torch.Tensor, first_out=None):
         """For each pixel of the pooling window in turn, a quarter of the normalised convolution
         output at that pixel of every window: ``[m, P/4, C]`` (``pixel_rows``) or ``[m, C, P/4]``,
-        written into ``out`` (the first into ``first_out`` if given) and overwritten by the next."""
-        per_image_filters, bias = self.quarter_filters(filters, gamma, beta)
-        windows = self.windows(pixel_rows)
+        written into ``out`` (the first into ``first_out`` if given) and overwritten by the next;
+        from :meth:`quarter_filters` and :meth:`windows` in the same orientation."""
         if not pixel_rows:
             per_image_filters, bias = per_image_filters.transpose(1, 2).contiguous(), bias[:, :, None]
         else:
@@ -301,9 +303,9 @@ class FirstBlockWithGradients(torch.autograd.Function):
                 masked, pooled = masked_buffer[:m], pooled_buffer[:m]  # dz * 4, the block's output y
                 masked_sum = torch.zeros(m, channels, dtype=x.dtype)
                 moment_sums = torch.zeros(m, channels, k, dtype=x.dtype) if weights_wanted else None
-                per_image_filters, _ = moments.quarter_filters(filters, gamma, beta)  # A_c w_c / 4
-                windows = moments.windows(pixel_rows=False) if weights_wanted else None
-                responses = moments.window_responses(filters, gamma, beta, False, response_buffer[:m],
+                per_image_filters, bias = moments.quarter_filters(filters, gamma, beta)  # A_c w_c / 4
+                windows = moments.windows(pixel_rows=False)
+                responses = moments.window_responses(per_image_filters, bias, windows, False, response_buffer[:m],
                                                      first_out=pooled)
                 for pixel, response in enumerate(responses):
                     torch.ops.aten.threshold_backward.grad_input(g, response, 0, grad_input=masked)
