@@ -39,6 +39,26 @@ def test_shares_partition_the_classes_in_order():
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+@pytest.mark.parametrize("backend, last_call", [("gloo", "all_reduce"), ("nccl", "barrier")])
+def test_teardown_syncs_without_a_gloo_barrier(monkeypatch, backend, last_call):
+    # gloo's barrier can free the run's last all-reduces on its own thread while the interpreter
+    # exits, which aborts the process (ddkit.distributed._last_sync); nccl keeps its barrier
+    import torch.distributed as dist
+
+    from ddkit import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "_WORLD", World(0, 2))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append("barrier"))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: calls.append(("all_reduce", tensor.numel())))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *args: calls.append("destroy"))
+    distributed.teardown()
+    assert calls == [("all_reduce", 1) if last_call == "all_reduce" else "barrier", "destroy"]
+    assert not distributed.current().distributed
+
+
 def test_two_gloo_processes_give_the_one_process_result(env, uninterrupted):
     out = env / "two"
     assert main(["distill", *RUN, "--out", str(out), "--nproc", "2"]) == 0
