@@ -86,15 +86,20 @@ def first_block(net, images: torch.Tensor):
     return run
 
 
+def block_upstream(net, images: torch.Tensor, train: bool) -> torch.Tensor:
+    """Set the first block's convolution and norm to train (``train``) or to stay frozen, and
+    return the gradient to send back through the block: its own output on ``images``."""
+    for parameter in (*net.features[0].parameters(), *net.features[1].parameters()):
+        parameter.requires_grad_(train)
+    with torch.no_grad():
+        return net.features[:4](images)
+
+
 def block_with_gradients(net, images: torch.Tensor, precision: str, train: bool):
     """The first block's forward and backward on ``images``: of the images through frozen layers
     (DM's synthetic side), or of the weights (``train``); ``net``'s other layers are not run."""
-    conv, norm = net.features[0], net.features[1]
-    for parameter in (*conv.parameters(), *norm.parameters()):
-        parameter.requires_grad_(train)
+    upstream = block_upstream(net, images, train)
     amp = ddkit_precision.Amp(precision, images.device)
-    with torch.no_grad():
-        upstream = net.features[:4](images)
 
     def run():
         x = images.clone().requires_grad_(not train)
@@ -119,11 +124,8 @@ def forced_block_paths(in_channels: int, size: int, width: int, count: int, mode
         net = channels_last_twin(net)
     conv, norm = net.features[0], net.features[1]
     train = mode == "weights' gradients"
-    for parameter in (*conv.parameters(), *norm.parameters()):
-        parameter.requires_grad_(train)
     images = torch.randn(count, in_channels, size, size, generator=generator)
-    with torch.no_grad():
-        upstream = net.features[:4](images)
+    upstream = block_upstream(net, images, train)
 
     def layers():
         with torch.set_grad_enabled(mode != "no gradients"):
